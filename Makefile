@@ -1,0 +1,56 @@
+# dilatedseg: `make help` lists the targets.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+DATASET ?= shapes
+STAGE ?= all
+SWEEP ?= dilations
+COUNT ?= 4
+INIT ?=
+ARGS ?=
+# The stages `STAGE=all` runs, in order (the crf stage is added once it exists).
+STAGES ?= frontend context
+
+export NO_ALBUMENTATIONS_UPDATE := 1
+
+.PHONY: help install test lint train sweep bench report clean
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 12
+
+install:  ## install torch (CPU wheel 2.13.0 unless one is present), the package and dev tools
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	$(PIP) install -e ".[dev]"
+	$(PIP) install --no-deps sweeps==0.3.0
+
+test:  ## run the whole test suite
+	$(PYTHON) -m pytest -q
+
+lint:  ## ruff
+	$(PYTHON) -m ruff check .
+
+# One stage: conf/<dataset>.yaml + conf/stage/<stage>.yaml (+ conf/<dataset>/<stage>.yaml if present).
+stage_configs = --config conf/$(DATASET).yaml --config conf/stage/$(1).yaml \
+	$(if $(wildcard conf/$(DATASET)/$(1).yaml),--config conf/$(DATASET)/$(1).yaml)
+
+train:  ## train STAGE (frontend|context|joint|crf|all) on DATASET; INIT=ckpt overrides the start
+ifeq ($(STAGE),all)
+	@for stage in $(STAGES); do \
+	  echo "== stage $$stage on $(DATASET) =="; \
+	  dilatedseg fit --config conf/$(DATASET).yaml --config conf/stage/$$stage.yaml \
+	    $$( [ -f conf/$(DATASET)/$$stage.yaml ] && echo --config conf/$(DATASET)/$$stage.yaml ) \
+	    $(ARGS) || exit 1; \
+	done
+	@dilatedseg summary --dataset $(DATASET)
+else
+	dilatedseg fit $(call stage_configs,$(STAGE)) $(if $(INIT),--model.init_from=$(INIT)) $(ARGS)
+endif
+
+sweep:  ## run sweeps/$(SWEEP).yaml locally (no W&B server), COUNT trials
+	dilatedseg sweep sweeps/$(SWEEP).yaml --local --count $(COUNT)
+
+bench:  ## performance benchmarks (not part of `make test`)
+	$(PYTHON) benchmarks/run.py
+
+clean:  ## remove runs, generated data and caches
+	rm -rf runs data wandb lightning_logs .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

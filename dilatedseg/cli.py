@@ -1,0 +1,196 @@
+"""The `dilatedseg` command: LightningCLI (fit / validate / test / predict) plus extra verbs.
+
+    dilatedseg fit --config conf/shapes.yaml [--config conf/stage/context.yaml] [--model.x=..]
+    dilatedseg prepare <dataset> --root DIR        convert / generate a dataset
+    dilatedseg sweep sweeps/X.yaml --local          run a W&B sweep without a server
+    dilatedseg summary --dataset shapes             table of the latest run of each stage
+
+Every run writes to runs/<dataset>/<stage>/<version>/: the resolved config.yaml, checkpoints/
+(best by val/mIoU and last.ckpt), the logger's files and summary.json.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback  # noqa: E402
+
+from dilatedseg.data import SegmentationDataModule  # noqa: E402
+from dilatedseg.data.base import DataError  # noqa: E402
+from dilatedseg.module import SegmentationModule  # noqa: E402
+from dilatedseg.runs import (  # noqa: E402
+    RunError,
+    RunSummary,
+    find_previous_checkpoint,
+    resolve_run_dir,
+)
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+PACKAGE_CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def base_config() -> list[str]:
+    """conf/base.yaml of the working directory if there is one, else the package checkout's."""
+    for conf in (Path("conf"), PACKAGE_CONF):
+        if (conf / "base.yaml").is_file():
+            return [str(conf / "base.yaml")]
+    return []
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Saves the resolved config into the run directory (not the logger's), on rank 0 only."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        run_dir = Path(trainer.default_root_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, run_dir / self.config_filename, skip_none=False,
+                         overwrite=True, multifile=False)
+        for logger in trainer.loggers:  # the full resolved config travels with the W&B run
+            if hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
+                logger.log_hyperparams(self.config.as_dict())
+
+
+class DilatedSegCLI(LightningCLI):
+    def __init__(self, args=None, run: bool = True):
+        super().__init__(
+            SegmentationModule,
+            SegmentationDataModule,
+            subclass_mode_data=True,
+            save_config_callback=RunConfigSaver,
+            save_config_kwargs={"save_to_log_dir": False, "overwrite": True},
+            parser_kwargs={
+                "parser_mode": "omegaconf",
+                **{verb: {"default_config_files": base_config()} for verb in SUBCOMMANDS},
+            },
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--runs_dir", default="runs", help="root of all run directories")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.classes", "model.class_names", apply_on="instantiate")
+        parser.link_arguments("data.mean_rgb", "model.pixel_mean", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/mIoU",
+            "checkpoint.mode": "max",
+            "checkpoint.save_last": True,
+            "checkpoint.save_top_k": 1,
+            "checkpoint.filename": "best-epoch{epoch:03d}-miou{val/mIoU:.2f}",
+            "checkpoint.auto_insert_metric_name": False,
+        })
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        dataset = import_class(config.data.class_path).name
+        stage = config.model.stage
+        if config.model.init_from == "auto":
+            config.model.init_from = str(find_previous_checkpoint(config.runs_dir, dataset, stage))
+        run_dir = resolve_run_dir(config.runs_dir, dataset, stage, self.subcommand,
+                                  config.get("ckpt_path"))
+        config.trainer.default_root_dir = str(run_dir)
+        config.checkpoint.dirpath = str(run_dir / "checkpoints")
+        loggers = config.trainer.logger
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            if hasattr(logger, "class_path"):
+                configure_logger(logger, run_dir, dataset, stage)
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(RunSummary())
+        return trainer
+
+
+def configure_logger(logger, run_dir: Path, dataset: str, stage: str) -> None:
+    """Point a logger's files into the run directory."""
+    args = logger.init_args
+    name = logger.class_path.rsplit(".", 1)[-1]
+    args.save_dir = str(run_dir)
+    if name == "WandbLogger":
+        args.name = args.get("name") or f"{dataset}/{stage}/{run_dir.name}"
+        group = args.get("group") or dataset
+        args.group = group
+        args.id = args.get("id") or wandb_run_id(run_dir)
+        if not args.get("offline") and not wandb_logged_in():
+            args.offline = True  # no account or network: log locally, `wandb sync` later
+    elif name in ("CSVLogger", "TensorBoardLogger"):
+        args.name, args.version = "", ""
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """A W&B run id stored in the run directory, so that resuming continues the same run."""
+    import uuid
+
+    id_file = run_dir / "wandb_id.txt"
+    if id_file.is_file():
+        return id_file.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("RANK", "0") == "0":
+        run_dir.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id)
+    return run_id
+
+
+def wandb_logged_in() -> bool:
+    """True when W&B has an API key (WANDB_API_KEY or `wandb login`) and is not disabled."""
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
+        return False
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+
+    try:
+        hosts = netrc.netrc().hosts
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return any("wandb" in host for host in hosts)
+
+
+def import_class(class_path: str):
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    verb = (sys.argv[1:] if argv is None else argv)[:1]
+    verb = verb[0] if verb else ""
+    rest = (sys.argv[2:] if argv is None else argv[1:])
+    try:
+        if verb == "prepare":
+            from dilatedseg.prepare import main as prepare_main
+
+            return prepare_main(rest)
+        if verb == "sweep":
+            from dilatedseg.sweep import main as sweep_main
+
+            return sweep_main(rest)
+        if verb == "summary":
+            from dilatedseg.runs import summary_main
+
+            return summary_main(rest)
+        DilatedSegCLI(args=argv)
+    except (DataError, RunError) as error:
+        sys.stderr.write(f"error: {clean_message(error)}\n")
+        raise SystemExit(2) from None
+
+
+def clean_message(error: Exception) -> str:
+    """The user-facing part of an error, also when a dataloader worker re-raised it."""
+    message = str(error)
+    marker = f"{type(error).__name__}: "
+    if "Original Traceback" in message and marker in message:
+        message = message.rsplit(marker, 1)[-1]
+    return message.strip()
+
+
+if __name__ == "__main__":
+    main()

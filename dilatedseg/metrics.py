@@ -1,0 +1,57 @@
+"""Segmentation metrics on torchmetrics: confusion matrix -> per-class IoU and mIoU.
+
+mIoU averages the classes that occur in the ground truth or the prediction (the VOC and
+Cityscapes convention); pixels labelled ``ignore_index`` count nowhere. The confusion matrix is
+a summed metric state, so the numbers are exact under DDP.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import Metric
+
+
+class ConfusionMatrix(Metric):
+    """Accumulates a C x C confusion matrix (rows: ground truth, columns: prediction)."""
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.add_state("matrix", torch.zeros(num_classes, num_classes, dtype=torch.long),
+                       dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        """preds: (B, H, W) class indices or (B, C, H, W) scores; target: (B, H, W)."""
+        if preds.ndim == target.ndim + 1:
+            preds = preds.argmax(1)
+        if preds.shape != target.shape:
+            raise ValueError(f"prediction {tuple(preds.shape)} and target {tuple(target.shape)} "
+                             "differ in size")
+        keep = target != self.ignore_index
+        target, preds = target[keep].long(), preds[keep].long()
+        bad = (target < 0) | (target >= self.num_classes)
+        if bad.any():
+            values = torch.unique(target[bad]).tolist()
+            raise ValueError(f"target holds label values {values} outside [0, {self.num_classes})"
+                             f" and not the ignore index {self.ignore_index}")
+        index = target * self.num_classes + preds
+        self.matrix += torch.bincount(index, minlength=self.num_classes**2).view(
+            self.num_classes, self.num_classes)
+
+    def compute(self) -> torch.Tensor:
+        return self.matrix
+
+
+def iou_from_confusion(matrix: torch.Tensor) -> torch.Tensor:
+    """Per-class IoU; NaN for classes absent from both ground truth and prediction."""
+    matrix = matrix.double()
+    tp = matrix.diag()
+    union = matrix.sum(0) + matrix.sum(1) - tp
+    return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+
+
+def mean_iou(matrix: torch.Tensor) -> torch.Tensor:
+    """Mean of the per-class IoUs over the classes present in ground truth or prediction."""
+    return iou_from_confusion(matrix).nanmean()

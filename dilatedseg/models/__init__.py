@@ -1,0 +1,7 @@
+"""Plain nn.Modules: no Lightning here."""
+
+from dilatedseg.models.context import SCHEDULES, ContextModule
+from dilatedseg.models.frontend import FrontEnd
+from dilatedseg.models.segmenter import Segmenter
+
+__all__ = ["FrontEnd", "ContextModule", "Segmenter", "SCHEDULES"]

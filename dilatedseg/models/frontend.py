@@ -1,0 +1,126 @@
+"""The dilated VGG-16 front-end of Yu & Koltun (2016), and a small CPU variant of it.
+
+VGG-16 with pool4 and pool5 removed, conv5 dilated by 2 and fc6 (7x7) dilated by 4, so the
+logits come out at stride 8. With ``padding="valid"`` (the authors' geometry) the input is
+reflect-padded by half the network's shrinkage (186 px for VGG-16) and every convolution is
+unpadded; with ``padding="same"`` every convolution is zero-padded instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# (name, out_channels, kernel, dilation); "pool" entries are 2x2 stride-2 ceil-mode max pools.
+ARCHITECTURES: dict[str, list[tuple]] = {
+    "vgg16": [
+        ("conv1_1", 64, 3, 1), ("conv1_2", 64, 3, 1), ("pool1",),
+        ("conv2_1", 128, 3, 1), ("conv2_2", 128, 3, 1), ("pool2",),
+        ("conv3_1", 256, 3, 1), ("conv3_2", 256, 3, 1), ("conv3_3", 256, 3, 1), ("pool3",),
+        ("conv4_1", 512, 3, 1), ("conv4_2", 512, 3, 1), ("conv4_3", 512, 3, 1),
+        ("conv5_1", 512, 3, 2), ("conv5_2", 512, 3, 2), ("conv5_3", 512, 3, 2),
+        ("fc6", 4096, 7, 4), ("fc7", 4096, 1, 1),
+    ],
+    # Same topology (3 pools, dilated conv5, fc6/fc7 as convolutions), far fewer channels and
+    # layers: a ~54 px receptive field, which leaves long-range context to the context module.
+    "tiny": [
+        ("conv1_1", 16, 3, 1), ("pool1",),
+        ("conv2_1", 32, 3, 1), ("pool2",),
+        ("conv3_1", 64, 3, 1), ("pool3",),
+        ("conv5_1", 64, 3, 2),
+        ("fc6", 128, 1, 1), ("fc7", 128, 1, 1),
+    ],
+}
+
+OUTPUT_STRIDE = 8
+
+
+def receptive_field(arch: str) -> int:
+    """Receptive field in input pixels of one output logit."""
+    field, stride = 1, 1
+    for layer in ARCHITECTURES[arch]:
+        if len(layer) == 1:
+            field += stride
+            stride *= 2
+        else:
+            _, _, kernel, dilation = layer
+            field += (kernel - 1) * dilation * stride
+    return field
+
+
+def valid_shrinkage(arch: str) -> int:
+    """Pixels an input loses through the unpadded convolutions (372 for VGG-16)."""
+    return receptive_field(arch) - (OUTPUT_STRIDE - 1) - 1
+
+
+class FrontEnd(nn.Module):
+    """Dilated VGG-16 front-end: (B, 3, H, W) normalised image -> (B, C, H/8, W/8) logits.
+
+    In ``valid`` geometry an input of H x W gives ceil(H/8) x ceil(W/8) logits, logit (i, j)
+    centred on input pixel (8i + 3.5, 8j + 3.5), the same alignment as ``same`` geometry and
+    as ``F.interpolate(scale_factor=8, align_corners=False)`` assumes.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        arch: str = "vgg16",
+        padding: str = "valid",
+        dropout: float = 0.5,
+        pretrained: str | None = None,
+    ):
+        super().__init__()
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"FrontEnd: unknown arch {arch!r}; choose one of {list(ARCHITECTURES)}")
+        if padding not in ("valid", "same"):
+            raise ValueError(f"FrontEnd: padding must be 'valid' or 'same', got {padding!r}")
+        self.arch, self.padding = arch, padding
+        self.margin = valid_shrinkage(arch) // 2 if padding == "valid" else 0
+        layers: list[tuple[str, nn.Module]] = []
+        channels = 3
+        for spec in ARCHITECTURES[arch]:
+            if len(spec) == 1:
+                layers.append((spec[0], nn.MaxPool2d(2, 2, ceil_mode=True)))
+                continue
+            name, out, kernel, dilation = spec
+            pad = 0 if padding == "valid" else dilation * (kernel - 1) // 2
+            layers.append((name, nn.Conv2d(channels, out, kernel, padding=pad, dilation=dilation)))
+            layers.append((f"{name}_relu", nn.ReLU(inplace=True)))
+            if name.startswith("fc") and dropout > 0:
+                layers.append((f"{name}_drop", nn.Dropout(dropout)))
+            channels = out
+        self.features = nn.Sequential(OrderedDict(layers))
+        self.final = nn.Conv2d(channels, num_classes, 1)  # no ReLU after the classifier
+        nn.init.normal_(self.final.weight, std=1e-3)
+        nn.init.zeros_(self.final.bias)
+        if pretrained:
+            from dilatedseg.models.weights import load_vgg16_imagenet
+
+            load_vgg16_imagenet(self, pretrained)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        if self.margin:
+            # Pad so that the output is exactly ceil(H/8) x ceil(W/8) and stays aligned.
+            out_h, out_w = math.ceil(height / OUTPUT_STRIDE), math.ceil(width / OUTPUT_STRIDE)
+            extra_h = out_h * OUTPUT_STRIDE - height
+            extra_w = out_w * OUTPUT_STRIDE - width
+            m = self.margin
+            image = _reflect_pad(image, (m, m + extra_w, m, m + extra_h))
+        return self.final(self.features(image))
+
+
+def _reflect_pad(image: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor:
+    """Reflect padding (REFLECT_101) that also works when the pad exceeds the image size."""
+    left, right, top, bottom = pad
+    while left or right or top or bottom:
+        h, w = image.shape[-2:]
+        step = (min(left, w - 1), min(right, w - 1), min(top, h - 1), min(bottom, h - 1))
+        image = F.pad(image, step, mode="reflect")
+        left, right, top, bottom = (a - b for a, b in zip(pad, step))
+        pad = (left, right, top, bottom)
+    return image

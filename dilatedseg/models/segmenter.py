@@ -1,0 +1,81 @@
+"""Front-end + context module + upsampling (+ CRF) as one module."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dilatedseg.models.context import ContextModule
+from dilatedseg.models.frontend import OUTPUT_STRIDE, FrontEnd
+
+IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)
+IMAGENET_STD_RGB = (58.395, 57.12, 57.375)
+
+
+def bilinear_upsampling_kernel(channels: int, factor: int = OUTPUT_STRIDE) -> torch.Tensor:
+    """Weights of a grouped ConvTranspose2d(C, C, 2f, f, f/2) doing bilinear x f upsampling."""
+    size = 2 * factor
+    centre = factor - 0.5
+    ramp = 1 - torch.abs(torch.arange(size, dtype=torch.float32) - centre) / factor
+    kernel = ramp[:, None] * ramp[None, :]
+    return kernel.expand(channels, 1, size, size).clone()
+
+
+class Segmenter(nn.Module):
+    """(B, 3, H, W) image in 0-255 RGB -> (B, C, H, W) logits at input resolution.
+
+    ``context=None`` gives the front-end alone. ``upsample="bilinear"`` interpolates the 1/8
+    logits (feature i centred on pixel 8i + 3.5); ``"deconv"`` is the frozen grouped bilinear
+    ConvTranspose2d(C, C, 16, 8, 4) of the authors' Cityscapes model. ``crf`` refines the
+    upsampled logits with the image.
+    """
+
+    def __init__(
+        self,
+        frontend: FrontEnd,
+        context: ContextModule | None = None,
+        crf: nn.Module | None = None,
+        upsample: str = "bilinear",
+        pixel_mean: tuple[float, float, float] = IMAGENET_MEAN_RGB,
+        pixel_std: tuple[float, float, float] = IMAGENET_STD_RGB,
+    ):
+        super().__init__()
+        self.frontend, self.context, self.crf = frontend, context, crf
+        if upsample not in ("bilinear", "deconv"):
+            raise ValueError(f"upsample must be 'bilinear' or 'deconv', got {upsample!r}")
+        self.upsample = upsample
+        num_classes = frontend.final.out_channels
+        if upsample == "deconv":
+            self.register_buffer("deconv_weight", bilinear_upsampling_kernel(num_classes))
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1))
+
+    def normalise(self, image: torch.Tensor) -> torch.Tensor:
+        return (image - self.pixel_mean) / self.pixel_std
+
+    def coarse_logits(self, image: torch.Tensor) -> torch.Tensor:
+        """Front-end (+ context) logits at 1/8 resolution."""
+        logits = self.frontend(self.normalise(image))
+        return self.refine(logits)
+
+    def refine(self, frontend_logits: torch.Tensor) -> torch.Tensor:
+        """Apply the context module (if any) to front-end logits."""
+        return frontend_logits if self.context is None else self.context(frontend_logits)
+
+    def upsample_to(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if self.upsample == "deconv":
+            channels = logits.shape[1]
+            logits = F.conv_transpose2d(
+                logits, self.deconv_weight.to(logits.dtype), stride=OUTPUT_STRIDE,
+                padding=OUTPUT_STRIDE // 2, groups=channels,
+            )
+            return logits[..., : size[0], : size[1]]
+        return F.interpolate(logits, scale_factor=OUTPUT_STRIDE, mode="bilinear",
+                             align_corners=False)[..., : size[0], : size[1]]
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        logits = self.upsample_to(self.coarse_logits(image), image.shape[-2:])
+        if self.crf is not None:
+            logits = self.crf(logits, image)
+        return logits

@@ -1,0 +1,185 @@
+"""The LightningModule: stages, loss, metrics, optimiser and freezing. Dataset-agnostic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from dilatedseg.metrics import ConfusionMatrix, iou_from_confusion, mean_iou
+from dilatedseg.models import ContextModule, FrontEnd, Segmenter
+from dilatedseg.models.segmenter import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
+
+STAGES = ("frontend", "context", "joint")
+IGNORE_INDEX = 255
+
+
+class SegmentationModule(L.LightningModule):
+    """Trains and evaluates a :class:`Segmenter` in one of the paper's stages.
+
+    Stages: ``frontend`` trains the front-end alone; ``context`` freezes the front-end and
+    trains an (identity-initialised) context module on its logits; ``joint`` fine-tunes both.
+    ``init_from`` copies weights from an earlier stage's checkpoint (missing modules keep their
+    initialisation); resuming an interrupted run is the trainer's ``ckpt_path`` instead.
+
+    Args:
+        num_classes: classes C (linked from the data module by the CLI).
+        class_names: names for per-class logging (linked from the data module).
+        stage: one of "frontend", "context", "joint".
+        arch, padding, dropout, pretrained: the :class:`FrontEnd`.
+        context_variant, dilations, context_init, context_padding: the :class:`ContextModule`;
+            ``dilations`` is a preset name ("dilation7", "dilation8", "dilation10") or a list.
+        upsample: "bilinear" or "deconv" (frozen bilinear ConvTranspose2d, Cityscapes).
+        pixel_mean, pixel_std: input normalisation in 0-255 RGB (mean linked from the data).
+        optimizer: "sgd" (the paper) or "adam". lr, momentum, weight_decay: as usual.
+        bias_lr_mult: learning-rate multiplier of biases, which get no weight decay (Caffe).
+        lr_schedule: "poly" (power 0.9), "step" (x lr_gamma every lr_step_epochs) or "constant".
+        init_from: checkpoint whose weights initialise this model.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: list[str] | None = None,
+        stage: str = "frontend",
+        arch: str = "vgg16",
+        padding: str = "valid",
+        dropout: float = 0.5,
+        pretrained: str | None = None,
+        context_variant: str = "basic",
+        dilations: str | list[int] = "dilation8",
+        context_init: str = "identity",
+        context_padding: str = "same",
+        upsample: str = "bilinear",
+        pixel_mean: tuple[float, float, float] = IMAGENET_MEAN_RGB,
+        pixel_std: tuple[float, float, float] = IMAGENET_STD_RGB,
+        optimizer: str = "sgd",
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        bias_lr_mult: float = 2.0,
+        lr_schedule: str = "poly",
+        lr_step_epochs: int = 10,
+        lr_gamma: float = 0.1,
+        init_from: str | None = None,
+    ):
+        super().__init__()
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        if optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+        if lr_schedule not in ("poly", "step", "constant"):
+            raise ValueError(f"lr_schedule must be 'poly', 'step' or 'constant', got {lr_schedule!r}")
+        self.save_hyperparameters()
+        self.class_names = list(class_names or [str(i) for i in range(num_classes)])
+        if len(self.class_names) != num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
+        frontend = FrontEnd(num_classes, arch=arch, padding=padding, dropout=dropout,
+                            pretrained=pretrained)
+        context = None
+        if stage != "frontend":
+            context = ContextModule(num_classes, variant=context_variant, dilations=dilations,
+                                    init=context_init, padding=context_padding)
+        self.model = Segmenter(frontend, context, upsample=upsample, pixel_mean=pixel_mean,
+                               pixel_std=pixel_std)
+        if stage == "context":
+            self.model.frontend.requires_grad_(False)
+        self.val_confusion = ConfusionMatrix(num_classes, IGNORE_INDEX)
+        self.test_confusion = ConfusionMatrix(num_classes, IGNORE_INDEX)
+
+    # ---- weights ----------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # Runs before Lightning restores a ckpt_path, so resuming still wins over init_from.
+        if stage == "fit" and self.hparams.init_from:
+            self.load_weights(self.hparams.init_from)
+
+    def load_weights(self, path: str) -> None:
+        """Copy matching weights from a checkpoint of any stage (weights only, no state)."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"init_from checkpoint {path} does not exist")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        source = checkpoint.get("state_dict", checkpoint)
+        own = self.state_dict()
+        matched = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+        missing_frontend = [k for k in own if k.startswith("model.frontend.") and k not in matched]
+        if missing_frontend:
+            raise ValueError(
+                f"{path} does not fit this model: front-end weights {missing_frontend[:3]} are "
+                "missing or differ in shape (same arch and num_classes?)")
+        self.load_state_dict(matched, strict=False)
+
+    # ---- steps ------------------------------------------------------------------------------
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model(image)
+
+    def on_train_epoch_start(self) -> None:
+        if self.hparams.stage == "context":
+            self.model.frontend.eval()  # frozen: no dropout, fixed outputs
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self(batch["image"])
+        loss = F.cross_entropy(logits, batch["label"], ignore_index=IGNORE_INDEX)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
+        return loss
+
+    def evaluate(self, batch: dict, confusion: ConfusionMatrix) -> torch.Tensor:
+        logits = self(batch["image"])
+        confusion.update(logits.argmax(1), batch["label"])
+        return logits
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self.evaluate(batch, self.val_confusion)
+        loss = F.cross_entropy(logits, batch["label"], ignore_index=IGNORE_INDEX)
+        self.log("val/loss", loss, sync_dist=True, batch_size=len(logits))
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.evaluate(batch, self.test_confusion)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        return {"name": batch["name"], "prediction": self(batch["image"]).argmax(1)}
+
+    def log_iou(self, prefix: str, confusion: ConfusionMatrix) -> None:
+        matrix = confusion.compute()  # summed over processes under DDP
+        self.log(f"{prefix}/mIoU", mean_iou(matrix).float() * 100, prog_bar=True)
+        for name, iou in zip(self.class_names, iou_from_confusion(matrix).tolist()):
+            if iou == iou:  # skip classes absent from ground truth and prediction
+                self.log(f"{prefix}/IoU/{name}", iou * 100)
+        confusion.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_iou("val", self.val_confusion)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_iou("test", self.test_confusion)
+
+    # ---- optimisation -----------------------------------------------------------------------
+    def parameter_groups(self) -> list[dict]:
+        """Weights with weight decay; biases at bias_lr_mult x lr without it (Caffe)."""
+        weights, biases = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (biases if name.endswith("bias") else weights).append(param)
+        hp = self.hparams
+        return [
+            {"params": weights, "lr": hp.lr, "weight_decay": hp.weight_decay},
+            {"params": biases, "lr": hp.lr * hp.bias_lr_mult, "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = self.parameter_groups()
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
+        else:
+            optimizer = torch.optim.Adam(groups, lr=hp.lr)
+        if hp.lr_schedule == "constant":
+            return optimizer
+        if hp.lr_schedule == "step":
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, hp.lr_step_epochs, hp.lr_gamma)
+            return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: max(0.0, 1 - step / total) ** 0.9)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,137 @@
+"""Run directories runs/<dataset>/<stage>/<version>/: naming, finding checkpoints, summaries."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+STAGE_ORDER = ("frontend", "context", "joint", "crf")
+# Where a stage takes its starting weights from, most preferred first.
+PREVIOUS_STAGES = {
+    "context": ("frontend",),
+    "joint": ("context", "frontend"),
+    "crf": ("joint", "context"),
+}
+RUN_DIR_ENV = "DILATEDSEG_RUN_DIR"
+
+
+class RunError(Exception):
+    """A run cannot start as configured; the message says what to do."""
+
+
+def is_child_process() -> bool:
+    """True in the processes Lightning's DDP launcher starts beside rank 0."""
+    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+
+
+def resolve_run_dir(runs_dir: str, dataset: str, stage: str, subcommand: str,
+                    ckpt_path: str | None = None) -> Path:
+    """The directory of this run, the same one on every DDP process.
+
+    Resuming (`fit --ckpt_path runs/.../checkpoints/last.ckpt`) continues in that run's
+    directory. Otherwise a new version_N; processes started by torchrun or SLURM, which cannot
+    share a counter, use their job id; DDP children inherit rank 0's choice via the environment.
+    """
+    if is_child_process() and os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV])
+    parent = Path(runs_dir) / dataset / stage
+    if subcommand == "fit" and ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
+        run_dir = Path(ckpt_path).parent.parent
+    elif os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
+        run_dir = parent / f"torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
+    elif os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        run_dir = parent / f"slurm-{os.environ['SLURM_JOB_ID']}"
+    else:
+        prefix = "version" if subcommand == "fit" else subcommand
+        taken = [int(p.name.rsplit("_", 1)[1]) for p in parent.glob(f"{prefix}_*")
+                 if p.name.rsplit("_", 1)[1].isdigit()]
+        run_dir = parent / f"{prefix}_{max(taken, default=-1) + 1}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    return run_dir
+
+
+def best_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((run_dir / "checkpoints").glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def find_previous_checkpoint(runs_dir: str, dataset: str, stage: str) -> Path:
+    """Best checkpoint of the latest run of the stage this one starts from."""
+    previous = PREVIOUS_STAGES.get(stage)
+    if not previous:
+        raise RunError(f"stage '{stage}' has no previous stage; set --model.init_from=null")
+    for candidate in previous:
+        runs = sorted((Path(runs_dir) / dataset / candidate).glob("*/"),
+                      key=lambda p: p.stat().st_mtime, reverse=True)
+        for run in runs:
+            checkpoint = best_checkpoint(run)
+            if checkpoint is not None:
+                return checkpoint
+    where = ", ".join(f"{runs_dir}/{dataset}/{s}/" for s in previous)
+    raise RunError(
+        f"stage '{stage}' starts from a trained '{previous[0]}' stage, but no checkpoint was "
+        f"found under {where}.\nTrain it first: make train STAGE={previous[0]} DATASET={dataset}"
+        f"\nor name the weights yourself: --model.init_from=PATH (make train ... INIT=PATH)")
+
+
+class RunSummary(Callback):
+    """Writes summary.json (best val mIoU, checkpoint, time) into the run directory."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.start = time.time()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+        score = checkpoint.best_model_score if checkpoint is not None else None
+        run_dir = Path(trainer.default_root_dir)
+        summary = {
+            "dataset": trainer.datamodule.name if trainer.datamodule is not None else None,
+            "stage": pl_module.hparams.get("stage"),
+            "run": str(run_dir),
+            "best_val_mIoU": None if score is None else round(float(score), 4),
+            "best_checkpoint": checkpoint.best_model_path if checkpoint is not None else None,
+            "epochs": trainer.current_epoch,
+            "seconds": round(time.time() - self.start, 1),
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def latest_summaries(runs_dir: str, dataset: str) -> list[dict]:
+    """The newest summary.json of each stage of a dataset, in stage order."""
+    rows = []
+    for stage in STAGE_ORDER:
+        found = sorted((Path(runs_dir) / dataset / stage).glob("*/summary.json"),
+                       key=lambda p: p.stat().st_mtime)
+        if found:
+            rows.append(json.loads(found[-1].read_text()))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| stage | val mIoU | epochs | time (s) | run |", "|---|---|---|---|---|"]
+    for row in rows:
+        miou = "-" if row["best_val_mIoU"] is None else f"{row['best_val_mIoU']:.1f}"
+        lines.append(f"| {row['stage']} | {miou} | {row['epochs']} | {row['seconds']} |"
+                     f" {row['run']} |")
+    return "\n".join(lines)
+
+
+def summary_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="dilatedseg summary",
+                                     description="Validation mIoU of the latest run of each stage.")
+    parser.add_argument("--dataset", default="shapes")
+    parser.add_argument("--runs_dir", default="runs")
+    args = parser.parse_args(argv)
+    rows = latest_summaries(args.runs_dir, args.dataset)
+    if not rows:
+        raise RunError(f"no finished runs under {args.runs_dir}/{args.dataset}/; "
+                       f"run: make train DATASET={args.dataset}")
+    print(f"Validation mIoU per stage ({args.dataset}):\n{format_table(rows)}")
