@@ -77,6 +77,9 @@ class DilatedSegCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.classes", "model.class_names", apply_on="instantiate")
         parser.link_arguments("data.mean_rgb", "model.pixel_mean", apply_on="instantiate")
+        parser.link_arguments("data.categories", "model.categories", apply_on="instantiate")
+        parser.add_argument("--output", default=None,
+                            help="predict: output folder (default <run dir>/predictions)")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val/mIoU",
@@ -97,6 +100,8 @@ class DilatedSegCLI(LightningCLI):
                                   config.get("ckpt_path"))
         config.trainer.default_root_dir = str(run_dir)
         config.checkpoint.dirpath = str(run_dir / "checkpoints")
+        if self.subcommand == "predict":
+            config.return_predictions = False  # the PredictionWriter writes them to disk
         loggers = config.trainer.logger
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             if hasattr(logger, "class_path"):
@@ -105,6 +110,12 @@ class DilatedSegCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(RunSummary())
+        if self.subcommand == "predict":
+            from dilatedseg.predict_writer import PredictionWriter
+
+            config = self.config[self.subcommand]
+            output = config.get("output") or Path(trainer.default_root_dir) / "predictions"
+            trainer.callbacks.append(PredictionWriter(output))
         return trainer
 
 

@@ -55,3 +55,26 @@ def iou_from_confusion(matrix: torch.Tensor) -> torch.Tensor:
 def mean_iou(matrix: torch.Tensor) -> torch.Tensor:
     """Mean of the per-class IoUs over the classes present in ground truth or prediction."""
     return iou_from_confusion(matrix).nanmean()
+
+
+def category_confusion(matrix: torch.Tensor, class_to_category: list[int],
+                       num_categories: int) -> torch.Tensor:
+    """Sum a class confusion matrix into a category one (``class_to_category[c]`` per class)."""
+    index = torch.as_tensor(class_to_category, device=matrix.device, dtype=torch.long)
+    if index.numel() != matrix.shape[0]:
+        raise ValueError(f"{index.numel()} category entries for {matrix.shape[0]} classes")
+    onehot = torch.zeros(matrix.shape[0], num_categories, dtype=matrix.dtype, device=matrix.device)
+    onehot[torch.arange(matrix.shape[0], device=matrix.device), index] = 1
+    return onehot.T @ matrix @ onehot
+
+
+def category_iou(matrix: torch.Tensor, categories: list[str]) -> dict[str, float]:
+    """Per-category IoU (the Cityscapes "category IoU") from a class confusion matrix.
+
+    ``categories[c]`` names class c's category. Categories appear in order of first use; a
+    category absent from ground truth and prediction gets NaN. The mean over the others equals
+    cityscapesscripts' ``averageScoreCategories``.
+    """
+    names = list(dict.fromkeys(categories))
+    grouped = category_confusion(matrix, [names.index(c) for c in categories], len(names))
+    return dict(zip(names, iou_from_confusion(grouped).tolist()))

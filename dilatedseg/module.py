@@ -8,7 +8,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from dilatedseg.metrics import ConfusionMatrix, iou_from_confusion, mean_iou
+from dilatedseg.inference import predict_logits
+from dilatedseg.metrics import ConfusionMatrix, category_iou, iou_from_confusion, mean_iou
 from dilatedseg.models import ContextModule, FrontEnd, Segmenter
 from dilatedseg.models.segmenter import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 
@@ -37,6 +38,10 @@ class SegmentationModule(L.LightningModule):
         bias_lr_mult: learning-rate multiplier of biases, which get no weight decay (Caffe).
         lr_schedule: "poly" (power 0.9), "step" (x lr_gamma every lr_step_epochs) or "constant".
         init_from: checkpoint whose weights initialise this model.
+        tile_size: validate / test / predict in tiles of this output size (see
+            :func:`dilatedseg.inference.predict_logits`); None = whole images.
+        categories: category of each class (linked from the data module, e.g. Cityscapes):
+            then ``<prefix>/catIoU/<name>`` and ``<prefix>/mIoU_category`` are logged too.
     """
 
     def __init__(
@@ -64,6 +69,8 @@ class SegmentationModule(L.LightningModule):
         lr_step_epochs: int = 10,
         lr_gamma: float = 0.1,
         init_from: str | None = None,
+        tile_size: int | tuple[int, int] | None = None,
+        categories: list[str] | None = None,
     ):
         super().__init__()
         if stage not in STAGES:
@@ -125,7 +132,7 @@ class SegmentationModule(L.LightningModule):
         return loss
 
     def evaluate(self, batch: dict, confusion: ConfusionMatrix) -> torch.Tensor:
-        logits = self(batch["image"])
+        logits = predict_logits(self.model, batch["image"], self.hparams.get("tile_size"))
         confusion.update(logits.argmax(1), batch["label"])
         return logits
 
@@ -138,7 +145,8 @@ class SegmentationModule(L.LightningModule):
         self.evaluate(batch, self.test_confusion)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        return {"name": batch["name"], "prediction": self(batch["image"]).argmax(1)}
+        logits = predict_logits(self.model, batch["image"], self.hparams.get("tile_size"))
+        return {"name": batch["name"], "prediction": logits.argmax(1).to(torch.uint8)}
 
     def log_iou(self, prefix: str, confusion: ConfusionMatrix) -> None:
         matrix = confusion.compute()  # summed over processes under DDP
@@ -146,6 +154,14 @@ class SegmentationModule(L.LightningModule):
         for name, iou in zip(self.class_names, iou_from_confusion(matrix).tolist()):
             if iou == iou:  # skip classes absent from ground truth and prediction
                 self.log(f"{prefix}/IoU/{name}", iou * 100)
+        if self.hparams.get("categories"):
+            scores = category_iou(matrix, list(self.hparams.categories))
+            present = [iou for iou in scores.values() if iou == iou]
+            if present:
+                self.log(f"{prefix}/mIoU_category", sum(present) / len(present) * 100)
+            for name, iou in scores.items():
+                if iou == iou:
+                    self.log(f"{prefix}/catIoU/{name}", iou * 100)
         confusion.reset()
 
     def on_validation_epoch_end(self) -> None:

@@ -1,0 +1,85 @@
+"""KITTI road scenes, in either of two labellings.
+
+* ``layout: ros`` (default, the paper's): the 146 images labelled by Ros et al. (2015),
+  100 train / 46 test, 1226x370, colour PNG labels in CamVid's 11-class palette (black = void).
+  The paper reports on the 46 test images, so ``val`` is the test set here too.
+* ``layout: semantics``: the later KITTI semantic benchmark (data_semantics/, 200 labelled
+  training images) whose labels are Cityscapes label ids; they are mapped to the 19 Cityscapes
+  train ids and classes. It has no official val split: every ``val_every``-th training image
+  (sorted by name) is held out for validation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dilatedseg.data import camvid, cityscapes
+from dilatedseg.data.base import IGNORE_INDEX, SegmentationDataModule, read_index_png
+
+MEAN_BGR = (96.19, 95.55, 91.35)
+VOID_COLOUR = (0, 0, 0)
+
+
+class KITTIDataModule(SegmentationDataModule):
+    """KITTI: 11 CamVid classes (``ros``) or 19 Cityscapes classes (``semantics``).
+
+    Args:
+        root: the dataset folder (see ``layout``).
+        layout: "ros" or "semantics".
+        val_every: ``semantics`` only: hold out every n-th training image for validation.
+        **kwargs: see :class:`SegmentationDataModule`.
+    """
+
+    name = "kitti"
+    classes = camvid.CLASSES
+    palette = camvid.PALETTE
+    mean_rgb = MEAN_BGR[::-1]
+    layout = """\
+        layout: ros (Ros et al. labels, the paper's)
+          train/images/<name>.png  train/labels/<name>.png   colour labels, CamVid palette
+          test/images/<name>.png   test/labels/<name>.png    (black = void)
+        layout: semantics (the KITTI semantic benchmark, root = data_semantics/)
+          training/image_2/<name>.png  training/semantic/<name>.png   Cityscapes label ids
+          testing/image_2/<name>.png
+    """
+
+    def __init__(self, root: str = "data/kitti", layout: str = "ros", val_every: int = 5,
+                 **kwargs):
+        super().__init__(root=root, **kwargs)
+        if layout not in ("ros", "semantics"):
+            raise ValueError(f"kitti layout must be 'ros' or 'semantics', got {layout!r}")
+        self.layout_name, self.val_every = layout, val_every
+        if layout == "semantics":
+            self.classes, self.palette = cityscapes.CLASSES, cityscapes.PALETTE
+            self.categories = cityscapes.CATEGORIES
+            self.train_ids = cityscapes.train_id_lookup()
+        else:
+            self.colours = {colour: i for i, colour in enumerate(camvid.PALETTE)}
+            self.colours[VOID_COLOUR] = IGNORE_INDEX
+
+    def pairs(self, split: str) -> list[tuple[Path, Path | None]]:
+        if self.layout_name == "ros":
+            folder = self.root / ("train" if split == "train" else "test")
+            if not (folder / "images").is_dir():
+                raise self.missing(f"image folder {folder / 'images'} is missing")
+            return [(image, folder / "labels" / image.name)
+                    for image in sorted((folder / "images").glob("*.png"))]
+        if split == "test":
+            folder = self.root / "testing" / "image_2"
+            if not folder.is_dir():
+                raise self.missing(f"image folder {folder} is missing")
+            return [(image, None) for image in sorted(folder.glob("*.png"))]
+        folder = self.root / "training" / "image_2"
+        if not folder.is_dir():
+            raise self.missing(f"image folder {folder} is missing")
+        images = sorted(folder.glob("*.png"))
+        held_out = [i % self.val_every == self.val_every - 1 for i in range(len(images))]
+        return [(image, self.root / "training" / "semantic" / image.name)
+                for image, out in zip(images, held_out) if out == (split == "val")]
+
+    def read_label(self, path: Path) -> np.ndarray:
+        if self.layout_name == "ros":
+            return camvid.decode_colour_label(path, self.colours)
+        return self.train_ids[read_index_png(path)]

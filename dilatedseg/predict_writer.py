@@ -1,0 +1,56 @@
+"""Writes `dilatedseg predict` results to disk as they come (nothing is kept in memory).
+
+For each image ``<name>``, under the output folder:
+
+    index/<name>.png     class indices (a palette PNG: the values are the class ids)
+    colour/<name>.png    the prediction in the dataset's colours (RGB)
+    overlay/<name>.jpg   the colours blended over the image
+    labelIds/<name>.png  only for datasets with ``submission_ids`` (Cityscapes): label ids
+                         in the official format, ready for the evaluation server
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image
+
+from dilatedseg import viz
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Lightning callback writing each predicted batch (see the module docstring)."""
+
+    def __init__(self, output_dir: str | Path, overlay_alpha: float = 0.5):
+        super().__init__(write_interval="batch")
+        self.output_dir, self.overlay_alpha = Path(output_dir), overlay_alpha
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self.written = 0
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch,
+                           batch_idx, dataloader_idx) -> None:
+        datamodule = trainer.datamodule
+        palette = getattr(datamodule, "palette", None) or viz.voc_palette()
+        submission = getattr(datamodule, "submission_ids", None)
+        images = batch["image"].permute(0, 2, 3, 1).clamp(0, 255).byte().cpu().numpy()
+        labels = prediction["prediction"].cpu().numpy().astype(np.uint8)
+        folders = ["index", "colour", "overlay"] + (["labelIds"] if submission is not None else [])
+        for folder in folders:
+            (self.output_dir / folder).mkdir(parents=True, exist_ok=True)
+        for name, image, label in zip(prediction["name"], images, labels):
+            viz.palette_png(label, palette).save(self.output_dir / "index" / f"{name}.png")
+            Image.fromarray(viz.colourise(label, palette)).save(
+                self.output_dir / "colour" / f"{name}.png")
+            Image.fromarray(viz.overlay(image, label, palette, self.overlay_alpha)).save(
+                self.output_dir / "overlay" / f"{name}.jpg", quality=90)
+            if submission is not None:
+                Image.fromarray(submission[label]).save(
+                    self.output_dir / "labelIds" / f"{name}.png")
+            self.written += 1
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            print(f"wrote {self.written} predictions to {self.output_dir}")

@@ -1,0 +1,72 @@
+"""Pascal VOC 2012 + SBD: SBD .mat labels -> PNG, and the train_aug list.
+
+Sources (download and extract into one folder, the ``--root``):
+  VOC 2012: http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar
+  SBD:      http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/benchmark.tgz
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+
+from dilatedseg.data.base import DataError
+from dilatedseg.data.voc import AUG_LABELS, LISTS, PALETTE, SBD_DIR, VOC_DIR, VOCDataModule
+from dilatedseg.viz import palette_png
+
+
+def read_sbd_mat(path: Path) -> np.ndarray:
+    """SBD class label (GTcls.Segmentation of a cls/*.mat file) -> (H, W) uint8."""
+    try:
+        mat = scipy.io.loadmat(path, struct_as_record=True)
+        return np.asarray(mat["GTcls"]["Segmentation"][0, 0], dtype=np.uint8)
+    except (OSError, ValueError, KeyError, IndexError) as error:
+        raise DataError(f"cannot read SBD label {path}: {error!r}; expected a .mat file with "
+                        "the struct GTcls.Segmentation") from None
+
+
+def read_list(path: Path) -> list[str]:
+    return path.read_text().split() if path.is_file() else []
+
+
+def convert_sbd(root: Path) -> list[str]:
+    """Write every SBD label as a VOC palette PNG; copy images VOC lacks. Returns the names."""
+    sbd, voc = root / SBD_DIR, root / VOC_DIR
+    out = root / AUG_LABELS
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    for mat in sorted((sbd / "cls").glob("*.mat")):
+        target = out / f"{mat.stem}.png"
+        if not target.is_file():
+            palette_png(read_sbd_mat(mat), PALETTE).save(target)
+        image = voc / "JPEGImages" / f"{mat.stem}.jpg"
+        if not image.is_file() and (sbd / "img" / image.name).is_file():
+            shutil.copy(sbd / "img" / image.name, image)
+        names.append(mat.stem)
+    return names
+
+
+def train_aug_names(root: Path) -> list[str]:
+    """VOC train + SBD train + SBD val, minus VOC val (10,582 names with the full data)."""
+    voc_val = set(read_list(root / LISTS / "val.txt"))
+    names = set(read_list(root / LISTS / "train.txt"))
+    for sbd_split in ("train", "val"):
+        names |= set(read_list(root / SBD_DIR / f"{sbd_split}.txt"))
+    return sorted(names - voc_val)
+
+
+def prepare_voc(root: Path) -> None:
+    module = VOCDataModule(root=str(root))
+    for needed in (root / VOC_DIR / "JPEGImages", root / LISTS / "val.txt",
+                   root / SBD_DIR / "cls", root / SBD_DIR / "train.txt"):
+        if not needed.exists():
+            raise module.missing(f"{needed} is missing (download VOC 2012 and SBD, see "
+                                 "`dilatedseg prepare voc --help`)")
+    converted = convert_sbd(root)
+    names = train_aug_names(root)
+    (root / LISTS / "train_aug.txt").write_text("\n".join(names) + "\n")
+    print(f"converted {len(converted)} SBD labels to {root / AUG_LABELS}; "
+          f"train_aug: {len(names)} images, val: {len(read_list(root / LISTS / 'val.txt'))}")
