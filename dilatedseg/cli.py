@@ -28,8 +28,10 @@ from dilatedseg.runs import (  # noqa: E402
     RunError,
     RunSummary,
     find_previous_checkpoint,
+    is_global_rank_zero,
     resolve_run_dir,
 )
+from dilatedseg.wandb_images import WandbImages  # noqa: E402
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 PACKAGE_CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -81,6 +83,7 @@ class DilatedSegCLI(LightningCLI):
         parser.add_argument("--output", default=None,
                             help="predict: output folder (default <run dir>/predictions)")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(WandbImages, "wandb_images")  # no-op without W&B
         parser.set_defaults({
             "checkpoint.monitor": "val/mIoU",
             "checkpoint.mode": "max",
@@ -126,9 +129,9 @@ def configure_logger(logger, run_dir: Path, dataset: str, stage: str) -> None:
     args.save_dir = str(run_dir)
     if name == "WandbLogger":
         args.name = args.get("name") or f"{dataset}/{stage}/{run_dir.name}"
-        group = args.get("group") or dataset
-        args.group = group
+        args.group = args.get("group") or os.environ.get("WANDB_RUN_GROUP") or dataset
         args.id = args.get("id") or wandb_run_id(run_dir)
+        args.resume = args.get("resume") or "allow"  # a known id continues that run
         if not args.get("offline") and not wandb_logged_in():
             args.offline = True  # no account or network: log locally, `wandb sync` later
     elif name in ("CSVLogger", "TensorBoardLogger"):
@@ -136,14 +139,21 @@ def configure_logger(logger, run_dir: Path, dataset: str, stage: str) -> None:
 
 
 def wandb_run_id(run_dir: Path) -> str:
-    """A W&B run id stored in the run directory, so that resuming continues the same run."""
+    """A W&B run id stored in the run directory, so that resuming continues the same run.
+
+    A `wandb agent` names the run it starts in WANDB_RUN_ID: that id is used (and stored),
+    so the sweep's server sees its run report back.
+    """
     import uuid
 
     id_file = run_dir / "wandb_id.txt"
-    if id_file.is_file():
+    if os.environ.get("WANDB_RUN_ID"):
+        run_id = os.environ["WANDB_RUN_ID"]
+    elif id_file.is_file():
         return id_file.read_text().strip()
-    run_id = uuid.uuid4().hex[:12]
-    if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("RANK", "0") == "0":
+    else:
+        run_id = uuid.uuid4().hex[:12]
+    if is_global_rank_zero():  # other ranks log nothing to W&B
         run_dir.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run_id)
     return run_id
@@ -161,7 +171,10 @@ def wandb_logged_in() -> bool:
         hosts = netrc.netrc().hosts
     except (OSError, netrc.NetrcParseError):
         return False
-    return any("wandb" in host for host in hosts)
+    from urllib.parse import urlparse
+
+    server = urlparse(os.environ.get("WANDB_BASE_URL", "")).hostname  # a private W&B server
+    return any("wandb" in host or host == server for host in hosts)
 
 
 def import_class(class_path: str):

@@ -18,6 +18,8 @@ PREVIOUS_STAGES = {
     "crf": ("joint", "context"),
 }
 RUN_DIR_ENV = "DILATEDSEG_RUN_DIR"
+# `dilatedseg sweep --local` sets this: rank 0 also writes the run's summary there.
+SUMMARY_PATH_ENV = "DILATEDSEG_SUMMARY_PATH"
 
 
 class RunError(Exception):
@@ -27,6 +29,18 @@ class RunError(Exception):
 def is_child_process() -> bool:
     """True in the processes Lightning's DDP launcher starts beside rank 0."""
     return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+
+
+def is_global_rank_zero() -> bool:
+    """True in the one process that writes shared files, before torch.distributed exists.
+
+    Reads the launchers' variables: torchrun (RANK), SLURM (SLURM_PROCID, set per task when
+    srun starts one process per device) and Lightning's own launcher (LOCAL_RANK, NODE_RANK).
+    """
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"):
+        if os.environ.get(name, "0") != "0":
+            return False
+    return True
 
 
 def resolve_run_dir(runs_dir: str, dataset: str, stage: str, subcommand: str,
@@ -81,10 +95,20 @@ def find_previous_checkpoint(runs_dir: str, dataset: str, stage: str) -> Path:
 
 
 class RunSummary(Callback):
-    """Writes summary.json (best val mIoU, checkpoint, time) into the run directory."""
+    """Writes summary.json (best val mIoU, checkpoint, time, metrics per validation) into the
+    run directory; rank 0 only."""
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.start = time.time()
+        self.history: list[dict] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # Here (unlike in on_validation_epoch_end) callback_metrics hold this epoch's values.
+        if trainer.sanity_checking or not hasattr(self, "history"):
+            return
+        row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        row.update(scalar_metrics(trainer.callback_metrics))
+        self.history.append(row)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
@@ -100,8 +124,24 @@ class RunSummary(Callback):
             "best_checkpoint": checkpoint.best_model_path if checkpoint is not None else None,
             "epochs": trainer.current_epoch,
             "seconds": round(time.time() - self.start, 1),
+            "metrics": scalar_metrics(trainer.callback_metrics),
+            "history": self.history,
         }
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        text = json.dumps(summary, indent=2) + "\n"
+        (run_dir / "summary.json").write_text(text)
+        if os.environ.get(SUMMARY_PATH_ENV):
+            Path(os.environ[SUMMARY_PATH_ENV]).write_text(text)
+
+
+def scalar_metrics(metrics: dict) -> dict[str, float]:
+    """Logged metrics as plain floats (one-element tensors and numbers)."""
+    out = {}
+    for name, value in metrics.items():
+        try:
+            out[name] = round(float(value), 6)
+        except (TypeError, ValueError, RuntimeError):
+            continue
+    return out
 
 
 def latest_summaries(runs_dir: str, dataset: str) -> list[dict]:

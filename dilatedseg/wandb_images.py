@@ -1,0 +1,87 @@
+"""W&B validation media: a fixed set of images with predicted and ground-truth masks, and a
+per-class IoU table, logged after every validation run.
+
+The CLI adds this callback (configured under ``wandb_images`` in conf/base.yaml, e.g.
+``--wandb_images.count=4``; ``count: 0`` turns the images off). It does nothing unless the trainer
+has a WandbLogger, and works on global rank 0 only: the images are the first ``count`` of rank
+0's share of the validation set, the same ones every epoch (validation is not shuffled). Class
+names come from ``pl_module.class_names``, which the CLI links from the data module.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+
+IGNORE_INDEX = 255
+
+
+class WandbImages(Callback):
+    """Logs validation images, masks and a per-class IoU table to W&B.
+
+    Args:
+        count: validation images to log each validation run (0: none).
+        key: history key of the images; the table goes to ``<prefix>/IoU_table``.
+        table: whether to log the per-class IoU table.
+    """
+
+    def __init__(self, count: int = 8, key: str = "val/examples", table: bool = True):
+        if count < 0:
+            raise ValueError(f"wandb_images.count must be >= 0, got {count}")
+        self.count, self.key, self.table = count, key, table
+        self.samples: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]] = []
+
+    @staticmethod
+    def wandb_logger(trainer) -> WandbLogger | None:
+        return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+
+    def active(self, trainer) -> bool:
+        return (trainer.is_global_zero and not trainer.sanity_checking
+                and self.wandb_logger(trainer) is not None)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.samples = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                                dataloader_idx: int = 0) -> None:
+        wanted = self.count - len(self.samples)
+        if wanted <= 0 or not self.active(trainer):
+            return
+        batch = {k: v[:wanted] if isinstance(v, torch.Tensor | list) else v
+                 for k, v in batch.items()}
+        prediction = pl_module.predict_step(batch, batch_idx)["prediction"]
+        images = batch["image"].permute(0, 2, 3, 1).clamp(0, 255).byte().cpu().numpy()
+        labels = batch["label"].cpu().numpy().astype(np.uint8)
+        names = batch.get("name") or [str(len(self.samples) + i) for i in range(len(images))]
+        for image, label, pred, name in zip(images, labels, prediction.cpu().numpy(), names):
+            self.samples.append((image, pred.astype(np.uint8), label, str(name)))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # After the epoch's metrics are computed: callback_metrics hold this epoch's IoUs.
+        if not self.active(trainer):
+            return
+        logger = self.wandb_logger(trainer)
+        class_labels = dict(enumerate(pl_module.class_names))
+        class_labels[IGNORE_INDEX] = "ignore"
+        if self.samples:
+            logger.log_image(
+                key=self.key,
+                images=[image for image, *_ in self.samples],
+                step=trainer.global_step,
+                caption=[name for *_, name in self.samples],
+                masks=[{"prediction": {"mask_data": pred, "class_labels": class_labels},
+                        "ground_truth": {"mask_data": label, "class_labels": class_labels}}
+                       for _, pred, label, _ in self.samples],
+            )
+        if self.table:
+            prefix = self.key.split("/", 1)[0]
+            metrics = trainer.callback_metrics
+            rows = []
+            for name in pl_module.class_names:
+                value = metrics.get(f"{prefix}/IoU/{name}")
+                rows.append([name, None if value is None else round(float(value), 4)])
+            logger.log_table(key=f"{prefix}/IoU_table", columns=["class", "IoU"], data=rows,
+                             step=trainer.global_step)
+        self.samples = []
