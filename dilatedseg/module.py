@@ -12,6 +12,8 @@ from dilatedseg.inference import predict_logits
 from dilatedseg.metrics import ConfusionMatrix, category_iou, iou_from_confusion, mean_iou
 from dilatedseg.models import ContextModule, FrontEnd, Segmenter
 from dilatedseg.models.segmenter import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
+from dilatedseg.models.weights import WeightsError
+from dilatedseg.runs import RunError
 
 STAGES = ("frontend", "context", "joint")
 IGNORE_INDEX = 255
@@ -32,16 +34,22 @@ class SegmentationModule(L.LightningModule):
         arch, padding, dropout, pretrained: the :class:`FrontEnd`.
         context_variant, dilations, context_init, context_padding: the :class:`ContextModule`;
             ``dilations`` is a preset name ("dilation7", "dilation8", "dilation10") or a list.
-        upsample: "bilinear" or "deconv" (frozen bilinear ConvTranspose2d, Cityscapes).
+        upsample: "bilinear", "deconv" (frozen bilinear ConvTranspose2d, Cityscapes) or "auto"
+            (deconv for the dilation10 schedule, bilinear otherwise).
         pixel_mean, pixel_std: input normalisation in 0-255 RGB (mean linked from the data).
         optimizer: "sgd" (the paper) or "adam". lr, momentum, weight_decay: as usual.
         bias_lr_mult: learning-rate multiplier of biases, which get no weight decay (Caffe).
-        lr_schedule: "poly" (power 0.9), "step" (x lr_gamma every lr_step_epochs) or "constant".
+        lr_schedule: "poly" (power 0.9), "step" (x lr_gamma every lr_step_epochs, or every
+            lr_step_iters optimiser steps when set: Caffe's step policy) or "constant".
         init_from: checkpoint whose weights initialise this model.
         tile_size: validate / test / predict in tiles of this output size (see
             :func:`dilatedseg.inference.predict_logits`); None = whole images.
         categories: category of each class (linked from the data module, e.g. Cityscapes):
             then ``<prefix>/catIoU/<name>`` and ``<prefix>/mIoU_category`` are logged too.
+        feature_cache: context stage only: compute the frozen front-end's logits once, cache
+            them on disk and train on them (:mod:`dilatedseg.features`); batches then carry
+            ``frontend_logits`` instead of ``image``. feature_cache_dir: where (None = next to
+            the run, ``runs/<dataset>/cache``).
     """
 
     def __init__(
@@ -57,7 +65,7 @@ class SegmentationModule(L.LightningModule):
         dilations: str | list[int] = "dilation8",
         context_init: str = "identity",
         context_padding: str = "same",
-        upsample: str = "bilinear",
+        upsample: str = "auto",
         pixel_mean: tuple[float, float, float] = IMAGENET_MEAN_RGB,
         pixel_std: tuple[float, float, float] = IMAGENET_STD_RGB,
         optimizer: str = "sgd",
@@ -71,6 +79,9 @@ class SegmentationModule(L.LightningModule):
         init_from: str | None = None,
         tile_size: int | tuple[int, int] | None = None,
         categories: list[str] | None = None,
+        lr_step_iters: int | None = None,
+        feature_cache: bool = False,
+        feature_cache_dir: str | None = None,
     ):
         super().__init__()
         if stage not in STAGES:
@@ -78,13 +89,20 @@ class SegmentationModule(L.LightningModule):
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
         if lr_schedule not in ("poly", "step", "constant"):
-            raise ValueError(f"lr_schedule must be 'poly', 'step' or 'constant', got {lr_schedule!r}")
+            raise ValueError(
+                f"lr_schedule must be 'poly', 'step' or 'constant', got {lr_schedule!r}")
+        if feature_cache and stage != "context":
+            raise ValueError("feature_cache needs the frozen front-end of stage 'context', not "
+                             f"{stage!r}: set --model.feature_cache=false")
         self.save_hyperparameters()
         self.class_names = list(class_names or [str(i) for i in range(num_classes)])
         if len(self.class_names) != num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
-        frontend = FrontEnd(num_classes, arch=arch, padding=padding, dropout=dropout,
-                            pretrained=pretrained)
+        try:
+            frontend = FrontEnd(num_classes, arch=arch, padding=padding, dropout=dropout,
+                                pretrained=pretrained)
+        except WeightsError as error:
+            raise RunError(str(error)) from None
         context = None
         if stage != "frontend":
             context = ContextModule(num_classes, variant=context_variant, dilations=dilations,
@@ -121,18 +139,35 @@ class SegmentationModule(L.LightningModule):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.model(image)
 
+    def configure_callbacks(self) -> list:
+        if not self.hparams.get("feature_cache"):
+            return []
+        from dilatedseg.features import FrontendLogitsCache
+
+        return [FrontendLogitsCache(self.hparams.get("feature_cache_dir"))]
+
+    def batch_logits(self, batch: dict) -> torch.Tensor:
+        """Full-resolution logits of a batch of images, or of cached ``frontend_logits``."""
+        if "frontend_logits" in batch:
+            return self.model.from_frontend_logits(
+                batch["frontend_logits"], batch["label"].shape[-2:], batch.get("image"))
+        return predict_logits(self.model, batch["image"], self.hparams.get("tile_size"))
+
     def on_train_epoch_start(self) -> None:
         if self.hparams.stage == "context":
             self.model.frontend.eval()  # frozen: no dropout, fixed outputs
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self(batch["image"])
+        if "frontend_logits" in batch:
+            logits = self.batch_logits(batch)
+        else:
+            logits = self(batch["image"])
         loss = F.cross_entropy(logits, batch["label"], ignore_index=IGNORE_INDEX)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
         return loss
 
     def evaluate(self, batch: dict, confusion: ConfusionMatrix) -> torch.Tensor:
-        logits = predict_logits(self.model, batch["image"], self.hparams.get("tile_size"))
+        logits = self.batch_logits(batch)
         confusion.update(logits.argmax(1), batch["label"])
         return logits
 
@@ -192,10 +227,15 @@ class SegmentationModule(L.LightningModule):
             optimizer = torch.optim.Adam(groups, lr=hp.lr)
         if hp.lr_schedule == "constant":
             return optimizer
+        if hp.lr_schedule == "step" and hp.get("lr_step_iters"):
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, hp.lr_step_iters, hp.lr_gamma)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler,
+                                                             "interval": "step"}}
         if hp.lr_schedule == "step":
             scheduler = torch.optim.lr_scheduler.StepLR(optimizer, hp.lr_step_epochs, hp.lr_gamma)
             return {"optimizer": optimizer, "lr_scheduler": scheduler}
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: max(0.0, 1 - step / total) ** 0.9)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -3,5 +3,6 @@
 from dilatedseg.models.context import SCHEDULES, ContextModule
 from dilatedseg.models.frontend import FrontEnd
 from dilatedseg.models.segmenter import Segmenter
+from dilatedseg.models.weights import load_vgg16_imagenet
 
-__all__ = ["FrontEnd", "ContextModule", "Segmenter", "SCHEDULES"]
+__all__ = ["FrontEnd", "ContextModule", "Segmenter", "SCHEDULES", "load_vgg16_imagenet"]

@@ -33,7 +33,8 @@ def resolve_dilations(dilations: str | tuple[int, ...] | list[int]) -> tuple[int
         return SCHEDULES[key]
     schedule = tuple(int(d) for d in dilations)
     if not schedule or any(d < 1 for d in schedule):
-        raise ValueError(f"dilations must be a non-empty list of positive integers, got {dilations}")
+        raise ValueError(
+            f"dilations must be a non-empty list of positive integers, got {dilations}")
     return schedule
 
 
@@ -108,7 +109,11 @@ class ContextModule(nn.Module):
 @torch.no_grad()
 def identity_init_(conv: nn.Conv2d, num_classes: int, noise_std: float = 0.01) -> None:
     """Paper eq. 5 (eq. 4 when in = out = C): centre tap C / c_out between channels a, b with
-    floor(a C / c_in) == floor(b C / c_out); elsewhere N(0, (noise_std C / c_out)^2); bias 0."""
+    floor(a C / c_in) == floor(b C / c_out); elsewhere N(0, (noise_std C / c_out)^2); bias 0.
+
+    For the basic module the noise is the authors' N(0, 0.01^2); the large module's scales with
+    C / c_out (sigma << C / c_out), else the noise summed over 32C x 9 inputs would swamp the
+    identity signal."""
     c_out, c_in, kh, kw = conv.weight.shape
     scale = num_classes / c_out
     conv.weight.normal_(0.0, noise_std * scale)

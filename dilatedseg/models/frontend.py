@@ -60,9 +60,14 @@ def valid_shrinkage(arch: str) -> int:
 class FrontEnd(nn.Module):
     """Dilated VGG-16 front-end: (B, 3, H, W) normalised image -> (B, C, H/8, W/8) logits.
 
-    In ``valid`` geometry an input of H x W gives ceil(H/8) x ceil(W/8) logits, logit (i, j)
-    centred on input pixel (8i + 3.5, 8j + 3.5), the same alignment as ``same`` geometry and
-    as ``F.interpolate(scale_factor=8, align_corners=False)`` assumes.
+    ``padding="valid"`` is the authors' geometry: the image is reflect-padded (REFLECT_101) by
+    half the shrinkage (186 px for VGG-16), plus up to 7 px more at the bottom / right so the
+    size is a multiple of 8, and runs through unpadded convolutions and ceil-mode pools. Any
+    H x W gives ceil(H/8) x ceil(W/8) logits, logit (i, j) centred on input pixel
+    (8i + 3.5, 8j + 3.5): the same alignment as ``padding="same"`` and as bilinear x8
+    upsampling with ``align_corners=False``. ``features`` + ``final`` alone are the bare
+    network: 900 x 900 in, 66 x 66 out. ``pretrained``: ImageNet VGG-16 weights (a path, a URL
+    or "imagenet", see :mod:`dilatedseg.models.weights`).
     """
 
     def __init__(
@@ -75,7 +80,8 @@ class FrontEnd(nn.Module):
     ):
         super().__init__()
         if arch not in ARCHITECTURES:
-            raise ValueError(f"FrontEnd: unknown arch {arch!r}; choose one of {list(ARCHITECTURES)}")
+            raise ValueError(
+                f"FrontEnd: unknown arch {arch!r}; choose one of {list(ARCHITECTURES)}")
         if padding not in ("valid", "same"):
             raise ValueError(f"FrontEnd: padding must be 'valid' or 'same', got {padding!r}")
         self.arch, self.padding = arch, padding
@@ -94,6 +100,10 @@ class FrontEnd(nn.Module):
                 layers.append((f"{name}_drop", nn.Dropout(dropout)))
             channels = out
         self.features = nn.Sequential(OrderedDict(layers))
+        for module in self.features.modules():  # He init; ImageNet weights replace it
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                nn.init.zeros_(module.bias)
         self.final = nn.Conv2d(channels, num_classes, 1)  # no ReLU after the classifier
         nn.init.normal_(self.final.weight, std=1e-3)
         nn.init.zeros_(self.final.bias)
@@ -114,13 +124,23 @@ class FrontEnd(nn.Module):
         return self.final(self.features(image))
 
 
+def _reflect_index(size: int, before: int, after: int) -> torch.Tensor:
+    """Source indices of a REFLECT_101 pad (edge not repeated), for pads of any length."""
+    index = torch.arange(-before, size + after)
+    if size == 1:
+        return torch.zeros_like(index)
+    period = 2 * (size - 1)
+    index = index.remainder(period)
+    return torch.where(index >= size, period - index, index)
+
+
 def _reflect_pad(image: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor:
-    """Reflect padding (REFLECT_101) that also works when the pad exceeds the image size."""
+    """Reflect padding (left, right, top, bottom) as OpenCV's BORDER_REFLECT_101 and numpy's
+    'reflect', also when a pad exceeds the image size (the reflection then repeats)."""
     left, right, top, bottom = pad
-    while left or right or top or bottom:
-        h, w = image.shape[-2:]
-        step = (min(left, w - 1), min(right, w - 1), min(top, h - 1), min(bottom, h - 1))
-        image = F.pad(image, step, mode="reflect")
-        left, right, top, bottom = (a - b for a, b in zip(pad, step))
-        pad = (left, right, top, bottom)
-    return image
+    height, width = image.shape[-2:]
+    if max(left, right) < width and max(top, bottom) < height:
+        return F.pad(image, pad, mode="reflect")
+    rows = _reflect_index(height, top, bottom).to(image.device)
+    cols = _reflect_index(width, left, right).to(image.device)
+    return image.index_select(-2, rows).index_select(-1, cols)

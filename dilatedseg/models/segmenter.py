@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dilatedseg.models.context import ContextModule
+from dilatedseg.models.context import SCHEDULES, ContextModule
 from dilatedseg.models.frontend import OUTPUT_STRIDE, FrontEnd
 
 IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)
@@ -27,8 +27,9 @@ class Segmenter(nn.Module):
 
     ``context=None`` gives the front-end alone. ``upsample="bilinear"`` interpolates the 1/8
     logits (feature i centred on pixel 8i + 3.5); ``"deconv"`` is the frozen grouped bilinear
-    ConvTranspose2d(C, C, 16, 8, 4) of the authors' Cityscapes model. ``crf`` refines the
-    upsampled logits with the image.
+    ConvTranspose2d(C, C, 16, 8, 4) of the authors' Cityscapes model (same centring, zeros past
+    the border); ``"auto"`` picks deconv for the Dilation10 schedule, bilinear otherwise.
+    ``crf`` refines the upsampled logits with the image.
     """
 
     def __init__(
@@ -42,22 +43,29 @@ class Segmenter(nn.Module):
     ):
         super().__init__()
         self.frontend, self.context, self.crf = frontend, context, crf
-        if upsample not in ("bilinear", "deconv"):
-            raise ValueError(f"upsample must be 'bilinear' or 'deconv', got {upsample!r}")
+        if upsample not in ("bilinear", "deconv", "auto"):
+            raise ValueError(f"upsample must be 'bilinear', 'deconv' or 'auto', got {upsample!r}")
+        if upsample == "auto":
+            dilation10 = context is not None and context.dilations == SCHEDULES["dilation10"]
+            upsample = "deconv" if dilation10 else "bilinear"
         self.upsample = upsample
         num_classes = frontend.final.out_channels
-        if upsample == "deconv":
-            self.register_buffer("deconv_weight", bilinear_upsampling_kernel(num_classes))
+        if upsample == "deconv":  # a constant: not saved, so checkpoints load either way
+            self.register_buffer("deconv_weight", bilinear_upsampling_kernel(num_classes),
+                                 persistent=False)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1))
 
     def normalise(self, image: torch.Tensor) -> torch.Tensor:
         return (image - self.pixel_mean) / self.pixel_std
 
+    def frontend_logits(self, image: torch.Tensor) -> torch.Tensor:
+        """Front-end logits at 1/8 resolution (what the feature cache stores)."""
+        return self.frontend(self.normalise(image))
+
     def coarse_logits(self, image: torch.Tensor) -> torch.Tensor:
         """Front-end (+ context) logits at 1/8 resolution."""
-        logits = self.frontend(self.normalise(image))
-        return self.refine(logits)
+        return self.refine(self.frontend_logits(image))
 
     def refine(self, frontend_logits: torch.Tensor) -> torch.Tensor:
         """Apply the context module (if any) to front-end logits."""
@@ -75,7 +83,16 @@ class Segmenter(nn.Module):
                              align_corners=False)[..., : size[0], : size[1]]
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        logits = self.upsample_to(self.coarse_logits(image), image.shape[-2:])
+        return self.from_frontend_logits(self.frontend_logits(image), image.shape[-2:], image)
+
+    def from_frontend_logits(self, frontend_logits: torch.Tensor, size: tuple[int, int],
+                             image: torch.Tensor | None = None) -> torch.Tensor:
+        """The rest of the network after the front-end: context, upsampling to ``size``, CRF
+        (which needs the 0-255 RGB ``image``)."""
+        logits = self.upsample_to(self.refine(frontend_logits), size)
         if self.crf is not None:
+            if image is None:
+                raise ValueError("the CRF needs the image: train it on images, not on cached "
+                                 "front-end logits (--model.feature_cache=false)")
             logits = self.crf(logits, image)
         return logits
