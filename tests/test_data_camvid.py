@@ -1,0 +1,56 @@
+"""CamVid: SegNet-order remapping, the 32-class colour converter and a short CLI run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import run_cli
+from fixtures_datasets import logged_metrics, make_camvid_original, make_camvid_segnet, tiny_args
+from PIL import Image
+
+from dilatedseg.data import CamVidDataModule, DataError
+from dilatedseg.data.camvid import CAMVID32, CLASSES, camvid32_colours, decode_colour_label
+from dilatedseg.prepare import main as prepare
+
+
+def test_segnet_annotations_map_to_the_papers_order(tmp_path):
+    root = make_camvid_segnet(tmp_path / "camvid", {"train": 1})
+    # SegNet values 0-11: Sky, Building, Pole, Road, Sidewalk, Tree, SignSymbol, Fence, Car,
+    # Pedestrian, Bicyclist, Unlabelled.
+    annot = np.tile(np.arange(12, dtype=np.uint8), (4, 1))
+    path = root / "trainannot/custom.png"
+    Image.fromarray(annot, mode="L").save(path)
+    label = CamVidDataModule(root=str(root)).read_label(path)
+    expected = [CLASSES.index(n) for n in ("sky", "building", "pole", "road", "sidewalk", "tree",
+                                           "sign", "fence", "car", "pedestrian", "bicyclist")]
+    assert label[0].tolist() == expected + [255]
+    assert CLASSES[:3] == ("building", "tree", "sky") and len(CLASSES) == 11
+
+
+def test_original_colour_labels_convert_to_eleven_classes(tmp_path):
+    root, expected = make_camvid_original(tmp_path / "camvid")
+    prepare(["camvid", "--root", str(root), "--layout", "original",
+             "--splits", str(root / "segnet_lists")])
+    assert len(CAMVID32) == 32 and len(set(c for c, _ in CAMVID32.values())) == 32
+    module = CamVidDataModule(root=str(root), layout="original")
+    pairs = module.checked_pairs("train")
+    assert [image.stem for image, _ in pairs] == sorted(expected)[:3]
+    for image, label in pairs + module.checked_pairs("val") + module.checked_pairs("test"):
+        np.testing.assert_array_equal(module.read_label(label), expected[image.stem])
+    assert camvid32_colours()[(0, 0, 0)] == 255
+    assert camvid32_colours()[(128, 0, 192)] == CLASSES.index("road")  # lane markings
+
+
+def test_unknown_colour_is_an_error_naming_the_file(tmp_path):
+    path = tmp_path / "x_L.png"
+    Image.fromarray(np.full((4, 4, 3), 7, np.uint8)).save(path)
+    with pytest.raises(DataError, match=r"x_L.png holds colours \[\(7, 7, 7\)\]"):
+        decode_colour_label(path, camvid32_colours())
+
+
+def test_camvid_fit_through_cli(tmp_path):
+    root = make_camvid_segnet(tmp_path / "camvid")
+    runs = tmp_path / "runs"
+    run_cli("fit", *tiny_args("camvid", root, runs, padding="same"))
+    metrics = logged_metrics(runs / "camvid/frontend/version_0")
+    assert 0 <= metrics["val/mIoU"] <= 100

@@ -1,0 +1,77 @@
+"""Cityscapes: the label table, the trainIds converter, a CLI run logging category IoU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli
+from fixtures_datasets import logged_metrics, make_cityscapes, tiny_args
+from PIL import Image
+
+from dilatedseg.data import CityscapesDataModule
+from dilatedseg.data.cityscapes import (
+    CATEGORIES,
+    CLASSES,
+    LABELS,
+    PALETTE,
+    label_id_lookup,
+    train_id_lookup,
+)
+from dilatedseg.prepare import main as prepare
+
+REALDATA = Path("/work/shared/realdata/cityscapes")
+
+
+def test_label_table_matches_cityscapesscripts():
+    from cityscapesscripts.helpers.labels import labels
+
+    official = {label.id: label for label in labels if label.id >= 0}
+    assert len(LABELS) == len(official) == 34
+    for label_id, name, train_id, category in LABELS:
+        label = official[label_id]
+        assert (name, category) == (label.name, label.category)
+        assert train_id == (label.trainId if 0 <= label.trainId < 255 else 255)
+    evaluated = sorted((l for l in labels if 0 <= l.trainId < 255), key=lambda l: l.trainId)
+    assert CLASSES == tuple(l.name for l in evaluated)
+    assert PALETTE == tuple(l.color for l in evaluated)
+    assert CATEGORIES == tuple(l.category for l in evaluated)
+    assert (label_id_lookup()[train_id_lookup()[[7, 8, 11, 33]]] == [7, 8, 11, 33]).all()
+
+
+def test_prepare_writes_train_ids_equal_to_on_the_fly_mapping(tmp_path):
+    root = make_cityscapes(tmp_path / "cityscapes")
+    module = CityscapesDataModule(root=str(root))
+    before = [module.read_label(label) for _, label in module.checked_pairs("train")]
+    prepare(["cityscapes", "--root", str(root)])
+    pairs = module.checked_pairs("train")
+    assert all(label.name.endswith("_gtFine_labelTrainIds.png") for _, label in pairs)
+    for (_, label), expected in zip(pairs, before):
+        np.testing.assert_array_equal(module.read_label(label), expected)
+    assert all(label is None for _, label in module.checked_pairs("test"))
+
+
+def test_cityscapes_fit_and_validate_log_category_iou(tmp_path):
+    root = make_cityscapes(tmp_path / "cityscapes")
+    runs = tmp_path / "runs"
+    run_cli("fit", *tiny_args("cityscapes", root, runs, "--model.tile_size=[16,32]"))
+    metrics = logged_metrics(runs / "cityscapes/frontend/version_0")
+    assert 0 <= metrics["val/mIoU"] <= 100 and 0 <= metrics["val/mIoU_category"] <= 100
+    assert any(key.startswith("val/catIoU/") for key in metrics)
+
+
+@pytest.mark.skipif(not REALDATA.is_dir(), reason="no real Cityscapes files here")
+def test_real_cityscapes_labels_map_like_the_official_train_ids(tmp_path):
+    for folder in ("leftImg8bit", "gtFine"):
+        os.symlink(REALDATA / folder, tmp_path / folder)
+    module = CityscapesDataModule(root=str(tmp_path), num_workers=0)
+    (image, label), = module.checked_pairs("val")
+    official = np.asarray(Image.open(label))  # the shipped *_labelTrainIds.png
+    ids = label.with_name(label.name.replace("labelTrainIds", "labelIds"))
+    # The sample files were downscaled one by one, so a few boundary pixels disagree.
+    assert (module.read_label(ids) == official).mean() > 0.995
+    module.setup("validate")
+    sample = module.datasets["val"][0]
+    assert tuple(sample["image"].shape) == (3, 128, 256)

@@ -1,0 +1,49 @@
+"""KITTI: Ros et al. colour labels, the semantic benchmark's label ids, a short CLI run."""
+
+from __future__ import annotations
+
+import numpy as np
+from conftest import run_cli
+from fixtures_datasets import logged_metrics, make_kitti_ros, make_kitti_semantics, tiny_args
+from PIL import Image
+
+from dilatedseg.data import KITTIDataModule
+from dilatedseg.data import camvid, cityscapes
+
+
+def test_ros_colour_labels_decode_to_camvid_classes(tmp_path):
+    root = make_kitti_ros(tmp_path / "kitti")
+    module = KITTIDataModule(root=str(root))
+    assert module.classes == camvid.CLASSES and module.num_classes == 11
+    assert len(module.checked_pairs("train")) == 4 and len(module.checked_pairs("val")) == 2
+    image, label_path = module.checked_pairs("train")[0]
+    colours = np.asarray(Image.open(label_path).convert("RGB"))
+    label = module.read_label(label_path)
+    for index, colour in enumerate(camvid.PALETTE):
+        assert ((colours == colour).all(-1) == (label == index)).all()
+    assert (label[(colours == 0).all(-1)] == 255).all()
+
+
+def test_semantics_layout_uses_cityscapes_train_ids(tmp_path):
+    root = make_kitti_semantics(tmp_path / "kitti")
+    module = KITTIDataModule(root=str(root), layout="semantics", val_every=5)
+    assert module.classes == cityscapes.CLASSES and module.num_classes == 19
+    assert module.categories == cityscapes.CATEGORIES
+    val = [image.name for image, _ in module.checked_pairs("val")]
+    assert val == ["000004_10.png", "000009_10.png"]
+    assert len(module.checked_pairs("train")) == 8
+    assert module.checked_pairs("test")[0][1] is None
+    _, label_path = module.checked_pairs("train")[0]
+    ids = np.asarray(Image.open(label_path))
+    np.testing.assert_array_equal(module.read_label(label_path),
+                                  cityscapes.train_id_lookup()[ids])
+
+
+def test_kitti_fit_through_cli_both_layouts(tmp_path):
+    runs = tmp_path / "runs"
+    run_cli("fit", *tiny_args("kitti", make_kitti_ros(tmp_path / "ros"), runs))
+    assert 0 <= logged_metrics(runs / "kitti/frontend/version_0")["val/mIoU"] <= 100
+    run_cli("fit", *tiny_args("kitti", make_kitti_semantics(tmp_path / "sem"), runs,
+                              "--data.init_args.layout=semantics"), )
+    metrics = logged_metrics(runs / "kitti/frontend/version_1")
+    assert 0 <= metrics["val/mIoU_category"] <= 100  # Cityscapes categories linked in

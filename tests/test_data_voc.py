@@ -1,0 +1,90 @@
+"""Pascal VOC 2012 + SBD: the converter, the data module and a short CLI run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+from conftest import run_cli
+from fixtures_datasets import logged_metrics, make_voc, tiny_args
+from PIL import Image
+
+from dilatedseg.data import VOCDataModule
+from dilatedseg.prepare import main as prepare
+
+REALDATA = Path("/work/shared/realdata/voc")
+
+
+@pytest.fixture(scope="module")
+def voc_root(tmp_path_factory) -> Path:
+    root = make_voc(tmp_path_factory.mktemp("voc"))
+    prepare(["voc", "--root", str(root)])
+    return root
+
+
+def test_prepare_converts_sbd_and_writes_train_aug(voc_root):
+    voc = voc_root / "VOCdevkit/VOC2012"
+    names = (voc / "ImageSets/Segmentation/train_aug.txt").read_text().split()
+    # VOC train + SBD train + SBD val, minus VOC val (2007_000004 is in SBD train and VOC val).
+    assert names == ["2007_000001", "2007_000002", "2007_000003", "2008_000001", "2008_000002",
+                     "2008_000003"]
+    mat = scipy.io.loadmat(voc_root / "benchmark_RELEASE/dataset/cls/2008_000002.mat")
+    png = Image.open(voc / "SegmentationClassAug/2008_000002.png")
+    assert png.mode == "P" and png.getpalette()[3:6] == [128, 0, 0]  # VOC colour map
+    np.testing.assert_array_equal(np.asarray(png), mat["GTcls"]["Segmentation"][0, 0])
+    assert (voc / "JPEGImages/2008_000002.jpg").is_file()  # SBD-only image copied over
+
+    module = VOCDataModule(root=str(voc_root))
+    pairs = dict((image.stem, label) for image, label in module.checked_pairs("train"))
+    assert pairs["2007_000001"].parent.name == "SegmentationClass"  # VOC's own label wins
+    assert pairs["2008_000001"].parent.name == "SegmentationClassAug"
+    assert len(module.checked_pairs("val")) == 2
+    module.setup("fit")
+    sample = module.datasets["val"][0]
+    values = set(np.unique(sample["label"].numpy()).tolist())
+    assert 255 in values and values - {255} <= set(range(21))  # 255 borders kept as ignore
+
+
+def test_voc_train_split_without_sbd(voc_root):
+    module = VOCDataModule(root=str(voc_root), train_split="train")
+    assert [i.stem for i, _ in module.checked_pairs("train")] == [
+        "2007_000001", "2007_000002", "2007_000003"]
+
+
+def test_voc_fit_and_validate_through_cli(voc_root, tmp_path):
+    runs = tmp_path / "runs"
+    run_cli("fit", *tiny_args("voc", voc_root, runs))
+    run_dir = runs / "voc/frontend/version_0"
+    metrics = logged_metrics(run_dir)
+    assert 0 <= metrics["val/mIoU"] <= 100 and "train/loss" in metrics
+    run_cli("validate", *tiny_args("voc", voc_root, runs),
+            f"--ckpt_path={run_dir / 'checkpoints/last.ckpt'}")
+    assert 0 <= logged_metrics(runs / "voc/frontend/validate_0")["val/mIoU"] <= 100
+
+
+@pytest.mark.skipif(not REALDATA.is_dir(), reason="no real VOC files here")
+def test_real_voc_files_load_and_evaluate(tmp_path):
+    import lightning as L
+
+    from dilatedseg.module import SegmentationModule
+
+    voc = tmp_path / "VOCdevkit/VOC2012"
+    names = sorted(p.stem for p in (REALDATA / "JPEGImages").glob("*.jpg"))
+    for folder in ("JPEGImages", "SegmentationClass"):
+        (voc / folder).mkdir(parents=True)
+        for path in (REALDATA / folder).iterdir():
+            os.symlink(path, voc / folder / path.name)
+    (voc / "ImageSets/Segmentation").mkdir(parents=True)
+    (voc / "ImageSets/Segmentation/val.txt").write_text("\n".join(names))
+    data = VOCDataModule(root=str(tmp_path), num_workers=0)
+    data.setup("validate")
+    sample = data.datasets["val"][0]
+    assert sample["image"].shape[0] == 3 and sample["image"].shape[1:] == sample["label"].shape
+    model = SegmentationModule(21, list(data.classes), arch="tiny", padding="valid",
+                               pixel_mean=data.mean_rgb)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    result = trainer.validate(model, datamodule=data, verbose=False)[0]
+    assert 0 <= result["val/mIoU"] <= 100
