@@ -1,0 +1,109 @@
+"""ImageNet VGG-16 weights: torchvision's names and shapes mapped onto the front-end."""
+
+import pytest
+import torch
+
+from dilatedseg.models import FrontEnd, Segmenter
+from dilatedseg.models.weights import WeightsError, load_vgg16_imagenet
+from dilatedseg.module import SegmentationModule
+from dilatedseg.runs import RunError
+
+VGG16_FEATURES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)  # torchvision's conv indices
+
+
+def vgg_convs(frontend: FrontEnd) -> list:
+    """conv1_1 ... conv5_3 (not fc6 / fc7) in order."""
+    return [m for name, m in frontend.features.named_children()
+            if isinstance(m, torch.nn.Conv2d) and name.startswith("conv")]
+
+
+def test_vgg16_names_and_fc_reshape():
+    """A torchvision-format VGG-16 state dict (expanded constants: no 530 MB in memory)."""
+    net = FrontEnd(21)
+    final = net.final.weight.detach().clone()
+    shapes = [conv.weight.shape for conv in vgg_convs(net)]
+    state = {}
+    for k, (index, shape) in enumerate(zip(VGG16_FEATURES, shapes)):
+        state[f"features.{index}.weight"] = torch.tensor(float(k)).expand(shape)
+        state[f"features.{index}.bias"] = torch.full((shape[0],), k + 0.5)
+    # fc6 weight[o, j] = j: after reshaping, conv weight[o, c, y, x] must be c * 49 + y * 7 + x.
+    state["classifier.0.weight"] = torch.arange(25088.0).expand(4096, 25088)
+    state["classifier.0.bias"] = torch.full((4096,), -1.0)
+    state["classifier.3.weight"] = torch.tensor(2.0).expand(4096, 4096)
+    state["classifier.3.bias"] = torch.full((4096,), -2.0)
+    state["classifier.6.weight"] = torch.zeros(1000, 4096)
+    state["classifier.6.bias"] = torch.zeros(1000)
+
+    loaded = load_vgg16_imagenet(net, state)
+    assert len(loaded) == 15 and "final" not in loaded
+    for k, conv in enumerate(vgg_convs(net)):
+        assert conv.weight.min() == conv.weight.max() == k and conv.bias[0] == k + 0.5
+    fc6 = net.features.fc6.weight
+    assert fc6.shape == (4096, 512, 7, 7)
+    c, y, x = 300, 4, 6
+    assert fc6[17, c, y, x] == c * 49 + y * 7 + x and fc6[4095, 511, 6, 6] == 25087
+    assert net.features.fc7.weight.shape == (4096, 4096, 1, 1)
+    assert net.features.fc7.weight[5, 9, 0, 0] == 2.0 and net.features.fc7.bias[0] == -2.0
+    assert torch.equal(net.final.weight, final)  # the classifier keeps its N(0, 1e-3) init
+
+
+def torchvision_style(frontend: FrontEnd) -> dict:
+    """A torchvision-format state dict (random values) shaped for ``frontend``."""
+    torch.manual_seed(1)
+    state, index = {}, 0
+    for conv in vgg_convs(frontend):
+        state[f"features.{index}.weight"] = torch.randn(conv.weight.shape)
+        state[f"features.{index}.bias"] = torch.randn(conv.bias.shape)
+        index += 3
+    for key, name in (("classifier.0", "fc6"), ("classifier.3", "fc7")):
+        weight = getattr(frontend.features, name).weight
+        state[f"{key}.weight"] = torch.randn(weight.shape[0], weight[0].numel())
+        state[f"{key}.bias"] = torch.randn(weight.shape[0])
+    state["classifier.6.weight"] = torch.randn(10, state["classifier.3.weight"].shape[0])
+    return state
+
+
+def check_loaded(net: FrontEnd, state: dict) -> None:
+    assert torch.equal(net.features.conv1_1.weight, state["features.0.weight"])
+    assert torch.equal(net.features.conv5_1.weight, state["features.9.weight"])
+    assert torch.equal(net.features.fc6.weight.flatten(1), state["classifier.0.weight"])
+    assert torch.equal(net.features.fc7.bias, state["classifier.3.bias"])
+
+
+def test_pretrained_from_file_and_url(tmp_path, monkeypatch):
+    state = torchvision_style(FrontEnd(4, arch="tiny"))
+    path = tmp_path / "vgg-tiny.pth"
+    torch.save(state, path)
+    check_loaded(FrontEnd(4, arch="tiny", pretrained=str(path)), state)
+    # URLs go through torch.hub's download cache (file:// stands in for https:// here).
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    check_loaded(FrontEnd(4, arch="tiny", pretrained=path.as_uri()), state)
+    assert (tmp_path / "hub" / "checkpoints" / "vgg-tiny.pth").is_file()
+
+
+def test_unreachable_or_missing_weights_say_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    with pytest.raises(WeightsError, match=r"curl -LO .*--model.pretrained=/path/to/vgg16"):
+        FrontEnd(4, arch="tiny", pretrained="http://127.0.0.1:9/vgg16-397923af.pth")
+    with pytest.raises(WeightsError, match="do not exist"):
+        FrontEnd(4, arch="tiny", pretrained=str(tmp_path / "nope.pth"))
+    with pytest.raises(RunError, match="--model.pretrained"):  # the CLI prints it, no traceback
+        SegmentationModule(4, arch="tiny", pretrained="http://127.0.0.1:9/vgg16-397923af.pth")
+
+
+def test_wrong_state_dicts_are_rejected(tmp_path):
+    tiny = FrontEnd(4, arch="tiny")
+    with pytest.raises(WeightsError, match="torchvision's VGG"):
+        load_vgg16_imagenet(tiny, {"conv1.weight": torch.zeros(1)})
+    state = torchvision_style(tiny)
+    state["features.3.weight"] = torch.zeros(8, 16, 3, 3)
+    with pytest.raises(WeightsError, match="conv2_1"):
+        load_vgg16_imagenet(tiny, state)
+
+
+def test_default_normalisation_is_torchvisions():
+    segmenter = Segmenter(FrontEnd(2, arch="tiny"))
+    image = torch.rand(1, 3, 8, 8) * 255
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    torch.testing.assert_close(segmenter.normalise(image), (image / 255 - mean) / std)
