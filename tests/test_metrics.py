@@ -1,0 +1,97 @@
+"""Metrics: mIoU conventions, category IoU, and equality with the official Cityscapes scripts."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dilatedseg.data.cityscapes import CATEGORIES, LABELS, label_id_lookup, train_id_lookup
+from dilatedseg.metrics import (
+    ConfusionMatrix,
+    category_confusion,
+    category_iou,
+    iou_from_confusion,
+    mean_iou,
+)
+
+REALDATA = Path("/work/shared/realdata/cityscapes/gtFine/val/frankfurt")
+
+
+def test_mean_iou_leaves_out_classes_absent_from_prediction_and_ground_truth():
+    confusion = ConfusionMatrix(4)
+    target = torch.tensor([[0, 0, 1, 255]])
+    preds = torch.tensor([[0, 1, 1, 3]])
+    confusion.update(preds, target)
+    iou = iou_from_confusion(confusion.compute())
+    assert iou[:2].tolist() == [0.5, 0.5]
+    assert torch.isnan(iou[2])  # class 2: nowhere; class 3 predicted only on an ignored pixel
+    assert torch.isnan(iou[3])
+    assert mean_iou(confusion.compute()).item() == pytest.approx(0.5)
+
+
+def test_category_confusion_sums_blocks():
+    matrix = torch.arange(9).view(3, 3)
+    grouped = category_confusion(matrix, [0, 0, 1], 2)
+    assert grouped.tolist() == [[0 + 1 + 3 + 4, 2 + 5], [6 + 7, 8]]
+    scores = category_iou(matrix, ["a", "a", "b"])
+    assert list(scores) == ["a", "b"] and scores["b"] == pytest.approx(8 / (13 + 7 + 8))
+
+
+def official_evaluation(predictions: list[Path], ground_truth: list[Path], monkeypatch) -> dict:
+    """cityscapesscripts' pixel-level evaluation on label-id PNGs (class and category IoU)."""
+    monkeypatch.setenv("CITYSCAPES_DATASET", str(ground_truth[0].parent))
+    if not hasattr(np, "in1d"):  # removed in numpy 2.4; only the instance path uses it
+        monkeypatch.setattr(np, "in1d", np.isin, raising=False)
+    module = importlib.import_module("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")
+    args = module.args
+    monkeypatch.setattr(args, "evalInstLevelScore", False)
+    monkeypatch.setattr(args, "evalPixelAccuracy", False)
+    monkeypatch.setattr(args, "JSONOutput", False)
+    monkeypatch.setattr(args, "quiet", True)
+    return module.evaluateImgLists([str(p) for p in predictions],
+                                   [str(p) for p in ground_truth], args)
+
+
+def test_class_and_category_iou_equal_the_official_cityscapes_evaluation(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    ids = np.array([label_id for label_id, *_ in LABELS], np.uint8)
+    ground_truth = [rng.choice(ids, size=(40, 60)) for _ in range(3)]
+    ground_truth[1][:] = rng.choice([7, 8, 26, 0], size=(40, 60))  # few classes in one image
+    if REALDATA.is_dir():
+        ground_truth.append(np.asarray(
+            Image.open(REALDATA / "frankfurt_000000_000294_gtFine_labelIds.png")))
+    to_train, to_label = train_id_lookup(), label_id_lookup()
+    confusion = ConfusionMatrix(19)
+    gt_paths, pred_paths = [], []
+    for i, gt in enumerate(ground_truth):
+        train = to_train[gt]
+        # Predictions: mostly right, some noise, and class 16 (train) never predicted.
+        pred = np.where(rng.random(gt.shape) < 0.6, train, rng.integers(0, 19, gt.shape))
+        pred[(pred == 255) | (pred == 16)] = 0
+        confusion.update(torch.from_numpy(pred.astype(np.int64))[None],
+                         torch.from_numpy(train.astype(np.int64))[None])
+        gt_paths.append(tmp_path / f"city_{i:06d}_000019_gtFine_labelIds.png")
+        pred_paths.append(tmp_path / f"pred_city_{i:06d}_000019.png")
+        Image.fromarray(gt).save(gt_paths[-1])
+        Image.fromarray(to_label[pred.astype(np.uint8)]).save(pred_paths[-1])
+    official = official_evaluation(pred_paths, gt_paths, monkeypatch)
+
+    matrix = confusion.compute()
+    ours = iou_from_confusion(matrix).tolist()
+    names = [name for _, name, train_id, _ in sorted(LABELS, key=lambda x: x[2]) if train_id != 255]
+    for name, value in zip(names, ours):
+        reference = official["classScores"][name]
+        assert (np.isnan(value) and np.isnan(reference)) or value == pytest.approx(reference,
+                                                                                   abs=1e-6)
+    assert mean_iou(matrix).item() == pytest.approx(official["averageScoreClasses"], abs=1e-6)
+    scores = category_iou(matrix, list(CATEGORIES))
+    for name, value in scores.items():
+        assert value == pytest.approx(official["categoryScores"][name], abs=1e-6)
+    present = [v for v in scores.values() if v == v]
+    assert sum(present) / len(present) == pytest.approx(official["averageScoreCategories"],
+                                                        abs=1e-6)
