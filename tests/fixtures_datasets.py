@@ -147,7 +147,7 @@ def make_kitti_semantics(root: Path, count: int = 10, seed: int = 0) -> Path:
 
 
 def make_cityscapes(root: Path, counts=None, seed: int = 0) -> Path:
-    """leftImg8bit/<split>/<city>/*_leftImg8bit.png + gtFine/<split>/<city>/*_gtFine_labelIds.png."""
+    """leftImg8bit/<split>/<city>/*_leftImg8bit.png and gtFine/<split>/<city>/*_labelIds.png."""
     rng = np.random.default_rng(seed)
     ids = [label_id for label_id, *_ in cityscapes.LABELS]
     for split, count in (counts or {"train": 4, "val": 2, "test": 1}).items():
@@ -166,10 +166,10 @@ def make_cityscapes(root: Path, counts=None, seed: int = 0) -> Path:
 
 
 def tiny_args(conf: str, root: Path, runs: Path, *extra: str, padding: str = "valid") -> list[str]:
-    """CLI arguments: conf/<conf>.yaml shrunk to a tiny CPU run over ``root``."""
+    """CLI arguments: conf/<conf>.yaml shrunk to a tiny CPU run over ``root``; ``extra``
+    arguments come last and win."""
     return [
         "--config", str(REPO / "conf" / f"{conf}.yaml"),
-        *extra,
         f"--runs_dir={runs}",
         f"--data.init_args.root={root}",
         "--data.init_args.num_workers=0", "--data.init_args.batch_size=2",
@@ -181,6 +181,7 @@ def tiny_args(conf: str, root: Path, runs: Path, *extra: str, padding: str = "va
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
         "--trainer.logger.init_args.save_dir=unused",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        *extra,
     ]
 
 

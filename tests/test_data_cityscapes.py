@@ -34,10 +34,10 @@ def test_label_table_matches_cityscapesscripts():
         label = official[label_id]
         assert (name, category) == (label.name, label.category)
         assert train_id == (label.trainId if 0 <= label.trainId < 255 else 255)
-    evaluated = sorted((l for l in labels if 0 <= l.trainId < 255), key=lambda l: l.trainId)
-    assert CLASSES == tuple(l.name for l in evaluated)
-    assert PALETTE == tuple(l.color for l in evaluated)
-    assert CATEGORIES == tuple(l.category for l in evaluated)
+    evaluated = sorted((x for x in labels if 0 <= x.trainId < 255), key=lambda x: x.trainId)
+    assert CLASSES == tuple(x.name for x in evaluated)
+    assert PALETTE == tuple(x.color for x in evaluated)
+    assert CATEGORIES == tuple(x.category for x in evaluated)
     assert (label_id_lookup()[train_id_lookup()[[7, 8, 11, 33]]] == [7, 8, 11, 33]).all()
 
 

@@ -1,0 +1,87 @@
+"""Bad data fails before training with one clear message (path, expected tree, prepare command),
+exit code 2 and no traceback, also when the error comes from a DataLoader worker."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import run_cli
+from fixtures_datasets import make_camvid_segnet, make_voc, tiny_args
+from PIL import Image
+
+
+@pytest.fixture
+def voc(tmp_path):
+    return make_voc(tmp_path / "voc", voc_train=("a1", "a2"), voc_val=("b1",), sbd_train=(),
+                    sbd_val=())
+
+
+def fails(capsys, *argv: str) -> str:
+    """Run the CLI, expect exit code 2; return stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(*argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "Traceback" not in err
+    return err
+
+
+def voc_fit(root, tmp_path, *extra):
+    return ("fit", *tiny_args("voc", root, tmp_path / "runs", "--data.init_args.train_split=train",
+                              *extra))
+
+
+def test_missing_root(tmp_path, capsys):
+    err = fails(capsys, *voc_fit(tmp_path / "nowhere", tmp_path))
+    assert f"dataset root {tmp_path / 'nowhere'} does not exist" in err
+    assert "VOCdevkit/VOC2012/JPEGImages/<name>.jpg" in err  # the expected tree
+    assert f"dilatedseg prepare voc --root {tmp_path / 'nowhere'}" in err
+
+
+def test_missing_split_list(voc, tmp_path, capsys):
+    (voc / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").unlink()
+    err = fails(capsys, *voc_fit(voc, tmp_path))
+    assert "ImageSets/Segmentation/val.txt is missing" in err and "Prepare it with" in err
+    err = fails(capsys, "fit", *tiny_args("voc", voc, tmp_path / "runs"))  # no train_aug yet
+    assert "train_aug.txt (SBD's list, written by prepare) is missing" in err
+
+
+def test_image_without_label(voc, tmp_path, capsys):
+    (voc / "VOCdevkit/VOC2012/SegmentationClass/a2.png").unlink()
+    err = fails(capsys, *voc_fit(voc, tmp_path))
+    assert "JPEGImages/a2.jpg has no label file" in err and "SegmentationClass/a2.png" in err
+
+
+def test_size_mismatch(voc, tmp_path, capsys):
+    Image.fromarray(np.zeros((10, 12), np.uint8), mode="L").save(
+        voc / "VOCdevkit/VOC2012/SegmentationClass/b1.png")
+    err = fails(capsys, *voc_fit(voc, tmp_path))
+    assert "b1.jpg is 64x48 but its label" in err and "b1.png is 12x10" in err
+
+
+def test_label_values_out_of_range(tmp_path, capsys):
+    root = make_camvid_segnet(tmp_path / "camvid")
+    path = next((root / "trainannot").iterdir())
+    annot = np.asarray(Image.open(path)).copy()
+    annot[0, 0] = 40
+    Image.fromarray(annot, mode="L").save(path)
+    err = fails(capsys, "fit", *tiny_args("camvid", root, tmp_path / "runs"))
+    assert f"label {path} holds values [40] outside [0, 11)" in err
+
+
+def test_unreadable_image(voc, tmp_path, capsys):
+    (voc / "VOCdevkit/VOC2012/JPEGImages/a1.jpg").write_bytes(b"not a jpeg")
+    err = fails(capsys, *voc_fit(voc, tmp_path))
+    assert "cannot read image" in err and "a1.jpg" in err
+
+
+def test_error_inside_a_dataloader_worker(voc, tmp_path, capsys):
+    """predict_dir images are only read by the workers: the message still comes out clean."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "broken.png").write_bytes(b"\x89PNG garbage")
+    err = fails(capsys, "predict", *tiny_args("voc", voc, tmp_path / "runs",
+                                              f"--data.init_args.predict_dir={folder}",
+                                              "--data.init_args.num_workers=1"))
+    assert err.startswith("error: cannot read image") and "broken.png" in err
+    assert "DataLoader worker" not in err

@@ -1,0 +1,59 @@
+"""`dilatedseg predict`: index / colour / overlay PNGs, and Cityscapes label ids that the
+official evaluation scores exactly as our own validation did."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import run_cli
+from fixtures_datasets import logged_metrics, make_cityscapes, tiny_args
+from PIL import Image
+from test_metrics import official_evaluation
+
+from dilatedseg.data.cityscapes import PALETTE
+from dilatedseg.viz import colourise, overlay, voc_palette
+
+
+def test_viz_helpers():
+    assert voc_palette()[:3] == [(0, 0, 0), (128, 0, 0), (0, 128, 0)]
+    label = np.array([[0, 1], [255, 2]], np.uint8)
+    colour = colourise(label, PALETTE)
+    assert colour[0, 1].tolist() == list(PALETTE[1]) and colour[1, 0].tolist() == [0, 0, 0]
+    image = np.full((2, 2, 3), 100, np.uint8)
+    blended = overlay(image, label, PALETTE, alpha=0.5)
+    assert blended[1, 0].tolist() == [100, 100, 100]  # ignored pixels stay untouched
+    assert blended[0, 0].tolist() == [114, 82, 114]  # halfway to road (128, 64, 128)
+
+
+def test_predict_folder_and_split_for_the_official_server(tmp_path, monkeypatch):
+    root = make_cityscapes(tmp_path / "cityscapes", {"train": 2, "val": 2})
+    runs = tmp_path / "runs"
+    args = tiny_args("cityscapes", root, runs, "--model.tile_size=[16,16]")
+    run_cli("fit", *args)
+    checkpoint = runs / "cityscapes/frontend/version_0/checkpoints/last.ckpt"
+    run_cli("validate", *args, f"--ckpt_path={checkpoint}")
+    validated = logged_metrics(runs / "cityscapes/frontend/validate_0")
+
+    out = tmp_path / "server"
+    run_cli("predict", *args, f"--ckpt_path={checkpoint}", f"--output={out}")
+    gt = sorted((root / "gtFine/val").glob("*/*_gtFine_labelIds.png"))
+    predicted = sorted((out / "labelIds").glob("*.png"))
+    assert [p.name.split("_leftImg8bit")[0] for p in predicted] == [
+        p.name.split("_gtFine")[0] for p in gt]
+    for folder, suffix in (("index", "png"), ("colour", "png"), ("overlay", "jpg")):
+        assert len(list((out / folder).glob(f"*.{suffix}"))) == 2
+    index = np.asarray(Image.open(next((out / "index").iterdir())))
+    assert index.shape == (48, 64) and index.max() < 19
+    official = official_evaluation(predicted, gt, monkeypatch)
+    assert validated["val/mIoU"] == pytest.approx(100 * official["averageScoreClasses"], abs=1e-3)
+    assert validated["val/mIoU_category"] == pytest.approx(
+        100 * official["averageScoreCategories"], abs=1e-3)
+
+    folder = tmp_path / "photos" / "nested"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.zeros((40, 56, 3), np.uint8)).save(folder / "street.jpg")
+    run_cli("predict", *args, f"--ckpt_path={checkpoint}",
+            f"--data.init_args.predict_dir={tmp_path / 'photos'}")
+    written = runs / "cityscapes/frontend/predict_1/predictions"
+    assert Image.open(written / "colour/street.png").size == (56, 40)
+    assert (written / "overlay/street.jpg").is_file() and (written / "labelIds/street.png").is_file()
