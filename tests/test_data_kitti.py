@@ -7,8 +7,7 @@ from conftest import run_cli
 from fixtures_datasets import logged_metrics, make_kitti_ros, make_kitti_semantics, tiny_args
 from PIL import Image
 
-from dilatedseg.data import KITTIDataModule
-from dilatedseg.data import camvid, cityscapes
+from dilatedseg.data import KITTIDataModule, camvid, cityscapes
 
 
 def test_ros_colour_labels_decode_to_camvid_classes(tmp_path):
