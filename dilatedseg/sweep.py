@@ -1,0 +1,376 @@
+"""`dilatedseg sweep`: run a W&B sweep config (sweeps/*.yaml), with or without a W&B server.
+
+    dilatedseg sweep sweeps/dilations.yaml --local --count 4 [EXTRA CLI ARGS...]
+    dilatedseg sweep sweeps/dilations.yaml [--count N]      # W&B server: wandb.sweep + agent
+
+``--local`` needs no account and no network: W&B's open-source sweep engine (the ``sweeps``
+package: grid / random / bayes) proposes each trial, and the trial runs as a subprocess with
+exactly the argv a ``wandb agent`` would build from the config's ``command`` (``${args}`` ->
+``--name=value`` per parameter, ``${env}``, ``${interpreter}``, ``${program}``,
+``${envvar:NAME}``), followed by any EXTRA arguments (they override the sweep's values, e.g. to
+shrink trials). Trials log to W&B offline; each trial's metrics come back from its run summary
+(see :class:`dilatedseg.runs.RunSummary`) and feed the next proposal. The result is a table of
+trials sorted by the sweep's metric, also written as trials.csv under
+``<runs_dir>/sweeps/<name>-<time>/`` beside each trial's log.
+
+A context-stage sweep starts from a trained front-end (``init_from: auto``): when none exists,
+the local runner first trains one, as ``make train STAGE=frontend`` would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import yaml
+
+from dilatedseg.runs import (
+    PREVIOUS_STAGES,
+    RUN_DIR_ENV,
+    SUMMARY_PATH_ENV,
+    RunError,
+    find_previous_checkpoint,
+)
+
+ARG_MACROS = ("args", "args_no_equals", "args_no_hyphens", "args_no_boolean_flags",
+              "args_json", "args_json_file")
+DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  # as wandb agent's
+ENVVAR_MACRO = re.compile(r"\$\{envvar:([A-Z0-9_]*)\}")
+
+
+class SweepError(RunError):
+    """A sweep cannot run as configured; the message says what to do."""
+
+
+# ---- the sweep config -----------------------------------------------------------------------
+def load_sweep(path: str | Path) -> dict:
+    """Read and check a W&B sweep config; SweepError names every problem."""
+    path = Path(path)
+    if not path.is_file():
+        found = ", ".join(sorted(p.name for p in Path("sweeps").glob("*.yaml"))) or "none"
+        raise SweepError(f"sweep config {path} does not exist (sweeps/ holds: {found})")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise SweepError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(config, dict):
+        raise SweepError(f"{path} must be a YAML mapping (method, metric, parameters, command)")
+    problems = schema_problems(config)
+    if problems:
+        raise SweepError(f"{path} is not a valid W&B sweep config:\n  " + "\n  ".join(problems))
+    return config
+
+
+def schema_problems(config: dict) -> list[str]:
+    """The sweep engine's JSON-schema violations plus what the local runner cannot do."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from sweeps import schema_violations_from_proposed_config
+    try:
+        problems = list(schema_violations_from_proposed_config(config))
+    except ValueError as error:
+        problems = [str(error)]
+    if config.get("method") not in ("grid", "random", "bayes"):
+        problems.append(f"method must be grid, random or bayes, got {config.get('method')!r}")
+    for name, spec in (config.get("parameters") or {}).items():
+        if isinstance(spec, dict) and "parameters" in spec:
+            # The engine's validation silently drops nested blocks; ${args} could not pass them.
+            problems.append(f"parameter '{name}' holds a nested 'parameters' block: name each "
+                            f"leaf with dots instead (e.g. 'model.dilations')")
+    command = config.get("command") or DEFAULT_COMMAND
+    if not any(f"${{{macro}}}" in str(part) for part in command for macro in ARG_MACROS):
+        problems.append("command never passes the parameters: add ${args}, e.g. command: "
+                        "[dilatedseg, fit, --config, conf/shapes.yaml, ${args}]")
+    if "${program}" in command and not config.get("program"):
+        problems.append("command uses ${program} but the config sets no program")
+    if config.get("method") == "bayes" and not config.get("metric"):
+        problems.append("a bayes sweep needs a metric (e.g. metric: {name: val/mIoU, "
+                        "goal: maximize})")
+    return problems
+
+
+def plain(value):
+    """numpy scalars (the engine's proposals) -> Python values, as a W&B server returns them."""
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value.item() if hasattr(value, "item") else value
+
+
+def agent_args(params: dict) -> dict[str, list[str]]:
+    """The argument macros `wandb agent` fills from a run's parameters (same formatting)."""
+    flags, no_equals, no_hyphens, no_booleans, as_dict = [], [], [], [], {}
+    for name, spec in params.items():
+        value = plain(spec["value"])
+        flag = f"{name}={value}"
+        flags.append(f"--{flag}")
+        no_hyphens.append(flag)
+        no_equals += [f"--{name}", str(value)]
+        if not isinstance(value, bool):
+            no_booleans.append(f"--{flag}")
+        elif value:
+            no_booleans.append(f"--{name}")
+        as_dict[name] = value
+    return {"args": flags, "args_no_equals": no_equals, "args_no_hyphens": no_hyphens,
+            "args_no_boolean_flags": no_booleans, "args_json": [json.dumps(as_dict)]}
+
+
+def trial_argv(config: dict, params: dict, extra: list[str] = (),
+               args_json_file: Path | None = None) -> list[str]:
+    """The argv `wandb agent` would run for these parameters, then the extra arguments."""
+    macros = agent_args(params)
+    macros.update(env=["/usr/bin/env"], interpreter=[sys.executable],
+                  program=[str(config.get("program", ""))])
+    if args_json_file is not None:
+        macros["args_json_file"] = [str(args_json_file)]
+    argv = []
+    for part in config.get("command") or DEFAULT_COMMAND:
+        part = ENVVAR_MACRO.sub(lambda m: os.environ.get(m.group(1), m.group(1)), str(part))
+        if part.startswith("${") and part.endswith("}"):
+            argv += macros.get(part[2:-1]) or []
+        else:
+            argv.append(part)
+    return argv + list(extra)
+
+
+# ---- parsing a trial's argv with the CLI (no training) ----------------------------------------
+def dilatedseg_verb(argv: list[str]) -> int | None:
+    """Index of the subcommand if argv runs `dilatedseg`, else None."""
+    for start in range(len(argv)):
+        word = argv[start]
+        if Path(word).name == "dilatedseg":
+            return start + 1
+        if word == "-m" and start + 1 < len(argv) and argv[start + 1].startswith("dilatedseg"):
+            return start + 2
+    return None
+
+
+def parse_trial(argv: list[str]) -> dict | None:
+    """The resolved config of a `dilatedseg fit|validate|...` argv (via --print_config)."""
+    verb = dilatedseg_verb(argv)
+    if verb is None or verb >= len(argv):
+        return None
+    from dilatedseg.cli import DilatedSegCLI
+
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            DilatedSegCLI(args=argv[verb:] + ["--print_config"])
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            raise SweepError(f"the trial command does not parse:\n  {shlex.join(argv)}\n"
+                             f"{err.getvalue().strip()}") from None
+    return yaml.safe_load(out.getvalue())
+
+
+# ---- the local runner -------------------------------------------------------------------------
+def ensure_previous_stage(parsed: dict, extra: list[str], out_dir: Path) -> None:
+    """Train the front-end when a trial starts from `init_from: auto` and none exists yet."""
+    from dilatedseg.cli import import_class
+
+    model = parsed.get("model") or {}
+    if model.get("init_from") != "auto":
+        return
+    dataset = import_class(parsed["data"]["class_path"]).name
+    runs_dir, stage = parsed.get("runs_dir", "runs"), model.get("stage")
+    try:
+        find_previous_checkpoint(runs_dir, dataset, stage)
+        return
+    except RunError as error:
+        conf = Path("conf")
+        if "frontend" not in PREVIOUS_STAGES.get(stage, ()) or not (
+                conf / f"{dataset}.yaml").is_file():
+            raise SweepError(str(error)) from None
+    argv = ["dilatedseg", "fit", "--config", str(conf / f"{dataset}.yaml"),
+            "--config", str(conf / "stage" / "frontend.yaml")]
+    if (conf / dataset / "frontend.yaml").is_file():
+        argv += ["--config", str(conf / dataset / "frontend.yaml")]
+    argv += extra
+    log = out_dir / "frontend.log"
+    print(f"no trained front-end under {runs_dir}/{dataset}/frontend/: training one first "
+          f"(as `make train STAGE=frontend DATASET={dataset}`), log: {log}\n  "
+          f"{shlex.join(argv)}", flush=True)
+    code = run_logged(argv, log, trial_env(None))
+    if code != 0:
+        raise SweepError(f"training the front-end failed (exit {code}); see {log}:\n"
+                         f"{tail(log)}")
+
+
+def trial_env(summary_path: Path | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("WANDB_MODE", "offline")  # no server: `wandb sync` the runs later
+    for name in (RUN_DIR_ENV, "WANDB_RUN_ID", "WANDB_SWEEP_ID", "WANDB_SWEEP_PARAM_PATH"):
+        env.pop(name, None)
+    if summary_path is not None:
+        env[SUMMARY_PATH_ENV] = str(summary_path)
+    return env
+
+
+def run_logged(argv: list[str], log: Path, env: dict[str, str]) -> int:
+    with open(log, "w") as stream:
+        stream.write(shlex.join(argv) + "\n\n")
+        stream.flush()
+        try:
+            return subprocess.run(argv, stdout=stream, stderr=subprocess.STDOUT, env=env).returncode
+        except FileNotFoundError as error:
+            stream.write(f"{error}\n")
+            return 127
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    text = path.read_text(errors="replace").rstrip().splitlines() if path.is_file() else []
+    return "\n".join("    " + line for line in text[-lines:])
+
+
+def run_local(config: dict, name: str, count: int | None, extra: list[str],
+              out_dir: Path | None = None) -> list[dict]:
+    """Run the sweep here, trial by trial; returns the trial rows (also written as CSV)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from sweeps import RunState, SweepConfig, SweepRun, next_run
+    if count is None and config["method"] != "grid":
+        raise SweepError(f"a {config['method']} sweep has no natural end: pass --count N")
+    engine_config = SweepConfig(config)
+    metric = (config.get("metric") or {}).get("name")
+    goal = (config.get("metric") or {}).get("goal", "minimize")
+
+    first = next_run(engine_config, [])
+    if first is None:
+        raise SweepError("the sweep proposes no trials")
+    parsed = parse_trial(trial_argv(config, first.config, extra))
+    runs_dir = Path(parsed.get("runs_dir") or "runs") if parsed else Path("runs")
+    out_dir = out_dir or runs_dir / "sweeps" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "sweep.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    if parsed:
+        ensure_previous_stage(parsed, extra, out_dir)
+
+    runs, rows, proposal = [], [], first
+    while proposal is not None and (count is None or len(rows) < count):
+        index = len(rows)
+        summary_path = out_dir / f"trial-{index:03d}.json"
+        argv = trial_argv(config, proposal.config, extra, out_dir / f"trial-{index:03d}.args.json")
+        if "${args_json_file}" in (config.get("command") or []):
+            (out_dir / f"trial-{index:03d}.args.json").write_text(
+                agent_args(proposal.config)["args_json"][0])
+        values = {k: plain(v["value"]) for k, v in proposal.config.items()}
+        shown = ", ".join(f"{k}={v}" for k, v in values.items())
+        print(f"[{name}] trial {index}{'' if count is None else f'/{count}'}: {shown}",
+              flush=True)
+        log, start = out_dir / f"trial-{index:03d}.log", time.time()
+        code = run_logged(argv, log, trial_env(summary_path))
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        state = RunState.finished if code == 0 and summary else RunState.failed
+        run = SweepRun(name=f"trial-{index:03d}", config=proposal.config, state=state,
+                       summary_metrics=summary.get("metrics") or {},
+                       history=summary.get("history") or [])
+        runs.append(run)
+        score = best_value(run, metric, goal)
+        rows.append({"trial": index, "state": state.value, metric or "metric": score,
+                     **{k: json.dumps(v) if isinstance(v, list) else v for k, v in values.items()},
+                     "seconds": round(time.time() - start, 1), "run": summary.get("run", ""),
+                     "log": str(log)})
+        if state == RunState.failed:
+            print(f"  failed (exit {code}), log {log}:\n{tail(log)}", flush=True)
+        else:
+            print(f"  {metric} = {score}  ({rows[-1]['seconds']} s, {rows[-1]['run']})",
+                  flush=True)
+        proposal = next_run(engine_config, runs)
+
+    rows = sort_rows(rows, metric or "metric", goal)
+    write_csv(rows, out_dir / "trials.csv")
+    print(f"\n{format_rows(rows)}\n\ntrials: {out_dir / 'trials.csv'}")
+    if rows and all(row["state"] != "finished" for row in rows):
+        raise SweepError(f"every trial failed; see the logs in {out_dir}")
+    return rows
+
+
+def best_value(run, metric: str | None, goal: str) -> float | None:
+    """The best value of the metric over the trial's history and summary (as bayes uses it)."""
+    if not metric:
+        return None
+    try:
+        value = float(run.metric_extremum(metric, "max" if goal == "maximize" else "min"))
+    except (ValueError, KeyError, TypeError):
+        return None
+    return None if math.isnan(value) else round(value, 4)
+
+
+def sort_rows(rows: list[dict], metric: str, goal: str) -> list[dict]:
+    sign = -1 if goal == "maximize" else 1
+    return sorted(rows, key=lambda r: (r[metric] is None, sign * (r[metric] or 0), r["trial"]))
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def format_rows(rows: list[dict]) -> str:
+    columns = [c for c in dict.fromkeys(k for row in rows for k in row) if c != "log"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join("-" if row.get(c) is None else str(row.get(c))
+                                       for c in columns) + " |")
+    return "\n".join(lines)
+
+
+# ---- with a W&B server ------------------------------------------------------------------------
+def run_server(config: dict, count: int | None, extra: list[str], project: str,
+               entity: str | None) -> None:
+    """Create the sweep on the W&B server and run an agent here (like `wandb sweep` + agent)."""
+    from dilatedseg.cli import wandb_logged_in
+
+    if not wandb_logged_in():
+        raise SweepError("a sweep without --local needs a W&B server and account: run "
+                         "`wandb login` first (or export WANDB_API_KEY), or run it here "
+                         "without one: dilatedseg sweep <config> --local --count N")
+    import wandb
+
+    if extra:
+        config = {**config, "command": list(config.get("command") or DEFAULT_COMMAND) + extra}
+    sweep_id = wandb.sweep(config, project=project, entity=entity)
+    print(f"sweep {sweep_id}: more agents can join with `wandb agent "
+          f"{entity + '/' if entity else ''}{project}/{sweep_id}`", flush=True)
+    wandb.agent(sweep_id, project=project, entity=entity, count=count)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="dilatedseg sweep", allow_abbrev=False,
+        description="Run a W&B sweep config. Arguments after the options go to every trial.")
+    parser.add_argument("config", help="sweep config, e.g. sweeps/dilations.yaml")
+    parser.add_argument("--local", action="store_true",
+                        help="no W&B server: propose trials with the open-source sweep engine")
+    parser.add_argument("--count", type=int, default=None,
+                        help="number of trials (default: all of a grid; required otherwise "
+                             "with --local)")
+    parser.add_argument("--project", default=os.environ.get("WANDB_PROJECT", "dilatedseg"))
+    parser.add_argument("--entity", default=os.environ.get("WANDB_ENTITY"))
+    parser.add_argument("--out", default=None,
+                        help="--local: folder for logs and trials.csv "
+                             "(default <runs_dir>/sweeps/<name>-<time>)")
+    args, extra = parser.parse_known_args(argv)
+    extra = [a for a in extra if a != "--"]
+    if args.count is not None and args.count < 1:
+        parser.error("--count must be >= 1")
+    config = load_sweep(args.config)
+    name = config.get("name") or Path(args.config).stem
+    if args.local:
+        run_local(config, name, args.count, extra, Path(args.out) if args.out else None)
+    else:
+        run_server(config, args.count, extra, args.project, args.entity)

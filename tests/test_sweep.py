@@ -1,0 +1,205 @@
+"""Sweeps: every sweeps/*.yaml is a valid W&B sweep whose trials parse through the CLI, the
+local runner builds the agent's exact argv, feeds results back (bayes) and runs end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, run_cli, shapes_args
+
+from dilatedseg.sweep import SweepError, agent_args, load_sweep, parse_trial, trial_argv
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import sweeps
+
+SWEEP_FILES = sorted((REPO / "sweeps").glob("*.yaml"))
+
+
+def proposals(config: dict, limit: int = 8) -> list[dict]:
+    """The engine's first proposals (all of a small grid), as finished runs would leave them."""
+    engine, runs = sweeps.SweepConfig(config), []
+    while len(runs) < limit:
+        run = sweeps.next_run(engine, runs)
+        if run is None:
+            break
+        run.state = sweeps.RunState.finished
+        run.summary_metrics = {"val/mIoU": float(len(runs))}
+        runs.append(run)
+    return [run.config for run in runs]
+
+
+def test_the_expected_sweeps_exist():
+    names = {path.stem for path in SWEEP_FILES}
+    assert {"dilations", "context_variant", "lr_bayes"} <= names
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.stem)
+def test_sweep_config_is_valid_and_its_trials_parse(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    config = load_sweep(path)
+    assert sweeps.schema_violations_from_proposed_config(config) == []
+    assert config["metric"] == {"name": "val/mIoU", "goal": "maximize"}
+    assert "${args}" in config["command"]
+    trials = proposals(config, limit=3 if config["method"] == "bayes" else 8)
+    assert trials
+    for params in trials:
+        argv = trial_argv(config, params)
+        assert argv[:2] == ["dilatedseg", "fit"]
+        parsed = parse_trial(argv)
+        for name, spec in params.items():
+            section, key = name.split(".")
+            value = parsed[section][key]
+            expected = spec["value"]
+            if isinstance(expected, float):
+                assert value == pytest.approx(expected)
+            else:
+                assert value == expected, f"{name}: {argv}"
+
+
+def test_dilation_sweep_covers_the_paper_and_the_presets():
+    values = load_sweep(REPO / "sweeps/dilations.yaml")["parameters"]["model.dilations"]["values"]
+    assert [1, 1, 2, 4, 8, 16, 1] in values and [1, 1, 1, 1, 1, 1, 1] in values
+    assert {"dilation7", "dilation10"} <= {v for v in values if isinstance(v, str)}
+    argv = trial_argv(load_sweep(REPO / "sweeps/dilations.yaml"),
+                      {"model.dilations": {"value": [1, 1, 2]}})
+    assert "--model.dilations=[1, 1, 2]" in argv  # the agent's rendering of a list
+
+
+def test_argv_is_what_wandb_agent_builds():
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    params = {"model.dilations": {"value": [1, 1, 2, 4, 1]}, "model.lr": {"value": 0.00123},
+              "model.context_variant": {"value": "large"}, "flag": {"value": False},
+              "other": {"value": True}}
+    ours, theirs = agent_args(params), create_sweep_command_args({"args": params})
+    for macro in ("args", "args_no_equals", "args_no_hyphens", "args_no_boolean_flags",
+                  "args_json"):
+        assert ours[macro] == theirs[macro], macro
+    config = {"program": "train.py", "command": ["${env}", "${interpreter}", "${program}",
+                                                 "${args}", "--fixed"]}
+    argv = trial_argv(config, params, ["--extra=1"])
+    assert argv[:3] == ["/usr/bin/env", sys.executable, "train.py"]
+    assert argv[3:] == theirs["args"] + ["--fixed", "--extra=1"]
+
+
+def write_sweep(path: Path, **config) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_bad_sweep_configs_fail_clearly(tmp_path):
+    base = {"method": "grid", "metric": {"name": "val/mIoU", "goal": "maximize"},
+            "command": ["dilatedseg", "fit", "${args}"]}
+    nested = write_sweep(tmp_path / "nested.yaml", **base, parameters={
+        "model": {"parameters": {"lr": {"values": [0.1, 0.2]}}}})
+    with pytest.raises(SweepError, match="nested 'parameters'.*model.dilations"):
+        load_sweep(nested)
+    no_args = write_sweep(tmp_path / "noargs.yaml", **{**base, "command": ["dilatedseg", "fit"]},
+                          parameters={"model.lr": {"values": [0.1]}})
+    with pytest.raises(SweepError, match=r"add \$\{args\}"):
+        load_sweep(no_args)
+    bad_method = write_sweep(tmp_path / "method.yaml", **{**base, "method": "hyperband"},
+                             parameters={"model.lr": {"values": [0.1]}})
+    with pytest.raises(SweepError, match="method"):
+        load_sweep(bad_method)
+    with pytest.raises(SweepError, match="does not exist"):
+        load_sweep(tmp_path / "missing.yaml")
+
+
+def test_without_local_it_needs_a_wandb_login(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")  # counts as not logged in
+    with pytest.raises(SystemExit) as exit_:
+        run_cli("sweep", str(REPO / "sweeps/dilations.yaml"))
+    assert exit_.value.code == 2
+
+
+def test_without_local_error_message(monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with pytest.raises(SystemExit):
+        run_cli("sweep", str(REPO / "sweeps/dilations.yaml"))
+    assert "wandb login" in capsys.readouterr().err
+
+
+OBJECTIVE = """\
+import json, os, sys
+x = float(sys.argv[1].split("=", 1)[1])
+if x > 0.95:
+    sys.exit(3)  # a failing trial
+score = 100 - 400 * (x - 0.3) ** 2
+summary = {"run": "fake", "metrics": {"val/mIoU": score},
+           "history": [{"val/mIoU": score - 5}, {"val/mIoU": score}]}
+open(os.environ["DILATEDSEG_SUMMARY_PATH"], "w").write(json.dumps(summary))
+"""
+
+
+def test_local_bayes_loop_feeds_results_back(tmp_path, capsys):
+    program = tmp_path / "objective.py"
+    program.write_text(OBJECTIVE)
+    sweep = write_sweep(tmp_path / "toy.yaml", method="bayes", program=str(program),
+                        metric={"name": "val/mIoU", "goal": "maximize"},
+                        parameters={"x": {"min": 0.0, "max": 1.0}})
+    out = tmp_path / "out"
+    run_cli("sweep", str(sweep), "--local", "--count", "6", "--out", str(out))
+    with open(out / "trials.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    assert len(rows) == 6
+    finished = [r for r in rows if r["state"] == "finished"]
+    scores = [float(r["val/mIoU"]) for r in finished]
+    assert scores == sorted(scores, reverse=True)  # sorted by the metric, best first
+    for row in finished:  # the value read back is the trial's own result
+        assert float(row["val/mIoU"]) == pytest.approx(100 - 400 * (float(row["x"]) - 0.3) ** 2,
+                                                       abs=1e-3)
+    assert all(r["state"] == "failed" for r in rows if float(r["x"]) > 0.95)
+    assert rows[-1]["state"] == "failed" or len(finished) == 6  # failures sort last
+    assert "| trial | state | val/mIoU | x |" in capsys.readouterr().out
+
+
+def test_missing_front_end_is_trained_first(tmp_path, monkeypatch):
+    """A context sweep with init_from: auto and no front-end run trains one, as make would."""
+    import dilatedseg.sweep as sweep
+
+    monkeypatch.chdir(REPO)
+    calls = []
+    monkeypatch.setattr(sweep, "run_logged", lambda argv, log, env: calls.append(argv) or 0)
+    runs = tmp_path / "runs"
+    parsed = {"runs_dir": str(runs), "data": {"class_path": "dilatedseg.data.ShapesDataModule"},
+              "model": {"stage": "context", "init_from": "auto"}}
+    sweep.ensure_previous_stage(parsed, [f"--runs_dir={runs}"], tmp_path)
+    assert calls == [["dilatedseg", "fit", "--config", "conf/shapes.yaml", "--config",
+                      "conf/stage/frontend.yaml", f"--runs_dir={runs}"]]
+    parsed["model"]["init_from"] = "some.ckpt"  # named weights: nothing to train
+    sweep.ensure_previous_stage(parsed, [], tmp_path)
+    assert len(calls) == 1
+
+
+def test_local_grid_sweep_end_to_end(tiny_shapes, tmp_path, monkeypatch):
+    """Two real context-stage trials as subprocesses (on an untrained front-end, for speed)."""
+    monkeypatch.chdir(REPO)  # the sweep's command names conf/... relative to the checkout
+    runs = tmp_path / "runs"
+    extra = shapes_args(tiny_shapes, runs)[2:]  # without --config conf/shapes.yaml
+    extra += ["--trainer.max_epochs=1", "--model.init_from=null"]
+    run_cli("sweep", "sweeps/dilations.yaml", "--local", "--count", "2", *extra)
+
+    [sweep_dir] = (runs / "sweeps").glob("dilations-*")
+    with open(sweep_dir / "trials.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [r["state"] for r in rows] == ["finished", "finished"]
+    scores = [float(r["val/mIoU"]) for r in rows]
+    assert scores == sorted(scores, reverse=True) and all(0 <= s <= 100 for s in scores)
+    assert {r["model.dilations"] for r in rows} == {"[1, 1, 2, 4, 8, 16, 1]",
+                                                   "[1, 1, 1, 1, 1, 1, 1]"}
+    for row in rows:  # each trial trained with its own schedule, in its own run directory
+        run_dir = Path(row["run"])
+        assert run_dir.parent == runs / "shapes" / "context"
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert saved["model"]["dilations"] == json.loads(row["model.dilations"])
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert max(h["val/mIoU"] for h in summary["history"]) == pytest.approx(
+            float(row["val/mIoU"]), abs=1e-3)
