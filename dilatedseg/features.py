@@ -83,7 +83,9 @@ def build_cache(directory: Path, segmenter, dataset, device: torch.device | str 
     frontend, was_training = segmenter.frontend, segmenter.frontend.training
     frontend.eval()
     index, logits_offset, label_offset = [], 0, 0
-    loader = DataLoader(dataset, batch_size=1, num_workers=num_workers)
+    # Its own generator: building a cache must not shift the training run's random stream.
+    loader = DataLoader(dataset, batch_size=1, num_workers=num_workers,
+                        generator=torch.Generator())
     try:
         with open(partial / "logits.bin", "wb") as logits_file, \
                 open(partial / "labels.bin", "wb") as labels_file:

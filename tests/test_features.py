@@ -1,0 +1,133 @@
+"""Cached front-end logits: same training as uncached, invalidation, mirroring, CLI location."""
+
+import os
+
+import lightning as L
+import pytest
+import torch
+from conftest import run_cli, shapes_args
+
+from dilatedseg.data import ShapesDataModule
+from dilatedseg.features import CachedLogitsDataset, build_cache, cache_key
+from dilatedseg.models import FrontEnd, Segmenter
+from dilatedseg.module import SegmentationModule
+
+
+class Losses(L.Callback):
+    def __init__(self):
+        self.values = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.values.append(outputs["loss"].item())
+        self.cached = "frontend_logits" in batch
+
+
+SMALL = {"train_size": 16, "val_size": 4, "test_size": 4}
+
+
+@pytest.fixture(scope="module")
+def small_shapes(tmp_path_factory):
+    """16 train / 4 val shapes images: the cache build runs the front-end over all of them."""
+    root = tmp_path_factory.mktemp("small_shapes")
+    ShapesDataModule(root=str(root), **SMALL).prepare_data()
+    return root
+
+
+def context_epoch(root, tmp_path, feature_cache: bool):
+    L.seed_everything(0)
+    data = ShapesDataModule(root=str(root), **SMALL, batch_size=4, val_batch_size=4,
+                            num_workers=0, mirror=False)
+    module = SegmentationModule(4, stage="context", arch="tiny", padding="same", dropout=0.0,
+                                dilations=[1, 1, 2, 4, 8, 1], optimizer="sgd", lr=0.01,
+                                feature_cache=feature_cache,
+                                feature_cache_dir=str(tmp_path / "cache"))
+    with torch.no_grad():  # a front-end with confident, image-dependent logits
+        module.model.frontend.final.weight.normal_(0, 0.5)
+    losses = Losses()
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, callbacks=[losses], default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)
+    return losses, trainer.callback_metrics, module
+
+
+def test_cached_epoch_equals_uncached(small_shapes, tmp_path):
+    plain, plain_metrics, plain_module = context_epoch(small_shapes, tmp_path, False)
+    cached, cached_metrics, cached_module = context_epoch(small_shapes, tmp_path, True)
+    assert cached.cached and not plain.cached
+    assert len(cached.values) == len(plain.values) == 4  # 16 images / batch 4
+    torch.testing.assert_close(cached.values, plain.values, rtol=1e-4, atol=1e-5)
+    assert abs(cached_metrics["val/mIoU"] - plain_metrics["val/mIoU"]) < 1e-3
+    torch.testing.assert_close(cached_module.model.context.state_dict(),
+                               plain_module.model.context.state_dict(), rtol=1e-4, atol=1e-5)
+    caches = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir())
+    assert caches == ["train", "val"]
+
+
+def small_dataset(root):
+    data = ShapesDataModule(root=str(root), train_size=32, val_size=8, test_size=8)
+    data.prepare_data()
+    return data.make_dataset("val")
+
+
+def test_key_follows_weights_and_files(tiny_shapes, tmp_path):
+    dataset = small_dataset(tiny_shapes)
+    segmenter = Segmenter(FrontEnd(4, arch="tiny", padding="same"))
+    key = cache_key(segmenter, dataset)
+    assert cache_key(segmenter, dataset) == key
+    with torch.no_grad():
+        segmenter.frontend.final.bias[0] += 1
+    assert cache_key(segmenter, dataset) != key
+    key = cache_key(segmenter, dataset)
+    label = dataset.pairs[3][1]
+    stat = label.stat()
+    os.utime(label, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    try:
+        assert cache_key(segmenter, dataset) != key
+    finally:
+        os.utime(label, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_cached_items_mirror_and_pad(tiny_shapes, tmp_path):
+    dataset = small_dataset(tiny_shapes)
+    dataset.pairs = dataset.pairs[:4]
+    segmenter = Segmenter(FrontEnd(4, arch="tiny", padding="valid"))
+    directory = build_cache(tmp_path / "val-x", segmenter, dataset)
+    assert not list(tmp_path.glob("*.partial-*"))
+    cached = CachedLogitsDataset(directory=directory)
+    item = cached[2]
+    with torch.no_grad():
+        expected = segmenter.eval().frontend_logits(dataset[2]["image"][None])[0]
+    torch.testing.assert_close(item["frontend_logits"], expected)
+    assert torch.equal(item["label"], dataset[2]["label"])
+
+    mirrored = CachedLogitsDataset(directory=directory, mirror=True)
+    torch.manual_seed(0)
+    flips = 0
+    for _ in range(12):
+        out = mirrored[2]
+        flipped = torch.equal(out["label"], item["label"].flip(-1))
+        assert flipped or torch.equal(out["label"], item["label"])
+        reference = item["frontend_logits"].flip(-1) if flipped else item["frontend_logits"]
+        assert torch.equal(out["frontend_logits"], reference)  # logits and label together
+        flips += flipped
+    assert 0 < flips < 12
+
+    # Images of different sizes are padded to the largest: logits with 0, labels with 255.
+    cached.items[1]["logits_shape"][2] -= 1  # pretend item 1 is narrower
+    cached.items[1]["label_shape"][1] -= 8
+    cached.items[1]["label_offset"] = cached.items[1]["label_offset"]
+    cached.attach(directory)
+    cached.items[1]["label_shape"][1] -= 8
+    cached.label_size = (128, 128)
+    out = cached[1]
+    assert out["label"].shape == (128, 128) and (out["label"][:, -8:] == 255).all()
+
+
+def test_cli_context_stage_caches_under_runs(small_shapes, tmp_path):
+    runs = tmp_path / "runs"
+    run_cli("fit", *shapes_args(small_shapes, runs, "--config", "conf/stage/context.yaml"),
+            *[f"--data.init_args.{k}={v}" for k, v in SMALL.items()],
+            "--model.init_from=null", "--trainer.max_epochs=1")
+    caches = sorted(p.name.split("-")[0] for p in (runs / "shapes" / "cache").iterdir())
+    assert caches == ["train", "val"]
