@@ -1,0 +1,160 @@
+"""W&B logging, offline: the run directory holds the config, metrics, images with masks and the
+IoU table; resuming a fit continues the same W&B run id in the same run directory."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_cli, shapes_args
+
+from dilatedseg.cli import configure_logger, wandb_logged_in, wandb_run_id
+
+
+def wandb_args(root: Path, runs: Path, *extra: str) -> list[str]:
+    """shapes_args with the default W&B logger instead of CSV."""
+    args = [a for a in shapes_args(root, runs, *extra) if not a.startswith("--trainer.logger")]
+    return ["fit", *args]
+
+
+def run_fit(args: list[str], monkeypatch) -> None:
+    """An in-process fit (WANDB_MODE=offline from conftest), its W&B run finished after."""
+    import wandb
+
+    monkeypatch.delenv("DILATEDSEG_RUN_DIR", raising=False)
+    try:
+        run_cli(*args)
+    finally:
+        wandb.finish()
+
+
+def wandb_records(path: Path):
+    """Records of an offline run-<id>.wandb file (W&B's LevelDB-style log of protobufs)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, block, pending = path.read_bytes(), 7, 32768, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer too short for a header: zero padding
+            pos += block - pos % block
+            continue
+        _checksum, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:
+            break
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk  # full/first vs middle/last
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+def history_rows(path: Path) -> list[dict]:
+    rows = []
+    for record in wandb_records(path):
+        if record.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item})
+    return rows
+
+
+def offline_runs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+@pytest.fixture(scope="module")
+def wandb_run(tiny_shapes, tmp_path_factory):
+    """One epoch with W&B offline, then resumed for a second epoch."""
+    runs = tmp_path_factory.mktemp("wandb") / "runs"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.chdir(runs.parent)  # W&B's own debug files land here, not in the checkout
+        run_fit(wandb_args(tiny_shapes, runs, "--trainer.max_epochs=1",
+                           "--wandb_images.count=3"), monkeypatch)
+        [run_dir] = (runs / "shapes" / "frontend").iterdir()
+        first = offline_runs(run_dir)
+        run_fit(wandb_args(tiny_shapes, runs, "--trainer.max_epochs=2", "--wandb_images.count=3",
+                           f"--ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"), monkeypatch)
+    return run_dir, first
+
+
+def test_offline_run_holds_config_metrics_images_and_table(wandb_run):
+    run_dir, [first] = wandb_run
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()
+    assert first.name == f"run-{run_id}.wandb"
+    records = list(wandb_records(first))
+    [run] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert (run.run_id, run.project, run.run_group) == (run_id, "dilatedseg", "shapes")
+    config_keys = {item.key for r in records if r.WhichOneof("record_type") == "config"
+                   for item in r.config.update}
+    assert {"model", "data", "trainer", "checkpoint"} <= config_keys  # the full resolved config
+
+    rows = history_rows(first)
+    metrics = [r for r in rows if "val/mIoU" in r]
+    assert len(metrics) == 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert metrics[0]["val/mIoU"] == pytest.approx(summary["history"][0]["val/mIoU"], abs=1e-3)
+    assert {"val/IoU/background", "val/loss", "trainer/global_step"} <= set(metrics[0])
+
+    [images] = [r for r in rows if "val/examples/count" in r]
+    assert images["val/examples/count"] == 3
+    masks = images["val/examples/all_masks"]
+    assert len(masks) == 3 and set(masks[0]) == {"prediction", "ground_truth"}
+    files = first.parent / "files"
+    for mask in masks[0].values():
+        assert (files / mask["path"]).is_file()
+
+    [table_row] = [r for r in rows if "val/IoU_table/path" in r]
+    table = json.loads((files / table_row["val/IoU_table/path"]).read_text())
+    assert table["columns"] == ["class", "IoU"]
+    assert [row[0] for row in table["data"]] == [
+        "background", "team_red", "team_green", "team_blue"]
+    background = table["data"][0][1]
+    assert background == pytest.approx(metrics[0]["val/IoU/background"], abs=1e-3)
+
+
+def test_resume_continues_the_same_run(wandb_run):
+    run_dir, [first] = wandb_run
+    assert [p.name for p in (run_dir.parent).iterdir()] == [run_dir.name]  # no new version
+    second = [p for p in offline_runs(run_dir) if p != first]
+    assert len(second) == 1 and second[0].name == first.name  # same W&B run id
+    epochs = [r["epoch"] for r in history_rows(second[0]) if "val/mIoU" in r]
+    assert epochs == [1]  # the second part logs only the new epoch
+
+
+def test_configure_logger_offline_and_agent_ids(tmp_path, monkeypatch):
+    from jsonargparse import Namespace
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert not wandb_logged_in()
+    logger = Namespace(class_path="lightning.pytorch.loggers.WandbLogger",
+                       init_args=Namespace(offline=False))
+    configure_logger(logger, tmp_path, "shapes", "context")
+    args = logger.init_args
+    assert args.offline is True and args.resume == "allow"
+    assert args.save_dir == str(tmp_path) and args.name == f"shapes/context/{tmp_path.name}"
+    assert args.id == (tmp_path / "wandb_id.txt").read_text() == wandb_run_id(tmp_path)
+    # Under `wandb agent` the run id the sweep server expects wins (and is stored).
+    monkeypatch.setenv("WANDB_RUN_ID", "agentrun123")
+    assert wandb_run_id(tmp_path / "other") == "agentrun123"
+    assert (tmp_path / "other" / "wandb_id.txt").read_text() == "agentrun123"
+
+
+def test_only_rank_zero_stores_the_id(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    for name, value in (("RANK", "1"), ("SLURM_PROCID", "3"), ("LOCAL_RANK", "1")):
+        with monkeypatch.context() as patch:
+            for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"):
+                patch.delenv(var, raising=False)
+            patch.setenv(name, value)
+            wandb_run_id(tmp_path / name)
+        assert not (tmp_path / name / "wandb_id.txt").exists()
+
+
+def test_images_callback_is_configurable():
+    from dilatedseg.wandb_images import WandbImages
+
+    assert "count: 8" in (REPO / "conf/base.yaml").read_text()
+    with pytest.raises(ValueError, match="count"):
+        WandbImages(count=-1)
