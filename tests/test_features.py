@@ -113,15 +113,18 @@ def test_cached_items_mirror_and_pad(tiny_shapes, tmp_path):
         flips += flipped
     assert 0 < flips < 12
 
-    # Images of different sizes are padded to the largest: logits with 0, labels with 255.
-    cached.items[1]["logits_shape"][2] -= 1  # pretend item 1 is narrower
-    cached.items[1]["label_shape"][1] -= 8
-    cached.items[1]["label_offset"] = cached.items[1]["label_offset"]
-    cached.attach(directory)
-    cached.items[1]["label_shape"][1] -= 8
-    cached.label_size = (128, 128)
-    out = cached[1]
-    assert out["label"].shape == (128, 128) and (out["label"][:, -8:] == 255).all()
+
+
+def test_images_of_different_sizes_are_padded(tmp_path):
+    sizes = [(24, 40), (13, 32)]
+    images = [{"image": torch.rand(3, h, w) * 255, "label": torch.randint(0, 4, (h, w)),
+               "name": f"im{i}"} for i, (h, w) in enumerate(sizes)]
+    segmenter = Segmenter(FrontEnd(4, arch="tiny", padding="same"))
+    cached = CachedLogitsDataset(directory=build_cache(tmp_path / "c", segmenter, images))
+    small = cached[1]
+    assert small["frontend_logits"].shape == (4, 3, 5) and small["label"].shape == (24, 40)
+    assert (small["frontend_logits"][:, 2:] == 0).all() and (small["label"][13:] == 255).all()
+    assert torch.equal(small["label"][:13, :32], images[1]["label"])
 
 
 def test_cli_context_stage_caches_under_runs(small_shapes, tmp_path):
