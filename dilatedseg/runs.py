@@ -58,6 +58,10 @@ def resolve_run_dir(runs_dir: str, dataset: str, stage: str, subcommand: str,
         run_dir = Path(ckpt_path).parent.parent
     elif os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
         run_dir = parent / f"torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
+    elif "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RunError("torchrun started these processes without a run id, so they cannot agree "
+                       "on a run directory: pass --rdzv-id=<job id> (several nodes) or "
+                       "--standalone (one node) to torchrun")
     elif os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         run_dir = parent / f"slurm-{os.environ['SLURM_JOB_ID']}"
     else:

@@ -1,0 +1,105 @@
+"""DDP on CPU (gloo, 2 processes): one shared run directory, rank-0-only files, and a validation
+mIoU identical to a single process on the same checkpoint and data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import run_cli, shapes_args
+
+from dilatedseg.runs import resolve_run_dir
+
+DDP = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+
+
+def run_ddp(*argv: str, cwd: Path) -> str:
+    """`dilatedseg ...` in a fresh process: Lightning starts rank 1 by re-running this command."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    for name in ("DILATEDSEG_RUN_DIR", "LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE"):
+        env.pop(name, None)
+    done = subprocess.run([sys.executable, "-m", "dilatedseg.cli", *argv], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout + done.stderr
+
+
+def logged_metrics(run_dir: Path) -> dict[str, float]:
+    with open(run_dir / "metrics.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    return {k: float(v) for row in rows for k, v in row.items() if v not in ("", None)}
+
+
+@pytest.fixture(scope="module")
+def ddp_fit(tiny_shapes, tmp_path_factory):
+    """One epoch of 2-process DDP training (32 train / 8 val images: 4 per rank)."""
+    runs = tmp_path_factory.mktemp("ddp") / "runs"
+    run_ddp("fit", *shapes_args(tiny_shapes, runs, "--trainer.max_epochs=1", *DDP),
+            cwd=runs.parent)
+    return runs
+
+
+def test_ddp_fit_uses_one_run_dir_written_by_rank_zero(ddp_fit):
+    stage_dir = ddp_fit / "shapes" / "frontend"
+    assert [p.name for p in stage_dir.iterdir()] == ["version_0"]  # both ranks agreed
+    run_dir = stage_dir / "version_0"
+    assert {"config.yaml", "summary.json", "metrics.csv", "checkpoints"} <= {
+        p.name for p in run_dir.iterdir()}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["run"] == str(run_dir) and summary["history"]
+    assert Path(summary["best_checkpoint"]).is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert str(saved["trainer"]["devices"]) == "2" and saved["trainer"]["strategy"] == "ddp"
+
+
+def test_ddp_validate_equals_single_process(ddp_fit, tiny_shapes, monkeypatch):
+    checkpoint = ddp_fit / "shapes" / "frontend" / "version_0" / "checkpoints" / "last.ckpt"
+    args = shapes_args(tiny_shapes, ddp_fit, f"--ckpt_path={checkpoint}")
+    run_ddp("validate", *args, *DDP, cwd=ddp_fit.parent)
+    monkeypatch.chdir(ddp_fit.parent)
+    run_cli("validate", *args, "--trainer.accelerator=cpu", "--trainer.devices=1")
+    ddp = logged_metrics(ddp_fit / "shapes" / "frontend" / "validate_0")
+    single = logged_metrics(ddp_fit / "shapes" / "frontend" / "validate_1")
+    assert sorted(p.name for p in (ddp_fit / "shapes" / "frontend").iterdir()) == [
+        "validate_0", "validate_1", "version_0"]
+    iou_keys = [k for k in single if k.startswith("val/IoU/") or k == "val/mIoU"]
+    assert "val/mIoU" in iou_keys and "val/IoU/background" in iou_keys
+    for key in iou_keys + ["val/loss"]:  # summed confusion matrix: exact, not a rank's share
+        assert ddp[key] == pytest.approx(single[key], abs=1e-4), key
+
+
+def test_children_inherit_rank_zeros_run_dir(tmp_path, monkeypatch):
+    runs = str(tmp_path / "runs")
+    first = resolve_run_dir(runs, "shapes", "frontend", "fit")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # what Lightning's launcher sets in rank 1
+    assert resolve_run_dir(runs, "shapes", "frontend", "fit") == first
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.delenv("DILATEDSEG_RUN_DIR")
+    assert resolve_run_dir(runs, "shapes", "frontend", "fit").name == "version_1"
+
+
+@pytest.mark.parametrize("env, name", [
+    ({"TORCHELASTIC_RUN_ID": "abc", "LOCAL_RANK": "1", "RANK": "3"}, "torchrun-abc"),
+    ({"SLURM_JOB_ID": "77", "SLURM_NTASKS": "4", "SLURM_PROCID": "2"}, "slurm-77"),
+])
+def test_launcher_job_ids_name_the_run_dir(tmp_path, monkeypatch, env, name):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    run_dir = resolve_run_dir(str(tmp_path), "shapes", "frontend", "fit")
+    assert run_dir == tmp_path / "shapes" / "frontend" / name
+
+
+def test_torchrun_without_a_run_id_is_refused(tmp_path, monkeypatch):
+    from dilatedseg.runs import RunError
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(RunError, match="--rdzv-id"):
+        resolve_run_dir(str(tmp_path), "shapes", "frontend", "fit")
