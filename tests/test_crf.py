@@ -1,0 +1,187 @@
+"""DenseCRF / CRF-RNN: shapes, refinement, input checks, gradients, pydensecrf agreement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dilatedseg.models.crf import DenseCRF
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small sparse products: MKL's thread start-up dominates, badly so on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def two_regions(h: int = 24, w: int = 32, seed: int = 0):
+    """Image with a red left half and a blue right half, labels, and noisy unary logits."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.zeros(h, w, dtype=torch.long)
+    labels[:, w // 2 :] = 1
+    colours = torch.tensor([[200.0, 40.0, 40.0], [40.0, 60.0, 200.0]])
+    image = colours[labels].permute(2, 0, 1) + 8 * torch.randn(3, h, w, generator=g)
+    image = image.clamp(0, 255).round()
+    logits = F.one_hot(labels, 2).permute(2, 0, 1).float() + torch.randn(2, h, w, generator=g)
+    return logits[None], image[None], labels[None]
+
+
+def blob_scene(h: int = 60, w: int = 80, classes: int = 5, seed: int = 0):
+    """A natural-ish image (smooth blobs + noise, integer RGB) and smooth noisy logits."""
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    centres = torch.rand(classes, 2, generator=g) * torch.tensor([h, w])
+    dist = (ys[None] - centres[:, :1, None]) ** 2 + (xs[None] - centres[:, 1:, None]) ** 2
+    labels = dist.argmin(0)
+    palette = torch.rand(classes, 3, generator=g) * 200 + 20
+    shade = 20 * torch.sin(xs / 9.0) * torch.cos(ys / 7.0)
+    image = palette[labels].permute(2, 0, 1) + shade + 10 * torch.randn(3, h, w, generator=g)
+    image = image.clamp(0, 255).round()
+    coarse = torch.randn(1, classes, h // 10, w // 10, generator=g)
+    logits = (
+        2.0 * F.one_hot(labels, classes).permute(2, 0, 1).float()
+        + F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)[0]
+        + 1.5 * torch.randn(classes, h, w, generator=g)
+    )
+    return logits[None], image[None], labels[None]
+
+
+def test_output_shape_and_dtype():
+    logits = torch.randn(2, 4, 20, 24)
+    image = torch.rand(2, 3, 20, 24) * 255
+    out = DenseCRF(4, iterations=2).eval()(logits, image)
+    assert out.shape == logits.shape
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+def test_refines_noisy_unary():
+    logits, image, labels = two_regions()
+    before = (logits.argmax(1) == labels).float().mean()
+    with torch.no_grad():
+        refined = DenseCRF(2, theta_alpha=20.0, theta_beta=10.0).eval()(logits, image)
+    after = (refined.argmax(1) == labels).float().mean()
+    assert before < 0.9
+    assert after > before + 0.1
+    assert after > 0.97
+
+
+def test_bad_input_raises():
+    crf = DenseCRF(3)
+    logits, image = torch.randn(1, 3, 8, 10), torch.rand(1, 3, 8, 10) * 255
+    with pytest.raises(ValueError, match="spatial size"):
+        crf(logits, image[..., :9])
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        crf(logits.masked_fill(torch.rand_like(logits) < 0.1, float("nan")), image)
+    with pytest.raises(ValueError, match="classes"):
+        crf(torch.randn(1, 4, 8, 10), image)
+    with pytest.raises(ValueError, match="3 \\(RGB\\) channels"):
+        crf(logits, image[:, :1])
+    with pytest.raises(ValueError, match="batch"):
+        crf(logits, image.expand(2, -1, -1, -1))
+    with pytest.raises(ValueError):
+        crf(logits[0], image[0])
+    with pytest.raises(ValueError):
+        DenseCRF(3, compatibility=torch.eye(2))
+
+
+def test_trainable_parameters_get_gradients():
+    logits, image, labels = two_regions(12, 16)
+    logits.requires_grad_(True)
+    crf = DenseCRF(2, iterations=3, trainable=True).train()
+    names = {name for name, _ in crf.named_parameters()}
+    assert names == {"spatial_weight", "bilateral_weight", "compatibility"}
+    loss = F.cross_entropy(crf(logits, image), labels)
+    loss.backward()
+    for p in [logits, *crf.parameters()]:
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+        assert p.grad.abs().sum() > 0
+
+
+def test_fixed_potts_shortcut_matches_general_path():
+    logits, image, _ = two_regions(10, 12)
+    fixed = DenseCRF(2, spatial_weight=2.0, bilateral_weight=4.0).eval()
+    general = DenseCRF(2, spatial_weight=2.0, bilateral_weight=4.0, trainable=True).eval()
+    torch.testing.assert_close(fixed(logits, image), general(logits, image).detach())
+
+
+def test_fixed_crf_has_no_parameters_but_moves_with_module():
+    crf = DenseCRF(3)
+    assert list(crf.parameters()) == []
+    assert set(crf.state_dict()) == {"spatial_weight", "bilateral_weight", "compatibility"}
+    torch.testing.assert_close(crf.compatibility, -torch.eye(3))
+    assert crf.double().compatibility.dtype == torch.float64
+
+
+def test_gradcheck_through_mean_field():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 2, 4, 5, dtype=torch.float64, requires_grad=True)
+    image = (torch.rand(1, 3, 4, 5) * 255).round().double()
+    crf = DenseCRF(2, iterations=2, trainable=True, theta_alpha=3.0, theta_beta=30.0).double()
+    assert torch.autograd.gradcheck(lambda u: crf(u, image), (logits,))
+    names = ("spatial_weight", "bilateral_weight", "compatibility")
+    params = tuple(getattr(crf, n).detach().clone().requires_grad_(True) for n in names)
+
+    def with_params(*values):
+        return torch.func.functional_call(crf, dict(zip(names, values)), (logits.detach(), image))
+
+    assert torch.autograd.gradcheck(with_params, params)
+
+
+def test_eval_mode_uses_test_iterations():
+    logits, image, _ = two_regions(10, 12)
+    a = DenseCRF(2, iterations=1, test_iterations=3)
+    b = DenseCRF(2, iterations=3, test_iterations=1)
+    torch.testing.assert_close(a.eval()(logits, image), b.train()(logits, image))
+    torch.testing.assert_close(a.train()(logits, image), b.eval()(logits, image))
+    assert not torch.allclose(a.eval()(logits, image), a.train()(logits, image))
+    zero = DenseCRF(2, iterations=0, test_iterations=0)
+    torch.testing.assert_close(zero(logits, image), logits)
+
+
+def test_autocast_computes_in_float32():
+    logits, image, _ = two_regions(10, 12)
+    crf = DenseCRF(2).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = crf(logits.bfloat16(), image)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, crf(logits.bfloat16().float(), image))
+
+
+def test_agrees_with_pydensecrf():
+    dcrf = pytest.importorskip("pydensecrf.densecrf")
+    import numpy as np
+
+    logits, image, _ = blob_scene()
+    _, c, h, w = logits.shape
+    crf = DenseCRF(c, test_iterations=10, theta_alpha=20.0, theta_beta=13.0).eval()
+    with torch.no_grad():
+        ours = torch.softmax(crf(logits, image), 1)[0].reshape(c, -1).numpy()
+
+    d = dcrf.DenseCRF2D(w, h, c)
+    d.setUnaryEnergy(np.ascontiguousarray(-logits[0].reshape(c, -1).numpy()))
+    d.addPairwiseGaussian(sxy=3.0, compat=3.0, kernel=dcrf.DIAG_KERNEL,
+                          normalization=dcrf.NORMALIZE_AFTER)
+    rgb = np.ascontiguousarray(image[0].permute(1, 2, 0).numpy().astype(np.uint8))
+    d.addPairwiseBilateral(sxy=20.0, srgb=13.0, rgbim=rgb, compat=5.0,
+                           kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NORMALIZE_AFTER)
+    ref = np.array(d.inference(10))
+
+    agreement = (ours.argmax(0) == ref.argmax(0)).mean()
+    assert agreement >= 0.99
+    assert np.abs(ours - ref).max() < 1e-3
+    # and the CRF actually changed the labelling
+    assert (ref.argmax(0) != logits[0].reshape(c, -1).argmax(0).numpy()).mean() > 0.02
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    logits, image, _ = blob_scene(30, 40)
+    crf = DenseCRF(5).eval()
+    cpu = crf(logits, image)
+    gpu = crf.cuda()(logits.cuda(), image.cuda())
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-3)
