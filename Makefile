@@ -46,7 +46,7 @@ else
 endif
 
 sweep:  ## run sweeps/$(SWEEP).yaml locally (no W&B server), COUNT trials
-	dilatedseg sweep sweeps/$(SWEEP).yaml --local --count $(COUNT)
+	dilatedseg sweep sweeps/$(SWEEP).yaml --local --count $(COUNT) $(ARGS)
 
 bench:  ## performance benchmarks (not part of `make test`)
 	$(PYTHON) benchmarks/run.py
