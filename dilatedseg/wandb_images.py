@@ -5,7 +5,8 @@ The CLI adds this callback (configured under ``wandb_images`` in conf/base.yaml,
 ``--wandb_images.count=4``; ``count: 0`` turns the images off). It does nothing unless the trainer
 has a WandbLogger, and works on global rank 0 only: the images are the first ``count`` of rank
 0's share of the validation set, the same ones every epoch (validation is not shuffled). Class
-names come from ``pl_module.class_names``, which the CLI links from the data module.
+names come from ``pl_module.class_names``, which the CLI links from the data module. With the
+context stage's feature cache, batches carry no image: the masks are shown on a grey canvas.
 """
 
 from __future__ import annotations
@@ -51,9 +52,15 @@ class WandbImages(Callback):
             return
         batch = {k: v[:wanted] if isinstance(v, torch.Tensor | list) else v
                  for k, v in batch.items()}
-        prediction = pl_module.predict_step(batch, batch_idx)["prediction"]
-        images = batch["image"].permute(0, 2, 3, 1).clamp(0, 255).byte().cpu().numpy()
+        if hasattr(pl_module, "batch_logits"):  # also works on cached front-end logits
+            prediction = pl_module.batch_logits(batch).argmax(1)
+        else:
+            prediction = pl_module.predict_step(batch, batch_idx)["prediction"]
         labels = batch["label"].cpu().numpy().astype(np.uint8)
+        if "image" in batch:
+            images = batch["image"].permute(0, 2, 3, 1).clamp(0, 255).byte().cpu().numpy()
+        else:  # feature-cache batches carry no image: the masks on a grey canvas
+            images = np.full((*labels.shape, 3), 128, np.uint8)
         names = batch.get("name") or [str(len(self.samples) + i) for i in range(len(images))]
         for image, label, pred, name in zip(images, labels, prediction.cpu().numpy(), names):
             self.samples.append((image, pred.astype(np.uint8), label, str(name)))

@@ -158,3 +158,56 @@ def test_images_callback_is_configurable():
     assert "count: 8" in (REPO / "conf/base.yaml").read_text()
     with pytest.raises(ValueError, match="count"):
         WandbImages(count=-1)
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["images", "feature-cache"])
+def test_images_callback_logs_masks_and_table_on_rank_zero(cached):
+    """Stub trainer / logger: what the callback hands to WandbLogger, with and without images."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import torch
+    from lightning.pytorch.loggers import WandbLogger
+
+    from dilatedseg.module import SegmentationModule
+    from dilatedseg.wandb_images import WandbImages
+
+    torch.manual_seed(0)
+    module = SegmentationModule(4, ["bg", "a", "b", "c"], stage="context", arch="tiny",
+                                padding="same", dilations=[1, 2, 1]).eval()
+    label = torch.randint(0, 4, (3, 64, 64))
+    label[:, :4] = 255
+    batch = {"label": label, "name": ["x0", "x1", "x2"]}
+    if cached:
+        batch["frontend_logits"] = torch.randn(3, 4, 8, 8)
+    else:
+        batch["image"] = torch.rand(3, 3, 64, 64) * 255
+    logger = mock.MagicMock(spec=WandbLogger)
+    trainer = SimpleNamespace(is_global_zero=True, sanity_checking=False, loggers=[logger],
+                              global_step=7, callback_metrics={"val/IoU/a": torch.tensor(12.5)})
+    callback = WandbImages(count=2)
+    callback.on_validation_start(trainer, module)
+    with torch.no_grad():
+        callback.on_validation_batch_end(trainer, module, None, batch, 0)
+        callback.on_validation_batch_end(trainer, module, None, batch, 1)  # already has 2
+    callback.on_validation_end(trainer, module)
+
+    kwargs = logger.log_image.call_args.kwargs
+    assert kwargs["key"] == "val/examples" and kwargs["step"] == 7
+    assert kwargs["caption"] == ["x0", "x1"] and len(kwargs["images"]) == 2
+    assert kwargs["images"][0].shape == (64, 64, 3) and kwargs["images"][0].dtype.name == "uint8"
+    mask = kwargs["masks"][0]
+    assert mask["ground_truth"]["mask_data"][0, 0] == 255
+    assert (mask["ground_truth"]["mask_data"][4:] == label[0, 4:].numpy()).all()
+    assert mask["prediction"]["mask_data"].max() < 4
+    assert mask["prediction"]["class_labels"] == {0: "bg", 1: "a", 2: "b", 3: "c", 255: "ignore"}
+    table = logger.log_table.call_args.kwargs
+    assert table["key"] == "val/IoU_table" and table["columns"] == ["class", "IoU"]
+    assert table["data"] == [["bg", None], ["a", 12.5], ["b", None], ["c", None]]
+
+    logger.reset_mock()  # other ranks and the sanity check log nothing
+    for trainer.is_global_zero, trainer.sanity_checking in ((False, False), (True, True)):
+        callback.on_validation_start(trainer, module)
+        callback.on_validation_batch_end(trainer, module, None, batch, 0)
+        callback.on_validation_end(trainer, module)
+    assert not logger.log_image.called and not logger.log_table.called
