@@ -140,6 +140,11 @@ class CamVidDataModule(SegmentationDataModule):
         self.layout_name = layout
         self.lookup = segnet_lookup()
 
+    @property
+    def prepare_command(self) -> str:
+        layout = "" if self.layout_name == "segnet" else f" --layout {self.layout_name}"
+        return f"dilatedseg prepare {self.name} --root {self.root}{layout}"
+
     def pairs(self, split: str) -> list[tuple[Path, Path | None]]:
         if self.layout_name == "segnet":
             folder = self.root / split

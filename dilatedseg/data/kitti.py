@@ -59,6 +59,11 @@ class KITTIDataModule(SegmentationDataModule):
             self.colours = {colour: i for i, colour in enumerate(camvid.PALETTE)}
             self.colours[VOID_COLOUR] = IGNORE_INDEX
 
+    @property
+    def prepare_command(self) -> str:
+        layout = "" if self.layout_name == "ros" else f" --layout {self.layout_name}"
+        return f"dilatedseg prepare {self.name} --root {self.root}{layout}"
+
     def pairs(self, split: str) -> list[tuple[Path, Path | None]]:
         if self.layout_name == "ros":
             folder = self.root / ("train" if split == "train" else "test")
