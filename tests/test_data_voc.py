@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.io
 from conftest import run_cli
-from fixtures_datasets import logged_metrics, make_voc, tiny_args
+from fixtures_datasets import REPO, logged_metrics, make_voc, tiny_args
 from PIL import Image
 
 from dilatedseg.data import VOCDataModule
@@ -63,6 +63,16 @@ def test_voc_fit_and_validate_through_cli(voc_root, tmp_path):
     run_cli("validate", *tiny_args("voc", voc_root, runs),
             f"--ckpt_path={run_dir / 'checkpoints/last.ckpt'}")
     assert 0 <= logged_metrics(runs / "voc/frontend/validate_0")["val/mIoU"] <= 100
+    # The paper's context stage on top: Large module, cached front-end logits, batch from the
+    # overlay shrunk back to a tiny run.
+    run_cli("fit", *tiny_args("voc", voc_root, runs,
+                              "--config", str(REPO / "conf/stage/context.yaml"),
+                              "--config", str(REPO / "conf/voc/context.yaml"),
+                              "--trainer.max_steps=-1", "--data.init_args.batch_size=2",
+                              "--model.lr=0.001"))
+    context = logged_metrics(runs / "voc/context/version_0")
+    assert 0 <= context["val/mIoU"] <= 100 and "train/loss" in context
+    assert any((runs / "voc/cache").iterdir())  # trained on cached front-end logits
 
 
 @pytest.mark.skipif(not REALDATA.is_dir(), reason="no real VOC files here")
