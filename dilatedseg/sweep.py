@@ -256,7 +256,7 @@ def run_local(config: dict, name: str, count: int | None, extra: list[str],
     if parsed:
         ensure_previous_stage(parsed, extra, out_dir)
 
-    runs, rows, proposal = [], [], first
+    runs, rows, proposal, interrupted = [], [], first, False
     while proposal is not None and (count is None or len(rows) < count):
         index = len(rows)
         summary_path = out_dir / f"trial-{index:03d}.json"
@@ -266,10 +266,15 @@ def run_local(config: dict, name: str, count: int | None, extra: list[str],
                 agent_args(proposal.config)["args_json"][0])
         values = {k: plain(v["value"]) for k, v in proposal.config.items()}
         shown = ", ".join(f"{k}={v}" for k, v in values.items())
-        print(f"[{name}] trial {index}{'' if count is None else f'/{count}'}: {shown}",
+        print(f"[{name}] trial {index + 1}{'' if count is None else f'/{count}'}: {shown}",
               flush=True)
         log, start = out_dir / f"trial-{index:03d}.log", time.time()
-        code = run_logged(argv, log, trial_env(summary_path))
+        try:
+            code = run_logged(argv, log, trial_env(summary_path))
+        except KeyboardInterrupt:  # the trial is killed; keep what finished
+            print("  interrupted", flush=True)
+            interrupted = True
+            break
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
         state = RunState.finished if code == 0 and summary else RunState.failed
         run = SweepRun(name=f"trial-{index:03d}", config=proposal.config, state=state,
@@ -291,6 +296,8 @@ def run_local(config: dict, name: str, count: int | None, extra: list[str],
     rows = sort_rows(rows, metric or "metric", goal)
     write_csv(rows, out_dir / "trials.csv")
     print(f"\n{format_rows(rows)}\n\ntrials: {out_dir / 'trials.csv'}")
+    if interrupted:
+        raise SystemExit(130)
     if rows and all(row["state"] != "finished" for row in rows):
         raise SweepError(f"every trial failed; see the logs in {out_dir}")
     return rows
