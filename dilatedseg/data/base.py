@@ -1,0 +1,255 @@
+"""The shared base of every dataset: file pairs on disk -> checked, augmented batches.
+
+A dataset subclass is metadata (name, classes, palette, mean, expected tree, the command that
+prepares it) plus two small methods: ``pairs(split)`` lists (image, label) files and, where the
+labels need mapping, ``read_label(path)`` returns a uint8 index map (255 = ignore).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from dilatedseg.data import transforms
+
+IGNORE_INDEX = 255
+
+
+class DataError(Exception):
+    """A user's data is missing or malformed; the message says what and how to fix it."""
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Image file -> (H, W, 3) uint8 RGB."""
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))
+    except (OSError, ValueError) as error:
+        raise DataError(f"cannot read image {path}: {error}. Re-download or remove it.") from None
+
+
+def read_index_png(path: Path) -> np.ndarray:
+    """Index / palette PNG -> (H, W) uint8 label map (palette indices are the class ids)."""
+    try:
+        with Image.open(path) as label:
+            if label.mode not in ("P", "L", "I", "I;16"):
+                raise DataError(
+                    f"label {path} is a {label.mode} image; expected a single-channel index PNG "
+                    "(class ids as pixel values, 255 = ignore)")
+            return np.asarray(label).astype(np.uint8, copy=False)
+    except OSError as error:
+        raise DataError(f"cannot read label {path}: {error}. Re-download or remove it.") from None
+
+
+def check_label(label: np.ndarray, num_classes: int, path: Path) -> None:
+    """Raise a DataError naming ``path`` if a value is outside [0, C) and not 255."""
+    values = np.unique(label)
+    bad = values[(values >= num_classes) & (values != IGNORE_INDEX)]
+    if bad.size:
+        raise DataError(
+            f"label {path} holds values {bad.tolist()} outside [0, {num_classes}) and not "
+            f"{IGNORE_INDEX} (ignore). Re-run the dataset's prepare command, or fix the file.")
+
+
+def folder_images(folder: Path) -> list[tuple[Path, None]]:
+    """Every .png / .jpg / .jpeg image under ``folder``, sorted, without labels."""
+    if not folder.is_dir():
+        raise DataError(f"predict_dir {folder} is not a folder; point it at a folder of images")
+    images = sorted(p for p in folder.rglob("*")
+                    if p.suffix.lower() in (".png", ".jpg", ".jpeg") and p.is_file())
+    if not images:
+        raise DataError(f"predict_dir {folder} holds no .png / .jpg images")
+    return [(image, None) for image in images]
+
+
+class SegmentationDataset(Dataset):
+    """(image, label) files -> {"image": float 0-255 RGB (3,H,W), "label": long (H,W), "name"}."""
+
+    def __init__(
+        self,
+        pairs: Sequence[tuple[Path, Path | None]],
+        num_classes: int,
+        read_label: Callable[[Path], np.ndarray],
+        transform: Callable | None = None,
+    ):
+        self.pairs, self.num_classes = list(pairs), num_classes
+        self.read_label, self.transform = read_label, transform
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        image_path, label_path = self.pairs[index]
+        image = read_image(image_path)
+        if label_path is None:
+            return image, None
+        label = self.read_label(label_path)
+        if label.shape != image.shape[:2]:
+            raise DataError(
+                f"image {image_path} is {image.shape[1]}x{image.shape[0]} but its label "
+                f"{label_path} is {label.shape[1]}x{label.shape[0]}; they must match.")
+        check_label(label, self.num_classes, label_path)
+        return image, label
+
+    def __getitem__(self, index: int) -> dict:
+        image, label = self.load(index)
+        if label is None:
+            label = np.full(image.shape[:2], IGNORE_INDEX, np.uint8)
+        if self.transform is not None:
+            out = self.transform(image=image, mask=label)
+            image, label = out["image"], out["mask"]
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float(),
+            "label": torch.from_numpy(np.array(label, copy=True)).long(),
+            "name": self.pairs[index][0].stem,
+        }
+
+
+class SegmentationDataModule(L.LightningDataModule):
+    """Base LightningDataModule; subclasses set the metadata and implement ``pairs``.
+
+    Args:
+        root: dataset root directory.
+        batch_size: training batch size (per process under DDP).
+        crop_size: training crop (H, W) or int; images smaller than it are padded (labels with
+            255). None trains on whole images.
+        val_batch_size: batch size for validate / test / predict.
+        num_workers: dataloader worker processes.
+        mirror: random horizontal flips during training.
+        scale_range: optional (min, max) random rescaling during training (off in the paper).
+        label_check: "all" checks every label's values before training; "sample" checks up to
+            64 per split (values are still checked as each file loads); "auto" picks "all" for
+            up to 1000 files.
+        predict_split: the split ``predict`` runs on, unless ``predict_dir`` is given.
+        predict_dir: a folder of images (any depth, .png/.jpg) to predict on instead.
+    """
+
+    name = "base"
+    classes: tuple[str, ...] = ()
+    palette: tuple[tuple[int, int, int], ...] = ()
+    categories: tuple[str, ...] | None = None  # category of each class (category IoU), if any
+    mean_rgb: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    layout = ""  # the expected directory tree, shown when data is missing
+    split_names: dict[str, str] = {"fit": "train", "validate": "val", "test": "test"}
+
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 8,
+        crop_size: int | tuple[int, int] | None = None,
+        val_batch_size: int = 1,
+        num_workers: int = 2,
+        mirror: bool = True,
+        scale_range: tuple[float, float] | None = None,
+        label_check: str = "auto",
+        pin_memory: bool = True,
+        predict_split: str = "val",
+        predict_dir: str | None = None,
+    ):
+        super().__init__()
+        self.root = Path(root).expanduser()
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size
+        self.crop_size = (crop_size, crop_size) if isinstance(crop_size, int) else crop_size
+        self.num_workers, self.mirror, self.scale_range = num_workers, mirror, scale_range
+        if label_check not in ("auto", "all", "sample"):
+            raise ValueError(f"label_check must be 'auto', 'all' or 'sample', got {label_check!r}")
+        self.label_check, self.pin_memory = label_check, pin_memory
+        self.predict_split = predict_split
+        self.predict_dir = None if predict_dir is None else Path(predict_dir).expanduser()
+        self.datasets: dict[str, SegmentationDataset] = {}
+
+    # ---- metadata a subclass provides -------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def prepare_command(self) -> str:
+        return f"dilatedseg prepare {self.name} --root {self.root}"
+
+    def pairs(self, split: str) -> list[tuple[Path, Path | None]]:
+        """(image, label) paths of a split ("train", "val", "test")."""
+        raise NotImplementedError
+
+    def read_label(self, path: Path) -> np.ndarray:
+        return read_index_png(path)
+
+    # ---- shared machinery -------------------------------------------------------------------
+    def missing(self, what: str) -> DataError:
+        """A DataError naming what is missing, the expected tree and the prepare command."""
+        tree = f"\nExpected under {self.root}:\n{self.layout.rstrip()}" if self.layout else ""
+        return DataError(f"{self.name}: {what}.{tree}\nPrepare it with: {self.prepare_command}")
+
+    def checked_pairs(self, split: str) -> list[tuple[Path, Path | None]]:
+        if not self.root.is_dir():
+            raise self.missing(f"dataset root {self.root} does not exist")
+        pairs = self.pairs(split)
+        if not pairs:
+            raise self.missing(f"no images found for split '{split}'")
+        for image, label in pairs:
+            if not image.is_file():
+                raise self.missing(f"image {image} (listed for split '{split}') is missing")
+            if label is not None and not label.is_file():
+                raise self.missing(f"image {image} has no label file {label}")
+        return pairs
+
+    def check_labels(self, dataset: SegmentationDataset) -> None:
+        """Load labels before training so bad values fail early, naming the file."""
+        count = len(dataset)
+        if self.label_check == "all" or (self.label_check == "auto" and count <= 1000):
+            indices = range(count)
+        else:
+            indices = np.linspace(0, count - 1, min(count, 64)).astype(int)
+        for index in indices:
+            if dataset.pairs[index][1] is not None:
+                dataset.load(index)
+
+    def train_transform(self) -> Callable | None:
+        return transforms.train_transform(self.crop_size, self.mirror, self.scale_range)
+
+    def make_dataset(self, split: str, train: bool = False) -> SegmentationDataset:
+        dataset = SegmentationDataset(
+            self.checked_pairs(split), self.num_classes, self.read_label,
+            self.train_transform() if train else None,
+        )
+        self.check_labels(dataset)
+        return dataset
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.datasets["train"] = self.make_dataset("train", train=True)
+            self.datasets["val"] = self.make_dataset("val")
+        elif stage == "validate":
+            self.datasets["val"] = self.make_dataset("val")
+        elif stage == "test":
+            self.datasets["test"] = self.make_dataset("test")
+        elif stage == "predict" and self.predict_dir is not None:
+            self.datasets["predict"] = SegmentationDataset(
+                folder_images(self.predict_dir), self.num_classes, self.read_label)
+        elif stage == "predict":
+            self.datasets["predict"] = self.make_dataset(self.predict_split)
+
+    def loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.datasets[split], batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
+            num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader("val", self.val_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loader("test", self.val_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.loader("predict", self.val_batch_size, shuffle=False)
