@@ -7,8 +7,8 @@ SWEEP ?= dilations
 COUNT ?= 4
 INIT ?=
 ARGS ?=
-# The stages `STAGE=all` runs, in order (the crf stage is added once it exists).
-STAGES ?= frontend context
+# The stages `STAGE=all` runs, in order.
+STAGES ?= frontend context crf
 
 export NO_ALBUMENTATIONS_UPDATE := 1
 

@@ -182,9 +182,9 @@ class FrontendLogitsCache(Callback):
     """Train and validate the context stage on cached front-end logits (see module docstring).
 
     At ``setup`` (before Lightning builds any dataloader) the data module's train / val
-    datasets are replaced by :class:`CachedLogitsDataset` stand-ins of the same length; at
-    ``on_fit_start`` (front-end weights final: init_from or a resumed checkpoint loaded, model
-    on its device) the caches are found or built and attached.
+    datasets are replaced by :class:`CachedLogitsDataset` readers of the caches, which are
+    found or built there with the front-end's final weights (``init_from``; a resumed
+    checkpoint holds the same frozen front-end).
 
     Args:
         cache_dir: where the caches live; None = ``<runs>/<dataset>/cache`` next to the stage
@@ -221,9 +221,15 @@ class FrontendLogitsCache(Callback):
             plain.transform = None  # whole, un-augmented images
             mirror = split == "train" and bool(getattr(datamodule, "mirror", False))
             datamodule.datasets[split] = CachedLogitsDataset(plain, mirror=mirror)
+        # Built here, before Lightning creates any dataloader (the poly schedule asks for the
+        # train loader's length while configuring the optimiser, before on_fit_start).
+        self.build_and_attach(trainer, pl_module)
 
-    def on_fit_start(self, trainer, pl_module) -> None:
+    def build_and_attach(self, trainer, pl_module) -> None:
+        """Find or build each split's cache (rank 0 builds, others wait) and attach it."""
         datamodule = trainer.datamodule
+        pl_module.load_initial_weights()  # the cache key needs the final front-end weights
+        pl_module.to(trainer.strategy.root_device)
         segmenter = pl_module.model
         tile = pl_module.hparams.get("tile_size")
         kind = f"{type(datamodule).__module__}.{type(datamodule).__qualname__}"

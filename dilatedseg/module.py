@@ -10,12 +10,13 @@ import torch.nn.functional as F
 
 from dilatedseg.inference import predict_logits
 from dilatedseg.metrics import ConfusionMatrix, category_iou, iou_from_confusion, mean_iou
-from dilatedseg.models import ContextModule, FrontEnd, Segmenter
+from dilatedseg.models import ContextModule, DenseCRF, FrontEnd, Segmenter
 from dilatedseg.models.segmenter import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 from dilatedseg.models.weights import WeightsError
 from dilatedseg.runs import RunError
 
-STAGES = ("frontend", "context", "joint")
+STAGES = ("frontend", "context", "joint", "crf")
+CRF_MODES = ("none", "dense", "rnn")
 IGNORE_INDEX = 255
 
 
@@ -23,14 +24,19 @@ class SegmentationModule(L.LightningModule):
     """Trains and evaluates a :class:`Segmenter` in one of the paper's stages.
 
     Stages: ``frontend`` trains the front-end alone; ``context`` freezes the front-end and
-    trains an (identity-initialised) context module on its logits; ``joint`` fine-tunes both.
+    trains an (identity-initialised) context module on its logits; ``joint`` fine-tunes both;
+    ``crf`` fine-tunes front-end + context + CRF-RNN end to end.
     ``init_from`` copies weights from an earlier stage's checkpoint (missing modules keep their
     initialisation); resuming an interrupted run is the trainer's ``ckpt_path`` instead.
 
     Args:
         num_classes: classes C (linked from the data module by the CLI).
         class_names: names for per-class logging (linked from the data module).
-        stage: one of "frontend", "context", "joint".
+        stage: one of "frontend", "context", "joint", "crf".
+        crf: "none"; "dense" = fixed dense CRF as post-processing at validate / test / predict
+            (any stage; training ignores it); "rnn" = trainable CRF-RNN, trained end to end
+            (the crf stage). crf_options: keyword arguments of :class:`DenseCRF` (thetas,
+            kernel weights, iterations, test_iterations).
         arch, padding, dropout, pretrained: the :class:`FrontEnd`.
         context_variant, dilations, context_init, context_padding: the :class:`ContextModule`;
             ``dilations`` is a preset name ("dilation7", "dilation8", "dilation10") or a list.
@@ -82,6 +88,8 @@ class SegmentationModule(L.LightningModule):
         lr_step_iters: int | None = None,
         feature_cache: bool = False,
         feature_cache_dir: str | None = None,
+        crf: str = "none",
+        crf_options: dict | None = None,
     ):
         super().__init__()
         if stage not in STAGES:
@@ -91,6 +99,10 @@ class SegmentationModule(L.LightningModule):
         if lr_schedule not in ("poly", "step", "constant"):
             raise ValueError(
                 f"lr_schedule must be 'poly', 'step' or 'constant', got {lr_schedule!r}")
+        if crf not in CRF_MODES:
+            raise ValueError(f"crf must be one of {CRF_MODES}, got {crf!r}")
+        if stage == "crf" and crf != "rnn":
+            raise ValueError("stage 'crf' trains a CRF-RNN: set --model.crf=rnn")
         if feature_cache and stage != "context":
             raise ValueError("feature_cache needs the frozen front-end of stage 'context', not "
                              f"{stage!r}: set --model.feature_cache=false")
@@ -107,8 +119,11 @@ class SegmentationModule(L.LightningModule):
         if stage != "frontend":
             context = ContextModule(num_classes, variant=context_variant, dilations=dilations,
                                     init=context_init, padding=context_padding)
-        self.model = Segmenter(frontend, context, upsample=upsample, pixel_mean=pixel_mean,
-                               pixel_std=pixel_std)
+        dense_crf = None
+        if crf != "none":
+            dense_crf = DenseCRF(num_classes, trainable=crf == "rnn", **(crf_options or {}))
+        self.model = Segmenter(frontend, context, dense_crf, upsample=upsample,
+                               pixel_mean=pixel_mean, pixel_std=pixel_std)
         if stage == "context":
             self.model.frontend.requires_grad_(False)
         self.val_confusion = ConfusionMatrix(num_classes, IGNORE_INDEX)
@@ -117,8 +132,14 @@ class SegmentationModule(L.LightningModule):
     # ---- weights ----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         # Runs before Lightning restores a ckpt_path, so resuming still wins over init_from.
-        if stage == "fit" and self.hparams.init_from:
+        if stage == "fit":
+            self.load_initial_weights()
+
+    def load_initial_weights(self) -> None:
+        """Load ``init_from`` once (the feature cache needs the weights before ``setup``)."""
+        if self.hparams.init_from and not getattr(self, "_initial_weights_loaded", False):
             self.load_weights(self.hparams.init_from)
+            self._initial_weights_loaded = True
 
     def load_weights(self, path: str) -> None:
         """Copy matching weights from a checkpoint of any stage (weights only, no state)."""
@@ -160,8 +181,8 @@ class SegmentationModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if "frontend_logits" in batch:
             logits = self.batch_logits(batch)
-        else:
-            logits = self(batch["image"])
+        else:  # a fixed (post-processing) CRF takes no part in training
+            logits = self.model(batch["image"], use_crf=self.hparams.get("crf") == "rnn")
         loss = F.cross_entropy(logits, batch["label"], ignore_index=IGNORE_INDEX)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
         return loss

@@ -82,15 +82,18 @@ class Segmenter(nn.Module):
         return F.interpolate(logits, scale_factor=OUTPUT_STRIDE, mode="bilinear",
                              align_corners=False)[..., : size[0], : size[1]]
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.from_frontend_logits(self.frontend_logits(image), image.shape[-2:], image)
+    def forward(self, image: torch.Tensor, use_crf: bool = True) -> torch.Tensor:
+        logits = self.frontend_logits(image)
+        return self.from_frontend_logits(logits, image.shape[-2:], image if use_crf else None,
+                                         use_crf=use_crf)
 
     def from_frontend_logits(self, frontend_logits: torch.Tensor, size: tuple[int, int],
-                             image: torch.Tensor | None = None) -> torch.Tensor:
+                             image: torch.Tensor | None = None,
+                             use_crf: bool = True) -> torch.Tensor:
         """The rest of the network after the front-end: context, upsampling to ``size``, CRF
         (which needs the 0-255 RGB ``image``)."""
         logits = self.upsample_to(self.refine(frontend_logits), size)
-        if self.crf is not None:
+        if self.crf is not None and use_crf:
             if image is None:
                 raise ValueError("the CRF needs the image: train it on images, not on cached "
                                  "front-end logits (--model.feature_cache=false)")

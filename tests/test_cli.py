@@ -1,0 +1,142 @@
+"""The `dilatedseg` command: configs parse, runs land in runs/<dataset>/<stage>/<version>/,
+stages chain, resuming continues, bad labels fail early with the file named."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_cli, shapes_args
+from PIL import Image
+
+DATASET_CONFIGS = sorted(p.name for p in (REPO / "conf").glob("*.yaml") if p.name != "base.yaml"
+                         and p.name != "debug.yaml")
+STAGE_CONFIGS = sorted(p.name for p in (REPO / "conf/stage").glob("*.yaml"))
+
+
+def print_config(*configs: str) -> str:
+    """`dilatedseg fit --config ... --print_config`, in this process (it ends with exit 0)."""
+    argv = ["fit"]
+    for config in configs:
+        argv += ["--config", str(REPO / config)]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        run_cli(*argv, "--print_config")
+    assert exit_info.value.code in (0, None)
+    return out.getvalue()
+
+
+def test_every_dataset_and_stage_config_parses():
+    """Each conf/<dataset>.yaml alone and with each stage overlay (and its per-dataset overlay)."""
+    assert "shapes.yaml" in DATASET_CONFIGS and "context.yaml" in STAGE_CONFIGS
+    for dataset in DATASET_CONFIGS:
+        name = dataset.removesuffix(".yaml")
+        out = print_config(f"conf/{dataset}")
+        assert "stage: frontend" in out, f"conf/{dataset} alone must train the first stage"
+        for stage in STAGE_CONFIGS:
+            configs = [f"conf/{dataset}", f"conf/stage/{stage}"]
+            if (REPO / "conf" / name / stage).is_file():
+                configs.append(f"conf/{name}/{stage}")
+            out = print_config(*configs)
+            assert f"stage: {stage.removesuffix('.yaml')}" in out
+
+
+def test_debug_config_parses():
+    out = print_config("conf/shapes.yaml", "conf/debug.yaml")
+    assert "fast_dev_run: 2" in out and "CSVLogger" in out
+
+
+def test_fast_dev_run_on_shapes(tiny_shapes, tmp_path):
+    run_cli("fit", *shapes_args(tiny_shapes, tmp_path, "--trainer.fast_dev_run=2"))
+    assert (tmp_path / "shapes" / "frontend" / "version_0").is_dir()
+
+
+def only_run(parent: Path) -> Path:
+    runs = sorted(p for p in parent.iterdir() if p.is_dir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_stage_chaining_frontend_then_context(tiny_shapes, tmp_path):
+    run_cli("fit", *shapes_args(tiny_shapes, tmp_path, "--trainer.max_epochs=1"))
+    frontend_run = only_run(tmp_path / "shapes" / "frontend")
+    assert (frontend_run / "config.yaml").is_file()
+    summary = json.loads((frontend_run / "summary.json").read_text())
+    assert summary["stage"] == "frontend" and summary["best_val_mIoU"] is not None
+    best = Path(summary["best_checkpoint"])
+    assert best.parent == frontend_run / "checkpoints" and best.name.startswith("best")
+    assert (frontend_run / "checkpoints" / "last.ckpt").is_file()
+
+    # The context stage finds the frontend's best checkpoint by itself (init_from: auto).
+    run_cli("fit", *shapes_args(tiny_shapes, tmp_path, "--config",
+                                str(REPO / "conf/stage/context.yaml"), "--trainer.max_epochs=1"))
+    context_run = only_run(tmp_path / "shapes" / "context")
+    config = (context_run / "config.yaml").read_text()
+    assert f"init_from: {best}" in config
+    # The front-end was frozen: its weights equal the frontend stage's best checkpoint.
+    before = torch.load(best, weights_only=True)["state_dict"]
+    after = torch.load(context_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    frontend_keys = [k for k in before if k.startswith("model.frontend.")]
+    assert frontend_keys and all(torch.equal(before[k], after[k]) for k in frontend_keys)
+    assert any(k.startswith("model.context.") for k in after)
+
+
+def test_context_stage_without_frontend_says_what_to_run(tiny_shapes, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", *shapes_args(tiny_shapes, tmp_path, "--config",
+                                    str(REPO / "conf/stage/context.yaml")))
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert "make train STAGE=frontend DATASET=shapes" in message
+    assert "--model.init_from" in message
+
+
+def test_resume_from_last_checkpoint_continues_epochs(tiny_shapes, tmp_path):
+    run_cli("fit", *shapes_args(tiny_shapes, tmp_path, "--trainer.max_epochs=1"))
+    run = only_run(tmp_path / "shapes" / "frontend")
+    last = run / "checkpoints" / "last.ckpt"
+    first = torch.load(last, weights_only=True)
+    assert first["global_step"] == 4  # 32 images / batch 8
+    run_cli("fit", *shapes_args(tiny_shapes, tmp_path, "--trainer.max_epochs=2",
+                                f"--ckpt_path={last}"))
+    # Same run directory, and training went on for exactly one more epoch (4 more steps).
+    assert only_run(tmp_path / "shapes" / "frontend") == run
+    assert torch.load(last, weights_only=True)["global_step"] == 8
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 2
+
+
+def test_out_of_range_label_fails_naming_the_file(tiny_shapes, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_shapes, root)
+    bad = root / "labels" / "val" / "val_00003.png"
+    label = Image.open(bad)
+    pixels = label.load()
+    pixels[5, 5] = 7  # 4 classes: 7 is neither a class nor 255
+    label.save(bad)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", *shapes_args(root, tmp_path / "runs", "--trainer.max_epochs=1"))
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert str(bad) in message and "[7]" in message
+    assert "Traceback" not in message
+    # Fails before training: no checkpoint was written.
+    assert not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
+def test_missing_label_names_path_and_prepare_command(tiny_shapes, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_shapes, root)
+    missing = root / "labels" / "val" / "val_00001.png"
+    missing.unlink()
+    with pytest.raises(SystemExit):
+        run_cli("validate", *shapes_args(root, tmp_path / "runs"))
+    message = capsys.readouterr().err
+    assert str(missing) in message and f"dilatedseg prepare shapes --root {root}" in message
