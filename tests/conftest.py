@@ -21,6 +21,18 @@ def _isolated_env(monkeypatch):
     monkeypatch.delenv("DILATEDSEG_RUN_DIR", raising=False)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: for tiny sparse products, MKL's thread start-up dominates (badly so
+    on a busy machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_shapes(tmp_path_factory) -> Path:
     """A small shapes dataset on disk (32 train, 8 val, 8 test images)."""

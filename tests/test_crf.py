@@ -8,14 +8,7 @@ import torch.nn.functional as F
 
 from dilatedseg.models.crf import DenseCRF
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small sparse products: MKL's thread start-up dominates, badly so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def two_regions(h: int = 24, w: int = 32, seed: int = 0):

@@ -7,14 +7,7 @@ import torch
 
 from dilatedseg.models.lattice import PermutohedralLattice
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny sparse products: MKL's thread start-up dominates, badly so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def naive_filter(features: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
