@@ -48,6 +48,10 @@ endif
 sweep:  ## run sweeps/$(SWEEP).yaml locally (no W&B server), COUNT trials
 	dilatedseg sweep sweeps/$(SWEEP).yaml --local --count $(COUNT) $(ARGS)
 
+# Runs go to runs/report/ (apart from yours); ARGS go to every run, e.g. ARGS=--quick for a smoke test.
+report:  ## reproduce the paper's ablations on DATASET: reports/<dataset>/report.md + figures
+	$(PYTHON) -m dilatedseg.report --dataset $(DATASET) --out reports/$(DATASET) $(ARGS)
+
 bench:  ## performance benchmarks (not part of `make test`)
 	$(PYTHON) benchmarks/run.py
 
