@@ -8,7 +8,8 @@ logging, under ``--runs_dir``), with the dataset's configs (conf/<dataset>.yaml 
 conf/stage/<stage>.yaml [+ conf/<dataset>/<stage>.yaml]) and their fixed seed:
 
 1. the front-end;
-2. context modules on its frozen logits: basic and large, identity and random initialisation;
+2. context modules on its frozen logits: basic and large, identity and random initialisation
+   (the large ones with conf/<dataset>/context_large.yaml on top, when the dataset has it);
 3. CRF-RNN (the crf stage, trained end to end) from the front-end, basic and large rows;
 4. a fixed dense CRF as post-processing on each row's best checkpoint;
 5. the dilation-schedule sweep ``sweeps/report_dilations.yaml`` through the local sweep runner;
@@ -84,6 +85,14 @@ def sweep_file() -> Path:
     """sweeps/report_dilations.yaml of the working directory, else of the package checkout."""
     local = Path("sweeps") / REPORT_SWEEP
     return local if local.is_file() else PACKAGE_CONF.parent / "sweeps" / REPORT_SWEEP
+
+
+def variant_configs(dataset: str, variant: str) -> list[str]:
+    """conf/<dataset>/context_<variant>.yaml when the dataset has one (e.g. a smaller lr for
+    the large module), then --model.context_variant."""
+    overlay = conf_root(dataset) / dataset / f"context_{variant}.yaml"
+    files = ["--config", str(overlay)] if overlay.is_file() else []
+    return files + [f"--model.context_variant={variant}"]
 
 
 def common_args(runs_dir: str, quick: bool, extra: list[str]) -> list[str]:
@@ -247,11 +256,11 @@ def run_report(dataset: str, out: Path, runs_dir: str, quick: bool, count: int |
     from dilatedseg import report_figures as figures
 
     start = time.time()
+    args = common_args(runs_dir, quick, extra)
+    check_data(dataset, args)
     out.mkdir(parents=True, exist_ok=True)
     logs = Path(runs_dir) / dataset / "report"
     logs.mkdir(parents=True, exist_ok=True)
-    args = common_args(runs_dir, quick, extra)
-    check_data(dataset, args)
     timings: dict[str, float] = {}
 
     def timed(name, function, *a, **k):
@@ -268,9 +277,8 @@ def run_report(dataset: str, out: Path, runs_dir: str, quick: bool, count: int |
         for init in ("identity", "random"):
             context[variant, init] = timed(
                 "context", fit, f"context-{variant}-{init}",
-                stage_configs(dataset, "context") + args + [
-                    start_from, f"--model.context_variant={variant}",
-                    f"--model.context_init={init}"], logs)
+                stage_configs(dataset, "context") + variant_configs(dataset, variant) + args
+                + [start_from, f"--model.context_init={init}"], logs)
     models = {"frontend": frontend, "basic": context["basic", "identity"],
               "large": context["large", "identity"]}
 
@@ -279,7 +287,7 @@ def run_report(dataset: str, out: Path, runs_dir: str, quick: bool, count: int |
     for row, source in models.items():
         row_args = [f"--model.init_from={source['best_checkpoint']}"]
         row_args += (["--model.stage=frontend"] if row == "frontend"
-                     else [f"--model.context_variant={row}"])
+                     else [f"--model.context_variant={row}"])  # the crf stage's own lr
         if quick:
             row_args.append(f"--model.crf_options={json.dumps(QUICK_CRF)}")
         rnn[row] = timed("CRF-RNN", fit, f"crf-rnn-{row}",

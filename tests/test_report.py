@@ -1,0 +1,85 @@
+"""`python -m dilatedseg.report`: receptive-field computation, the pipeline on a tiny budget,
+and the missing-data error of a real dataset."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dilatedseg import report
+from dilatedseg.models.context import ContextModule, receptive_field
+
+
+@pytest.mark.parametrize("dilations", [(1,), (1, 1, 2, 4, 8, 1), (1, 1, 2, 4, 8, 16, 1), (3, 2)])
+@pytest.mark.parametrize("init", ["identity", "random"])
+def test_context_gradient_extent_is_the_receptive_field(dilations, init):
+    torch.manual_seed(0)
+    context = ContextModule(4, dilations=dilations, init=init)
+    gradient = report.context_gradient(context)
+    field = receptive_field(dilations)
+    assert report.gradient_extent(gradient) == (field, field)
+    # Centred on the output cell, and nothing reaches past the field.
+    size = gradient.shape[0]
+    rows = np.flatnonzero(gradient.any(axis=1))
+    assert rows[0] + rows[-1] == size - 1
+
+
+def test_schedule_label_reads_sweep_values():
+    assert report.schedule_label("[1, 1, 2]") == ("1,1,2", (1, 1, 2))
+    label, dilations = report.schedule_label("dilation7")
+    assert dilations == (1, 1, 2, 4, 8, 1) and label.startswith("dilation7")
+
+
+def test_report_quick_pipeline(tmp_path):
+    out = tmp_path / "report"
+    report.main([
+        "--dataset", "shapes", "--out", str(out), "--runs_dir", str(tmp_path / "runs"),
+        "--quick",  # 64x64 images: the CRF stages dominate and scale with pixels
+        f"--data.init_args.root={tmp_path / 'shapes'}", "--data.init_args.image_size=64",
+        "--data.init_args.train_size=32", "--data.init_args.val_size=8",
+        "--data.init_args.test_size=8",
+        "--data.init_args.num_workers=0", "--data.init_args.batch_size=8",
+        "--data.init_args.val_batch_size=4",
+    ])
+    text = (out / "report.md").read_text()
+    number = r"(\d+\.\d)"
+    for row in ("Front end", r"\+ Basic context", r"\+ Large context"):
+        match = re.search(rf"\| {row} \| {number} \| {number} \| {number} \|", text)
+        assert match, f"no numeric Table 3 row '{row}' in report.md:\n{text}"
+        assert all(0 <= float(value) <= 100 for value in match.groups())
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["sweep"]) == 2 and all(p["miou"] is not None for p in results["sweep"])
+    assert [p["field_cells"] for p in results["sweep"]] == [3, 7]  # the grid's first schedules
+    assert set(results["init"]) == {"basic-identity", "basic-random", "large-identity",
+                                    "large-random"}
+    for name in ("predictions", "receptive_fields", "init_curves", "dilation_sweep"):
+        path = out / f"{name}.png"
+        assert f"({name}.png)" in text
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            assert image.format == "PNG" and min(image.size) > 100
+
+
+def test_report_on_missing_dataset_fails_early_with_its_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        report.main(["--dataset", "camvid", "--out", str(tmp_path / "report"),
+                     "--runs_dir", str(tmp_path / "runs"),
+                     f"--data.init_args.root={tmp_path / 'no-camvid'}"])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert "camvid" in error and "no-camvid" in error and "Prepare it with" in error
+    assert "Traceback" not in error
+    assert not (tmp_path / "runs" / "camvid").exists()  # nothing trained
+
+
+def test_report_unknown_dataset(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        report.main(["--dataset", "nope", "--out", str(tmp_path / "r"),
+                     "--runs_dir", str(tmp_path / "runs")])
+    assert "conf/nope.yaml" in capsys.readouterr().err
