@@ -56,6 +56,15 @@ class SegmentationModule(L.LightningModule):
             them on disk and train on them (:mod:`dilatedseg.features`); batches then carry
             ``frontend_logits`` instead of ``image``. feature_cache_dir: where (None = next to
             the run, ``runs/<dataset>/cache``).
+        channels_last: on CUDA, keep weights (hence activations) in NHWC memory format, the
+            layout tensor-core convolutions use natively (no effect on CPU).
+        compile: ``torch.compile`` the context module and the CRF (launch-bound: many small
+            kernels). Off by default: the first steps pay the compilation.
+        fc6_space_to_batch: run the dilated fc6 as an undilated convolution on a rearranged
+            tensor (:class:`~dilatedseg.models.frontend.SpaceToBatchConv2d`; same weights).
+
+    Mixed precision is the trainer's: ``--trainer.precision=bf16-mixed`` runs convolutions in
+    bf16 under autocast; the loss and the CRF stay in float32.
     """
 
     def __init__(
@@ -90,6 +99,9 @@ class SegmentationModule(L.LightningModule):
         feature_cache_dir: str | None = None,
         crf: str = "none",
         crf_options: dict | None = None,
+        channels_last: bool = True,
+        compile: bool = False,
+        fc6_space_to_batch: bool = False,
     ):
         super().__init__()
         if stage not in STAGES:
@@ -112,7 +124,7 @@ class SegmentationModule(L.LightningModule):
             raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
         try:
             frontend = FrontEnd(num_classes, arch=arch, padding=padding, dropout=dropout,
-                                pretrained=pretrained)
+                                pretrained=pretrained, fc6_space_to_batch=fc6_space_to_batch)
         except WeightsError as error:
             raise RunError(str(error)) from None
         context = None
@@ -134,6 +146,18 @@ class SegmentationModule(L.LightningModule):
         # Runs before Lightning restores a ckpt_path, so resuming still wins over init_from.
         if stage == "fit":
             self.load_initial_weights()
+        self.apply_fast_path()
+
+    def apply_fast_path(self) -> None:
+        """channels_last weights on CUDA; torch.compile of the context module and CRF if asked."""
+        trainer = self._trainer
+        on_cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        if on_cuda and self.hparams.get("channels_last", True):
+            self.model.to(memory_format=torch.channels_last)
+        if self.hparams.get("compile"):
+            for part in (self.model.context, self.model.crf):
+                if part is not None and getattr(part, "_compiled_call_impl", None) is None:
+                    part.compile()  # in place: parameter names and checkpoints unchanged
 
     def load_initial_weights(self) -> None:
         """Load ``init_from`` once (the feature cache needs the weights before ``setup``)."""
@@ -183,7 +207,8 @@ class SegmentationModule(L.LightningModule):
             logits = self.batch_logits(batch)
         else:  # a fixed (post-processing) CRF takes no part in training
             logits = self.model(batch["image"], use_crf=self.hparams.get("crf") == "rnn")
-        loss = F.cross_entropy(logits, batch["label"], ignore_index=IGNORE_INDEX)
+        # float32 loss whatever the precision (autocast would keep it in fp32 too)
+        loss = F.cross_entropy(logits.float(), batch["label"], ignore_index=IGNORE_INDEX)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
         return loss
 
@@ -194,7 +219,7 @@ class SegmentationModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         logits = self.evaluate(batch, self.val_confusion)
-        loss = F.cross_entropy(logits, batch["label"], ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(logits.float(), batch["label"], ignore_index=IGNORE_INDEX)
         self.log("val/loss", loss, sync_dist=True, batch_size=len(logits))
 
     def test_step(self, batch: dict, batch_idx: int) -> None:

@@ -7,6 +7,7 @@ labels need mapping, ``read_label(path)`` returns a uint8 index map (255 = ignor
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -55,6 +56,15 @@ def check_label(label: np.ndarray, num_classes: int, path: Path) -> None:
         raise DataError(
             f"label {path} holds values {bad.tolist()} outside [0, {num_classes}) and not "
             f"{IGNORE_INDEX} (ignore). Re-run the dataset's prepare command, or fix the file.")
+
+
+def default_num_workers(limit: int = 8) -> int:
+    """Dataloader workers when none are given: the usable CPU cores, at most ``limit``."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(limit, cores))
 
 
 def folder_images(folder: Path) -> list[tuple[Path, None]]:
@@ -120,7 +130,8 @@ class SegmentationDataModule(L.LightningDataModule):
         crop_size: training crop (H, W) or int; images smaller than it are padded (labels with
             255). None trains on whole images.
         val_batch_size: batch size for validate / test / predict.
-        num_workers: dataloader worker processes.
+        num_workers: dataloader worker processes; None = one per usable CPU core, at most 8
+            (``make bench`` measures what one worker decodes and augments per second).
         mirror: random horizontal flips during training.
         scale_range: optional (min, max) random rescaling during training (off in the paper).
         label_check: "all" checks every label's values before training; "sample" checks up to
@@ -144,7 +155,7 @@ class SegmentationDataModule(L.LightningDataModule):
         batch_size: int = 8,
         crop_size: int | tuple[int, int] | None = None,
         val_batch_size: int = 1,
-        num_workers: int = 2,
+        num_workers: int | None = None,
         mirror: bool = True,
         scale_range: tuple[float, float] | None = None,
         label_check: str = "auto",
@@ -156,7 +167,8 @@ class SegmentationDataModule(L.LightningDataModule):
         self.root = Path(root).expanduser()
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
         self.crop_size = (crop_size, crop_size) if isinstance(crop_size, int) else crop_size
-        self.num_workers, self.mirror, self.scale_range = num_workers, mirror, scale_range
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.mirror, self.scale_range = mirror, scale_range
         if label_check not in ("auto", "all", "sample"):
             raise ValueError(f"label_check must be 'auto', 'all' or 'sample', got {label_check!r}")
         self.label_check, self.pin_memory = label_check, pin_memory

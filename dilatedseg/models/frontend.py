@@ -67,7 +67,10 @@ class FrontEnd(nn.Module):
     (8i + 3.5, 8j + 3.5): the same alignment as ``padding="same"`` and as bilinear x8
     upsampling with ``align_corners=False``. ``features`` + ``final`` alone are the bare
     network: 900 x 900 in, 66 x 66 out. ``pretrained``: ImageNet VGG-16 weights (a path, a URL
-    or "imagenet", see :mod:`dilatedseg.models.weights`).
+    or "imagenet", see :mod:`dilatedseg.models.weights`). ``fc6_space_to_batch``: run the
+    dilated fc6 as a plain 7x7 convolution over the 4 x 4 interleaved sub-grids of its input
+    (:class:`SpaceToBatchConv2d`; same weights, same result), for GPUs whose libraries lack a
+    fast dilated kernel (``benchmarks/profile_fc6.py`` shows which kernels run).
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class FrontEnd(nn.Module):
         padding: str = "valid",
         dropout: float = 0.5,
         pretrained: str | None = None,
+        fc6_space_to_batch: bool = False,
     ):
         super().__init__()
         if arch not in ARCHITECTURES:
@@ -94,7 +98,9 @@ class FrontEnd(nn.Module):
                 continue
             name, out, kernel, dilation = spec
             pad = 0 if padding == "valid" else dilation * (kernel - 1) // 2
-            layers.append((name, nn.Conv2d(channels, out, kernel, padding=pad, dilation=dilation)))
+            conv_class = (SpaceToBatchConv2d if fc6_space_to_batch and name == "fc6"
+                          and dilation > 1 else nn.Conv2d)
+            layers.append((name, conv_class(channels, out, kernel, padding=pad, dilation=dilation)))
             layers.append((f"{name}_relu", nn.ReLU(inplace=True)))
             if name.startswith("fc") and dropout > 0:
                 layers.append((f"{name}_drop", nn.Dropout(dropout)))
@@ -122,6 +128,37 @@ class FrontEnd(nn.Module):
             m = self.margin
             image = _reflect_pad(image, (m, m + extra_w, m, m + extra_h))
         return self.final(self.features(image))
+
+
+class SpaceToBatchConv2d(nn.Conv2d):
+    """A dilated convolution computed as an undilated one on a rearranged tensor.
+
+    With dilation d, output pixel (d p + a, d q + b) only reads input pixels of the same
+    residue (a, b) mod d, so the input is split into its d x d interleaved sub-grids, stacked
+    along the batch, convolved with the undilated kernel and interleaved back. The weights,
+    state dict and result are those of ``nn.Conv2d`` (up to float rounding order).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.dilation
+        if self.groups != 1 or self.stride != (1, 1) or d == (1, 1) or \
+                self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return super().forward(x)
+        (kh, kw), (dh, dw), (ph, pw) = self.kernel_size, d, self.padding
+        batch, channels, height, width = x.shape
+        height, width = height + 2 * ph, width + 2 * pw
+        out_h, out_w = height - dh * (kh - 1), width - dw * (kw - 1)
+        if out_h < 1 or out_w < 1:  # too small: let the plain convolution raise its error
+            return super().forward(x)
+        x = F.pad(x, (pw, pw, ph, ph))
+        sub_h, sub_w = math.ceil(height / dh), math.ceil(width / dw)
+        x = F.pad(x, (0, sub_w * dw - width, 0, sub_h * dh - height))
+        x = x.reshape(batch, channels, sub_h, dh, sub_w, dw).permute(3, 5, 0, 1, 2, 4)
+        x = x.reshape(dh * dw * batch, channels, sub_h, sub_w)
+        y = F.conv2d(x, self.weight, self.bias)  # (dh dw B, O, sub_h - kh + 1, sub_w - kw + 1)
+        y = y.reshape(dh, dw, batch, -1, sub_h - kh + 1, sub_w - kw + 1).permute(2, 3, 4, 0, 5, 1)
+        y = y.reshape(batch, -1, (sub_h - kh + 1) * dh, (sub_w - kw + 1) * dw)
+        return y[..., :out_h, :out_w]
 
 
 def _reflect_index(size: int, before: int, after: int) -> torch.Tensor:
