@@ -1,0 +1,136 @@
+"""Which GPU kernels run the dilated fc6 (7x7, dilation 4, 512 -> 4096), and are they tensor-core?
+
+    python3 benchmarks/profile_fc6.py                        # Cityscapes image, bf16, NHWC
+    python3 benchmarks/profile_fc6.py --precision fp32 --size 512 512 --no-channels-last
+
+fc6 is 66-71 % of the front-end's work, so a slow kernel for it caps the whole model's MFU.
+The script profiles fc6's forward and backward (torch.profiler) on the input it sees for an
+image of ``--size`` (valid geometry), once as the plain dilated convolution and once through the
+space-to-batch path (``FrontEnd(..., fc6_space_to_batch=True)``), prints every kernel with its
+time and achieved TFLOP/s, and FLAGs convolution / GEMM kernels whose names show no tensor-core
+instruction (cuDNN's fp32 ``implicit_convolve_sgemm``, ``dgrad_engine``, ...). Without a GPU it
+profiles on the CPU instead (operator names; no tensor cores to check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import re
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from dilatedseg.flops import frontend_macs, gpu_peak_tflops
+from dilatedseg.models.frontend import SpaceToBatchConv2d
+
+# Kernel-name fragments of tensor-core code (HMMA / GMMA instructions, CUTLASS tensor-op,
+# cuDNN's xmma engines), of conv / GEMM kernels, and of memory-bound helpers.
+TENSOR_CORE = re.compile(r"xmma|hmma|gmma|wgmma|tensorop|16816|1688|884|bf16|f16|tf32|"
+                         r"s1688|h1688|_tc_|cutlass.*sm[89]0", re.I)
+CONV_OR_GEMM = re.compile(r"conv|gemm|grad|cudnn|winograd|fft|precomputed|engine", re.I)
+
+
+def classify_kernel(name: str) -> str:
+    """'tensor core', 'FLAG' (a convolution / GEMM kernel without tensor cores) or 'other'."""
+    if TENSOR_CORE.search(name):
+        return "tensor core"
+    if "elementwise" in name or "reduce" in name.lower():
+        return "other"
+    return "FLAG" if CONV_OR_GEMM.search(name) else "other"
+
+
+def fc6_input_shape(height: int, width: int) -> tuple[int, int, int]:
+    """(channels, h, w) that fc6 reads for a ``height`` x ``width`` image (valid geometry)."""
+    layers = frontend_macs("vgg16", height, width, "valid").layers
+    conv5_3 = next(layer for layer in layers if layer.name == "conv5_3")
+    return conv5_3.out_shape
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, nargs=2, default=[1024, 2048], metavar=("H", "W"))
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--no-channels-last", action="store_true")
+    parser.add_argument("--peak-tflops", type=float, help="device peak (default: known GPUs)")
+    parser.add_argument("--rows", type=int, default=25, help="kernels listed per path")
+    args = parser.parse_args()
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        name = torch.cuda.get_device_name()
+        key = "bf16" if args.precision == "bf16" else (
+            "tf32" if torch.backends.cudnn.allow_tf32 else "fp32")
+        peak = args.peak_tflops or gpu_peak_tflops(name, key)
+    else:
+        name, peak = "CPU (no CUDA device: operator names only)", args.peak_tflops
+    channels, h, w = fc6_input_shape(*args.size)
+    out_h, out_w = h - 24, w - 24
+    macs = args.batch * 512 * 4096 * 49 * out_h * out_w
+    print(f"device: {name}; fc6 input ({args.batch}, {channels}, {h}, {w}) for a "
+          f"{args.size[0]}x{args.size[1]} image; {args.precision}, "
+          f"{'NCHW' if args.no_channels_last else 'NHWC'}; {2 * macs / 1e12:.2f} TFLOP forward")
+    memory = torch.contiguous_format if args.no_channels_last else torch.channels_last
+    x = torch.randn(args.batch, channels, h, w, device=device).to(memory_format=memory)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16"
+                else contextlib.nullcontext())
+    for label, conv_class in (("plain dilated", torch.nn.Conv2d),
+                              ("space-to-batch", SpaceToBatchConv2d)):
+        conv = conv_class(512, 4096, 7, dilation=4).to(device).to(memory_format=memory)
+        xg = x.clone().requires_grad_()
+
+        def step(conv=conv, xg=xg):
+            with autocast:
+                y = conv(xg)
+            y.float().square().mean().backward()
+
+        for _ in range(2 if cuda else 1):  # warm-up (cuDNN autotuning)
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+        report(label, prof, cuda, 3 * macs, wall, peak, args.rows)
+
+
+def report(label: str, prof, cuda: bool, train_macs: int, wall: float, peak: float | None,
+           rows: int) -> None:
+    events = [e for e in prof.key_averages()
+              if (e.device_type.name == "CUDA") == cuda and e.key]
+    attr = "device_time_total" if cuda else "self_cpu_time_total"
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    total_us = sum(getattr(e, attr) for e in events) if cuda else wall * 1e6
+    achieved = 2 * train_macs / (total_us * 1e-6) / 1e12
+    mfu = f", MFU {achieved / peak:.1%} of {peak:.0f}" if peak else ""
+    print(f"\n== {label}: forward + backward {total_us / 1e3:.2f} ms "
+          f"({'GPU kernel time' if cuda else 'CPU wall'}), {achieved:.3g} TFLOP/s{mfu}")
+    flagged = 0.0
+    print("| kernel | calls | time (ms) | share | class |\n|---|---|---|---|---|")
+    for event in events[:rows]:
+        t = getattr(event, attr)
+        kind = classify_kernel(event.key) if cuda else "-"
+        flagged += t if kind == "FLAG" else 0.0
+        name = event.key if len(event.key) < 110 else event.key[:107] + "..."
+        print(f"| `{name}` | {event.count} | {t / 1e3:.3f} | {t / max(total_us, 1):.0%} "
+              f"| {kind} |")
+    if cuda:
+        verdict = ("all convolution / GEMM time on tensor-core kernels" if flagged == 0 else
+                   f"FLAG: {flagged / total_us:.0%} of the time in kernels without tensor "
+                   "cores (try --precision bf16, channels_last, or the space-to-batch path)")
+        print(f"\n{verdict}")
+    if not math.isfinite(achieved):
+        print("(no kernel time recorded)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The GPU fast path's switches, checked on CPU: space-to-batch fc6 equals the dilated conv,
+bf16 autocast keeps the loss and the CRF in float32, channels_last and torch.compile change no
+numbers nor checkpoint names, and the data module picks its workers."""
+
+from __future__ import annotations
+
+import importlib.util
+import types
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from dilatedseg.data import ShapesDataModule
+from dilatedseg.data.base import default_num_workers
+from dilatedseg.models import DenseCRF, FrontEnd
+from dilatedseg.models.frontend import SpaceToBatchConv2d
+from dilatedseg.module import SegmentationModule
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("size,padding,dilation,kernel", [
+    ((40, 37), 0, 4, 7),  # fc6 in valid geometry, sizes not multiples of 4
+    ((33, 50), 12, 4, 7),  # fc6 in same geometry
+    ((25, 25), 0, 4, 7),  # a single output pixel
+    ((31, 29), 2, 2, 3),  # conv5-like
+])
+def test_space_to_batch_equals_dilated_conv_exactly(size, padding, dilation, kernel):
+    torch.manual_seed(0)
+    plain = nn.Conv2d(6, 5, kernel, padding=padding, dilation=dilation).double()
+    fast = SpaceToBatchConv2d(6, 5, kernel, padding=padding, dilation=dilation).double()
+    with torch.no_grad():  # small integers: every sum is exact, whatever the order
+        plain.weight.copy_(torch.randint(-3, 4, plain.weight.shape))
+        plain.bias.copy_(torch.randint(-3, 4, plain.bias.shape))
+    fast.load_state_dict(plain.state_dict())
+    x = torch.randint(-5, 6, (2, 6, *size)).double().requires_grad_()
+    expected, got = plain(x), fast(x)
+    assert torch.equal(got, expected)
+    (grad_plain,) = torch.autograd.grad(expected.square().sum(), x)
+    (grad_fast,) = torch.autograd.grad(got.square().sum(), x)
+    assert torch.equal(grad_fast, grad_plain)
+
+
+def test_frontend_space_to_batch_flag():
+    torch.manual_seed(0)
+    plain = FrontEnd(5, arch="vgg16", padding="same", dropout=0.0).double().eval()
+    fast = FrontEnd(5, arch="vgg16", padding="same", dropout=0.0,
+                    fc6_space_to_batch=True).double().eval()
+    assert type(fast.features.fc6) is SpaceToBatchConv2d
+    assert type(fast.features.conv5_1) is nn.Conv2d
+    fast.load_state_dict(plain.state_dict())  # same names: weights and checkpoints carry over
+    image = torch.randn(1, 3, 72, 56, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(image), plain(image), rtol=1e-12, atol=1e-12)
+
+
+def test_bf16_mixed_training_keeps_loss_and_crf_in_float32(tiny_shapes):
+    dtypes = {}
+
+    class Probe(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            dtypes["loss"] = outputs["loss"].dtype
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                dtypes["logits"] = pl_module.model(batch["image"], use_crf=False).dtype
+
+    data = ShapesDataModule(root=str(tiny_shapes), train_size=32, val_size=8, test_size=8,
+                            batch_size=4, num_workers=0)
+    module = SegmentationModule(4, arch="tiny", padding="same", optimizer="adam",
+                                lr_schedule="constant")
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[Probe()])
+    trainer.fit(module, datamodule=data)
+    assert dtypes == {"loss": torch.float32, "logits": torch.bfloat16}
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+    crf = DenseCRF(3, test_iterations=3).eval()
+    logits, image = torch.randn(1, 3, 12, 16), torch.rand(1, 3, 12, 16) * 255
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        refined = crf(logits.bfloat16(), image)
+    assert refined.dtype == torch.float32
+    torch.testing.assert_close(refined, crf(logits.bfloat16().float(), image))
+
+
+def fake_cuda_trainer():
+    """Just enough of a trainer for :meth:`SegmentationModule.apply_fast_path`."""
+    return types.SimpleNamespace(strategy=types.SimpleNamespace(root_device=torch.device("cuda")))
+
+
+def test_channels_last_on_cuda_only():
+    torch.manual_seed(0)
+    module = SegmentationModule(4, stage="context", arch="tiny", padding="same", dropout=0.0)
+    image = torch.rand(2, 3, 48, 40) * 255
+    expected = module.model.eval()(image)
+    module.apply_fast_path()  # no trainer (plain Python use): nothing changes
+    assert module.model.frontend.features.conv1_1.weight.is_contiguous()
+    module._trainer = fake_cuda_trainer()
+    module.apply_fast_path()
+    conv = module.model.frontend.features.conv1_1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    torch.testing.assert_close(module.model(image), expected, rtol=1e-5, atol=1e-5)
+    off = SegmentationModule(4, arch="tiny", padding="same", channels_last=False)
+    off._trainer = fake_cuda_trainer()
+    off.apply_fast_path()
+    assert off.model.frontend.features.conv1_1.weight.is_contiguous()
+
+
+def test_compiled_context_module_equals_eager():
+    """torch.compile (inductor, C++ on CPU) of the context module: same logits, same names."""
+    torch.manual_seed(0)
+    module = SegmentationModule(4, stage="context", arch="tiny", padding="same",
+                                dilations=[1, 2, 1], compile=True).eval()
+    names = list(module.state_dict())
+    logits = torch.randn(2, 4, 12, 10).relu()
+    with torch.no_grad():
+        expected = module.model.context(logits)
+        module.apply_fast_path()
+        assert module.model.context._compiled_call_impl is not None
+        got = module.model.context(logits)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert list(module.state_dict()) == names
+
+
+def test_default_num_workers():
+    assert 1 <= default_num_workers() <= 8
+    assert default_num_workers(limit=1) == 1
+    assert ShapesDataModule(root="unused").num_workers == default_num_workers()
+    assert ShapesDataModule(root="unused", num_workers=0).num_workers == 0
+
+
+def test_profile_fc6_flags_non_tensor_core_kernels():
+    spec = importlib.util.spec_from_file_location("profile_fc6",
+                                                  REPO / "benchmarks/profile_fc6.py")
+    profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile)
+    classify = profile.classify_kernel
+    assert classify("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == \
+        "tensor core"
+    assert classify("cutlass_tensorop_bf16_s16816gemm_bf16_256x128_32x3_nt_align8") == \
+        "tensor core"
+    assert classify("implicit_convolve_sgemm<float, float, 128, 5, 5, 3, 3, 3, 1>") == "FLAG"
+    assert classify("cudnn::detail::dgrad_engine<float, 512, 6, 5, 3, 3, 3, false>") == "FLAG"
+    assert classify("void at::native::vectorized_elementwise_kernel<4, ...>") == "other"

@@ -1,0 +1,82 @@
+"""Analytic MAC counts equal PyTorch's own FLOP counter on the real modules (meta tensors: no
+compute), and the headline numbers of the performance issue."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dilatedseg.flops import (
+    context_macs,
+    frontend_macs,
+    gpu_peak_tflops,
+    segmenter_macs,
+    tiles,
+)
+from dilatedseg.inference import predict_logits
+from dilatedseg.models import ContextModule, FrontEnd, Segmenter
+
+
+def counted_macs(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() // 2
+
+
+def test_vgg16_cityscapes_image_cost():
+    same = frontend_macs("vgg16", 1024, 2048, "same", num_classes=19)
+    assert round(same.total / 1e12, 2) == 4.73
+    fc6 = next(layer for layer in same.layers if layer.name == "fc6")
+    assert fc6.out_shape == (4096, 128, 256)
+    assert round(fc6.macs / same.total, 2) == 0.71
+    # The authors' valid geometry also convolves the 186 px reflected margin.
+    assert round(frontend_macs("vgg16", 1024, 2048, "valid", 19).total / 1e12, 2) == 5.14
+
+
+@pytest.mark.parametrize("arch,padding,size", [("vgg16", "valid", (1024, 2048)),
+                                               ("vgg16", "same", (500, 375)),
+                                               ("tiny", "valid", (101, 67)),
+                                               ("tiny", "same", (64, 48))])
+def test_frontend_matches_torch_flop_counter(arch, padding, size):
+    with torch.device("meta"):
+        frontend = FrontEnd(21, arch=arch, padding=padding)
+        image = torch.empty(2, 3, *size)
+    count = frontend_macs(arch, *size, padding=padding, num_classes=21)
+    assert counted_macs(lambda: frontend(image)) == 2 * count.total
+
+    def train_step():
+        frontend(image).sum().backward()
+
+    assert counted_macs(train_step) == 2 * count.training()
+    assert count.training() < 3 * count.total  # the image needs no gradient
+
+
+@pytest.mark.parametrize("variant,schedule", [("basic", "dilation10"), ("large", "dilation8")])
+def test_context_matches_torch_flop_counter(variant, schedule):
+    with torch.device("meta"):
+        module = ContextModule(19, variant=variant, dilations=schedule)
+        logits = torch.empty(1, 19, 64, 96)
+    count = context_macs(19, variant, schedule, 64, 96)
+    assert counted_macs(lambda: module(logits)) == count.total
+
+
+def test_tiled_segmenter_matches_torch_flop_counter():
+    with torch.device("meta"):
+        segmenter = Segmenter(FrontEnd(19), ContextModule(19, dilations="dilation10"),
+                              upsample="deconv")
+        image = torch.empty(1, 3, 1024, 2048)
+    assert tiles(1024, 2048, (1024, 1024)) == [(1024, 1024), (1024, 1024)]
+    count = segmenter_macs("vgg16", 1024, 2048, 19, tile=(1024, 1024))
+    with torch.no_grad():
+        assert counted_macs(lambda: predict_logits(segmenter, image, (1024, 1024))) == \
+            count.total
+    # Two 1396 x 1396 tiles do more work than one 1396 x 2420 whole-image pass.
+    assert count.total > segmenter_macs("vgg16", 1024, 2048, 19).total
+
+
+def test_gpu_peaks():
+    assert gpu_peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.0
+    assert gpu_peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert gpu_peak_tflops("NVIDIA H200", "fp32") == 67.0
+    assert gpu_peak_tflops("NVIDIA GeForce GTX 1080", "bf16") is None
