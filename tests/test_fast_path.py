@@ -5,6 +5,7 @@ numbers nor checkpoint names, and the data module picks its workers."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import types
 from pathlib import Path
 
@@ -125,10 +126,16 @@ def test_compiled_context_module_equals_eager():
 
 
 def test_default_num_workers():
-    assert 1 <= default_num_workers() <= 8
+    cores = len(os.sched_getaffinity(0))
+    assert default_num_workers() == min(16, cores)
     assert default_num_workers(limit=1) == 1
-    assert ShapesDataModule(root="unused").num_workers == default_num_workers()
-    assert ShapesDataModule(root="unused", num_workers=0).num_workers == 0
+    auto = ShapesDataModule(root="unused")
+    assert auto.num_workers == auto.workers() == default_num_workers()
+    auto.trainer = types.SimpleNamespace(num_devices=2)  # DDP: the cores are shared
+    assert auto.workers() == max(1, min(32, cores) // 2)
+    fixed = ShapesDataModule(root="unused", num_workers=0)
+    fixed.trainer = auto.trainer
+    assert fixed.num_workers == fixed.workers() == 0
 
 
 def test_profile_fc6_flags_non_tensor_core_kernels():

@@ -50,7 +50,10 @@ def read_index_png(path: Path) -> np.ndarray:
 
 def check_label(label: np.ndarray, num_classes: int, path: Path) -> None:
     """Raise a DataError naming ``path`` if a value is outside [0, C) and not 255."""
-    values = np.unique(label)
+    if label.dtype == np.uint8:  # a histogram is ~3x faster than np.unique on 2 Mpx
+        values = np.flatnonzero(np.bincount(label.ravel(), minlength=256))
+    else:
+        values = np.unique(label)
     bad = values[(values >= num_classes) & (values != IGNORE_INDEX)]
     if bad.size:
         raise DataError(
@@ -58,7 +61,7 @@ def check_label(label: np.ndarray, num_classes: int, path: Path) -> None:
             f"{IGNORE_INDEX} (ignore). Re-run the dataset's prepare command, or fix the file.")
 
 
-def default_num_workers(limit: int = 8) -> int:
+def default_num_workers(limit: int = 16) -> int:
     """Dataloader workers when none are given: the usable CPU cores, at most ``limit``."""
     try:
         cores = len(os.sched_getaffinity(0))
@@ -130,8 +133,9 @@ class SegmentationDataModule(L.LightningDataModule):
         crop_size: training crop (H, W) or int; images smaller than it are padded (labels with
             255). None trains on whole images.
         val_batch_size: batch size for validate / test / predict.
-        num_workers: dataloader worker processes; None = one per usable CPU core, at most 8
-            (``make bench`` measures what one worker decodes and augments per second).
+        num_workers: dataloader worker processes; None = the usable CPU cores shared among the
+            devices of the run, at most 16 per device (``make bench``: one worker decodes and
+            augments ~23 Cityscapes images/s; an H100 at 40 % MFU trains ~270/s).
         mirror: random horizontal flips during training.
         scale_range: optional (min, max) random rescaling during training (off in the paper).
         label_check: "all" checks every label's values before training; "sample" checks up to
@@ -167,6 +171,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.root = Path(root).expanduser()
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
         self.crop_size = (crop_size, crop_size) if isinstance(crop_size, int) else crop_size
+        self.auto_workers = num_workers is None
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.mirror, self.scale_range = mirror, scale_range
         if label_check not in ("auto", "all", "sample"):
@@ -247,11 +252,20 @@ class SegmentationDataModule(L.LightningDataModule):
         elif stage == "predict":
             self.datasets["predict"] = self.make_dataset(self.predict_split)
 
+    def workers(self) -> int:
+        """``num_workers``; when automatic, the cores divided among the run's devices."""
+        trainer = getattr(self, "trainer", None)
+        devices = getattr(trainer, "num_devices", 1) if trainer is not None else 1
+        if self.auto_workers and devices > 1:
+            return max(1, default_num_workers(limit=16 * devices) // devices)
+        return self.num_workers
+
     def loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        workers = self.workers()
         return DataLoader(
             self.datasets[split], batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
-            num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
