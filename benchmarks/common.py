@@ -1,0 +1,133 @@
+"""Shared pieces of the benchmarks: result rows, timing, machine description, MFU."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from dilatedseg.flops import gpu_peak_tflops
+
+NO_CUDA = "not measured (no CUDA device)"
+H100_BF16_TFLOPS = 989.0
+
+
+@dataclass
+class Row:
+    """One figure: ``ms`` per iteration of ``batch`` items (None = not measured, see note)."""
+
+    bench: str
+    case: str
+    device: str
+    precision: str = "fp32"
+    batch: int | None = None
+    ms: float | None = None
+    throughput: float | None = None
+    unit: str = "img/s"
+    tflop: float | None = None  # work per iteration (analytic)
+    tflops: float | None = None  # achieved
+    mfu: float | None = None
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """What the figures ran on."""
+    info = {"cpu": cpu_model(), "cpu_cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    if info["gpu"]:
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+    return info
+
+
+def device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def peak_tflops(device: torch.device, precision: str, override: float | None) -> float | None:
+    """Dense peak of ``device`` at ``precision`` ("bf16" or "fp32"): fp32 convolutions on a GPU
+    run as TF32 when cuDNN allows it (PyTorch's default)."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    key = precision
+    if precision == "fp32" and torch.backends.cudnn.allow_tf32:
+        key = "tf32"
+    return gpu_peak_tflops(torch.cuda.get_device_name(device), key)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> float:
+    """Median wall-clock seconds of ``fn`` over ``reps`` calls, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def compute_row(bench: str, case: str, device: torch.device, precision: str, batch: int,
+                seconds: float, macs: int, peak: float | None, note: str = "") -> Row:
+    """A measured row: throughput, achieved TFLOP/s and MFU from analytic ``macs`` per item."""
+    tflop = 2 * macs * batch / 1e12
+    achieved = tflop / seconds
+    return Row(bench, case, device_label(device), precision, batch, seconds * 1e3,
+               batch / seconds, "img/s", tflop, achieved,
+               achieved / peak if peak else None, note)
+
+
+def not_measured(bench: str, case: str, precision: str, batch: int, macs: int,
+                 note: str = "") -> Row:
+    """A GPU row on a machine without one: the work and the H100 bf16 compute floor."""
+    tflop = 2 * macs * batch / 1e12
+    floor = f"H100 bf16 floor {tflop / H100_BF16_TFLOPS * 1e3:.1f} ms"
+    return Row(bench, case, "CUDA GPU", precision, batch, tflop=tflop,
+               note="; ".join(x for x in (NO_CUDA, floor, note) if x))
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| benchmark | case | device | precision | batch | time / iter | throughput "
+             "| GFLOP / iter | TFLOP/s | MFU | note |", "|---" * 11 + "|"]
+    for r in rows:
+        def f(value, fmt):
+            return "-" if value is None else format(value, fmt)
+        time_s = "-" if r.ms is None else (f"{r.ms:.1f} ms" if r.ms < 1e4 else
+                                          f"{r.ms / 1e3:.1f} s")
+        gflop = None if r.tflop is None else r.tflop * 1e3
+        throughput = "-" if r.throughput is None else f"{r.throughput:.3g} {r.unit}"
+        lines.append(f"| {r.bench} | {r.case} | {r.device} | {r.precision} | "
+                     f"{f(r.batch, 'd')} | {time_s} | {throughput} | {f(gflop, '.4g')} | "
+                     f"{f(r.tflops, '.3g')} | {f(r.mfu, '.1%')} | {r.note} |")
+    return "\n".join(lines)

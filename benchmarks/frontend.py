@@ -1,0 +1,170 @@
+"""Front-end (dilated VGG-16) forward / forward+backward, and whole-Segmenter inference on a
+Cityscapes image (tiled as the paper), with achieved FLOP/s and MFU.
+
+    python3 benchmarks/frontend.py [--quick]      # or through benchmarks/run.py
+
+GPU: batch 8 at 512x512 and 512x1024 (the training-crop target: >= 40 % MFU in bf16), batch 1-2
+at 1024x2048; fp32 (TF32) in NCHW as the baseline and the fast path (bf16 autocast, channels
+last, cuDNN autotuning). CPU: batch 1, one or two repetitions; the 1024x2048 rows take about a
+minute each on 2 cores and are skipped by ``--quick``. fwd+bwd backpropagates a mean-square
+loss of the logits (the loss itself costs nothing next to the network).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+import torch
+from common import Row, compute_row, markdown, not_measured, peak_tflops, timed
+
+from dilatedseg.flops import frontend_macs, segmenter_macs
+from dilatedseg.inference import predict_logits
+from dilatedseg.models import ContextModule, FrontEnd, Segmenter
+
+CLASSES = 19  # Cityscapes
+TILE = (1024, 1024)
+INFERENCE_TARGET_MS = 25.0
+TRAIN_MFU_TARGET = 0.40
+
+
+def precision_context(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare(module: torch.nn.Module, device: torch.device, precision: str):
+    module = module.to(device)
+    if device.type == "cuda" and precision == "bf16":  # the fast path: NHWC tensor cores
+        module = module.to(memory_format=torch.channels_last)
+    return module
+
+
+def image_batch(batch: int, size: tuple[int, int], device: torch.device, precision: str):
+    image = torch.rand(batch, 3, *size, device=device) * 255
+    if device.type == "cuda" and precision == "bf16":
+        image = image.contiguous(memory_format=torch.channels_last)
+    return image
+
+
+def frontend_row(device, precision, mode, size, batch, reps, peak, space_to_batch=False) -> Row:
+    torch.manual_seed(0)
+    frontend = prepare(FrontEnd(CLASSES, arch="vgg16", fc6_space_to_batch=space_to_batch),
+                       device, precision)
+    image = image_batch(batch, size, device, precision)
+    autocast = precision_context(device, precision)
+    macs = frontend_macs("vgg16", *size, "valid", CLASSES)
+
+    if mode == "forward":
+        frontend.eval()
+
+        def step():
+            with torch.inference_mode(), autocast:
+                frontend(image)
+        work = macs.total
+    else:
+        frontend.train()
+
+        def step():
+            with autocast:
+                logits = frontend(image)
+            logits.float().square().mean().backward()
+            frontend.zero_grad(set_to_none=True)
+        work = macs.training()
+    if device.type == "cpu":  # warm up on a small image: a full-size warm-up costs a minute
+        small = image[..., :64, :64]
+        with torch.inference_mode():
+            frontend.eval()(small)
+        frontend.train(mode != "forward")
+        seconds = timed(step, device, reps, warmup=0)
+    else:
+        seconds = timed(step, device, reps, warmup=3)
+    case = f"{mode} {size[0]}x{size[1]}" + (" fc6 space-to-batch" if space_to_batch else "")
+    note = "channels_last" if device.type == "cuda" and precision == "bf16" else ""
+    if mode != "forward" and size == (512, 1024) and precision == "bf16":
+        note += f"; target >= {TRAIN_MFU_TARGET:.0%} MFU"
+    return compute_row("front-end", case, device, precision, batch, seconds, work, peak,
+                       note.strip("; "))
+
+
+def segmenter_row(device, precision, reps, peak, tile=TILE) -> Row:
+    torch.manual_seed(0)
+    segmenter = Segmenter(FrontEnd(CLASSES, arch="vgg16"),
+                          ContextModule(CLASSES, dilations="dilation10"), upsample="deconv")
+    segmenter = prepare(segmenter, device, precision).eval()
+    image = image_batch(1, (1024, 2048), device, precision)
+    autocast = precision_context(device, precision)
+
+    def step():
+        with torch.inference_mode(), autocast:
+            predict_logits(segmenter, image, tile).argmax(1)
+
+    seconds = timed(step, device, reps, warmup=0 if device.type == "cpu" else 3)
+    macs = segmenter_macs("vgg16", 1024, 2048, CLASSES, tile=tile).total
+    case = ("Cityscapes 1024x2048, " + (f"{tile[0]}x{tile[1]} tiles" if tile else "whole"))
+    note = "Dilation10 context + deconv + argmax"
+    if device.type == "cuda" and precision == "bf16":
+        note += f"; target <= {INFERENCE_TARGET_MS:.0f} ms"
+    return compute_row("Segmenter inference", case, device, precision, 1, seconds, macs, peak,
+                       note)
+
+
+def run(device: torch.device, quick: bool = False, peak: float | None = None) -> list[Row]:
+    rows: list[Row] = []
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        reps = 5 if quick else 10
+        for precision in ("fp32", "bf16"):
+            p = peak_tflops(device, precision, peak)
+            rows.append(frontend_row(device, precision, "forward", (512, 512), 8, reps, p))
+            rows.append(frontend_row(device, precision, "forward", (1024, 2048), 1, reps, p))
+            rows.append(frontend_row(device, precision, "fwd+bwd", (512, 512), 8, reps, p))
+            rows.append(frontend_row(device, precision, "fwd+bwd", (512, 1024), 8, reps, p))
+            rows.append(frontend_row(device, precision, "fwd+bwd", (1024, 2048), 2, reps, p))
+        p = peak_tflops(device, "bf16", peak)
+        rows.append(frontend_row(device, "bf16", "fwd+bwd", (512, 1024), 8, reps, p,
+                                 space_to_batch=True))
+        for precision in ("fp32", "bf16"):
+            rows.append(segmenter_row(device, precision, reps, peak_tflops(device, precision,
+                                                                             peak)))
+        rows.append(segmenter_row(device, "bf16", reps, p, tile=None))
+        return rows
+
+    p = peak_tflops(device, "fp32", peak)
+    rows.append(frontend_row(device, "fp32", "forward", (512, 512), 1, 1 if quick else 2, p))
+    rows.append(frontend_row(device, "fp32", "fwd+bwd", (512, 512), 1, 1, p))
+    if quick:
+        skipped = "skipped by --quick on CPU (about a minute per image on 2 cores)"
+        rows.append(Row("front-end", "forward 1024x2048", rows[0].device, batch=1,
+                        tflop=2 * frontend_macs("vgg16", 1024, 2048).total / 1e12,
+                        note=skipped))
+        rows.append(Row("Segmenter inference", "Cityscapes 1024x2048, 1024x1024 tiles",
+                        rows[0].device, batch=1, note=skipped))
+    else:
+        rows.append(frontend_row(device, "fp32", "forward", (1024, 2048), 1, 1, p))
+        rows.append(segmenter_row(device, "fp32", 1, p))
+    rows.append(Row("front-end", "fwd+bwd 1024x2048", rows[0].device, batch=1,
+                    tflop=2 * frontend_macs("vgg16", 1024, 2048).training() / 1e12,
+                    note="skipped on CPU (minutes per image): run on a GPU"))
+    # The GPU targets, with the work they imply.
+    train = frontend_macs("vgg16", 512, 1024, "valid", CLASSES).training()
+    rows.append(not_measured("front-end", "fwd+bwd 512x1024", "bf16", 8, train,
+                             f"target >= {TRAIN_MFU_TARGET:.0%} MFU"))
+    infer = segmenter_macs("vgg16", 1024, 2048, CLASSES, tile=TILE).total
+    rows.append(not_measured("Segmenter inference", "Cityscapes 1024x2048, 1024x1024 tiles",
+                             "bf16", 1, infer, f"target <= {INFERENCE_TARGET_MS:.0f} ms"))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--peak-tflops", type=float)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(markdown(run(device, args.quick, args.peak_tflops)))
+
+
+if __name__ == "__main__":
+    main()
