@@ -46,7 +46,7 @@ class Timer(L.Callback):
         self.epochs.append(time.perf_counter() - self.epoch_start)
 
 
-def run(root: Path, args, size: int, cached: bool, cache_dir: Path) -> Timer:
+def train_once(root: Path, args, size: int, cached: bool, cache_dir: Path) -> Timer:
     L.seed_everything(0, verbose=False)
     data = ShapesDataModule(root=str(root), train_size=args.images, val_size=4, test_size=4,
                             image_size=size, batch_size=args.batch_size, num_workers=0)
@@ -63,6 +63,27 @@ def run(root: Path, args, size: int, cached: bool, cache_dir: Path) -> Timer:
     return timer
 
 
+def run(sizes=(128, 256), images: int = 64, batch_size: int = 16, epochs: int = 3,
+        arch: str = "tiny") -> list[dict]:
+    """One dict per image size: cache build (s), epoch time both ways (s), speed-up."""
+    args = argparse.Namespace(images=images, batch_size=batch_size, epochs=epochs, arch=arch)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            root = Path(tmp) / f"shapes{size}"
+            ShapesDataModule(root=str(root), train_size=images, val_size=4, test_size=4,
+                             image_size=size).prepare_data()
+            plain = train_once(root, args, size, False, Path(tmp) / f"cache{size}")
+            cached = train_once(root, args, size, True, Path(tmp) / f"cache{size}")
+            build = cached.train_start - cached.fit_start
+            steady = lambda t: sum(t.epochs[1:]) / max(1, len(t.epochs) - 1)  # noqa: E731
+            rows.append({"size": size, "images": images, "batch_size": batch_size,
+                         "arch": arch, "cache_build_s": build, "epoch_s": steady(plain),
+                         "epoch_cached_s": steady(cached),
+                         "speedup": steady(plain) / steady(cached)})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
@@ -71,25 +92,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--arch", default="tiny", choices=["tiny", "vgg16"])
     args = parser.parse_args()
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for size in args.sizes:
-            root = Path(tmp) / f"shapes{size}"
-            ShapesDataModule(root=str(root), train_size=args.images, val_size=4, test_size=4,
-                             image_size=size).prepare_data()
-            plain = run(root, args, size, False, Path(tmp) / f"cache{size}")
-            cached = run(root, args, size, True, Path(tmp) / f"cache{size}")
-            build = cached.train_start - cached.fit_start
-            steady = lambda t: sum(t.epochs[1:]) / max(1, len(t.epochs) - 1)  # noqa: E731
-            rows.append((size, build, steady(plain), steady(cached)))
+    rows = run(args.sizes, args.images, args.batch_size, args.epochs, args.arch)
     print(f"\ncontext-stage epoch, {args.images} images, batch {args.batch_size}, arch "
           f"{args.arch}, {torch.get_num_threads()} CPU threads ({os.cpu_count()} cores)\n")
     print("| image size | cache build (once) | epoch, front-end each step | epoch, cached "
           "| speed-up |")
     print("|---|---|---|---|---|")
-    for size, build, plain, cached in rows:
-        print(f"| {size}x{size} | {build:.2f} s | {plain:.2f} s | {cached:.3f} s "
-              f"| {plain / cached:.0f}x |")
+    for row in rows:
+        print(f"| {row['size']}x{row['size']} | {row['cache_build_s']:.2f} s "
+              f"| {row['epoch_s']:.2f} s | {row['epoch_cached_s']:.3f} s "
+              f"| {row['speedup']:.0f}x |")
 
 
 if __name__ == "__main__":

@@ -148,7 +148,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
+    result = measure(args.repeats, args.threads)
+    print_table(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
 
+
+def measure(repeats: int = 5, threads: int | None = None, peak_memory: bool = True) -> dict:
+    """Time (and compare) the CRFs; the dict :func:`print_table` prints."""
+    args = argparse.Namespace(repeats=repeats, threads=threads or torch.get_num_threads())
     image, labels, source = load_scene()
     logits = unary_logits(labels)
     h, w = labels.shape
@@ -181,9 +189,10 @@ def main() -> None:
     if dcrf is not None:
         result["cpu_ratio_ours_over_pydensecrf"] = result["cpu_s"]["ours"] / result["cpu_s"][
             "pydensecrf"]
-    result["peak_mib"] = {"ours": peak_memory_mib("ours", args.threads)}
+    result["peak_mib"] = {"ours": peak_memory_mib("ours", args.threads) if peak_memory else None}
     if dcrf is not None:
-        result["peak_mib"]["pydensecrf"] = peak_memory_mib("pydensecrf", 1)
+        result["peak_mib"]["pydensecrf"] = (peak_memory_mib("pydensecrf", 1) if peak_memory
+                                            else None)
 
     if torch.cuda.is_available():
         run_ours(image, logits, "cuda")
@@ -196,10 +205,7 @@ def main() -> None:
         if dcrf is not None:
             result["speedup_cuda_vs_pydensecrf_cpu"] = result["cpu_s"]["pydensecrf"] / result[
                 "cuda_s"]
-
-    print_table(result)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    return result
 
 
 def print_table(r: dict) -> None:

@@ -89,8 +89,9 @@ def workers_needed(name: str, crop: int, per_worker: float) -> Row:
     """Workers that keep one H100 at the training target busy, for crops of ``crop``."""
     macs = frontend_macs("vgg16", crop, crop, "valid").training()
     needed = TRAIN_MFU_TARGET * H100_BF16_TFLOPS * 1e12 / (2 * macs)
+    workers = math.ceil(needed / per_worker)
     return Row("data, workers per GPU", f"{name}, {crop}x{crop} crops", "H100 (analytic)", "-",
-               note=f"{math.ceil(needed / per_worker)} workers: the GPU at "
+               note=f"{workers} worker{'s' if workers > 1 else ''}: the GPU at "
                     f"{TRAIN_MFU_TARGET:.0%} bf16 MFU trains {needed:.0f} img/s, one worker "
                     f"prepares {per_worker:.1f}")
 
@@ -117,7 +118,7 @@ def run(device: torch.device | None = None, quick: bool = False,
                     f"{source}, {kib:.0f} KiB"))
                 if name == "Cityscapes as JPEG q95":
                     continue  # same label and augmentation as the PNG case
-                rows.append(rate_row(f"decode + check label {name}", timed(
+                rows.append(rate_row(f"decode + check label PNG of {name}", timed(
                     lambda p=label_path, c=classes: check_label(read_index_png(p), c, p),
                     cpu, reps), source))
                 transform = train_transform((crop, crop), mirror=True)
