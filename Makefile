@@ -52,8 +52,8 @@ sweep:  ## run sweeps/$(SWEEP).yaml locally (no W&B server), COUNT trials
 report:  ## reproduce the paper's ablations on DATASET: reports/<dataset>/report.md + figures
 	$(PYTHON) -m dilatedseg.report --dataset $(DATASET) --out reports/$(DATASET) $(ARGS)
 
-bench:  ## performance benchmarks (not part of `make test`)
-	$(PYTHON) benchmarks/run.py
+bench:  ## performance table + bench-results/bench.json; ARGS="--quick" or "--only frontend data"
+	$(PYTHON) benchmarks/run.py $(ARGS)
 
 clean:  ## remove runs, generated data and caches
 	rm -rf runs data wandb lightning_logs .pytest_cache .ruff_cache
