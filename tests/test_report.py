@@ -43,8 +43,8 @@ def test_report_quick_pipeline(tmp_path):
         f"--data.init_args.root={tmp_path / 'shapes'}", "--data.init_args.image_size=64",
         "--data.init_args.train_size=32", "--data.init_args.val_size=8",
         "--data.init_args.test_size=8",
-        "--data.init_args.num_workers=0", "--data.init_args.batch_size=8",
-        "--data.init_args.val_batch_size=4",
+        "--data.init_args.num_workers=0", "--data.init_args.batch_size=2",  # few CRF images
+        "--data.init_args.val_batch_size=2",
     ])
     text = (out / "report.md").read_text()
     number = r"(\d+\.\d)"
