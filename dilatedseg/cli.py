@@ -34,6 +34,8 @@ from dilatedseg.runs import (  # noqa: E402
 from dilatedseg.wandb_images import WandbImages  # noqa: E402
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+# Model options that may differ between training a checkpoint and evaluating it.
+EVALUATION_OPTIONS = ("crf", "crf_options", "tile_size")
 PACKAGE_CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
@@ -73,6 +75,19 @@ class DilatedSegCLI(LightningCLI):
             args=args,
             run=run,
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """Evaluating a checkpoint: its saved hyperparameters rebuild the model it was trained
+        as, but the evaluation-only options the user set (a post-processing CRF, tiling) win."""
+        subcommand = self.config.get("subcommand")
+        asked = {}
+        if subcommand in ("validate", "test", "predict"):
+            model = self.config[subcommand].model
+            asked = {key: model.get(key) for key in EVALUATION_OPTIONS
+                     if model.get(key) not in (None, "none")}
+        super()._parse_ckpt_path()
+        for key, value in asked.items():
+            self.config[subcommand].model[key] = value
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--runs_dir", default="runs", help="root of all run directories")

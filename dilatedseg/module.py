@@ -138,6 +138,8 @@ class SegmentationModule(L.LightningModule):
                                pixel_mean=pixel_mean, pixel_std=pixel_std)
         if stage == "context":
             self.model.frontend.requires_grad_(False)
+        # A post-processing CRF may evaluate a checkpoint trained with or without a CRF-RNN.
+        self.strict_loading = crf != "dense"
         self.val_confusion = ConfusionMatrix(num_classes, IGNORE_INDEX)
         self.test_confusion = ConfusionMatrix(num_classes, IGNORE_INDEX)
 

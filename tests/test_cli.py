@@ -140,3 +140,16 @@ def test_missing_label_names_path_and_prepare_command(tiny_shapes, tmp_path, cap
         run_cli("validate", *shapes_args(root, tmp_path / "runs"))
     message = capsys.readouterr().err
     assert str(missing) in message and f"dilatedseg prepare shapes --root {root}" in message
+
+
+def test_validate_checkpoint_with_dense_crf_keeps_the_users_choice(tiny_shapes, tmp_path):
+    """The checkpoint's hyperparameters rebuild its model, but --model.crf=dense still applies
+    (and the fixed CRF's constants need not be in the checkpoint)."""
+    run_cli("fit", *shapes_args(tiny_shapes, tmp_path, "--trainer.max_epochs=1"))
+    best = next((only_run(tmp_path / "shapes" / "frontend") / "checkpoints").glob("best*.ckpt"))
+    run_cli("validate", *shapes_args(tiny_shapes, tmp_path, f"--ckpt_path={best}",
+                                     "--model.crf=dense", "--model.crf_options={iterations: 1, "
+                                     "test_iterations: 1}"))
+    config = (tmp_path / "shapes" / "frontend" / "validate_0" / "config.yaml").read_text()
+    assert "crf: dense" in config and "test_iterations: 1" in config
+    assert "arch: tiny" in config  # from the checkpoint / config, unchanged

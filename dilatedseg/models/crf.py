@@ -78,8 +78,8 @@ class DenseCRF(nn.Module):
         for name, value in weights.items():
             if trainable:
                 self.register_parameter(name, nn.Parameter(value))
-            else:
-                self.register_buffer(name, value)
+            else:  # fixed: set by the constructor's arguments, not saved in checkpoints
+                self.register_buffer(name, value, persistent=False)
 
     def extra_repr(self) -> str:
         return (
