@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -85,7 +84,8 @@ def sync(device: torch.device) -> None:
 
 
 def timed(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> float:
-    """Median wall-clock seconds of ``fn`` over ``reps`` calls, after ``warmup`` calls."""
+    """Best wall-clock seconds of ``fn`` over ``reps`` calls, after ``warmup`` calls (other load
+    on the machine only ever adds time)."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -95,7 +95,7 @@ def timed(fn: Callable[[], object], device: torch.device, reps: int, warmup: int
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def compute_row(bench: str, case: str, device: torch.device, precision: str, batch: int,
