@@ -170,7 +170,8 @@ class SegmentationModule(L.LightningModule):
     def load_weights(self, path: str) -> None:
         """Copy matching weights from a checkpoint of any stage (weights only, no state)."""
         if not Path(path).is_file():
-            raise FileNotFoundError(f"init_from checkpoint {path} does not exist")
+            raise RunError(f"init_from checkpoint {path} does not exist: pass the path of an "
+                           "earlier stage's .ckpt, or init_from: auto to find it under runs/")
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         source = checkpoint.get("state_dict", checkpoint)
         own = self.state_dict()
