@@ -131,3 +131,15 @@ def markdown(rows: list[Row]) -> str:
                      f"{f(r.batch, 'd')} | {time_s} | {throughput} | {f(gflop, '.4g')} | "
                      f"{f(r.tflops, '.3g')} | {f(r.mfu, '.1%')} | {r.note} |")
     return "\n".join(lines)
+
+
+def script_main(run: Callable[..., list[Row]], doc: str) -> None:
+    """The command line of a benchmark script whose ``run(device, quick, peak)`` gives rows."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--peak-tflops", type=float)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(markdown(run(device, args.quick, args.peak_tflops)))

@@ -12,11 +12,10 @@ show what it buys.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 
 import torch
-from common import Row, compute_row, markdown, peak_tflops, timed
+from common import Row, compute_row, peak_tflops, script_main, timed
 
 from dilatedseg.flops import context_macs
 from dilatedseg.models import ContextModule
@@ -86,14 +85,5 @@ def run(device: torch.device, quick: bool = False, peak: float | None = None) ->
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--peak-tflops", type=float)
-    args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(markdown(run(device, args.quick, args.peak_tflops)))
-
-
 if __name__ == "__main__":
-    main()
+    script_main(run, __doc__)

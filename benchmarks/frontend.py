@@ -12,11 +12,10 @@ loss of the logits (the loss itself costs nothing next to the network).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 
 import torch
-from common import Row, compute_row, markdown, not_measured, peak_tflops, timed
+from common import Row, compute_row, not_measured, peak_tflops, script_main, timed
 
 from dilatedseg.flops import frontend_macs, segmenter_macs
 from dilatedseg.inference import predict_logits
@@ -157,14 +156,5 @@ def run(device: torch.device, quick: bool = False, peak: float | None = None) ->
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--peak-tflops", type=float)
-    args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(markdown(run(device, args.quick, args.peak_tflops)))
-
-
 if __name__ == "__main__":
-    main()
+    script_main(run, __doc__)
