@@ -27,6 +27,7 @@ from dilatedseg.module import SegmentationModule  # noqa: E402
 from dilatedseg.runs import (  # noqa: E402
     RunError,
     RunSummary,
+    discard_unused_run_dirs,
     find_previous_checkpoint,
     is_global_rank_zero,
     resolve_run_dir,
@@ -125,6 +126,20 @@ class DilatedSegCLI(LightningCLI):
             if hasattr(logger, "class_path"):
                 configure_logger(logger, run_dir, dataset, stage)
 
+    def check_data(self) -> None:
+        """Missing data fails here, before the trainer starts a W&B run or other processes."""
+        self.datamodule.check_files(self.subcommand)  # the subcommand names the stage
+
+    before_fit = before_validate = before_test = before_predict = check_data
+
+    def instantiate_classes(self) -> None:
+        """Build data, model and trainer; a value they refuse is a configuration error (one
+        line, exit 2), not a traceback: nothing has trained yet."""
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            raise RunError(f"bad configuration: {error}") from None
+
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(RunSummary())
@@ -218,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
             return summary_main(rest)
         DilatedSegCLI(args=argv)
     except (DataError, RunError) as error:
+        discard_unused_run_dirs()
         sys.stderr.write(f"error: {clean_message(error)}\n")
         raise SystemExit(2) from None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -20,6 +21,10 @@ PREVIOUS_STAGES = {
 RUN_DIR_ENV = "DILATEDSEG_RUN_DIR"
 # `dilatedseg sweep --local` sets this: rank 0 also writes the run's summary there.
 SUMMARY_PATH_ENV = "DILATEDSEG_SUMMARY_PATH"
+# What a run directory holds before the run has written anything.
+UNUSED_RUN_FILES = {"wandb_id.txt"}
+# Run directories this process made (so a failed start can take back what it made, only that).
+_created_run_dirs: set[Path] = set()
 
 
 class RunError(Exception):
@@ -69,9 +74,29 @@ def resolve_run_dir(runs_dir: str, dataset: str, stage: str, subcommand: str,
         taken = [int(p.name.rsplit("_", 1)[1]) for p in parent.glob(f"{prefix}_*")
                  if p.name.rsplit("_", 1)[1].isdigit()]
         run_dir = parent / f"{prefix}_{max(taken, default=-1) + 1}"
+    missing = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
+    if missing:
+        _created_run_dirs.add(missing[-1])  # the outermost directory this mkdir makes
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir
+
+
+def discard_unused_run_dirs() -> list[Path]:
+    """Remove the directories this process made for its run while they hold no file but the
+    W&B id: after a run that stopped before writing anything (missing data, a bad option), so
+    failed starts leave no empty version_N (or runs/<dataset>/<stage>) behind. Anything a run
+    wrote keeps its directory."""
+    removed: list[Path] = []
+    if not is_global_rank_zero():  # the other processes of a job leave it to rank 0
+        return removed
+    for made in sorted(_created_run_dirs):
+        _created_run_dirs.discard(made)
+        if made.is_dir() and all(p.is_dir() or p.name in UNUSED_RUN_FILES
+                                 for p in made.rglob("*")):
+            shutil.rmtree(made, ignore_errors=True)
+            removed.append(made)
+    return removed
 
 
 def best_checkpoint(run_dir: Path) -> Path | None:

@@ -85,3 +85,28 @@ def test_error_inside_a_dataloader_worker(voc, tmp_path, capsys):
                                               "--data.init_args.num_workers=1"))
     assert err.startswith("error: cannot read image") and "broken.png" in err
     assert "DataLoader worker" not in err
+
+
+def test_failed_start_leaves_no_run_directory_and_no_wandb_run(tmp_path, capsys):
+    """Missing data is found before the trainer starts W&B (its default logger here); the run
+    directory made for the run is taken back, since nothing was written into it."""
+    args = [a for a in voc_fit(tmp_path / "nowhere", tmp_path) if "logger" not in a]
+    err = fails(capsys, *args)
+    assert "does not exist" in err and "wandb" not in err.lower()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_failed_start_keeps_earlier_runs(voc, tmp_path, capsys):
+    earlier = tmp_path / "runs" / "voc" / "frontend" / "version_0"
+    (earlier / "checkpoints").mkdir(parents=True)
+    (earlier / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+    (voc / "VOCdevkit/VOC2012/SegmentationClass/a2.png").unlink()
+    fails(capsys, *voc_fit(voc, tmp_path))
+    assert sorted(p.name for p in earlier.parent.iterdir()) == ["version_0"]
+    assert (earlier / "checkpoints" / "last.ckpt").read_bytes() == b"weights"
+
+
+def test_bad_option_value_is_one_line_not_a_traceback(voc, tmp_path, capsys):
+    err = fails(capsys, *voc_fit(voc, tmp_path, "--model.optimizer=adamw"))
+    assert "bad configuration: optimizer must be 'sgd' or 'adam', got 'adamw'" in err
+    assert not (tmp_path / "runs").exists()

@@ -151,7 +151,6 @@ class SegmentationDataModule(L.LightningDataModule):
     categories: tuple[str, ...] | None = None  # category of each class (category IoU), if any
     mean_rgb: tuple[float, float, float] = (123.675, 116.28, 103.53)
     layout = ""  # the expected directory tree, shown when data is missing
-    split_names: dict[str, str] = {"fit": "train", "validate": "val", "test": "test"}
 
     def __init__(
         self,
@@ -215,6 +214,18 @@ class SegmentationDataModule(L.LightningDataModule):
             if label is not None and not label.is_file():
                 raise self.missing(f"image {image} has no label file {label}")
         return pairs
+
+    def stage_splits(self, stage: str) -> list[str]:
+        """The splits ``setup(stage)`` reads."""
+        if stage == "predict":
+            return [] if self.predict_dir is not None else [self.predict_split]
+        return {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage, [])
+
+    def check_files(self, stage: str) -> None:
+        """Fail fast (before the trainer starts loggers or processes) if a split that ``stage``
+        reads is missing or incomplete; label values are checked later, in ``setup``."""
+        for split in self.stage_splits(stage):
+            self.checked_pairs(split)
 
     def check_labels(self, dataset: SegmentationDataset) -> None:
         """Load labels before training so bad values fail early, naming the file."""

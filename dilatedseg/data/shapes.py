@@ -134,6 +134,9 @@ class ShapesDataModule(SegmentationDataModule):
         generate(self.root, self.seed, self.sizes, self.image_size)
         meta_path.write_text(json.dumps(self.meta()))
 
+    def check_files(self, stage: str) -> None:
+        """Nothing to check ahead: ``prepare_data`` generates whatever is missing."""
+
     def pairs(self, split: str) -> list[tuple[Path, Path | None]]:
         listing = self.root / f"{split}.txt"
         if not listing.is_file():
