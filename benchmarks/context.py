@@ -7,7 +7,8 @@ image at 1/8) logit maps.
 The module does little arithmetic per kernel launch (the basic one is 64 C^2 weights), so on a
 GPU it is launch-bound: the MFU column shows how far, and the ``compiled`` rows (torch.compile,
 which fuses bias + ReLU and, in ``reduce-overhead`` mode, replays the step as one CUDA graph)
-show what it buys.
+show what it buys (with ``--quick``, for the forward rows only: each compilation takes tens of
+seconds).
 """
 
 from __future__ import annotations
@@ -74,10 +75,11 @@ def run(device: torch.device, quick: bool = False, peak: float | None = None) ->
                 p = peak_tflops(device, "bf16", peak)
                 rows.append(context_row(*args, "fp32", reps, peak_tflops(device, "fp32", peak)))
                 rows.append(context_row(*args, "bf16", reps, p))
+                if quick and mode != "forward":
+                    continue  # each compilation takes tens of seconds: --quick compiles inference
                 try:
                     rows.append(context_row(*args, "bf16", reps, p,
-                                            compile_mode="max-autotune-no-cudagraphs"
-                                            if quick else "reduce-overhead"))
+                                            compile_mode="reduce-overhead"))
                 except Exception as error:  # noqa: BLE001 - a benchmark reports, not fails
                     rows.append(Row("context module", f"{variant} {schedule} {mode} "
                                     f"{size[0]}x{size[1]}", rows[-1].device, "bf16", batch,
