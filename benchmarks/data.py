@@ -6,8 +6,9 @@ One worker = one process with one thread (torch and OpenCV), as a DataLoader wor
 the real Cityscapes / VOC files under ../shared/realdata when present, else generated ones of the
 same size and format (a Cityscapes 2048x1024 RGB PNG + 8-bit label PNG, the same image as a JPEG,
 a VOC 500x375 JPEG + palette PNG). Augmentation is the recipes' own
-(:func:`dilatedseg.data.transforms.train_transform`: pad, random crop, mirror) at the paper's crop
-sizes (256x256 labelled for the urban sets, 500x500 for VOC) plus the conversion to tensors. The
+(:func:`dilatedseg.data.transforms.train_transform`: pad, random crop, mirror) at the recipes' crop
+sizes (256x256 labels in 628x628 image crops for the urban sets, 128x128 in 500x500 for VOC:
+the context margin of 186 px) plus the conversion to tensors. The
 last rows turn the per-worker rate into the workers one H100 needs at the training target (40 %
 of bf16 peak, see benchmarks/frontend.py).
 """
@@ -33,6 +34,7 @@ REALDATA = Path(__file__).resolve().parents[2] / "shared/realdata"
 CITYSCAPES = REALDATA / "cityscapes"
 VOC = REALDATA / "voc"
 TRAIN_MFU_TARGET = 0.40
+CONTEXT_MARGIN = 186  # the recipes' context_margin (VGG-16, valid geometry)
 
 
 def synthetic_scene(height: int, width: int, classes: int, seed: int = 0):
@@ -86,11 +88,13 @@ def rate_row(case: str, seconds: float, note: str) -> Row:
 
 
 def workers_needed(name: str, crop: int, per_worker: float) -> Row:
-    """Workers that keep one H100 at the training target busy, for crops of ``crop``."""
+    """Workers that keep one H100 at the training target busy, for ``crop`` x ``crop`` labels
+    (the front-end's valid geometry adds the context margin)."""
     macs = frontend_macs("vgg16", crop, crop, "valid").training()
     needed = TRAIN_MFU_TARGET * H100_BF16_TFLOPS * 1e12 / (2 * macs)
     workers = math.ceil(needed / per_worker)
-    return Row("data, workers per GPU", f"{name}, {crop}x{crop} crops", "H100 (analytic)", "-",
+    return Row("data, workers per GPU", f"{name}, {crop}x{crop} labelled crops",
+               "H100 (analytic)", "-",
                note=f"{workers} worker{'s' if workers > 1 else ''}: the GPU at "
                     f"{TRAIN_MFU_TARGET:.0%} bf16 MFU trains {needed:.0f} img/s, one worker "
                     f"prepares {per_worker:.1f}")
@@ -109,7 +113,7 @@ def run(device: torch.device | None = None, quick: bool = False,
             files = make_files(Path(tmp))
             for name, (image_path, label_path, source) in files.items():
                 classes = 21 if name.startswith("VOC") else 19
-                crop = 500 if name.startswith("VOC") else 256
+                crop = 128 if name.startswith("VOC") else 256
                 image = read_image(image_path)
                 size = f"{image.shape[1]}x{image.shape[0]}"
                 kib = image_path.stat().st_size / 1024
@@ -121,7 +125,8 @@ def run(device: torch.device | None = None, quick: bool = False,
                 rows.append(rate_row(f"decode + check label PNG of {name}", timed(
                     lambda p=label_path, c=classes: check_label(read_index_png(p), c, p),
                     cpu, reps), source))
-                transform = train_transform((crop, crop), mirror=True)
+                transform = train_transform((crop, crop), mirror=True,
+                                            context_margin=CONTEXT_MARGIN)
                 label = read_index_png(label_path)
 
                 def augment(t=transform, im=image, lab=label):
@@ -129,8 +134,8 @@ def run(device: torch.device | None = None, quick: bool = False,
                     torch.from_numpy(np.ascontiguousarray(out["image"])).permute(2, 0, 1).float()
                     torch.from_numpy(np.array(out["mask"], copy=True)).long()
 
-                rows.append(rate_row(f"augment {name}: pad/crop {crop} + mirror + to tensor",
-                                     timed(augment, cpu, reps), "after decoding"))
+                case = f"augment {name}: pad/crop {crop}+2x{CONTEXT_MARGIN} + mirror + to tensor"
+                rows.append(rate_row(case, timed(augment, cpu, reps), "after decoding"))
                 dataset = SegmentationDataset([(image_path, label_path)], classes,
                                               read_index_png, transform)
                 seconds = timed(lambda d=dataset: d[0], cpu, reps)

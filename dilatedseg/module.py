@@ -148,7 +148,19 @@ class SegmentationModule(L.LightningModule):
         # Runs before Lightning restores a ckpt_path, so resuming still wins over init_from.
         if stage == "fit":
             self.load_initial_weights()
+            datamodule = self.trainer.datamodule if self._trainer is not None else None
+            self.check_context_margin(getattr(datamodule, "context_margin", 0))
         self.apply_fast_path()
+
+    def check_context_margin(self, margin: int) -> None:
+        """Training crops that carry ``margin`` px of context on every side need a front-end
+        that takes exactly that margin (0: crops without context, padded by the front-end)."""
+        frontend = self.model.frontend
+        if margin not in (0, frontend.margin):
+            raise RunError(
+                f"the training crops carry {margin} px of context on every side, but this "
+                f"front-end (arch={frontend.arch}, padding={frontend.padding}) takes "
+                f"{frontend.margin}: set --data.init_args.context_margin={frontend.margin}")
 
     def apply_fast_path(self) -> None:
         """channels_last weights on CUDA; torch.compile of the context module and CRF if asked."""
@@ -209,7 +221,11 @@ class SegmentationModule(L.LightningModule):
         if "frontend_logits" in batch:
             logits = self.batch_logits(batch)
         else:  # a fixed (post-processing) CRF takes no part in training
-            logits = self.model(batch["image"], use_crf=self.hparams.get("crf") == "rnn")
+            image, label = batch["image"], batch["label"]
+            margin = (image.shape[-1] - label.shape[-1]) // 2  # context around the labels
+            self.check_context_margin(margin)
+            logits = self.model(image, use_crf=self.hparams.get("crf") == "rnn",
+                                context_included=margin > 0)
         # float32 loss whatever the precision (autocast would keep it in fp32 too)
         loss = F.cross_entropy(logits.float(), batch["label"], ignore_index=IGNORE_INDEX)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))

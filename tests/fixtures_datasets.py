@@ -11,6 +11,7 @@ import scipy.sparse
 from PIL import Image
 
 from dilatedseg.data import camvid, cityscapes
+from dilatedseg.models.frontend import valid_shrinkage
 from dilatedseg.viz import palette_png, voc_palette
 
 REPO = Path(__file__).resolve().parent.parent
@@ -167,13 +168,16 @@ def make_cityscapes(root: Path, counts=None, seed: int = 0) -> Path:
 
 def tiny_args(conf: str, root: Path, runs: Path, *extra: str, padding: str = "valid") -> list[str]:
     """CLI arguments: conf/<conf>.yaml shrunk to a tiny CPU run over ``root``; ``extra``
-    arguments come last and win."""
+    arguments come last and win. In valid geometry the training crops carry the tiny
+    front-end's context margin, as the recipes' crops carry VGG-16's."""
+    margin = valid_shrinkage("tiny") // 2 if padding == "valid" else 0
     return [
         "--config", str(REPO / "conf" / f"{conf}.yaml"),
         f"--runs_dir={runs}",
         f"--data.init_args.root={root}",
         "--data.init_args.num_workers=0", "--data.init_args.batch_size=2",
         "--data.init_args.val_batch_size=1", "--data.init_args.crop_size=32",
+        f"--data.init_args.context_margin={margin}",
         "--model.arch=tiny", f"--model.padding={padding}", "--model.pretrained=null",
         "--model.dropout=0", "--model.lr=0.001", "--model.momentum=0.9",
         "--trainer.max_steps=-1", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",

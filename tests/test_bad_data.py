@@ -110,3 +110,11 @@ def test_bad_option_value_is_one_line_not_a_traceback(voc, tmp_path, capsys):
     err = fails(capsys, *voc_fit(voc, tmp_path, "--model.optimizer=adamw"))
     assert "bad configuration: optimizer must be 'sgd' or 'adam', got 'adamw'" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_context_margin_that_does_not_fit_the_front_end(voc, tmp_path, capsys):
+    """The VGG-16 recipe's margin (186) with the tiny front-end (23): named, with the fix,
+    before training."""
+    err = fails(capsys, *voc_fit(voc, tmp_path, "--data.init_args.context_margin=186"))
+    assert "carry 186 px of context" in err and "--data.init_args.context_margin=23" in err
+    assert not list((tmp_path / "runs").rglob("*.ckpt"))

@@ -62,6 +62,20 @@ def test_cityscapes_fit_and_validate_log_category_iou(tmp_path):
     assert any(key.startswith("val/catIoU/") for key in metrics)
 
 
+def test_training_batches_carry_the_context_margin_around_their_labels(tmp_path):
+    """The recipe's crops: images 2 x margin larger than their labels (628 around 256 for
+    VGG-16; here 32 + 2 x 23 for the tiny front-end); validation images stay whole."""
+    root = make_cityscapes(tmp_path / "cityscapes")
+    module = CityscapesDataModule(root=str(root), crop_size=32, context_margin=23,
+                                  batch_size=2, num_workers=0)
+    module.setup("fit")
+    batch = next(iter(module.train_dataloader()))
+    assert tuple(batch["image"].shape) == (2, 3, 78, 78)
+    assert tuple(batch["label"].shape) == (2, 32, 32)
+    val = next(iter(module.val_dataloader()))
+    assert val["image"].shape[-2:] == val["label"].shape[-2:]
+
+
 @pytest.mark.skipif(not REALDATA.is_dir(), reason="no real Cityscapes files here")
 def test_real_cityscapes_labels_map_like_the_official_train_ids(tmp_path):
     for folder in ("leftImg8bit", "gtFine"):

@@ -96,6 +96,36 @@ def test_shift_by_8_pixels_shifts_logits_by_one_cell(padding):
     torch.testing.assert_close(shifted[..., 6:14, 7:14], base[..., 5:13, 5:12])
 
 
+@pytest.mark.parametrize("corner", [(0, 0), (16, 24), (40, 56)])
+def test_crop_with_context_margin_predicts_what_the_whole_image_predicts(corner):
+    """Training on the authors' crops (labelled crop + margin of real context) computes
+    exactly the logits that whole-image inference gives those pixels, at the image border
+    (mirrored context) and inside it."""
+    torch.manual_seed(0)
+    net = FrontEnd(4, arch="tiny", padding="valid", dropout=0.0).eval()
+    m = net.margin  # 23 for the tiny front-end
+    image = torch.randn(2, 3, 88, 120)
+    top, left = corner
+    crop = (32, 64)
+    padded = _reflect_pad(image, (m, m, m, m))  # what whole-image inference pads
+    with_context = padded[..., top: top + crop[0] + 2 * m, left: left + crop[1] + 2 * m]
+    with torch.no_grad():
+        whole = net(image)
+        from_crop = net(with_context, context_included=True)
+        mirrored_crop = net(image[..., top: top + crop[0], left: left + crop[1]])
+    assert from_crop.shape[-2:] == (crop[0] // 8, crop[1] // 8)
+    cells = whole[..., top // 8: (top + crop[0]) // 8, left // 8: (left + crop[1]) // 8]
+    torch.testing.assert_close(from_crop, cells)
+    # Padding the bare crop instead (no real context) gives other logits at its edges.
+    assert not torch.allclose(mirrored_crop, cells, atol=1e-3)
+
+
+def test_context_included_needs_valid_geometry():
+    net = FrontEnd(3, arch="tiny", padding="same")
+    with pytest.raises(ValueError, match="same"):
+        net(torch.zeros(1, 3, 64, 64), context_included=True)
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="arch"):
         FrontEnd(3, arch="resnet")

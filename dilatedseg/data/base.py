@@ -138,6 +138,13 @@ class SegmentationDataModule(L.LightningDataModule):
             augments ~23 Cityscapes images/s; an H100 at 40 % MFU trains ~270/s).
         mirror: random horizontal flips during training.
         scale_range: optional (min, max) random rescaling during training (off in the paper).
+        context_margin: training image crops extend this many px past their labelled crop on
+            every side, real image where there is one (the authors' scheme: 186 for the VGG-16
+            front-end in valid geometry, i.e. 628 x 628 image crops around 256 x 256 labels);
+            the module then runs the front-end on them unpadded. 0: image and label crops
+            match, and the front-end pads each crop itself (the only choice for
+            ``padding: same``). Whole images (no ``crop_size``) need none: the front-end
+            reflect-pads them just so. See :mod:`dilatedseg.data.transforms`.
         label_check: "all" checks every label's values before training; "sample" checks up to
             64 per split (values are still checked as each file loads); "auto" picks "all" for
             up to 1000 files.
@@ -161,6 +168,7 @@ class SegmentationDataModule(L.LightningDataModule):
         num_workers: int | None = None,
         mirror: bool = True,
         scale_range: tuple[float, float] | None = None,
+        context_margin: int = 0,
         label_check: str = "auto",
         pin_memory: bool = True,
         predict_split: str = "val",
@@ -173,6 +181,9 @@ class SegmentationDataModule(L.LightningDataModule):
         self.auto_workers = num_workers is None
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.mirror, self.scale_range = mirror, scale_range
+        if context_margin < 0:
+            raise ValueError(f"context_margin must be >= 0 px, got {context_margin}")
+        self.context_margin = context_margin
         if label_check not in ("auto", "all", "sample"):
             raise ValueError(f"label_check must be 'auto', 'all' or 'sample', got {label_check!r}")
         self.label_check, self.pin_memory = label_check, pin_memory
@@ -239,7 +250,8 @@ class SegmentationDataModule(L.LightningDataModule):
                 dataset.load(index)
 
     def train_transform(self) -> Callable | None:
-        return transforms.train_transform(self.crop_size, self.mirror, self.scale_range)
+        return transforms.train_transform(self.crop_size, self.mirror, self.scale_range,
+                                          self.context_margin)
 
     def make_dataset(self, split: str, train: bool = False) -> SegmentationDataset:
         dataset = SegmentationDataset(

@@ -118,15 +118,22 @@ class FrontEnd(nn.Module):
 
             load_vgg16_imagenet(self, pretrained)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        height, width = image.shape[-2:]
+    def forward(self, image: torch.Tensor, context_included: bool = False) -> torch.Tensor:
+        """``context_included``: the image already carries ``margin`` px of context on every
+        side (the authors' training crops: 628 x 628 around a 256 x 256 labelled centre, see
+        :func:`dilatedseg.data.transforms.train_transform`), so it is not padded again and the
+        logits cover its centre, H - 2 margin x W - 2 margin."""
+        if context_included and not self.margin:
+            raise ValueError("padding='same' takes images without a context margin")
         if self.margin:
+            m = 0 if context_included else self.margin
+            height, width = (size - 2 * (self.margin - m) for size in image.shape[-2:])
             # Pad so that the output is exactly ceil(H/8) x ceil(W/8) and stays aligned.
             out_h, out_w = math.ceil(height / OUTPUT_STRIDE), math.ceil(width / OUTPUT_STRIDE)
             extra_h = out_h * OUTPUT_STRIDE - height
             extra_w = out_w * OUTPUT_STRIDE - width
-            m = self.margin
-            image = _reflect_pad(image, (m, m + extra_w, m, m + extra_h))
+            if m or extra_h or extra_w:
+                image = _reflect_pad(image, (m, m + extra_w, m, m + extra_h))
         return self.final(self.features(image))
 
 

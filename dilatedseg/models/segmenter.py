@@ -59,9 +59,10 @@ class Segmenter(nn.Module):
     def normalise(self, image: torch.Tensor) -> torch.Tensor:
         return (image - self.pixel_mean) / self.pixel_std
 
-    def frontend_logits(self, image: torch.Tensor) -> torch.Tensor:
+    def frontend_logits(self, image: torch.Tensor, context_included: bool = False
+                        ) -> torch.Tensor:
         """Front-end logits at 1/8 resolution (what the feature cache stores)."""
-        return self.frontend(self.normalise(image))
+        return self.frontend(self.normalise(image), context_included)
 
     def coarse_logits(self, image: torch.Tensor) -> torch.Tensor:
         """Front-end (+ context) logits at 1/8 resolution."""
@@ -82,8 +83,14 @@ class Segmenter(nn.Module):
         return F.interpolate(logits, scale_factor=OUTPUT_STRIDE, mode="bilinear",
                              align_corners=False)[..., : size[0], : size[1]]
 
-    def forward(self, image: torch.Tensor, use_crf: bool = True) -> torch.Tensor:
-        logits = self.frontend_logits(image)
+    def forward(self, image: torch.Tensor, use_crf: bool = True,
+                context_included: bool = False) -> torch.Tensor:
+        """``context_included``: the image carries the front-end's margin of context on every
+        side (training crops, see :meth:`FrontEnd.forward`); the logits cover its centre."""
+        logits = self.frontend_logits(image, context_included)
+        if context_included:
+            m = self.frontend.margin
+            image = image[..., m: image.shape[-2] - m, m: image.shape[-1] - m]
         return self.from_frontend_logits(logits, image.shape[-2:], image if use_crf else None,
                                          use_crf=use_crf)
 

@@ -1,0 +1,78 @@
+"""Training augmentation: reflect-padded images, 255-padded labels, and the authors' context
+margin (image crops larger than their labels, cut from the real image)."""
+
+import numpy as np
+import pytest
+
+from dilatedseg.data.transforms import reflect_indices, train_transform
+
+H, W = 60, 80
+
+
+def coordinate_image():
+    """Each pixel holds its own (row, column) in channels 0 and 1, so a crop tells where in
+    the image (or in its reflection) every pixel came from; its label is a function of them."""
+    rows, cols = np.mgrid[0:H, 0:W]
+    image = np.stack([rows, cols, np.full_like(rows, 7)], -1).astype(np.uint8)
+    label = ((rows // 5 + cols // 5) % 4).astype(np.uint8)
+    return image, label
+
+
+def label_of(image):
+    return ((image[..., 0] // 5 + image[..., 1] // 5) % 4).astype(np.uint8)
+
+
+def window_of_reflected_image(crop, image, pad):
+    """Whether ``crop`` equals a window of ``image`` reflect-padded (REFLECT_101) by ``pad``."""
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    h, w = crop.shape[:2]
+    return any(np.array_equal(padded[y: y + h, x: x + w], crop)
+               for y in range(padded.shape[0] - h + 1) for x in range(padded.shape[1] - w + 1))
+
+
+def test_small_image_is_reflect_padded_and_its_label_filled_with_ignore():
+    image, label = coordinate_image()
+    out = train_transform((96, 96), mirror=False)(image=image, mask=label)
+    assert out["image"].shape == (96, 96, 3) and out["mask"].shape == (96, 96)
+    top, left = (96 - H) // 2, (96 - W) // 2
+    assert np.array_equal(out["mask"][top: top + H, left: left + W], label)
+    assert (out["mask"][:top] == 255).all() and (out["mask"][:, :left] == 255).all()
+    assert window_of_reflected_image(out["image"], image, 20)
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_context_margin_crops_real_image_around_the_labels(mirror):
+    image, label = coordinate_image()
+    margin, crop = 12, (16, 24)
+    transform = train_transform(crop, mirror=mirror, context_margin=margin)
+    for _ in range(20):  # random crops (and flips)
+        out = transform(image=image, mask=label)
+        crop_image, crop_label = out["image"], out["mask"]
+        assert crop_image.shape == (16 + 2 * margin, 24 + 2 * margin, 3)
+        assert crop_label.shape == crop
+        # The image crop is a window of the image reflected only past its own border (as
+        # whole-image inference pads it), or that window mirrored.
+        assert window_of_reflected_image(crop_image, image, margin) or (
+            mirror and window_of_reflected_image(crop_image[:, ::-1], image, margin))
+        # Each label sits under its own pixel: the centre of the image crop.
+        centre = crop_image[margin: margin + 16, margin: margin + 24]
+        labelled = crop_label != 255
+        assert labelled.any()
+        assert np.array_equal(crop_label[labelled], label_of(centre)[labelled])
+
+
+def test_label_pixels_of_the_margin_are_ignored():
+    """A labelled crop reaching past the image border is 255 there, never a reflected label."""
+    image, label = coordinate_image()
+    transform = train_transform((H + 16, W + 16), mirror=False, context_margin=8)
+    out = transform(image=image, mask=label)
+    assert out["mask"].shape == (H + 16, W + 16)
+    assert (out["mask"] == 255).sum() == (H + 16) * (W + 16) - H * W
+    assert np.array_equal(out["mask"][8: 8 + H, 8: 8 + W], label)
+
+
+@pytest.mark.parametrize("size", [1, 2, 5])
+def test_reflect_indices_match_numpy_reflect_beyond_the_axis(size):
+    pad = 12
+    expected = np.pad(np.arange(size), pad, mode="reflect" if size > 1 else "edge")
+    assert np.array_equal(reflect_indices(size, -pad, size + 2 * pad), expected)
