@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import run_cli
 from fixtures_datasets import logged_metrics, make_cityscapes, tiny_args
 from PIL import Image
@@ -56,7 +57,8 @@ def test_prepare_writes_train_ids_equal_to_on_the_fly_mapping(tmp_path):
 def test_cityscapes_fit_and_validate_log_category_iou(tmp_path):
     root = make_cityscapes(tmp_path / "cityscapes")
     runs = tmp_path / "runs"
-    run_cli("fit", *tiny_args("cityscapes", root, runs, "--model.tile_size=[16,32]"))
+    run_cli("fit", *tiny_args("cityscapes", root, runs, "--model.tile_size=[16,32]",
+                              "--data.init_args.crops_per_image=2"))
     metrics = logged_metrics(runs / "cityscapes/frontend/version_0")
     assert 0 <= metrics["val/mIoU"] <= 100 and 0 <= metrics["val/mIoU_category"] <= 100
     assert any(key.startswith("val/catIoU/") for key in metrics)
@@ -74,6 +76,25 @@ def test_training_batches_carry_the_context_margin_around_their_labels(tmp_path)
     assert tuple(batch["label"].shape) == (2, 32, 32)
     val = next(iter(module.val_dataloader()))
     assert val["image"].shape[-2:] == val["label"].shape[-2:]
+
+
+def test_several_crops_per_decoded_image(tmp_path):
+    root = make_cityscapes(tmp_path / "cityscapes")
+    module = CityscapesDataModule(root=str(root), crop_size=32, context_margin=23,
+                                  batch_size=4, crops_per_image=2, num_workers=0)
+    module.setup("fit")
+    loader = module.train_dataloader()
+    assert len(loader) == len(module.datasets["train"]) // 2  # 2 images x 2 crops a batch
+    batch = next(iter(loader))
+    assert tuple(batch["image"].shape) == (4, 3, 78, 78)
+    assert tuple(batch["label"].shape) == (4, 32, 32)
+    names = batch["name"]
+    assert names[0] == names[1] and names[2] == names[3] and names[0] != names[2]
+    # Two independent random crops of the same image (the chance that they coincide in
+    # position and flip is negligible for these sizes).
+    assert not torch.equal(batch["image"][0], batch["image"][1])
+    with pytest.raises(ValueError, match="crops_per_image must divide batch_size"):
+        CityscapesDataModule(root=str(root), crop_size=32, batch_size=4, crops_per_image=3)
 
 
 @pytest.mark.skipif(not REALDATA.is_dir(), reason="no real Cityscapes files here")
