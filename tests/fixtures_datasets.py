@@ -177,7 +177,7 @@ def tiny_args(conf: str, root: Path, runs: Path, *extra: str, padding: str = "va
         f"--data.init_args.root={root}",
         "--data.init_args.num_workers=0", "--data.init_args.batch_size=2",
         "--data.init_args.val_batch_size=1", "--data.init_args.crop_size=32",
-        f"--data.init_args.context_margin={margin}",
+        f"--data.init_args.context_margin={margin}", "--data.init_args.resize=null",
         "--model.arch=tiny", f"--model.padding={padding}", "--model.pretrained=null",
         "--model.dropout=0", "--model.lr=0.001", "--model.momentum=0.9",
         "--trainer.max_steps=-1", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",

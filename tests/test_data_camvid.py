@@ -54,3 +54,20 @@ def test_camvid_fit_through_cli(tmp_path):
     run_cli("fit", *tiny_args("camvid", root, runs, padding="same"))
     metrics = logged_metrics(runs / "camvid/frontend/version_0")
     assert 0 <= metrics["val/mIoU"] <= 100
+
+
+def test_resize_applies_to_every_split_labels_by_nearest(tmp_path):
+    """The recipe's resize (the paper's 640x480) applies to images and labels alike."""
+    root = make_camvid_segnet(tmp_path / "camvid")
+    plain = CamVidDataModule(root=str(root), num_workers=0)
+    plain.setup("validate")
+    original = plain.datasets["val"][0]
+    module = CamVidDataModule(root=str(root), num_workers=0, resize=[24, 40],
+                              crop_size=16, batch_size=2)
+    module.setup("fit")
+    val = module.datasets["val"][0]
+    assert tuple(val["image"].shape) == (3, 24, 40) and tuple(val["label"].shape) == (24, 40)
+    assert set(val["label"].unique().tolist()) <= set(original["label"].unique().tolist())
+    assert original["image"].shape[-2:] != (24, 40)
+    batch = next(iter(module.train_dataloader()))
+    assert tuple(batch["image"].shape) == (2, 3, 16, 16)

@@ -84,6 +84,7 @@ def folder_images(folder: Path) -> list[tuple[Path, None]]:
 class SegmentationDataset(Dataset):
     """(image, label) files -> {"image": float 0-255 RGB (3,H,W), "label": long (H,W), "name"}.
 
+    ``size``: (H, W) every image and label is resized to as it loads (None: as on disk).
     ``crops`` > 1: each item is that many independent draws of ``transform`` (random crops)
     from one decoded image, stacked: "image" (crops, 3, h, w), "label" (crops, h, w), "name" a
     list; :func:`collate_crops` batches them. Decoding a 2 Mpx PNG costs far more than cropping
@@ -97,9 +98,11 @@ class SegmentationDataset(Dataset):
         read_label: Callable[[Path], np.ndarray],
         transform: Callable | None = None,
         crops: int = 1,
+        size: tuple[int, int] | None = None,
     ):
         self.pairs, self.num_classes = list(pairs), num_classes
         self.read_label, self.transform, self.crops = read_label, transform, crops
+        self.size = size
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -107,14 +110,15 @@ class SegmentationDataset(Dataset):
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
         image_path, label_path = self.pairs[index]
         image = read_image(image_path)
-        if label_path is None:
-            return image, None
-        label = self.read_label(label_path)
-        if label.shape != image.shape[:2]:
-            raise DataError(
-                f"image {image_path} is {image.shape[1]}x{image.shape[0]} but its label "
-                f"{label_path} is {label.shape[1]}x{label.shape[0]}; they must match.")
-        check_label(label, self.num_classes, label_path)
+        label = None if label_path is None else self.read_label(label_path)
+        if label is not None:
+            if label.shape != image.shape[:2]:
+                raise DataError(
+                    f"image {image_path} is {image.shape[1]}x{image.shape[0]} but its label "
+                    f"{label_path} is {label.shape[1]}x{label.shape[0]}; they must match.")
+            check_label(label, self.num_classes, label_path)
+        if self.size is not None:
+            image, label = transforms.resize(image, label, self.size)
         return image, label
 
     def __getitem__(self, index: int) -> dict:
@@ -175,6 +179,10 @@ class SegmentationDataModule(L.LightningDataModule):
             up to 1000 files.
         predict_split: the split ``predict`` runs on, unless ``predict_dir`` is given.
         predict_dir: a folder of images (any depth, .png/.jpg) to predict on instead.
+        resize: (H, W) every image and label of every split is resized to as it loads
+            (images area-averaged or bilinear, labels nearest), so training, validation and
+            predictions are at that size: the paper's CamVid is 640 x 480 (``[480, 640]``).
+            None keeps the files' size.
         crops_per_image: training crops cut from each decoded image (default 1). Decoding
             dominates a worker's time (a Cityscapes PNG ~55 ms, a crop < 1 ms, ``make bench``),
             so k crops per image give ~k times the samples per worker when the GPU waits for
@@ -204,6 +212,7 @@ class SegmentationDataModule(L.LightningDataModule):
         predict_split: str = "val",
         predict_dir: str | None = None,
         crops_per_image: int = 1,
+        resize: int | tuple[int, int] | None = None,
     ):
         super().__init__()
         self.root = Path(root).expanduser()
@@ -226,6 +235,7 @@ class SegmentationDataModule(L.LightningDataModule):
         if crops_per_image > 1 and self.crop_size is None:
             raise ValueError("crops_per_image > 1 needs a crop_size (whole images are all alike)")
         self.crops_per_image = crops_per_image
+        self.resize = (resize, resize) if isinstance(resize, int) else resize
         self.datasets: dict[str, SegmentationDataset] = {}
 
     # ---- metadata a subclass provides -------------------------------------------------------
@@ -294,6 +304,7 @@ class SegmentationDataModule(L.LightningDataModule):
         dataset = SegmentationDataset(
             self.checked_pairs(split), self.num_classes, self.read_label,
             self.train_transform() if train else None, self.crops_per_image if train else 1,
+            self.resize,
         )
         self.check_labels(dataset)
         return dataset
@@ -308,7 +319,8 @@ class SegmentationDataModule(L.LightningDataModule):
             self.datasets["test"] = self.make_dataset("test")
         elif stage == "predict" and self.predict_dir is not None:
             self.datasets["predict"] = SegmentationDataset(
-                folder_images(self.predict_dir), self.num_classes, self.read_label)
+                folder_images(self.predict_dir), self.num_classes, self.read_label,
+                size=self.resize)
         elif stage == "predict":
             self.datasets["predict"] = self.make_dataset(self.predict_split)
 

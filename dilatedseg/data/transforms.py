@@ -84,6 +84,21 @@ class ContextCrop(A.DualTransform):
         return ("height", "width", "margin")
 
 
+def resize(image: np.ndarray, label: np.ndarray | None, size: tuple[int, int]
+           ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Image (area-averaged when shrinking, bilinear when enlarging) and label (nearest, centred
+    samples) to ``size`` = (H, W)."""
+    height, width = size
+    if image.shape[:2] == (height, width):
+        return image, label
+    shrink = height * width < image.shape[0] * image.shape[1]
+    image = cv2.resize(image, (width, height),
+                       interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    if label is not None:
+        label = cv2.resize(label, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
+    return image, label
+
+
 def train_transform(
     crop_size: tuple[int, int] | None,
     mirror: bool = True,
