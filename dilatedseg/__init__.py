@@ -27,6 +27,7 @@ _PUBLIC = {
 }
 __all__ = list(_PUBLIC)
 
+
 def __getattr__(name: str):
     if name in _PUBLIC:
         return getattr(importlib.import_module(_PUBLIC[name]), name)

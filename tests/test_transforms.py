@@ -4,7 +4,7 @@ margin (image crops larger than their labels, cut from the real image)."""
 import numpy as np
 import pytest
 
-from dilatedseg.data.transforms import reflect_indices, train_transform
+from dilatedseg.data.transforms import train_transform
 
 H, W = 60, 80
 
@@ -70,9 +70,3 @@ def test_label_pixels_of_the_margin_are_ignored():
     assert (out["mask"] == 255).sum() == (H + 16) * (W + 16) - H * W
     assert np.array_equal(out["mask"][8: 8 + H, 8: 8 + W], label)
 
-
-@pytest.mark.parametrize("size", [1, 2, 5])
-def test_reflect_indices_match_numpy_reflect_beyond_the_axis(size):
-    pad = 12
-    expected = np.pad(np.arange(size), pad, mode="reflect" if size > 1 else "edge")
-    assert np.array_equal(reflect_indices(size, -pad, size + 2 * pad), expected)

@@ -22,18 +22,9 @@ import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dilatedseg.models.frontend import reflect_index  # noqa: E402
+
 IGNORE_INDEX = 255
-
-
-def reflect_indices(size: int, start: int, length: int) -> np.ndarray:
-    """Indices ``start .. start + length - 1`` into an axis of ``size`` pixels, reflected past
-    its ends as OpenCV's BORDER_REFLECT_101 / numpy's 'reflect' (repeating for long pads)."""
-    index = np.arange(start, start + length)
-    if size == 1:
-        return np.zeros_like(index)
-    period = 2 * (size - 1)
-    index = np.mod(index, period)
-    return np.where(index >= size, period - index, index)
 
 
 def window(array: np.ndarray, axis: int, start: int, length: int) -> np.ndarray:
@@ -42,7 +33,7 @@ def window(array: np.ndarray, axis: int, start: int, length: int) -> np.ndarray:
     size = array.shape[axis]
     if 0 <= start and start + length <= size:
         return array[(slice(None),) * axis + (slice(start, start + length),)]
-    return array.take(reflect_indices(size, start, length), axis)
+    return array.take(reflect_index(size, -start, start + length - size).numpy(), axis)
 
 
 class ContextCrop(A.DualTransform):

@@ -168,7 +168,7 @@ class SpaceToBatchConv2d(nn.Conv2d):
         return y[..., :out_h, :out_w]
 
 
-def _reflect_index(size: int, before: int, after: int) -> torch.Tensor:
+def reflect_index(size: int, before: int, after: int) -> torch.Tensor:
     """Source indices of a REFLECT_101 pad (edge not repeated), for pads of any length."""
     index = torch.arange(-before, size + after)
     if size == 1:
@@ -185,6 +185,6 @@ def _reflect_pad(image: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.T
     height, width = image.shape[-2:]
     if max(left, right) < width and max(top, bottom) < height:
         return F.pad(image, pad, mode="reflect")
-    rows = _reflect_index(height, top, bottom).to(image.device)
-    cols = _reflect_index(width, left, right).to(image.device)
+    rows = reflect_index(height, top, bottom).to(image.device)
+    cols = reflect_index(width, left, right).to(image.device)
     return image.index_select(-2, rows).index_select(-1, cols)
