@@ -36,6 +36,14 @@ def test_tiled_equals_whole_image(padding, context):
         torch.testing.assert_close(probs.sum(1), torch.ones(2, 61, 83))
 
 
+def test_uint8_images_as_batches_carry_them_give_the_float_result():
+    model = segmenter("valid", context=True)
+    image = torch.randint(0, 256, (1, 3, 40, 56), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(predict_logits(model, image, (16, 24)),
+                                   predict_logits(model, image.float(), (16, 24)))
+
+
 def test_too_small_margin_would_show_seams():
     """The test above can fail: tiles without the receptive-field margin differ."""
     model = segmenter("same", False)

@@ -57,6 +57,7 @@ class Segmenter(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1))
 
     def normalise(self, image: torch.Tensor) -> torch.Tensor:
+        """0-255 RGB (uint8 or float) -> the front-end's normalised float input."""
         return (image - self.pixel_mean) / self.pixel_std
 
     def frontend_logits(self, image: torch.Tensor, context_included: bool = False
