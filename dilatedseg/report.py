@@ -183,7 +183,7 @@ def predict(module, images: torch.Tensor) -> np.ndarray:
 # ---- receptive fields ----------------------------------------------------------------------------
 def image_gradient(segmenter, images: torch.Tensor, cell: tuple[int, int]) -> np.ndarray:
     """Mean |d logit / d image| (H, W) of the coarse output at ``cell`` (its argmax class)."""
-    images = images.clone().requires_grad_(True)
+    images = images.to(torch.float32, copy=True).requires_grad_(True)
     logits = segmenter.coarse_logits(images)
     y, x = cell
     picked = logits[:, :, y, x]
