@@ -18,6 +18,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import torch  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback  # noqa: E402
 
@@ -115,6 +116,8 @@ class DilatedSegCLI(LightningCLI):
         stage = config.model.stage
         if config.model.init_from == "auto":
             config.model.init_from = str(find_previous_checkpoint(config.runs_dir, dataset, stage))
+        if config.trainer.get("precision") is None:
+            config.trainer.precision = default_precision(config.trainer.get("accelerator"))
         run_dir = resolve_run_dir(config.runs_dir, dataset, stage, self.subcommand,
                                   config.get("ckpt_path"))
         config.trainer.default_root_dir = str(run_dir)
@@ -150,6 +153,14 @@ class DilatedSegCLI(LightningCLI):
             output = config.get("output") or Path(trainer.default_root_dir) / "predictions"
             trainer.callbacks.append(PredictionWriter(output))
         return trainer
+
+
+def default_precision(accelerator) -> str:
+    """The trainer's precision when the config leaves it null: bf16 autocast where the run goes
+    to a CUDA GPU that computes in bf16 (tensor cores: Ampere or newer), else float32."""
+    on_gpu = accelerator in (None, "auto", "gpu", "cuda") and torch.cuda.is_available()
+    native = on_gpu and torch.cuda.is_bf16_supported(including_emulation=False)
+    return "bf16-mixed" if native else "32-true"
 
 
 def configure_logger(logger, run_dir: Path, dataset: str, stage: str) -> None:

@@ -55,6 +55,34 @@ def test_fast_dev_run_on_shapes(tiny_shapes, tmp_path):
     assert (tmp_path / "shapes" / "frontend" / "version_0").is_dir()
 
 
+@pytest.mark.parametrize("accelerator,cuda,native_bf16,expected", [
+    ("auto", True, True, "bf16-mixed"),   # an Ampere / Hopper GPU
+    ("gpu", True, False, "32-true"),      # a V100 / T4: bf16 only emulated, slow
+    ("cpu", True, True, "32-true"),       # CPU asked for on a GPU machine
+    ("auto", False, False, "32-true"),    # no GPU
+])
+def test_precision_defaults_to_bf16_only_on_bf16_gpus(monkeypatch, accelerator, cuda,
+                                                      native_bf16, expected):
+    from dilatedseg.cli import default_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",  # torch counts emulation by default
+                        lambda including_emulation=True: native_bf16 or
+                        (cuda and including_emulation))
+    assert default_precision(accelerator) == expected
+
+
+def test_unset_precision_resolves_into_the_saved_config(tiny_shapes, tmp_path):
+    short = ("--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
+             "--trainer.limit_val_batches=1")
+    run_cli("fit", *shapes_args(tiny_shapes, tmp_path, *short))
+    saved = (tmp_path / "shapes" / "frontend" / "version_0" / "config.yaml").read_text()
+    assert "precision: 32-true" in saved  # no GPU here; bf16-mixed on one that has bf16
+    run_cli("fit", *shapes_args(tiny_shapes, tmp_path, *short, "--trainer.precision=bf16-mixed"))
+    saved = (tmp_path / "shapes" / "frontend" / "version_1" / "config.yaml").read_text()
+    assert "precision: bf16-mixed" in saved  # what the user sets wins
+
+
 def only_run(parent: Path) -> Path:
     runs = sorted(p for p in parent.iterdir() if p.is_dir())
     assert len(runs) == 1, runs
