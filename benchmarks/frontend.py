@@ -47,7 +47,7 @@ def image_batch(batch: int, size: tuple[int, int], device: torch.device, precisi
     return image
 
 
-def frontend_row(device, precision, mode, size, batch, reps, peak, space_to_batch=False) -> Row:
+def frontend_row(device, precision, mode, size, batch, reps, peak, space_to_batch=None) -> Row:
     torch.manual_seed(0)
     frontend = prepare(FrontEnd(CLASSES, arch="vgg16", fc6_space_to_batch=space_to_batch),
                        device, precision)
@@ -80,6 +80,8 @@ def frontend_row(device, precision, mode, size, batch, reps, peak, space_to_batc
     else:
         seconds = timed(step, device, reps, warmup=3)
     case = f"{mode} {size[0]}x{size[1]}" + (" fc6 space-to-batch" if space_to_batch else "")
+    if space_to_batch is None and device.type == "cpu" and mode != "forward":
+        case += " (fc6 space-to-batch: the CPU default for training)"
     note = "channels_last" if device.type == "cuda" and precision == "bf16" else ""
     if mode != "forward" and size == (512, 1024) and precision == "bf16":
         note += f"; target >= {TRAIN_MFU_TARGET:.0%} MFU"

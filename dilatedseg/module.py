@@ -61,7 +61,9 @@ class SegmentationModule(L.LightningModule):
         compile: ``torch.compile`` the context module and the CRF (launch-bound: many small
             kernels). Off by default: the first steps pay the compilation.
         fc6_space_to_batch: run the dilated fc6 as an undilated convolution on a rearranged
-            tensor (:class:`~dilatedseg.models.frontend.SpaceToBatchConv2d`; same weights).
+            tensor (:class:`~dilatedseg.models.frontend.SpaceToBatchConv2d`; same weights):
+            true, false, or null (default) = where it pays (CPU training: ~50x faster fc6
+            backward).
 
     Mixed precision is the trainer's: ``--trainer.precision=bf16-mixed`` runs convolutions in
     bf16 under autocast; the loss and the CRF stay in float32.
@@ -101,7 +103,7 @@ class SegmentationModule(L.LightningModule):
         crf_options: dict | None = None,
         channels_last: bool = True,
         compile: bool = False,
-        fc6_space_to_batch: bool = False,
+        fc6_space_to_batch: bool | None = None,
     ):
         super().__init__()
         if stage not in STAGES:

@@ -58,6 +58,27 @@ def test_frontend_space_to_batch_flag():
         torch.testing.assert_close(fast(image), plain(image), rtol=1e-12, atol=1e-12)
 
 
+def test_space_to_batch_by_default_only_where_it_pays():
+    """None (the default): on the CPU when a backward pass follows (PyTorch's CPU backward of a
+    dilated convolution is ~50x slower), the library's kernel for inference and on GPUs."""
+    frontend = FrontEnd(5, arch="vgg16")
+    fc6 = frontend.features.fc6
+    assert type(fc6) is SpaceToBatchConv2d and fc6.enabled is None
+    x = torch.zeros(1, 512, 30, 30)
+    assert fc6.use_space_to_batch(x)  # training: weights want gradients
+    with torch.no_grad():
+        assert not fc6.use_space_to_batch(x)
+    fc6.requires_grad_(False)  # a frozen front-end (the context stage)
+    assert not fc6.use_space_to_batch(x)
+    assert fc6.use_space_to_batch(x.clone().requires_grad_())  # gradients to the input
+    fc6.requires_grad_(True)
+    assert not fc6.use_space_to_batch(torch.zeros(1, 512, 30, 30, device="meta"))  # not CPU
+    assert FrontEnd(5, fc6_space_to_batch=True).features.fc6.use_space_to_batch(x.detach())
+    with torch.no_grad():
+        assert FrontEnd(5, fc6_space_to_batch=True).features.fc6.use_space_to_batch(x)
+    assert not FrontEnd(5, fc6_space_to_batch=False).features.fc6.use_space_to_batch(x)
+
+
 def test_bf16_mixed_training_keeps_loss_and_crf_in_float32(tiny_shapes):
     dtypes = {}
 

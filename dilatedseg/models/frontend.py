@@ -69,8 +69,9 @@ class FrontEnd(nn.Module):
     network: 900 x 900 in, 66 x 66 out. ``pretrained``: ImageNet VGG-16 weights (a path, a URL
     or "imagenet", see :mod:`dilatedseg.models.weights`). ``fc6_space_to_batch``: run the
     dilated fc6 as a plain 7x7 convolution over the 4 x 4 interleaved sub-grids of its input
-    (:class:`SpaceToBatchConv2d`; same weights, same result), for GPUs whose libraries lack a
-    fast dilated kernel (``benchmarks/profile_fc6.py`` shows which kernels run).
+    (:class:`SpaceToBatchConv2d`; same weights, same result): True always, False never, None
+    (default) where it is known to help, on the CPU when a backward pass follows
+    (``benchmarks/profile_fc6.py`` shows which kernels run on a GPU).
     """
 
     def __init__(
@@ -80,7 +81,7 @@ class FrontEnd(nn.Module):
         padding: str = "valid",
         dropout: float = 0.5,
         pretrained: str | None = None,
-        fc6_space_to_batch: bool = False,
+        fc6_space_to_batch: bool | None = None,
     ):
         super().__init__()
         if arch not in ARCHITECTURES:
@@ -98,9 +99,12 @@ class FrontEnd(nn.Module):
                 continue
             name, out, kernel, dilation = spec
             pad = 0 if padding == "valid" else dilation * (kernel - 1) // 2
-            conv_class = (SpaceToBatchConv2d if fc6_space_to_batch and name == "fc6"
-                          and dilation > 1 else nn.Conv2d)
-            layers.append((name, conv_class(channels, out, kernel, padding=pad, dilation=dilation)))
+            if name == "fc6" and dilation > 1:
+                conv = SpaceToBatchConv2d(channels, out, kernel, padding=pad, dilation=dilation,
+                                          enabled=fc6_space_to_batch)
+            else:
+                conv = nn.Conv2d(channels, out, kernel, padding=pad, dilation=dilation)
+            layers.append((name, conv))
             layers.append((f"{name}_relu", nn.ReLU(inplace=True)))
             if name.startswith("fc") and dropout > 0:
                 layers.append((f"{name}_drop", nn.Dropout(dropout)))
@@ -144,12 +148,29 @@ class SpaceToBatchConv2d(nn.Conv2d):
     residue (a, b) mod d, so the input is split into its d x d interleaved sub-grids, stacked
     along the batch, convolved with the undilated kernel and interleaved back. The weights,
     state dict and result are those of ``nn.Conv2d`` (up to float rounding order).
+
+    ``enabled``: True always, False never (the library's dilated kernel), None where it is
+    known to pay: on the CPU when gradients will flow. PyTorch's CPU backward of a dilated
+    convolution (``slow_conv_dilated2d``) takes ~300 s for VGG-16's fc6 on a 50 x 50 input on
+    2 cores, this path ~5 s; its forward is ~1.3x slower than oneDNN's dilated kernel, so
+    inference keeps that. On CUDA None keeps cuDNN's kernels (profile before switching).
     """
+
+    def __init__(self, *args, enabled: bool | None = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.enabled = enabled
+
+    def use_space_to_batch(self, x: torch.Tensor) -> bool:
+        if self.enabled is not None:
+            return self.enabled
+        wants_grad = x.requires_grad or self.weight.requires_grad
+        return x.device.type == "cpu" and torch.is_grad_enabled() and wants_grad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self.dilation
         if self.groups != 1 or self.stride != (1, 1) or d == (1, 1) or \
-                self.padding_mode != "zeros" or isinstance(self.padding, str):
+                self.padding_mode != "zeros" or isinstance(self.padding, str) or \
+                not self.use_space_to_batch(x):
             return super().forward(x)
         (kh, kw), (dh, dw), (ph, pw) = self.kernel_size, d, self.padding
         batch, channels, height, width = x.shape
