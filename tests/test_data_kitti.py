@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 from conftest import run_cli
 from fixtures_datasets import logged_metrics, make_kitti_ros, make_kitti_semantics, tiny_args
+import pytest
 from PIL import Image
 
-from dilatedseg.data import KITTIDataModule, camvid, cityscapes
+from dilatedseg.data import DataError, KITTIDataModule, camvid, cityscapes
 
 
 def test_ros_colour_labels_decode_to_camvid_classes(tmp_path):
@@ -46,3 +47,13 @@ def test_kitti_fit_through_cli_both_layouts(tmp_path):
                               "--data.init_args.layout=semantics"), )
     metrics = logged_metrics(runs / "kitti/frontend/version_1")
     assert 0 <= metrics["val/mIoU_category"] <= 100  # Cityscapes categories linked in
+
+
+def test_missing_data_names_the_prepare_command_for_the_layout(tmp_path):
+    """The message's prepare command carries --layout only where it is not the default."""
+    with pytest.raises(DataError, match=r"prepare kitti --root \S+ --layout semantics$"):
+        KITTIDataModule(root=str(tmp_path), layout="semantics").checked_pairs("train")
+    with pytest.raises(DataError, match=r"prepare kitti --root \S+$"):
+        KITTIDataModule(root=str(tmp_path)).checked_pairs("train")
+    with pytest.raises(ValueError, match=r"kitti layout must be one of \['ros', 'semantics'\]"):
+        KITTIDataModule(layout="semantic")

