@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from conftest import run_cli
 from fixtures_datasets import logged_metrics, make_kitti_ros, make_kitti_semantics, tiny_args
-import pytest
 from PIL import Image
 
 from dilatedseg.data import DataError, KITTIDataModule, camvid, cityscapes
