@@ -19,7 +19,9 @@ ranks wait at a barrier.
 Augmentation: the cache holds whole, un-augmented images, so random crops and scaling are not
 available (``crop_size`` is ignored: training is on whole images, as the authors' Cityscapes
 context stage). Random horizontal mirroring is kept, applied to the logits and the label
-together; it equals mirroring the image up to the front-end's own left-right asymmetry.
+together, about the logits' extent (8 px per logit: when the width is not a multiple of 8 the
+mirrored label gains 255 columns on the left); it equals mirroring the image up to the
+front-end's own left-right asymmetry.
 Images of different sizes are zero-padded (logits) / 255-padded (labels) at the bottom and
 right to the split's largest size, so they batch.
 """
@@ -39,6 +41,8 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
+
+from dilatedseg.models.frontend import OUTPUT_STRIDE
 
 CACHE_VERSION = 1
 IGNORE_INDEX = 255
@@ -138,9 +142,12 @@ class CachedLogitsDataset(Dataset):
         if self.source is not None and len(self.items) != len(self.source):
             raise RuntimeError(f"feature cache {directory} holds {len(self.items)} items, the "
                                f"split has {len(self.source)}: delete the cache directory")
-        # Pad to the largest size when sizes differ (a batch needs one size).
+        # Pad to the largest size when sizes differ (a batch needs one size); labels to the
+        # logits' extent (8 px per logit), which a mirrored label spans (see __getitem__).
         self.logits_size = tuple(max(it["logits_shape"][i] for it in self.items) for i in (1, 2))
-        self.label_size = tuple(max(it["label_shape"][i] for it in self.items) for i in (0, 1))
+        self.label_size = tuple(
+            max(max(it["label_shape"][i], OUTPUT_STRIDE * it["logits_shape"][i + 1])
+                for it in self.items) for i in (0, 1))
         self._logits = self._labels = None
 
     def __len__(self) -> int:
@@ -167,6 +174,11 @@ class CachedLogitsDataset(Dataset):
         label = torch.from_numpy(np.array(labels_array[label_start: label_start + m]))
         label = label.view(item["label_shape"]).long()
         if self.mirror and torch.rand(()) < 0.5:
+            # Logit j covers pixels 8j..8j+7, so the logits span 8w >= W px: mirror the label
+            # about that extent (255 beyond W), or a width that is not a multiple of 8 shifts
+            # the two apart by 8w - W px.
+            extent = OUTPUT_STRIDE * logits.shape[-1]
+            label = F.pad(label, (0, extent - label.shape[-1]), value=IGNORE_INDEX)
             logits, label = logits.flip(-1), label.flip(-1)
         h, w = logits.shape[-2:]
         if (h, w) != self.logits_size:

@@ -5,6 +5,7 @@ import os
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import run_cli, shapes_args
 
 from dilatedseg.data import ShapesDataModule
@@ -113,6 +114,37 @@ def test_cached_items_mirror_and_pad(tiny_shapes, tmp_path):
         flips += flipped
     assert 0 < flips < 12
 
+
+
+class SampledFrontEnd(torch.nn.Module):
+    """A 'perfect' front-end: logit j is the one-hot label at pixel 8j + 3, its centre."""
+
+    def __init__(self):
+        super().__init__()
+        self.frontend = torch.nn.Identity()
+
+    def frontend_logits(self, image):
+        return F.one_hot(image[:, 0, 3::8, 3::8].long(), 2).permute(0, 3, 1, 2).float()
+
+
+def test_mirrored_cached_logits_stay_aligned_with_their_labels(tmp_path):
+    """Width 36 (not a multiple of 8): the mirrored label follows the mirrored logits, so the
+    upsampled logits fit it exactly as well as unmirrored ones fit the original."""
+    label = (torch.arange(36) >= 16).long().expand(16, 36)  # midway between centres
+    images = [{"image": label.expand(3, 16, 36).float(), "label": label, "name": "a"}]
+    directory = build_cache(tmp_path / "c", SampledFrontEnd(), images)
+    segmenter = Segmenter(FrontEnd(2, arch="tiny", padding="same"))
+    plain = CachedLogitsDataset(directory=directory)[0]["frontend_logits"]
+    errors = {}
+    torch.manual_seed(0)
+    for _ in range(16):
+        item = CachedLogitsDataset(directory=directory, mirror=True)[0]
+        mirrored = not torch.equal(item["frontend_logits"], plain)
+        logits = segmenter.from_frontend_logits(item["frontend_logits"][None],
+                                                item["label"].shape)
+        valid = item["label"] != 255
+        errors[bool(mirrored)] = (logits[0].argmax(0) != item["label"])[valid].sum().item()
+    assert errors == {False: 0, True: 0}
 
 
 def test_images_of_different_sizes_are_padded(tmp_path):
