@@ -43,6 +43,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from dilatedseg.models.frontend import OUTPUT_STRIDE
+from dilatedseg.runs import RunError
 
 CACHE_VERSION = 1
 IGNORE_INDEX = 255
@@ -219,6 +220,13 @@ class FrontendLogitsCache(Callback):
         datamodule = trainer.datamodule
         if stage != "fit":
             return
+        crf = pl_module.hparams.get("crf", "none")
+        if crf != "none":
+            raise RunError(
+                f"--model.crf={crf} needs the images, and the cached context stage trains and "
+                "validates on cached logits without them: set --model.feature_cache=false to "
+                "validate with the CRF while training, or train cached and evaluate the "
+                "checkpoint with `dilatedseg validate ... --model.crf=dense`")
         if not isinstance(getattr(datamodule, "datasets", None), dict):
             rank_zero_warn("feature_cache needs a dilatedseg data module; training uncached.")
             return

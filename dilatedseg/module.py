@@ -208,11 +208,12 @@ class SegmentationModule(L.LightningModule):
 
         return [FrontendLogitsCache(self.hparams.get("feature_cache_dir"))]
 
-    def batch_logits(self, batch: dict) -> torch.Tensor:
+    def batch_logits(self, batch: dict, use_crf: bool = True) -> torch.Tensor:
         """Full-resolution logits of a batch of images, or of cached ``frontend_logits``."""
         if "frontend_logits" in batch:
             return self.model.from_frontend_logits(
-                batch["frontend_logits"], batch["label"].shape[-2:], batch.get("image"))
+                batch["frontend_logits"], batch["label"].shape[-2:], batch.get("image"),
+                use_crf=use_crf)
         return predict_logits(self.model, batch["image"], self.hparams.get("tile_size"))
 
     def on_train_epoch_start(self) -> None:
@@ -221,7 +222,7 @@ class SegmentationModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if "frontend_logits" in batch:
-            logits = self.batch_logits(batch)
+            logits = self.batch_logits(batch, use_crf=self.hparams.get("crf") == "rnn")
         else:  # a fixed (post-processing) CRF takes no part in training
             image, label = batch["image"], batch["label"]
             margin = (image.shape[-1] - label.shape[-1]) // 2  # context around the labels

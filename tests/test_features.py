@@ -166,3 +166,25 @@ def test_cli_context_stage_caches_under_runs(small_shapes, tmp_path):
             "--model.init_from=null", "--trainer.max_epochs=1")
     caches = sorted(p.name.split("-")[0] for p in (runs / "shapes" / "cache").iterdir())
     assert caches == ["train", "val"]
+
+
+def test_cached_context_stage_with_a_crf_stops_before_training(small_shapes, tmp_path, capsys):
+    """A CRF needs images, which cached batches do not carry: one message with both ways out."""
+    runs = tmp_path / "runs"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", *shapes_args(small_shapes, runs, "--config", "conf/stage/context.yaml"),
+                *[f"--data.init_args.{k}={v}" for k, v in SMALL.items()],
+                "--model.init_from=null", "--model.crf=dense")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--model.crf=dense needs the images" in err and "--model.feature_cache=false" in err
+    assert not (runs / "shapes" / "cache").exists() and not list(runs.rglob("*.ckpt"))
+
+
+def test_cached_training_step_leaves_a_dense_crf_out(tmp_path):
+    """Training ignores a post-processing CRF, also on cached logits."""
+    module = SegmentationModule(3, stage="context", arch="tiny", padding="same", crf="dense",
+                                dilations=[1, 2])
+    batch = {"frontend_logits": torch.randn(2, 3, 4, 4), "label": torch.randint(0, 3, (2, 32, 32))}
+    module.log = lambda *args, **kwargs: None
+    assert module.training_step(batch, 0).isfinite()
