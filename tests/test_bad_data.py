@@ -9,6 +9,9 @@ from conftest import run_cli
 from fixtures_datasets import make_camvid_segnet, make_voc, tiny_args
 from PIL import Image
 
+from dilatedseg.data import DataError
+from dilatedseg.data.base import read_index_png
+
 
 @pytest.fixture
 def voc(tmp_path):
@@ -68,6 +71,17 @@ def test_label_values_out_of_range(tmp_path, capsys):
     err = fails(capsys, "fit", *tiny_args("camvid", root, tmp_path / "runs"))
     assert f"label {path} holds values [40] outside [0, 11)" in err
 
+
+
+def test_16_bit_label_values_above_255_are_named_not_wrapped(tmp_path):
+    """A 16-bit PNG's 263 would wrap to class 7 as uint8: it is refused, naming the file."""
+    path = tmp_path / "label.png"
+    Image.fromarray(np.array([[0, 3], [263, 255]], np.uint16)).save(path)
+    with pytest.raises(DataError, match=r"label .*label.png is a uint16 PNG holding values up "
+                                        r"to 263; .* convert it to an 8-bit index PNG"):
+        read_index_png(path)
+    Image.fromarray(np.array([[0, 3], [7, 255]], np.uint16)).save(path)
+    assert read_index_png(path).tolist() == [[0, 3], [7, 255]]  # in range: read as is
 
 def test_unreadable_image(voc, tmp_path, capsys):
     (voc / "VOCdevkit/VOC2012/JPEGImages/a1.jpg").write_bytes(b"not a jpeg")

@@ -48,6 +48,20 @@ def test_prepare_converts_sbd_and_writes_train_aug(voc_root):
     assert 255 in values and values - {255} <= set(range(21))  # 255 borders kept as ignore
 
 
+
+@pytest.mark.parametrize("content", [b"", b"MATLAB 7.3 MAT-file" + bytes(200), b"garbage"])
+def test_unreadable_sbd_mat_is_one_clear_error(tmp_path, content, capsys):
+    """Empty, MATLAB v7.3 (HDF5) or garbage .mat files: a DataError naming the file."""
+    root = make_voc(tmp_path / "voc", sbd_val=())
+    bad = root / "benchmark_RELEASE/dataset/cls/2008_000001.mat"
+    bad.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("prepare", "voc", "--root", str(root))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"cannot read SBD label {bad}" in err and "Traceback" not in err
+    assert not list(root.rglob("*.partial.png"))
+
 def test_voc_train_split_without_sbd(voc_root):
     module = VOCDataModule(root=str(voc_root), train_split="train")
     assert [i.stem for i, _ in module.checked_pairs("train")] == [

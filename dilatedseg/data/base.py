@@ -43,9 +43,14 @@ def read_index_png(path: Path) -> np.ndarray:
                 raise DataError(
                     f"label {path} is a {label.mode} image; expected a single-channel index PNG "
                     "(class ids as pixel values, 255 = ignore)")
-            return np.asarray(label).astype(np.uint8, copy=False)
+            values = np.asarray(label)
     except OSError as error:
         raise DataError(f"cannot read label {path}: {error}. Re-download or remove it.") from None
+    if values.dtype != np.uint8 and values.size and (values.min() < 0 or values.max() > 255):
+        raise DataError(
+            f"label {path} is a {values.dtype} PNG holding values up to {values.max()}; class "
+            "ids must fit in 0-255 (255 = ignore): convert it to an 8-bit index PNG")
+    return values.astype(np.uint8, copy=False)
 
 
 def check_label(label: np.ndarray, num_classes: int, path: Path) -> None:

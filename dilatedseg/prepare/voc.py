@@ -23,7 +23,8 @@ def read_sbd_mat(path: Path) -> np.ndarray:
     try:
         mat = scipy.io.loadmat(path, struct_as_record=True)
         return np.asarray(mat["GTcls"]["Segmentation"][0, 0], dtype=np.uint8)
-    except (OSError, ValueError, KeyError, IndexError) as error:
+    except (OSError, ValueError, KeyError, IndexError, NotImplementedError,
+            scipy.io.matlab.MatReadError) as error:  # NotImplementedError: MATLAB v7.3 (HDF5)
         raise DataError(f"cannot read SBD label {path}: {error!r}; expected a .mat file with "
                         "the struct GTcls.Segmentation") from None
 
@@ -40,8 +41,10 @@ def convert_sbd(root: Path) -> list[str]:
     names = []
     for mat in sorted((sbd / "cls").glob("*.mat")):
         target = out / f"{mat.stem}.png"
-        if not target.is_file():
-            palette_png(read_sbd_mat(mat), PALETTE).save(target)
+        if not target.is_file():  # written whole, then renamed: a stopped run leaves no stub
+            partial = target.with_suffix(".partial.png")
+            palette_png(read_sbd_mat(mat), PALETTE).save(partial)
+            partial.replace(target)
         image = voc / "JPEGImages" / f"{mat.stem}.jpg"
         if not image.is_file() and (sbd / "img" / image.name).is_file():
             shutil.copy(sbd / "img" / image.name, image)
@@ -60,8 +63,9 @@ def train_aug_names(root: Path) -> list[str]:
 
 def prepare_voc(root: Path) -> None:
     module = VOCDataModule(root=str(root))
-    for needed in (root / VOC_DIR / "JPEGImages", root / LISTS / "val.txt",
-                   root / SBD_DIR / "cls", root / SBD_DIR / "train.txt"):
+    for needed in (root / VOC_DIR / "JPEGImages", root / LISTS / "train.txt",
+                   root / LISTS / "val.txt", root / SBD_DIR / "cls",
+                   root / SBD_DIR / "train.txt", root / SBD_DIR / "val.txt"):
         if not needed.exists():
             raise module.missing(f"{needed} is missing (download VOC 2012 and SBD, see "
                                  "`dilatedseg prepare voc --help`)")
