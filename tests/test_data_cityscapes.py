@@ -12,7 +12,7 @@ from conftest import run_cli
 from fixtures_datasets import logged_metrics, make_cityscapes, tiny_args
 from PIL import Image
 
-from dilatedseg.data import CityscapesDataModule
+from dilatedseg.data import CityscapesDataModule, DataError
 from dilatedseg.data.cityscapes import (
     CATEGORIES,
     CLASSES,
@@ -52,6 +52,11 @@ def test_prepare_writes_train_ids_equal_to_on_the_fly_mapping(tmp_path):
     for (_, label), expected in zip(pairs, before):
         np.testing.assert_array_equal(module.read_label(label), expected)
     assert all(label is None for _, label in module.checked_pairs("test"))
+    # Scoring the unlabelled test split would log NaN: it stops, pointing at validate / predict.
+    with pytest.raises(DataError, match=r"split 'test' has no labels .* `dilatedseg predict "
+                                        r"--data.init_args.predict_split=test"):
+        module.check_files("test")
+    module.check_files("predict")  # predicting it is fine
 
 
 def test_cityscapes_fit_and_validate_log_category_iou(tmp_path):

@@ -281,12 +281,18 @@ class SegmentationDataModule(L.LightningDataModule):
         tree = f"\nExpected under {self.root}:\n{self.layout.rstrip()}" if self.layout else ""
         return DataError(f"{self.name}: {what}.{tree}\nPrepare it with: {self.prepare_command}")
 
-    def checked_pairs(self, split: str) -> list[tuple[Path, Path | None]]:
+    def checked_pairs(self, split: str, labelled: bool = False) -> list[tuple[Path, Path | None]]:
+        """``pairs(split)`` with every listed file present (and labels, if ``labelled``)."""
         if not self.root.is_dir():
             raise self.missing(f"dataset root {self.root} does not exist")
         pairs = self.pairs(split)
         if not pairs:
             raise self.missing(f"no images found for split '{split}'")
+        if labelled and all(label is None for _, label in pairs):
+            raise DataError(
+                f"{self.name}: split '{split}' has no labels (they are not public), so there is "
+                "nothing to score: evaluate on 'val' with `dilatedseg validate`, or write "
+                f"predictions with `dilatedseg predict --data.init_args.predict_split={split}`")
         for image, label in pairs:
             if not image.is_file():
                 raise self.missing(f"image {image} (listed for split '{split}') is missing")
@@ -304,7 +310,7 @@ class SegmentationDataModule(L.LightningDataModule):
         """Fail fast (before the trainer starts loggers or processes) if a split that ``stage``
         reads is missing or incomplete; label values are checked later, in ``setup``."""
         for split in self.stage_splits(stage):
-            self.checked_pairs(split)
+            self.checked_pairs(split, labelled=stage != "predict")
 
     def check_labels(self, dataset: SegmentationDataset) -> None:
         """Load labels before training so bad values fail early, naming the file."""
@@ -321,9 +327,10 @@ class SegmentationDataModule(L.LightningDataModule):
         return transforms.train_transform(self.crop_size, self.mirror, self.scale_range,
                                           self.context_margin)
 
-    def make_dataset(self, split: str, train: bool = False) -> SegmentationDataset:
+    def make_dataset(self, split: str, train: bool = False, labelled: bool = True
+                     ) -> SegmentationDataset:
         dataset = SegmentationDataset(
-            self.checked_pairs(split), self.num_classes, self.read_label,
+            self.checked_pairs(split, labelled), self.num_classes, self.read_label,
             self.train_transform() if train else None, self.crops_per_image if train else 1,
             self.resize,
         )
@@ -343,7 +350,7 @@ class SegmentationDataModule(L.LightningDataModule):
                 folder_images(self.predict_dir), self.num_classes, self.read_label,
                 size=self.resize)
         elif stage == "predict":
-            self.datasets["predict"] = self.make_dataset(self.predict_split)
+            self.datasets["predict"] = self.make_dataset(self.predict_split, labelled=False)
 
     def workers(self) -> int:
         """``num_workers``; when automatic, the cores divided among the run's devices."""
