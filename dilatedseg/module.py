@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 
 from dilatedseg.inference import predict_logits
 from dilatedseg.metrics import ConfusionMatrix, category_iou, iou_from_confusion, mean_iou
@@ -18,6 +19,14 @@ from dilatedseg.runs import RunError
 STAGES = ("frontend", "context", "joint", "crf")
 CRF_MODES = ("none", "dense", "rnn")
 IGNORE_INDEX = 255
+
+
+def segmentation_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy averaged over the labelled pixels (255 ignored), in float32
+    whatever the precision; 0, not NaN, when every pixel is ignored (without a host sync)."""
+    labelled = (label != IGNORE_INDEX).sum().clamp(min=1)
+    return F.cross_entropy(logits.float(), label, ignore_index=IGNORE_INDEX,
+                           reduction="sum") / labelled
 
 
 class SegmentationModule(L.LightningModule):
@@ -47,7 +56,8 @@ class SegmentationModule(L.LightningModule):
         bias_lr_mult: learning-rate multiplier of biases, which get no weight decay (Caffe).
         lr_schedule: "poly" (power 0.9), "step" (x lr_gamma every lr_step_epochs, or every
             lr_step_iters optimiser steps when set: Caffe's step policy) or "constant".
-        init_from: checkpoint whose weights initialise this model.
+        init_from: checkpoint whose weights initialise this model (then ``pretrained`` is not
+            loaded: the checkpoint's front-end replaces it).
         tile_size: validate / test / predict in tiles of this output size (see
             :func:`dilatedseg.inference.predict_logits`); None = whole images.
         categories: category of each class (linked from the data module, e.g. Cityscapes):
@@ -124,6 +134,8 @@ class SegmentationModule(L.LightningModule):
         self.class_names = list(class_names or [str(i) for i in range(num_classes)])
         if len(self.class_names) != num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
+        if init_from:  # its front-end weights replace ImageNet's: don't fetch or read those
+            pretrained = None
         try:
             frontend = FrontEnd(num_classes, arch=arch, padding=padding, dropout=dropout,
                                 pretrained=pretrained, fc6_space_to_batch=fc6_space_to_batch)
@@ -195,6 +207,13 @@ class SegmentationModule(L.LightningModule):
             raise ValueError(
                 f"{path} does not fit this model: front-end weights {missing_frontend[:3]} are "
                 "missing or differ in shape (same arch and num_classes?)")
+        unfit = [k for k, v in source.items()
+                 if k.startswith("model.context.") and k in own and own[k].shape != v.shape]
+        if unfit:
+            rank_zero_warn(
+                f"{path}: its context module does not fit this one ({unfit[0]}: "
+                f"{tuple(source[unfit[0]].shape)} vs {tuple(own[unfit[0]].shape)}; another "
+                "context_variant or dilations?): the context module keeps its initialisation")
         self.load_state_dict(matched, strict=False)
 
     # ---- steps ------------------------------------------------------------------------------
@@ -229,8 +248,7 @@ class SegmentationModule(L.LightningModule):
             self.check_context_margin(margin)
             logits = self.model(image, use_crf=self.hparams.get("crf") == "rnn",
                                 context_included=margin > 0)
-        # float32 loss whatever the precision (autocast would keep it in fp32 too)
-        loss = F.cross_entropy(logits.float(), batch["label"], ignore_index=IGNORE_INDEX)
+        loss = segmentation_loss(logits, batch["label"])
         self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
         return loss
 
@@ -241,7 +259,7 @@ class SegmentationModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         logits = self.evaluate(batch, self.val_confusion)
-        loss = F.cross_entropy(logits.float(), batch["label"], ignore_index=IGNORE_INDEX)
+        loss = segmentation_loss(logits, batch["label"])
         self.log("val/loss", loss, sync_dist=True, batch_size=len(logits))
 
     def test_step(self, batch: dict, batch_idx: int) -> None:

@@ -107,3 +107,22 @@ def test_default_normalisation_is_torchvisions():
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     torch.testing.assert_close(segmenter.normalise(image), (image / 255 - mean) / std)
+
+
+def test_init_from_replaces_imagenet_weights_so_they_are_not_read(tmp_path, monkeypatch):
+    """Later stages (and evaluating their checkpoints) work offline without the VGG file."""
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    SegmentationModule(4, arch="tiny", pretrained="http://127.0.0.1:9/vgg16-397923af.pth",
+                       stage="context", init_from=str(tmp_path / "frontend.ckpt"))
+
+
+def test_a_context_module_that_does_not_fit_is_named(tmp_path):
+    basic = SegmentationModule(4, arch="tiny", stage="context", dilations=[1, 2])
+    torch.save({"state_dict": basic.state_dict()}, tmp_path / "basic.ckpt")
+    large = SegmentationModule(4, arch="tiny", stage="joint", dilations=[1, 2],
+                               context_variant="large")
+    with pytest.warns(UserWarning, match=r"its context module does not fit this one .*"
+                                         r"context_variant or dilations"):
+        large.load_weights(str(tmp_path / "basic.ckpt"))
+    torch.testing.assert_close(large.model.frontend.state_dict(),
+                               basic.model.frontend.state_dict())
