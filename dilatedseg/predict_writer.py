@@ -5,8 +5,8 @@ For each image ``<name>``, under the output folder:
     index/<name>.png     class indices (a palette PNG: the values are the class ids)
     colour/<name>.png    the prediction in the dataset's colours (RGB)
     overlay/<name>.jpg   the colours blended over the image
-    labelIds/<name>.png  only for datasets with ``submission_ids`` (Cityscapes): label ids
-                         in the official format, ready for the evaluation server
+    labelIds/<name>.png  only for datasets with ``submission_ids`` (Cityscapes, KITTI
+                         semantics): label ids in the official format, for the server
 """
 
 from __future__ import annotations

@@ -57,3 +57,12 @@ def test_missing_data_names_the_prepare_command_for_the_layout(tmp_path):
         KITTIDataModule(root=str(tmp_path)).checked_pairs("train")
     with pytest.raises(ValueError, match=r"kitti layout must be one of \['ros', 'semantics'\]"):
         KITTIDataModule(layout="semantic")
+    with pytest.raises(ValueError, match="val_every must be >= 2"):
+        KITTIDataModule(layout="semantics", val_every=1)
+
+
+def test_semantics_predictions_are_written_back_as_label_ids():
+    """The KITTI benchmark takes Cityscapes label ids, as the Cityscapes server does."""
+    module = KITTIDataModule(layout="semantics")
+    assert (module.submission_ids == cityscapes.label_id_lookup()).all()
+    assert getattr(KITTIDataModule(), "submission_ids", None) is None

@@ -231,6 +231,9 @@ class SegmentationDataModule(L.LightningDataModule):
         self.crop_size = (crop_size, crop_size) if isinstance(crop_size, int) else crop_size
         self.auto_workers = num_workers is None
         self.num_workers = default_num_workers() if num_workers is None else num_workers
+        if scale_range is not None and self.crop_size is None and batch_size > 1:
+            raise ValueError("scale_range without a crop_size gives images of different sizes, "
+                             "which do not batch: set crop_size, or batch_size: 1")
         self.mirror, self.scale_range = mirror, scale_range
         if context_margin < 0:
             raise ValueError(f"context_margin must be >= 0 px, got {context_margin}")

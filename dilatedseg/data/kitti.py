@@ -50,11 +50,14 @@ class KITTIDataModule(SegmentationDataModule):
                  **kwargs):
         super().__init__(root=root, **kwargs)
         self.choose_layout(layout)
+        if val_every < 2:
+            raise ValueError(f"val_every must be >= 2 (every n-th image held out), got {val_every}")
         self.val_every = val_every
-        if layout == "semantics":
+        if layout == "semantics":  # Cityscapes classes; predictions written back as label ids
             self.classes, self.palette = cityscapes.CLASSES, cityscapes.PALETTE
             self.categories = cityscapes.CATEGORIES
             self.train_ids = cityscapes.train_id_lookup()
+            self.submission_ids = cityscapes.label_id_lookup()
         else:
             self.colours = {colour: i for i, colour in enumerate(camvid.PALETTE)}
             self.colours[VOID_COLOUR] = IGNORE_INDEX
