@@ -16,6 +16,7 @@ import os
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import sys  # noqa: E402
+import typing  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -92,6 +93,7 @@ class DilatedSegCLI(LightningCLI):
             self.config[subcommand].model[key] = value
 
     def add_arguments_to_parser(self, parser) -> None:
+        read_ints_as_ints(parser)
         parser.add_argument("--runs_dir", default="runs", help="root of all run directories")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.classes", "model.class_names", apply_on="instantiate")
@@ -153,6 +155,17 @@ class DilatedSegCLI(LightningCLI):
             output = config.get("output") or Path(trainer.default_root_dir) / "predictions"
             trainer.callbacks.append(PredictionWriter(output))
         return trainer
+
+
+def read_ints_as_ints(parser) -> None:
+    """Lightning types the batch limits ``float | int | None`` and jsonargparse tries float
+    first, so ``--trainer.limit_val_batches=1`` became 1.0: all batches, not one. Try int
+    first (1 = one batch, 0.5 = half of them), as Lightning means."""
+    for action in parser._actions:
+        hint = getattr(action, "_typehint", None)
+        args = getattr(hint, "__args__", ())
+        if typing.get_origin(hint) is typing.Union and float in args and int in args:
+            action._typehint = typing.Union[tuple(sorted(args, key=lambda t: t is not int))]  # noqa: UP007
 
 
 def default_precision(accelerator) -> str:

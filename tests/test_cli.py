@@ -19,10 +19,11 @@ STAGE_CONFIGS = sorted(p.name for p in (REPO / "conf/stage").glob("*.yaml"))
 
 
 def print_config(*configs: str) -> str:
-    """`dilatedseg fit --config ... --print_config`, in this process (it ends with exit 0)."""
+    """`dilatedseg fit --config ... [--option=value] --print_config`, in this process (it ends
+    with exit 0)."""
     argv = ["fit"]
     for config in configs:
-        argv += ["--config", str(REPO / config)]
+        argv += [config] if config.startswith("--") else ["--config", str(REPO / config)]
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
         run_cli(*argv, "--print_config")
@@ -48,6 +49,15 @@ def test_every_dataset_and_stage_config_parses():
 def test_debug_config_parses():
     out = print_config("conf/shapes.yaml", "conf/debug.yaml")
     assert "fast_dev_run: 2" in out and "CSVLogger" in out
+
+
+def test_batch_limits_keep_integers_integers():
+    """Lightning reads limit 1 as one batch and 1.0 as all of them: the CLI keeps the two apart
+    (jsonargparse alone turned 1 into 1.0 for these float | int options)."""
+    out = print_config("conf/shapes.yaml", "--trainer.limit_train_batches=1",
+                       "--trainer.limit_val_batches=0.5", "--trainer.limit_test_batches=3")
+    assert "limit_train_batches: 1\n" in out and "limit_val_batches: 0.5\n" in out
+    assert "limit_test_batches: 3\n" in out
 
 
 def test_fast_dev_run_on_shapes(tiny_shapes, tmp_path):
