@@ -15,6 +15,7 @@ import os
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+import contextlib  # noqa: E402
 import sys  # noqa: E402
 import typing  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -81,8 +82,21 @@ class DilatedSegCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """Evaluating a checkpoint: its saved hyperparameters rebuild the model it was trained
-        as, but the evaluation-only options the user set (a post-processing CRF, tiling) win."""
+        as, but the evaluation-only options the user set (a post-processing CRF, tiling) win.
+        Resuming: the checkpoint must be of the stage being trained."""
         subcommand = self.config.get("subcommand")
+        self.checkpoint_hparams = {}
+        if not subcommand or not self.config[subcommand].get("ckpt_path"):
+            return
+        ckpt_path = self.config[subcommand].ckpt_path
+        self.checkpoint_hparams = checkpoint_hparams(ckpt_path)
+        trained = self.checkpoint_hparams.get("stage")
+        asked_stage = self.config[subcommand].model.stage
+        if subcommand == "fit" and trained and trained != asked_stage:
+            raise RunError(
+                f"{ckpt_path} is a checkpoint of stage '{trained}', and --ckpt_path resumes "
+                f"that run: to resume it use --config conf/stage/{trained}.yaml; to start stage "
+                f"'{asked_stage}' from its weights use --model.init_from={ckpt_path} instead")
         asked = {}
         if subcommand in ("validate", "test", "predict"):
             model = self.config[subcommand].model
@@ -113,11 +127,23 @@ class DilatedSegCLI(LightningCLI):
         })
 
     def before_instantiate_classes(self) -> None:
+        """Checks what can fail before anything is built, fetched or written (data files,
+        checkpoints), then resolves init_from, precision and the run directory."""
         config = self.config[self.subcommand] if self.subcommand else self.config
-        dataset = import_class(config.data.class_path).name
-        stage = config.model.stage
+        datamodule = self.check_data(config)
+        dataset, stage = datamodule.name, config.model.stage
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path:
+            check_classes(ckpt_path, self.checkpoint_hparams, datamodule)
+        if self.subcommand == "fit" and ckpt_path:
+            check_resume_dir(ckpt_path, dataset, stage)
         if config.model.init_from == "auto":
             config.model.init_from = str(find_previous_checkpoint(config.runs_dir, dataset, stage))
+            if is_global_rank_zero():
+                print(f"init_from: auto -> {config.model.init_from}", file=sys.stderr)
+        if self.subcommand == "fit" and not ckpt_path and config.model.init_from:
+            check_classes(config.model.init_from, checkpoint_hparams(config.model.init_from),
+                          datamodule)
         if config.trainer.get("precision") is None:
             config.trainer.precision = default_precision(config.trainer.get("accelerator"))
         run_dir = resolve_run_dir(config.runs_dir, dataset, stage, self.subcommand,
@@ -131,19 +157,25 @@ class DilatedSegCLI(LightningCLI):
             if hasattr(logger, "class_path"):
                 configure_logger(logger, run_dir, dataset, stage)
 
-    def check_data(self) -> None:
-        """Missing data fails here, before the trainer starts a W&B run or other processes."""
-        self.datamodule.check_files(self.subcommand)  # the subcommand names the stage
+    def check_data(self, config) -> SegmentationDataModule:
+        """Missing data fails here, before the model fetches weights or the trainer starts a
+        W&B run or other processes. Returns a data module built for the check."""
+        data = import_class(config.data.class_path)
+        with configuration_errors():
+            init_args = config.data.get("init_args")
+            datamodule = data(**(init_args.as_dict() if init_args is not None else {}))
+        datamodule.check_files(self.subcommand)  # the subcommand names the stage
+        return datamodule
 
-    before_fit = before_validate = before_test = before_predict = check_data
+    def before_fit(self) -> None:
+        # Resuming restores every weight from the checkpoint: init_from is not read again.
+        self.model.resuming = bool(self.config.fit.get("ckpt_path"))
 
     def instantiate_classes(self) -> None:
         """Build data, model and trainer; a value they refuse is a configuration error (one
         line, exit 2), not a traceback: nothing has trained yet."""
-        try:
+        with configuration_errors():
             super().instantiate_classes()
-        except ValueError as error:
-            raise RunError(f"bad configuration: {error}") from None
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
@@ -155,6 +187,55 @@ class DilatedSegCLI(LightningCLI):
             output = config.get("output") or Path(trainer.default_root_dir) / "predictions"
             trainer.callbacks.append(PredictionWriter(output))
         return trainer
+
+
+@contextlib.contextmanager
+def configuration_errors():
+    """A value an __init__ refuses (ValueError) or an option it does not take (TypeError) is
+    one `bad configuration` line."""
+    try:
+        yield
+    except (ValueError, TypeError) as error:
+        raise RunError(f"bad configuration: {error}") from None
+
+
+def checkpoint_hparams(path: str) -> dict:
+    """The hyperparameters saved in a checkpoint ({} for a bare state dict), read without
+    loading its tensors; a missing or unreadable file is a RunError."""
+    if not Path(path).is_file():
+        raise RunError(f"checkpoint {path} does not exist: check the path (runs/<dataset>/"
+                       "<stage>/<version>/checkpoints/ holds best-*.ckpt and last.ckpt)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises many kinds for a file that is not a checkpoint
+        raise RunError(f"cannot read checkpoint {path}: {error}") from None
+    return dict(checkpoint.get("hyper_parameters", {})) if isinstance(checkpoint, dict) else {}
+
+
+def check_classes(path: str, hparams: dict, datamodule) -> None:
+    """A checkpoint trained on other classes than the data's cannot be loaded into its model."""
+    names = hparams.get("class_names")
+    if names is None:
+        return
+    if len(names) != datamodule.num_classes:
+        raise RunError(
+            f"{path} was trained on {len(names)} classes ({', '.join(names[:5])}"
+            f"{', ...' if len(names) > 5 else ''}), but {datamodule.name} has "
+            f"{datamodule.num_classes}: use a checkpoint trained on {datamodule.name}")
+
+
+def check_resume_dir(ckpt_path: str, dataset: str, stage: str) -> None:
+    """Resuming continues in the checkpoint's run directory: it must be a run of this dataset
+    and stage, or the run would write into (and mix up) another one."""
+    checkpoint = Path(ckpt_path)
+    if checkpoint.parent.name != "checkpoints":
+        return  # not in a run directory: the resumed run gets a new one
+    run_dir = checkpoint.parent.parent
+    if (run_dir.parent.parent.name, run_dir.parent.name) != (dataset, stage):
+        raise RunError(
+            f"{ckpt_path} belongs to the run {run_dir}, not to a {dataset} / {stage} run; "
+            "--ckpt_path resumes that run in its directory. To start from its weights use "
+            f"--model.init_from={ckpt_path}")
 
 
 def read_ints_as_ints(parser) -> None:

@@ -188,7 +188,10 @@ class SegmentationModule(L.LightningModule):
                     part.compile()  # in place: parameter names and checkpoints unchanged
 
     def load_initial_weights(self) -> None:
-        """Load ``init_from`` once (the feature cache needs the weights before ``setup``)."""
+        """Load ``init_from`` once (the feature cache needs the weights before ``setup``); not
+        when resuming (``resuming``, set by the CLI): the checkpoint restores every weight."""
+        if getattr(self, "resuming", False):
+            return
         if self.hparams.init_from and not getattr(self, "_initial_weights_loaded", False):
             self.load_weights(self.hparams.init_from)
             self._initial_weights_loaded = True

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,9 @@ SUMMARY_PATH_ENV = "DILATEDSEG_SUMMARY_PATH"
 UNUSED_RUN_FILES = {"wandb_id.txt"}
 # Run directories this process made (so a failed start can take back what it made, only that).
 _created_run_dirs: set[Path] = set()
+# Set once the run has worked through a batch (not a sanity check): from then on what it
+# wrote (logs, W&B history) is kept even if it fails.
+_run_started = False
 
 
 class RunError(Exception):
@@ -74,6 +78,8 @@ def resolve_run_dir(runs_dir: str, dataset: str, stage: str, subcommand: str,
         taken = [int(p.name.rsplit("_", 1)[1]) for p in parent.glob(f"{prefix}_*")
                  if p.name.rsplit("_", 1)[1].isdigit()]
         run_dir = parent / f"{prefix}_{max(taken, default=-1) + 1}"
+    global _run_started
+    _run_started = False  # a new run in this process (tests and sweeps run several)
     missing = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
     if missing:
         _created_run_dirs.add(missing[-1])  # the outermost directory this mkdir makes
@@ -83,20 +89,32 @@ def resolve_run_dir(runs_dir: str, dataset: str, stage: str, subcommand: str,
 
 
 def discard_unused_run_dirs() -> list[Path]:
-    """Remove the directories this process made for its run while they hold no file but the
-    W&B id: after a run that stopped before writing anything (missing data, a bad option), so
-    failed starts leave no empty version_N (or runs/<dataset>/<stage>) behind. Anything a run
-    wrote keeps its directory."""
+    """Remove the directories this process made for a run that stopped before it worked
+    through a single batch and saved no checkpoint (missing or malformed data, a bad option or
+    checkpoint): failed starts leave no version_N (or runs/<dataset>/<stage>), W&B run or
+    config.yaml behind. Directories made earlier, and any run that got going, are kept."""
     removed: list[Path] = []
     if not is_global_rank_zero():  # the other processes of a job leave it to rank 0
         return removed
+    finish_wandb()  # its files are closed before they go
     for made in sorted(_created_run_dirs):
         _created_run_dirs.discard(made)
-        if made.is_dir() and all(p.is_dir() or p.name in UNUSED_RUN_FILES
-                                 for p in made.rglob("*")):
+        if not made.is_dir():
+            continue
+        files = [p for p in made.rglob("*") if p.is_file()]
+        unused = all(p.name in UNUSED_RUN_FILES for p in files) or (
+            not _run_started and not any(p.suffix == ".ckpt" for p in files))
+        if unused:
             shutil.rmtree(made, ignore_errors=True)
             removed.append(made)
     return removed
+
+
+def finish_wandb() -> None:
+    """End this process's W&B run, if one was started (offline: files closed, nothing sent)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=1)
 
 
 def best_checkpoint(run_dir: Path) -> Path | None:
@@ -125,11 +143,20 @@ def find_previous_checkpoint(runs_dir: str, dataset: str, stage: str) -> Path:
 
 class RunSummary(Callback):
     """Writes summary.json (best val mIoU, checkpoint, time, metrics per validation) into the
-    run directory; rank 0 only."""
+    run directory, rank 0 only; notes when the run has got going (see
+    :func:`discard_unused_run_dirs`)."""
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.start = time.time()
         self.history: list[dict] = []
+
+    def mark_started(self, trainer, *args) -> None:
+        global _run_started
+        if not trainer.sanity_checking:
+            _run_started = True
+
+    on_train_batch_end = on_validation_batch_end = mark_started
+    on_test_batch_end = on_predict_batch_end = mark_started
 
     def on_validation_end(self, trainer, pl_module) -> None:
         # Here (unlike in on_validation_epoch_end) callback_metrics hold this epoch's values.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from conftest import run_cli
 from fixtures_datasets import make_camvid_segnet, make_voc, tiny_args
 from PIL import Image
@@ -132,3 +133,73 @@ def test_context_margin_that_does_not_fit_the_front_end(voc, tmp_path, capsys):
     err = fails(capsys, *voc_fit(voc, tmp_path, "--data.init_args.context_margin=186"))
     assert "carry 186 px of context" in err and "--data.init_args.context_margin=23" in err
     assert not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
+def test_bad_label_found_after_wandb_started_leaves_no_run(voc, tmp_path, capsys):
+    """Label values are read in setup, after W&B (the default logger) started its run: the run
+    directory, its W&B run and config.yaml are all taken back."""
+    label = voc / "VOCdevkit/VOC2012/SegmentationClass/b1.png"
+    values = np.asarray(Image.open(label)).copy()
+    values[0, 0] = 40
+    Image.fromarray(values, mode="L").save(label)
+    args = [a for a in voc_fit(voc, tmp_path) if "logger" not in a]
+    err = fails(capsys, *args)
+    assert "holds values [40]" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def fake_checkpoint(path, stage="frontend", classes=("a", "b", "c")):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"hyper_parameters": {"stage": stage, "class_names": list(classes)},
+                "state_dict": {}}, path)
+    return path
+
+
+def test_checkpoint_that_does_not_exist(voc, tmp_path, capsys):
+    missing = tmp_path / "runs/voc/frontend/version_9/checkpoints/last.ckpt"  # a typo
+    err = fails(capsys, *voc_fit(voc, tmp_path, f"--ckpt_path={missing}"))
+    assert f"checkpoint {missing} does not exist" in err
+    assert not (tmp_path / "runs").exists()  # no version_9 made for it
+
+
+def test_resuming_another_datasets_run_leaves_it_untouched(voc, tmp_path, capsys):
+    run = tmp_path / "runs/shapes/frontend/version_0"
+    last = fake_checkpoint(run / "checkpoints/last.ckpt", classes=[str(i) for i in range(21)])
+    (run / "config.yaml").write_text("shapes run\n")
+    err = fails(capsys, *voc_fit(voc, tmp_path, f"--ckpt_path={last}"))
+    assert f"belongs to the run {run}, not to a voc / frontend run" in err
+    assert f"--model.init_from={last}" in err
+    assert (run / "config.yaml").read_text() == "shapes run\n"
+    assert sorted(p.name for p in run.rglob("*")) == ["checkpoints", "config.yaml", "last.ckpt"]
+
+
+def test_resuming_a_checkpoint_of_another_stage(voc, tmp_path, capsys):
+    last = fake_checkpoint(tmp_path / "runs/voc/frontend/version_0/checkpoints/last.ckpt",
+                           classes=[str(i) for i in range(21)])
+    err = fails(capsys, *voc_fit(voc, tmp_path, "--config", "conf/stage/context.yaml",
+                                 f"--ckpt_path={last}"))
+    assert "checkpoint of stage 'frontend'" in err and "--config conf/stage/frontend.yaml" in err
+
+
+def test_init_from_a_checkpoint_with_other_classes(voc, tmp_path, capsys):
+    other = fake_checkpoint(tmp_path / "elsewhere.ckpt", classes=("x", "y", "z", "w"))
+    err = fails(capsys, *voc_fit(voc, tmp_path, "--config", "conf/stage/context.yaml",
+                                 f"--model.init_from={other}"))
+    assert "was trained on 4 classes (x, y, z, w), but voc has 21" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_misspelled_crf_option_is_a_configuration_error(voc, tmp_path, capsys):
+    err = fails(capsys, *voc_fit(voc, tmp_path, "--model.crf=dense",
+                                 "--model.crf_options={theta_alpa: 80}"))
+    assert "bad configuration:" in err and "theta_alpa" in err
+
+
+def test_empty_predict_dir_stops_before_the_run(voc, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    args = [a for a in tiny_args("voc", voc, tmp_path / "runs",
+                                 f"--data.init_args.predict_dir={tmp_path / 'empty'}")
+            if "logger" not in a]
+    err = fails(capsys, "predict", *args)
+    assert "holds no .png / .jpg images" in err
+    assert not (tmp_path / "runs").exists()

@@ -134,8 +134,9 @@ class ShapesDataModule(SegmentationDataModule):
         generate(self.root, self.seed, self.sizes, self.image_size)
         meta_path.write_text(json.dumps(self.meta()))
 
-    def check_files(self, stage: str) -> None:
-        """Nothing to check ahead: ``prepare_data`` generates whatever is missing."""
+    def stage_splits(self, stage: str) -> list[str]:
+        """None to check ahead: ``prepare_data`` generates whatever is missing."""
+        return []
 
     def pairs(self, split: str) -> list[tuple[Path, Path | None]]:
         listing = self.root / f"{split}.txt"
