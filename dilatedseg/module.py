@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from dilatedseg.inference import predict_logits
 from dilatedseg.metrics import ConfusionMatrix, category_iou, iou_from_confusion, mean_iou
 from dilatedseg.models import ContextModule, DenseCRF, FrontEnd, Segmenter
+from dilatedseg.models.frontend import OUTPUT_STRIDE
 from dilatedseg.models.segmenter import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 from dilatedseg.models.weights import WeightsError
 from dilatedseg.runs import RunError
@@ -127,6 +128,10 @@ class SegmentationModule(L.LightningModule):
             raise ValueError(f"crf must be one of {CRF_MODES}, got {crf!r}")
         if stage == "crf" and crf != "rnn":
             raise ValueError("stage 'crf' trains a CRF-RNN: set --model.crf=rnn")
+        tiles = (tile_size, tile_size) if isinstance(tile_size, int) else tile_size
+        if tiles is not None and min(tiles) < OUTPUT_STRIDE:
+            raise ValueError(f"tile_size must be at least {OUTPUT_STRIDE} px (the output stride), "
+                             f"got {tile_size}")
         if feature_cache and stage != "context":
             raise ValueError("feature_cache needs the frozen front-end of stage 'context', not "
                              f"{stage!r}: set --model.feature_cache=false")
@@ -207,7 +212,7 @@ class SegmentationModule(L.LightningModule):
         matched = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
         missing_frontend = [k for k in own if k.startswith("model.frontend.") and k not in matched]
         if missing_frontend:
-            raise ValueError(
+            raise RunError(
                 f"{path} does not fit this model: front-end weights {missing_frontend[:3]} are "
                 "missing or differ in shape (same arch and num_classes?)")
         unfit = [k for k, v in source.items()

@@ -203,3 +203,15 @@ def test_empty_predict_dir_stops_before_the_run(voc, tmp_path, capsys):
     err = fails(capsys, "predict", *args)
     assert "holds no .png / .jpg images" in err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("option,message", [
+    ("--data.init_args.crop_size=-5", "crop_size must be positive, got -5"),
+    ("--data.init_args.batch_size=0", "batch sizes must be >= 1"),
+    ("--model.tile_size=-8", "tile_size must be at least 8 px"),
+])
+def test_sizes_that_cannot_work_are_configuration_errors(voc, tmp_path, capsys, option,
+                                                         message):
+    err = fails(capsys, *voc_fit(voc, tmp_path, option))
+    assert f"bad configuration: {message}" in err
+    assert not (tmp_path / "runs").exists()

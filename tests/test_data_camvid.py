@@ -27,6 +27,19 @@ def test_segnet_annotations_map_to_the_papers_order(tmp_path):
     assert CLASSES[:3] == ("building", "tree", "sky") and len(CLASSES) == 11
 
 
+
+def test_prepare_reads_every_file_and_names_a_bad_one(tmp_path, capsys):
+    """prepare does not call a tree 'ready' while a label holds a value that is no class."""
+    root = make_camvid_segnet(tmp_path / "camvid")
+    prepare(["camvid", "--root", str(root)])
+    assert "camvid ready under" in capsys.readouterr().out
+    bad = sorted((root / "testannot").iterdir())[-1]
+    annot = np.asarray(Image.open(bad)).copy()
+    annot[1, 1] = 40
+    Image.fromarray(annot, mode="L").save(bad)
+    with pytest.raises(DataError, match=f"label {bad} holds values \\[40\\]"):
+        prepare(["camvid", "--root", str(root)])
+
 def test_original_colour_labels_convert_to_eleven_classes(tmp_path):
     root, expected = make_camvid_original(tmp_path / "camvid")
     prepare(["camvid", "--root", str(root), "--layout", "original",

@@ -227,8 +227,13 @@ class SegmentationDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.root = Path(root).expanduser()
+        if batch_size < 1 or val_batch_size < 1:
+            raise ValueError(f"batch sizes must be >= 1, got batch_size={batch_size}, "
+                             f"val_batch_size={val_batch_size}")
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
         self.crop_size = (crop_size, crop_size) if isinstance(crop_size, int) else crop_size
+        if self.crop_size is not None and min(self.crop_size) < 1:
+            raise ValueError(f"crop_size must be positive, got {crop_size}")
         self.auto_workers = num_workers is None
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         if scale_range is not None and self.crop_size is None and batch_size > 1:

@@ -6,8 +6,9 @@
     dilatedseg prepare kitti --root data/kitti [--layout semantics]
     dilatedseg prepare cityscapes --root data/cityscapes  labelIds -> labelTrainIds
 
-Each verb ends by listing the splits it finds (the datamodule's own checks), so a missing or
-malformed file is reported here rather than when training starts.
+Each verb ends by reading every image and label of the splits it finds (the data module's own
+checks: files present, sizes equal, label values in range), so a missing or malformed file is
+reported here rather than when training starts.
 """
 
 from __future__ import annotations
@@ -26,8 +27,15 @@ from dilatedseg.data import (
 
 
 def report(module: SegmentationDataModule, splits: tuple[str, ...]) -> None:
-    """Print the number of (image, label) pairs of each split; raises DataError if broken."""
-    counts = [f"{split} {len(module.checked_pairs(split))}" for split in splits]
+    """Read every labelled image and label of ``splits`` (sizes, label values: what setup
+    checks before training) and print the counts; raises DataError naming a broken file."""
+    module.label_check = "all"
+    counts = []
+    for split in splits:
+        count = len(module.checked_pairs(split))
+        print(f"checking {module.name} {split}: {count} images ...", flush=True)
+        module.make_dataset(split, labelled=False)
+        counts.append(f"{split} {count}")
     print(f"{module.name} ready under {module.root}: " + ", ".join(counts))
 
 
