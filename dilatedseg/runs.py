@@ -118,8 +118,13 @@ def finish_wandb() -> None:
 
 
 def best_checkpoint(run_dir: Path) -> Path | None:
+    """The run's best-by-val/mIoU checkpoint; its last.ckpt when it saved no best one (a run
+    that never validated, e.g. ``fast_dev_run`` in conf/debug.yaml)."""
     found = sorted((run_dir / "checkpoints").glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+    if found:
+        return found[-1]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return last if last.is_file() else None
 
 
 def find_previous_checkpoint(runs_dir: str, dataset: str, stage: str) -> Path:
@@ -149,6 +154,16 @@ class RunSummary(Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         self.start = time.time()
         self.history: list[dict] = []
+        self.earlier_seconds = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        """Resuming (the loops are restored by now): the run's earlier epochs and time count."""
+        previous = Path(trainer.default_root_dir) / "summary.json"
+        if trainer.ckpt_path and previous.is_file():
+            earlier = json.loads(previous.read_text())
+            self.history = [row for row in earlier.get("history", [])
+                            if row.get("epoch", 0) < trainer.current_epoch] + self.history
+            self.earlier_seconds = earlier.get("seconds") or 0.0
 
     def mark_started(self, trainer, *args) -> None:
         global _run_started
@@ -165,8 +180,12 @@ class RunSummary(Callback):
         row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         row.update(scalar_metrics(trainer.callback_metrics))
         self.history.append(row)
+        self.write(trainer, pl_module)  # an interrupted run keeps its history so far
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        self.write(trainer, pl_module)
+
+    def write(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
         checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
@@ -179,7 +198,7 @@ class RunSummary(Callback):
             "best_val_mIoU": None if score is None else round(float(score), 4),
             "best_checkpoint": checkpoint.best_model_path if checkpoint is not None else None,
             "epochs": trainer.current_epoch,
-            "seconds": round(time.time() - self.start, 1),
+            "seconds": round(self.earlier_seconds + time.time() - self.start, 1),
             "metrics": scalar_metrics(trainer.callback_metrics),
             "history": self.history,
         }

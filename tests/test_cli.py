@@ -62,7 +62,13 @@ def test_batch_limits_keep_integers_integers():
 
 def test_fast_dev_run_on_shapes(tiny_shapes, tmp_path):
     run_cli("fit", *shapes_args(tiny_shapes, tmp_path, "--trainer.fast_dev_run=2"))
-    assert (tmp_path / "shapes" / "frontend" / "version_0").is_dir()
+    run = tmp_path / "shapes" / "frontend" / "version_0"
+    assert run.is_dir()
+    # A debug run saves no best checkpoint: the next stage starts from its last.ckpt.
+    from dilatedseg.runs import find_previous_checkpoint
+
+    assert find_previous_checkpoint(str(tmp_path), "shapes", "context") == (
+        run / "checkpoints" / "last.ckpt")
 
 
 @pytest.mark.parametrize("accelerator,cuda,native_bf16,expected", [
@@ -144,7 +150,9 @@ def test_resume_from_last_checkpoint_continues_epochs(tiny_shapes, tmp_path):
     # Same run directory, and training went on for exactly one more epoch (4 more steps).
     assert only_run(tmp_path / "shapes" / "frontend") == run
     assert torch.load(last, weights_only=True)["global_step"] == 8
-    assert json.loads((run / "summary.json").read_text())["epochs"] == 2
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs"] == 2
+    assert [row["epoch"] for row in summary["history"]] == [0, 1]  # the first part is kept
 
 
 def test_out_of_range_label_fails_naming_the_file(tiny_shapes, tmp_path, capsys):
