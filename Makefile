@@ -28,24 +28,32 @@ test:  ## run the whole test suite
 lint:  ## ruff
 	$(PYTHON) -m ruff check .
 
+DATASETS := $(sort $(basename $(notdir $(filter-out conf/base.yaml conf/debug.yaml,$(wildcard conf/*.yaml)))))
+STAGE_NAMES := $(sort $(basename $(notdir $(wildcard conf/stage/*.yaml))))
+# A misspelt name stops make with the names there are (before anything runs).
+check_names = $(if $(filter $(DATASET),$(DATASETS)),,$(error DATASET=$(DATASET) has no \
+	conf/$(DATASET).yaml; datasets: $(DATASETS)))$(if $(filter $(STAGE),all $(STAGE_NAMES)),,\
+	$(error STAGE=$(STAGE) has no conf/stage/$(STAGE).yaml; stages: $(STAGE_NAMES) or all))
+
 # One stage: conf/<dataset>.yaml + conf/stage/<stage>.yaml (+ conf/<dataset>/<stage>.yaml if present).
 stage_configs = --config conf/$(DATASET).yaml --config conf/stage/$(1).yaml \
 	$(if $(wildcard conf/$(DATASET)/$(1).yaml),--config conf/$(DATASET)/$(1).yaml)
 
 train:  ## train STAGE (frontend|context|joint|crf|all) on DATASET; INIT=ckpt overrides the start
+	$(check_names)
 ifeq ($(STAGE),all)
 	@for stage in $(STAGES); do \
 	  echo "== stage $$stage on $(DATASET) =="; \
 	  dilatedseg fit --config conf/$(DATASET).yaml --config conf/stage/$$stage.yaml \
 	    $$( [ -f conf/$(DATASET)/$$stage.yaml ] && echo --config conf/$(DATASET)/$$stage.yaml ) \
-	    $(ARGS) || exit 1; \
+	    $(ARGS) || exit $$?; \
 	done
 	@dilatedseg summary --dataset $(DATASET)
 else
 	dilatedseg fit $(call stage_configs,$(STAGE)) $(if $(INIT),--model.init_from=$(INIT)) $(ARGS)
 endif
 
-sweep:  ## run sweeps/$(SWEEP).yaml locally (no W&B server), COUNT trials
+sweep:  ## run sweeps/<SWEEP>.yaml locally (no W&B server), COUNT trials
 	dilatedseg sweep sweeps/$(SWEEP).yaml --local --count $(COUNT) $(ARGS)
 
 # Runs go to runs/report/ (apart from yours); ARGS go to every run, e.g. ARGS=--quick for a smoke test.

@@ -323,6 +323,11 @@ def main(argv: list[str] | None = None) -> None:
     verb = (sys.argv[1:] if argv is None else argv)[:1]
     verb = verb[0] if verb else ""
     rest = (sys.argv[2:] if argv is None else argv[1:])
+    if verb in ("", "-h", "--help"):  # LightningCLI's help lists only its own subcommands
+        print("dilatedseg: fit / validate / test / predict (LightningCLI, below), and\n"
+              "  prepare <dataset> --root DIR   convert / check a dataset (prepare --help)\n"
+              "  sweep sweeps/X.yaml --local    run a W&B sweep without a server\n"
+              "  summary --dataset NAME         val mIoU of the latest run of each stage\n")
     try:
         if verb == "prepare":
             from dilatedseg.prepare import main as prepare_main

@@ -199,3 +199,21 @@ def test_validate_checkpoint_with_dense_crf_keeps_the_users_choice(tiny_shapes, 
     config = (tmp_path / "shapes" / "frontend" / "validate_0" / "config.yaml").read_text()
     assert "crf: dense" in config and "test_iterations: 1" in config
     assert "arch: tiny" in config  # from the checkpoint / config, unchanged
+
+
+def test_help_lists_every_verb(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("--help")
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert all(verb in out for verb in ("prepare <dataset>", "sweep sweeps/", "summary", "fit"))
+
+
+def test_make_train_names_the_datasets_and_stages_there_are():
+    import subprocess
+
+    for option, expected in (("DATASET=foo", "datasets: camvid cityscapes kitti shapes voc"),
+                             ("STAGE=contxt", "stages: context crf frontend joint or all")):
+        done = subprocess.run(["make", "-s", "train", option], cwd=REPO, capture_output=True,
+                              text=True)
+        assert done.returncode == 2 and expected in done.stderr, done.stderr
