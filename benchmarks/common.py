@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -11,7 +12,11 @@ from pathlib import Path
 
 import torch
 
-from dilatedseg.flops import gpu_peak_tflops
+# A script run as `python3 benchmarks/x.py` has only benchmarks/ on its path: every script
+# imports this module first, so the checkout's package is found, installed or not.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dilatedseg.flops import gpu_peak_tflops  # noqa: E402
 
 NO_CUDA = "not measured (no CUDA device)"
 H100_BF16_TFLOPS = 989.0
@@ -103,6 +108,8 @@ def compute_row(bench: str, case: str, device: torch.device, precision: str, bat
     """A measured row: throughput, achieved TFLOP/s and MFU from analytic ``macs`` per item."""
     tflop = 2 * macs * batch / 1e12
     achieved = tflop / seconds
+    if device.type == "cuda" and precision == "fp32" and torch.backends.cudnn.allow_tf32:
+        precision = "fp32 (TF32 convs)"  # what cuDNN computes, and the peak MFU is taken of
     return Row(bench, case, device_label(device), precision, batch, seconds * 1e3,
                batch / seconds, "img/s", tflop, achieved,
                achieved / peak if peak else None, note)
@@ -141,5 +148,13 @@ def script_main(run: Callable[..., list[Row]], doc: str) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--peak-tflops", type=float)
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(markdown(run(device, args.quick, args.peak_tflops)))
+    print(markdown(run(bench_device(), args.quick, args.peak_tflops)))
+
+
+def bench_device() -> torch.device:
+    """The GPU if there is one, with cuDNN autotuning on for every section (each times fixed
+    shapes after warm-up); else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.backends.cudnn.benchmark = True
+    return torch.device("cuda")

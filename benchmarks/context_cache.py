@@ -22,6 +22,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from common import sync  # noqa: E402
 
 from dilatedseg.data import ShapesDataModule  # noqa: E402
 from dilatedseg.module import SegmentationModule  # noqa: E402
@@ -41,9 +42,11 @@ class Timer(L.Callback):
         self.train_start = time.perf_counter()
 
     def on_train_epoch_start(self, trainer, pl_module):
+        sync(pl_module.device)
         self.epoch_start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module):
+        sync(pl_module.device)  # a GPU's queued kernels belong to the epoch
         self.epochs.append(time.perf_counter() - self.epoch_start)
 
 

@@ -16,7 +16,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import resource
 import statistics
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import cpu_model
 
 from dilatedseg.models.crf import DenseCRF
 
@@ -161,7 +161,7 @@ def measure(repeats: int = 5, threads: int | None = None, peak_memory: bool = Tr
     logits = unary_logits(labels)
     h, w = labels.shape
     result = {"image": source, "size": f"{w}x{h}", "classes": CLASSES, "iterations": ITERATIONS,
-              "params": PARAMS, "cpu": platform.processor() or platform.machine(),
+              "params": PARAMS, "cpu": cpu_model(),
               "threads": args.threads, "torch": torch.__version__}
 
     torch.set_num_threads(args.threads)

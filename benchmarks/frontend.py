@@ -113,8 +113,7 @@ def segmenter_row(device, precision, reps, peak, tile=TILE) -> Row:
 
 def run(device: torch.device, quick: bool = False, peak: float | None = None) -> list[Row]:
     rows: list[Row] = []
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    if device.type == "cuda":  # (cuDNN autotuning: on, see common.bench_device)
         reps = 5 if quick else 10
         for precision in ("fp32", "bf16"):
             p = peak_tflops(device, precision, peak)

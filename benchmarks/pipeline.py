@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import time
 from pathlib import Path
+
+from common import cpu_model
 
 from dilatedseg.runs import latest_summaries
 
@@ -57,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     work = REPO / args.work
     rows = [run_seed(seed, work) for seed in args.seeds]
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores\n")
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores\n")
     print("| seed | total (s) | frontend | context | crf | context - frontend |")
     print("|---|---|---|---|---|---|")
     for row in rows:

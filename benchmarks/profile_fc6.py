@@ -21,6 +21,7 @@ import re
 import time
 
 import torch
+from common import sync
 from torch.profiler import ProfilerActivity, profile
 
 from dilatedseg.flops import frontend_macs, gpu_peak_tflops
@@ -33,8 +34,14 @@ TENSOR_CORE = re.compile(r"xmma|hmma|gmma|wgmma|tensorop|16816|1688|884|bf16|f16
 CONV_OR_GEMM = re.compile(r"conv|gemm|grad|cudnn|winograd|fft|precomputed|engine", re.I)
 
 
+# cuDNN names its plain float32 (SIMT) engines xmma too: f32 inputs, f32 compute.
+PLAIN_FP32 = re.compile(r"f32f32_f32f32_f32|sgemm", re.I)
+
+
 def classify_kernel(name: str) -> str:
     """'tensor core', 'FLAG' (a convolution / GEMM kernel without tensor cores) or 'other'."""
+    if PLAIN_FP32.search(name) and CONV_OR_GEMM.search(name):
+        return "FLAG"
     if TENSOR_CORE.search(name):
         return "tensor core"
     if "elementwise" in name or "reduce" in name.lower():
@@ -91,14 +98,12 @@ def main() -> None:
 
         for _ in range(2 if cuda else 1):  # warm-up (cuDNN autotuning)
             step()
-        if cuda:
-            torch.cuda.synchronize()
+        sync(x.device)
         start = time.perf_counter()
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=activities) as prof:
             step()
-            if cuda:
-                torch.cuda.synchronize()
+            sync(x.device)
         wall = time.perf_counter() - start
         report(label, prof, cuda, 3 * macs, wall, peak, args.rows)
 
@@ -110,7 +115,7 @@ def report(label: str, prof, cuda: bool, train_macs: int, wall: float, peak: flo
     attr = "device_time_total" if cuda else "self_cpu_time_total"
     events.sort(key=lambda e: getattr(e, attr), reverse=True)
     total_us = sum(getattr(e, attr) for e in events) if cuda else wall * 1e6
-    achieved = 2 * train_macs / (total_us * 1e-6) / 1e12
+    achieved = 2 * train_macs / (total_us * 1e-6) / 1e12 if total_us > 0 else math.nan
     mfu = f", MFU {achieved / peak:.1%} of {peak:.0f}" if peak else ""
     print(f"\n== {label}: forward + backward {total_us / 1e3:.2f} ms "
           f"({'GPU kernel time' if cuda else 'CPU wall'}), {achieved:.3g} TFLOP/s{mfu}")
@@ -125,7 +130,7 @@ def report(label: str, prof, cuda: bool, train_macs: int, wall: float, peak: flo
               f"| {kind} |")
     if cuda:
         verdict = ("all convolution / GEMM time on tensor-core kernels" if flagged == 0 else
-                   f"FLAG: {flagged / total_us:.0%} of the time in kernels without tensor "
+                   f"FLAG: {flagged / max(total_us, 1):.0%} of the time in kernels without tensor "
                    "cores (try --precision bf16, channels_last, or the space-to-batch path)")
         print(f"\n{verdict}")
     if not math.isfinite(achieved):

@@ -29,7 +29,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import NO_CUDA, Row, device_label, machine, markdown  # noqa: E402
+from common import NO_CUDA, Row, bench_device, device_label, machine, markdown  # noqa: E402
 
 SECTIONS = ("frontend", "context", "data", "cache", "crf")
 CACHE_TARGET = 20.0
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = bench_device()
     info = machine()
     print(f"machine: {info['cpu']} ({info['cpu_cores']} cores), torch {info['torch']} with "
           f"{info['torch_threads']} threads, GPU: {info['gpu'] or 'none'}; load average "

@@ -63,9 +63,10 @@ def category_confusion(matrix: torch.Tensor, class_to_category: list[int],
     index = torch.as_tensor(class_to_category, device=matrix.device, dtype=torch.long)
     if index.numel() != matrix.shape[0]:
         raise ValueError(f"{index.numel()} category entries for {matrix.shape[0]} classes")
-    onehot = torch.zeros(matrix.shape[0], num_categories, dtype=matrix.dtype, device=matrix.device)
-    onehot[torch.arange(matrix.shape[0], device=matrix.device), index] = 1
-    return onehot.T @ matrix @ onehot
+    # Sum rows, then columns, by category: index_add_ works for int64 on every device (CUDA
+    # has no int64 matrix product).
+    rows = matrix.new_zeros(num_categories, matrix.shape[1]).index_add_(0, index, matrix)
+    return rows.new_zeros(num_categories, num_categories).index_add_(1, index, rows)
 
 
 def category_iou(matrix: torch.Tensor, categories: list[str]) -> dict[str, float]:

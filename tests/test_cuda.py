@@ -11,7 +11,6 @@ import lightning as L
 import pytest
 import torch
 
-from dilatedseg.data import ShapesDataModule
 from dilatedseg.inference import predict_logits
 from dilatedseg.models import ContextModule, DenseCRF, FrontEnd, Segmenter
 from dilatedseg.module import SegmentationModule
@@ -92,9 +91,31 @@ def test_compiled_context_module_with_cuda_graphs_equals_eager():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_confusion_and_category_iou_on_device_equal_cpu():
+    """Validation metrics stay on the device: the int64 confusion matrix and the Cityscapes
+    category IoU built from it (CUDA has no int64 matrix product)."""
+    pytest.importorskip("albumentations")  # dilatedseg.data's transforms
+    from dilatedseg.data.cityscapes import CATEGORIES
+    from dilatedseg.metrics import ConfusionMatrix, category_iou
+
+    torch.manual_seed(0)
+    prediction, label = torch.randint(0, 19, (2, 64, 64)), torch.randint(0, 19, (2, 64, 64))
+    label[:, :8] = 255
+    results = []
+    for device in ("cpu", DEVICE):
+        confusion = ConfusionMatrix(19, 255).to(device)
+        confusion.update(prediction.to(device), label.to(device))
+        matrix = confusion.compute()
+        assert matrix.device.type == torch.device(device).type
+        results.append((matrix.cpu(), category_iou(matrix, list(CATEGORIES))))
+    assert torch.equal(results[0][0], results[1][0]) and results[0][1] == results[1][1]
+
+
 def test_bf16_mixed_fit_on_device(tmp_path):
     """A short training run through Lightning on the device, bf16-mixed, with the recipes'
     context-margin crops and uint8 batches: weights in channels_last, loss finite and fp32."""
+    pytest.importorskip("albumentations")  # the data modules' transforms
+    from dilatedseg.data import ShapesDataModule
     from dilatedseg.models.frontend import valid_shrinkage
 
     losses = []

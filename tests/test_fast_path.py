@@ -159,7 +159,8 @@ def test_default_num_workers():
     assert fixed.num_workers == fixed.workers() == 0
 
 
-def test_profile_fc6_flags_non_tensor_core_kernels():
+def test_profile_fc6_flags_non_tensor_core_kernels(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # as when run as a script
     spec = importlib.util.spec_from_file_location("profile_fc6",
                                                   REPO / "benchmarks/profile_fc6.py")
     profile = importlib.util.module_from_spec(spec)
@@ -172,3 +173,8 @@ def test_profile_fc6_flags_non_tensor_core_kernels():
     assert classify("implicit_convolve_sgemm<float, float, 128, 5, 5, 3, 3, 3, 1>") == "FLAG"
     assert classify("cudnn::detail::dgrad_engine<float, 512, 6, 5, 3, 3, 3, false>") == "FLAG"
     assert classify("void at::native::vectorized_elementwise_kernel<4, ...>") == "other"
+    # cuDNN's plain float32 engines are xmma kernels too, without tensor cores:
+    assert classify("sm80_xmma_fprop_implicit_gemm_f32f32_f32f32_f32_nchwkcrs_nchw") == "FLAG"
+    assert classify("sm80_xmma_fprop_implicit_gemm_f32f32_tf32f32_f32_nhwckrsc_nhwc") == \
+        "tensor core"
+    assert classify("ampere_sgemm_128x64_nn") == "FLAG"
