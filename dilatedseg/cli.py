@@ -141,9 +141,12 @@ class DilatedSegCLI(LightningCLI):
             config.model.init_from = str(find_previous_checkpoint(config.runs_dir, dataset, stage))
             if is_global_rank_zero():
                 print(f"init_from: auto -> {config.model.init_from}", file=sys.stderr)
-        if self.subcommand == "fit" and not ckpt_path and config.model.init_from:
-            check_classes(config.model.init_from, checkpoint_hparams(config.model.init_from),
-                          datamodule)
+        init_from = config.model.init_from
+        if init_from and not ckpt_path:  # (a --ckpt_path's weights replace init_from's)
+            if not str(init_from).endswith(".caffemodel"):  # (those are checked as they load)
+                check_classes(init_from, checkpoint_hparams(init_from), datamodule)
+            elif not Path(init_from).is_file():
+                raise RunError(f"Caffe model {init_from} does not exist")
         if config.trainer.get("precision") is None:
             config.trainer.precision = default_precision(config.trainer.get("accelerator"))
         run_dir = resolve_run_dir(config.runs_dir, dataset, stage, self.subcommand,
@@ -167,9 +170,13 @@ class DilatedSegCLI(LightningCLI):
         datamodule.check_files(self.subcommand)  # the subcommand names the stage
         return datamodule
 
-    def before_fit(self) -> None:
-        # Resuming restores every weight from the checkpoint: init_from is not read again.
-        self.model.resuming = bool(self.config.fit.get("ckpt_path"))
+    def note_checkpoint(self) -> None:
+        # A --ckpt_path (resuming, or evaluating it) restores every weight: init_from is not
+        # read again (it may be gone since); without one, init_from's weights are evaluated.
+        config = self.config[self.subcommand]
+        self.model.weights_from_checkpoint = bool(config.get("ckpt_path"))
+
+    before_fit = before_validate = before_test = before_predict = note_checkpoint
 
     def instantiate_classes(self) -> None:
         """Build data, model and trainer; a value they refuse is a configuration error (one

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from dilatedseg.inference import predict_logits
 from dilatedseg.metrics import ConfusionMatrix, category_iou, iou_from_confusion, mean_iou
 from dilatedseg.models import ContextModule, DenseCRF, FrontEnd, Segmenter
+from dilatedseg.models.caffemodel import load_caffemodel
 from dilatedseg.models.frontend import OUTPUT_STRIDE
 from dilatedseg.models.segmenter import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 from dilatedseg.models.weights import WeightsError
@@ -50,7 +51,8 @@ class SegmentationModule(L.LightningModule):
         arch, padding, dropout, pretrained: the :class:`FrontEnd`.
         context_variant, dilations, context_init, context_padding: the :class:`ContextModule`;
             ``dilations`` is a preset name ("dilation7", "dilation8", "dilation10") or a list.
-        upsample: "bilinear", "deconv" (frozen bilinear ConvTranspose2d, Cityscapes) or "auto"
+        upsample: "bilinear", "deconv" (frozen bilinear ConvTranspose2d, Cityscapes), "zoom"
+            (logit i at pixel 8i: the authors' VOC / CamVid / KITTI models) or "auto"
             (deconv for the dilation10 schedule, bilinear otherwise).
         pixel_mean, pixel_std: input normalisation in 0-255 RGB (mean linked from the data).
         optimizer: "sgd" (the paper) or "adam". lr, momentum, weight_decay: as usual.
@@ -164,9 +166,10 @@ class SegmentationModule(L.LightningModule):
 
     # ---- weights ----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        # Runs before Lightning restores a ckpt_path, so resuming still wins over init_from.
+        # Runs before Lightning restores a ckpt_path, so resuming still wins over init_from;
+        # evaluating without a checkpoint evaluates init_from's weights.
+        self.load_initial_weights()
         if stage == "fit":
-            self.load_initial_weights()
             datamodule = self.trainer.datamodule if self._trainer is not None else None
             self.check_context_margin(getattr(datamodule, "context_margin", 0))
         self.apply_fast_path()
@@ -194,18 +197,23 @@ class SegmentationModule(L.LightningModule):
 
     def load_initial_weights(self) -> None:
         """Load ``init_from`` once (the feature cache needs the weights before ``setup``); not
-        when resuming (``resuming``, set by the CLI): the checkpoint restores every weight."""
-        if getattr(self, "resuming", False):
+        when a checkpoint restores every weight (``weights_from_checkpoint``, set by the CLI
+        for --ckpt_path: resuming, or evaluating a checkpoint)."""
+        if getattr(self, "weights_from_checkpoint", False):
             return
         if self.hparams.init_from and not getattr(self, "_initial_weights_loaded", False):
             self.load_weights(self.hparams.init_from)
             self._initial_weights_loaded = True
 
     def load_weights(self, path: str) -> None:
-        """Copy matching weights from a checkpoint of any stage (weights only, no state)."""
+        """Copy matching weights from a checkpoint of any stage (weights only, no state), or
+        from one of the authors' published .caffemodel files."""
         if not Path(path).is_file():
             raise RunError(f"init_from checkpoint {path} does not exist: pass the path of an "
                            "earlier stage's .ckpt, or init_from: auto to find it under runs/")
+        if str(path).endswith(".caffemodel"):
+            self.load_caffemodel(path)
+            return
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         source = checkpoint.get("state_dict", checkpoint)
         own = self.state_dict()
@@ -223,6 +231,16 @@ class SegmentationModule(L.LightningModule):
                 f"{tuple(source[unfit[0]].shape)} vs {tuple(own[unfit[0]].shape)}; another "
                 "context_variant or dilations?): the context module keeps its initialisation")
         self.load_state_dict(matched, strict=False)
+
+    def load_caffemodel(self, path: str) -> None:
+        """The authors' published weights, which take mean-subtracted 0-255 input unscaled."""
+        if not bool((self.model.pixel_std == 1).all()):
+            raise RunError(f"{path} is one of the authors' Caffe models, which take 0-255 input "
+                           "without scaling: set --model.pixel_std=[1,1,1]")
+        try:
+            load_caffemodel(self.model, path)
+        except WeightsError as error:
+            raise RunError(str(error)) from None
 
     # ---- steps ------------------------------------------------------------------------------
     def forward(self, image: torch.Tensor) -> torch.Tensor:

@@ -26,9 +26,12 @@ class Segmenter(nn.Module):
     """(B, 3, H, W) image in 0-255 RGB -> (B, C, H, W) logits at input resolution.
 
     ``context=None`` gives the front-end alone. ``upsample="bilinear"`` interpolates the 1/8
-    logits (feature i centred on pixel 8i + 3.5); ``"deconv"`` is the frozen grouped bilinear
-    ConvTranspose2d(C, C, 16, 8, 4) of the authors' Cityscapes model (same centring, zeros past
-    the border); ``"auto"`` picks deconv for the Dilation10 schedule, bilinear otherwise.
+    logits (feature i centred on pixel 8i + 3.5, its receptive field's centre); ``"deconv"`` is
+    the frozen grouped bilinear ConvTranspose2d(C, C, 16, 8, 4) of the authors' Cityscapes model
+    (same centring, zeros past the border); ``"zoom"`` places feature i at pixel 8i, as the
+    authors' ``interp_map`` does for their VOC / CamVid / KITTI models (use it with their
+    weights, which were trained so); ``"auto"`` picks deconv for the Dilation10 schedule,
+    bilinear otherwise.
     ``crf`` refines the upsampled logits with the image.
     """
 
@@ -43,8 +46,9 @@ class Segmenter(nn.Module):
     ):
         super().__init__()
         self.frontend, self.context, self.crf = frontend, context, crf
-        if upsample not in ("bilinear", "deconv", "auto"):
-            raise ValueError(f"upsample must be 'bilinear', 'deconv' or 'auto', got {upsample!r}")
+        if upsample not in ("bilinear", "deconv", "zoom", "auto"):
+            raise ValueError("upsample must be 'bilinear', 'deconv', 'zoom' or 'auto', got "
+                             f"{upsample!r}")
         if upsample == "auto":
             dilation10 = context is not None and context.dilations == SCHEDULES["dilation10"]
             upsample = "deconv" if dilation10 else "bilinear"
@@ -81,6 +85,12 @@ class Segmenter(nn.Module):
                 padding=OUTPUT_STRIDE // 2, groups=channels,
             )
             return logits[..., : size[0], : size[1]]
+        if self.upsample == "zoom":  # feature i at pixel 8i; the edge repeats past the last one
+            padded = F.pad(logits, (0, 1, 0, 1), mode="replicate")
+            h, w = padded.shape[-2:]
+            return F.interpolate(padded, size=(OUTPUT_STRIDE * (h - 1) + 1,
+                                               OUTPUT_STRIDE * (w - 1) + 1),
+                                 mode="bilinear", align_corners=True)[..., : size[0], : size[1]]
         return F.interpolate(logits, scale_factor=OUTPUT_STRIDE, mode="bilinear",
                              align_corners=False)[..., : size[0], : size[1]]
 

@@ -1,0 +1,181 @@
+"""The authors' published Caffe models (fyu/dilation) loaded into a :class:`Segmenter`.
+
+A ``.caffemodel`` file is a serialised Caffe ``NetParameter`` (protocol buffers). Only what the
+weights need is read, with a small wire-format reader (no Caffe, no protobuf package):
+``NetParameter.layer`` (field 100; the pre-2015 ``layers``, field 2, too), each layer's name,
+type and ``blobs``, and each ``BlobProto``'s shape and float data. Field numbers are those of
+BVLC's ``caffe.proto``.
+
+Layers with weights are matched to the model in network order: conv1_1 ... conv5_3, fc6, fc7,
+the classifier (``final`` or ``fc-final``), then the context module's convolutions
+(``ctx_*`` or ``ct_*``, ending with the 1x1 ``*_final``). The frozen ``ctx_upsample``
+deconvolution of the Cityscapes model is the same fixed bilinear kernel the Segmenter builds
+for ``upsample="deconv"``, so it is skipped. conv1_1's input channels are reversed: the authors
+feed BGR, the Segmenter RGB.
+
+The published models take mean-subtracted 0-255 input with no scaling (``pixel_std`` 1) and
+place logit i at pixel 8i when they upsample (``upsample="zoom"``, their ``interp_map``; the
+Cityscapes model's deconvolution is ``"deconv"``). Published files (pretrained/download_*.sh in
+fyu/dilation): dilation8_pascal_voc.caffemodel, dilation8_camvid.caffemodel,
+dilation7_kitti.caffemodel, dilation10_cityscapes.caffemodel.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from dilatedseg.models.weights import WeightsError
+
+NET_LAYER, NET_V1_LAYERS = 100, 2
+LAYER_NAME, LAYER_TYPE, LAYER_BLOBS = 1, 2, 7  # LayerParameter
+V1_NAME, V1_TYPE, V1_BLOBS = 4, 5, 6  # V1LayerParameter (type is an enum there)
+BLOB_SHAPE, BLOB_DATA, BLOB_DOUBLE_DATA = 7, 5, 8  # BlobProto (1-4: legacy num/c/h/w)
+V1_DECONVOLUTION = 39  # V1LayerParameter.LayerType.DECONVOLUTION
+
+
+def _varint(data: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(data: memoryview):
+    """(field number, wire type, value) of each field of a message: an int for varints, the
+    raw bytes otherwise."""
+    pos, end = 0, len(data)
+    while pos < end:
+        key, pos = _varint(data, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(data, pos)
+        elif wire == 1:
+            value, pos = data[pos:pos + 8], pos + 8
+        elif wire == 2:
+            length, pos = _varint(data, pos)
+            value, pos = data[pos:pos + length], pos + length
+        elif wire == 5:
+            value, pos = data[pos:pos + 4], pos + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if pos > end:
+            raise ValueError("truncated message")
+        yield field, wire, value
+
+
+def _ints(wire: int, value) -> list[int]:
+    """A repeated integer field, packed (wire type 2) or not."""
+    if wire == 0:
+        return [value]
+    out, pos = [], 0
+    while pos < len(value):
+        number, pos = _varint(value, pos)
+        out.append(number)
+    return out
+
+
+def _blob(data: memoryview) -> np.ndarray:
+    shape, legacy, chunks = None, {}, []
+    for field, wire, value in _fields(data):
+        if field == BLOB_SHAPE:
+            shape = [d for f, w, v in _fields(value) if f == 1 for d in _ints(w, v)]
+        elif field == BLOB_DATA:
+            chunks.append(np.frombuffer(value, "<f4"))
+        elif field == BLOB_DOUBLE_DATA:
+            chunks.append(np.frombuffer(value, "<f8").astype(np.float32))
+        elif field in (1, 2, 3, 4) and wire == 0:
+            legacy[field] = value
+    values = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    if shape is None:
+        shape = [legacy.get(i, 1) for i in (1, 2, 3, 4)]
+    if int(np.prod(shape)) != values.size:
+        raise ValueError(f"a blob of shape {shape} holds {values.size} values")
+    return values.reshape(shape)
+
+
+def read_caffemodel(path: str | Path) -> list[tuple[str, str, list[np.ndarray]]]:
+    """(name, type, blobs) of every layer of a .caffemodel, in network order."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"Caffe model {path} does not exist: download it with fyu/dilation's "
+                           "pretrained/download_<dataset>.sh and pass its path")
+    data = memoryview(path.read_bytes())
+    layers = []
+    try:
+        for field, _, value in _fields(data):
+            if field not in (NET_LAYER, NET_V1_LAYERS):
+                continue
+            keys = (LAYER_NAME, LAYER_TYPE, LAYER_BLOBS) if field == NET_LAYER else (
+                V1_NAME, V1_TYPE, V1_BLOBS)
+            name, kind, blobs = "", "", []
+            for inner, _, item in _fields(value):
+                if inner == keys[0]:
+                    name = bytes(item).decode()
+                elif inner == keys[1]:
+                    kind = bytes(item).decode() if field == NET_LAYER else (
+                        "Deconvolution" if item == V1_DECONVOLUTION else str(item))
+                elif inner == keys[2]:
+                    blobs.append(_blob(item))
+            layers.append((name, kind, blobs))
+    except (ValueError, IndexError, UnicodeDecodeError) as error:
+        raise WeightsError(f"cannot read Caffe model {path}: {error} (not a .caffemodel, or "
+                           "cut short: download it again)") from None
+    if not any(blobs for _, _, blobs in layers):
+        raise WeightsError(f"Caffe model {path} holds no layer weights")
+    return layers
+
+
+def _targets(segmenter: nn.Module) -> list[tuple[str, nn.Conv2d]]:
+    """The Segmenter's convolutions in network order, with their state-dict prefixes."""
+    frontend = segmenter.frontend
+    targets = [(f"frontend.features.{name}", m) for name, m in frontend.features.named_children()
+               if isinstance(m, nn.Conv2d)]
+    targets.append(("frontend.final", frontend.final))
+    if segmenter.context is not None:
+        targets += [(f"context.layers.{name}", m)
+                    for name, m in segmenter.context.layers.named_children()
+                    if isinstance(m, nn.Conv2d)]
+    return targets
+
+
+def caffe_state_dict(layers: list[tuple[str, str, list[np.ndarray]]], segmenter: nn.Module,
+                     source: str = "the Caffe model") -> dict[str, torch.Tensor]:
+    """Segmenter state-dict entries (``frontend.*``, ``context.*``) from the layers of
+    :func:`read_caffemodel`; a WeightsError names the first layer that does not fit."""
+    weighted = [(name, blobs) for name, kind, blobs in layers
+                if blobs and kind != "Deconvolution"]
+    targets = _targets(segmenter)
+    if len(weighted) != len(targets):
+        names = ", ".join(name for name, _ in weighted)
+        raise WeightsError(
+            f"{source} has {len(weighted)} layers with weights ({names}), this model "
+            f"{len(targets)}: match its context module (--model.context_variant, "
+            "dilations, context_padding) or leave the context out (stage frontend)")
+    state = {}
+    for (name, blobs), (prefix, conv) in zip(weighted, targets):
+        weight = blobs[0]
+        if weight.size != conv.weight.numel() or weight.shape[-2:] != conv.weight.shape[-2:]:
+            raise WeightsError(
+                f"{source}: layer {name} has weights of shape {list(weight.shape)}, this "
+                f"model's {prefix} {list(conv.weight.shape)} (same arch vgg16, num_classes and "
+                "context variant as the published model?)")
+        tensor = torch.from_numpy(weight.reshape(conv.weight.shape).copy())
+        state[f"{prefix}.weight"] = tensor.flip(1) if prefix.endswith("conv1_1") else tensor
+        if conv.bias is not None:
+            bias = blobs[1] if len(blobs) > 1 else np.zeros(conv.out_channels, np.float32)
+            state[f"{prefix}.bias"] = torch.from_numpy(bias.reshape(-1).copy())
+    return state
+
+
+def load_caffemodel(segmenter: nn.Module, path: str | Path) -> None:
+    """Load one of the authors' published models into ``segmenter`` (see the module doc)."""
+    state = caffe_state_dict(read_caffemodel(path), segmenter, str(path))
+    segmenter.load_state_dict(state, strict=False)
