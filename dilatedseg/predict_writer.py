@@ -37,19 +37,20 @@ class PredictionWriter(BasePredictionWriter):
         submission = getattr(datamodule, "submission_ids", None)
         images = batch["image"].permute(0, 2, 3, 1).clamp(0, 255).byte().cpu().numpy()
         labels = prediction["prediction"].cpu().numpy().astype(np.uint8)
-        folders = ["index", "colour", "overlay"] + (["labelIds"] if submission is not None else [])
-        for folder in folders:
-            (self.output_dir / folder).mkdir(parents=True, exist_ok=True)
         for name, image, label in zip(prediction["name"], images, labels):
-            viz.palette_png(label, palette).save(self.output_dir / "index" / f"{name}.png")
-            Image.fromarray(viz.colourise(label, palette)).save(
-                self.output_dir / "colour" / f"{name}.png")
+            viz.palette_png(label, palette).save(self.path("index", f"{name}.png"))
+            Image.fromarray(viz.colourise(label, palette)).save(self.path("colour", f"{name}.png"))
             Image.fromarray(viz.overlay(image, label, palette, self.overlay_alpha)).save(
-                self.output_dir / "overlay" / f"{name}.jpg", quality=90)
+                self.path("overlay", f"{name}.jpg"), quality=90)
             if submission is not None:
-                Image.fromarray(submission[label]).save(
-                    self.output_dir / "labelIds" / f"{name}.png")
+                Image.fromarray(submission[label]).save(self.path("labelIds", f"{name}.png"))
             self.written += 1
+
+    def path(self, folder: str, file: str) -> Path:
+        """output/<folder>/<file>, its folders made (a name may hold sub-folders)."""
+        path = self.output_dir / folder / file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
 
     def on_predict_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:

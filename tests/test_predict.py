@@ -49,12 +49,16 @@ def test_predict_folder_and_split_for_the_official_server(tmp_path, monkeypatch)
     assert validated["val/mIoU_category"] == pytest.approx(
         100 * official["averageScoreCategories"], abs=1e-3)
 
-    folder = tmp_path / "photos" / "nested"
-    folder.mkdir(parents=True)
-    Image.fromarray(np.zeros((40, 56, 3), np.uint8)).save(folder / "street.jpg")
+    # A folder of photos: its sub-folders are kept, so equal file names do not collide.
+    for folder in ("nested", "other"):
+        (tmp_path / "photos" / folder).mkdir(parents=True)
+        Image.fromarray(np.zeros((40, 56, 3), np.uint8)).save(
+            tmp_path / "photos" / folder / "street.jpg")
     run_cli("predict", *args, f"--ckpt_path={checkpoint}",
             f"--data.init_args.predict_dir={tmp_path / 'photos'}")
     written = runs / "cityscapes/frontend/predict_1/predictions"
-    assert Image.open(written / "colour/street.png").size == (56, 40)
-    assert (written / "overlay/street.jpg").is_file()
-    assert (written / "labelIds/street.png").is_file()
+    assert Image.open(written / "colour/nested/street.png").size == (56, 40)
+    assert (written / "overlay/other/street.jpg").is_file()
+    assert sorted(p.relative_to(written / "labelIds").as_posix()
+                  for p in (written / "labelIds").rglob("*.png")) == [
+        "nested/street.png", "other/street.png"]

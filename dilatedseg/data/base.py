@@ -107,10 +107,19 @@ class SegmentationDataset(Dataset):
         transform: Callable | None = None,
         crops: int = 1,
         size: tuple[int, int] | None = None,
+        names_under: Path | None = None,
     ):
         self.pairs, self.num_classes = list(pairs), num_classes
         self.read_label, self.transform, self.crops = read_label, transform, crops
-        self.size = size
+        self.size, self.names_under = size, names_under
+
+    def name(self, index: int) -> str:
+        """An item's name: its image's file name without suffix; relative to ``names_under``
+        when given (a predict_dir's sub-folders may repeat file names)."""
+        image = self.pairs[index][0]
+        if self.names_under is None:
+            return image.stem
+        return image.relative_to(self.names_under).with_suffix("").as_posix()
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -133,7 +142,7 @@ class SegmentationDataset(Dataset):
         image, label = self.load(index)
         if label is None:
             label = np.full(image.shape[:2], IGNORE_INDEX, np.uint8)
-        name = self.pairs[index][0].stem
+        name = self.name(index)
         if self.crops == 1:
             return self.sample(image, label, name)
         samples = [self.sample(image, label, name) for _ in range(self.crops)]
@@ -358,7 +367,7 @@ class SegmentationDataModule(L.LightningDataModule):
         elif stage == "predict" and self.predict_dir is not None:
             self.datasets["predict"] = SegmentationDataset(
                 folder_images(self.predict_dir), self.num_classes, self.read_label,
-                size=self.resize)
+                size=self.resize, names_under=self.predict_dir)
         elif stage == "predict":
             self.datasets["predict"] = self.make_dataset(self.predict_split, labelled=False)
 
