@@ -135,6 +135,8 @@ class DilatedSegCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if ckpt_path:
             check_classes(ckpt_path, self.checkpoint_hparams, datamodule)
+            if self.subcommand != "fit":  # evaluating it: its weights replace ImageNet's
+                config.model.pretrained = None
         if self.subcommand == "fit" and ckpt_path:
             check_resume_dir(ckpt_path, dataset, stage)
         if config.model.init_from == "auto":
@@ -147,6 +149,9 @@ class DilatedSegCLI(LightningCLI):
                 check_classes(init_from, checkpoint_hparams(init_from), datamodule)
             elif not Path(init_from).is_file():
                 raise RunError(f"Caffe model {init_from} does not exist")
+            elif list(config.model.pixel_std) != [1, 1, 1]:
+                raise RunError(f"{init_from} is one of the authors' Caffe models, which take "
+                               "0-255 input without scaling: set --model.pixel_std=[1,1,1]")
         if config.trainer.get("precision") is None:
             config.trainer.precision = default_precision(config.trainer.get("accelerator"))
         run_dir = resolve_run_dir(config.runs_dir, dataset, stage, self.subcommand,
@@ -171,10 +176,9 @@ class DilatedSegCLI(LightningCLI):
         return datamodule
 
     def note_checkpoint(self) -> None:
-        # A --ckpt_path (resuming, or evaluating it) restores every weight: init_from is not
-        # read again (it may be gone since); without one, init_from's weights are evaluated.
-        config = self.config[self.subcommand]
-        self.model.weights_from_checkpoint = bool(config.get("ckpt_path"))
+        # A --ckpt_path (resuming, or evaluating it) holds every weight: the model starts from
+        # it, not from init_from (which may be gone since); see load_initial_weights.
+        self.model.checkpoint_path = self.config[self.subcommand].get("ckpt_path")
 
     before_fit = before_validate = before_test = before_predict = note_checkpoint
 
@@ -202,7 +206,11 @@ def configuration_errors():
     one `bad configuration` line."""
     try:
         yield
-    except (ValueError, TypeError) as error:
+    except ValueError as error:
+        raise RunError(f"bad configuration: {error}") from None
+    except TypeError as error:  # an option the class does not take; other TypeErrors are bugs
+        if "argument" not in str(error):
+            raise
         raise RunError(f"bad configuration: {error}") from None
 
 

@@ -224,9 +224,10 @@ class FrontendLogitsCache(Callback):
         if crf != "none":
             raise RunError(
                 f"--model.crf={crf} needs the images, and the cached context stage trains and "
-                "validates on cached logits without them: set --model.feature_cache=false to "
-                "validate with the CRF while training, or train cached and evaluate the "
-                "checkpoint with `dilatedseg validate ... --model.crf=dense`")
+                "validates on cached logits without them: train without the CRF and evaluate "
+                "the checkpoint with `dilatedseg validate ... --ckpt_path=... "
+                "--model.crf=dense`, or train uncached (--model.feature_cache=false, with a "
+                "--data.init_args.crop_size when images differ in size)")
         if not isinstance(getattr(datamodule, "datasets", None), dict):
             rank_zero_warn("feature_cache needs a dilatedseg data module; training uncached.")
             return

@@ -196,14 +196,21 @@ class SegmentationModule(L.LightningModule):
                     part.compile()  # in place: parameter names and checkpoints unchanged
 
     def load_initial_weights(self) -> None:
-        """Load ``init_from`` once (the feature cache needs the weights before ``setup``); not
-        when a checkpoint restores every weight (``weights_from_checkpoint``, set by the CLI
-        for --ckpt_path: resuming, or evaluating a checkpoint)."""
-        if getattr(self, "weights_from_checkpoint", False):
+        """Load the starting weights once, before ``setup`` ends (the feature cache needs
+        them): those of ``checkpoint_path`` when set (the CLI sets it to --ckpt_path, whose
+        weights Lightning restores only after setup: resuming, or evaluating a checkpoint;
+        init_from is not read then, it may be gone), else ``init_from``'s."""
+        if getattr(self, "_initial_weights_loaded", False):
             return
-        if self.hparams.init_from and not getattr(self, "_initial_weights_loaded", False):
-            self.load_weights(self.hparams.init_from)
-            self._initial_weights_loaded = True
+        source = getattr(self, "checkpoint_path", None) or self.hparams.init_from
+        if source:
+            self.load_weights(source)
+        self._initial_weights_loaded = True
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Weights restored from a checkpoint (load_from_checkpoint, or a trainer's ckpt_path)
+        # are the ones to use: init_from must not overwrite them at a later setup.
+        self._initial_weights_loaded = True
 
     def load_weights(self, path: str) -> None:
         """Copy matching weights from a checkpoint of any stage (weights only, no state), or
@@ -214,7 +221,7 @@ class SegmentationModule(L.LightningModule):
         if str(path).endswith(".caffemodel"):
             self.load_caffemodel(path)
             return
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         source = checkpoint.get("state_dict", checkpoint)
         own = self.state_dict()
         matched = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}

@@ -79,7 +79,8 @@ def resolve_run_dir(runs_dir: str, dataset: str, stage: str, subcommand: str,
                  if p.name.rsplit("_", 1)[1].isdigit()]
         run_dir = parent / f"{prefix}_{max(taken, default=-1) + 1}"
     global _run_started
-    _run_started = False  # a new run in this process (tests and sweeps run several)
+    _run_started = False  # a new run in this process (tests and the report run several):
+    _created_run_dirs.clear()  # a failure now concerns only what this run makes
     missing = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
     if missing:
         _created_run_dirs.add(missing[-1])  # the outermost directory this mkdir makes
@@ -118,27 +119,24 @@ def finish_wandb() -> None:
 
 
 def best_checkpoint(run_dir: Path) -> Path | None:
-    """The run's best-by-val/mIoU checkpoint; its last.ckpt when it saved no best one (a run
-    that never validated, e.g. ``fast_dev_run`` in conf/debug.yaml)."""
     found = sorted((run_dir / "checkpoints").glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if found:
-        return found[-1]
-    last = run_dir / "checkpoints" / "last.ckpt"
-    return last if last.is_file() else None
+    return found[-1] if found else None
 
 
 def find_previous_checkpoint(runs_dir: str, dataset: str, stage: str) -> Path:
-    """Best checkpoint of the latest run of the stage this one starts from."""
+    """Best checkpoint of the latest run of the stage this one starts from; when no run of it
+    saved a best one (runs that never validated, e.g. conf/debug.yaml's), the latest last.ckpt."""
     previous = PREVIOUS_STAGES.get(stage)
     if not previous:
         raise RunError(f"stage '{stage}' has no previous stage; set --model.init_from=null")
     for candidate in previous:
         runs = sorted((Path(runs_dir) / dataset / candidate).glob("*/"),
                       key=lambda p: p.stat().st_mtime, reverse=True)
-        for run in runs:
-            checkpoint = best_checkpoint(run)
-            if checkpoint is not None:
-                return checkpoint
+        for pick in (best_checkpoint, lambda run: run / "checkpoints" / "last.ckpt"):
+            for run in runs:
+                checkpoint = pick(run)
+                if checkpoint is not None and checkpoint.is_file():
+                    return checkpoint
     where = ", ".join(f"{runs_dir}/{dataset}/{s}/" for s in previous)
     raise RunError(
         f"stage '{stage}' starts from a trained '{previous[0]}' stage, but no checkpoint was "
@@ -180,7 +178,17 @@ class RunSummary(Callback):
         row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         row.update(scalar_metrics(trainer.callback_metrics))
         self.history.append(row)
-        self.write(trainer, pl_module)  # an interrupted run keeps its history so far
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        # The previous epoch's validation and checkpoint are final now (ModelCheckpoint saves
+        # at the end of the epoch, after this callback's hooks): an interrupted run keeps its
+        # history so far.
+        if getattr(self, "history", None):
+            self.write(trainer, pl_module)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if getattr(self, "history", None):
+            self.write(trainer, pl_module)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.write(trainer, pl_module)
@@ -191,6 +199,7 @@ class RunSummary(Callback):
         checkpoint = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
         score = checkpoint.best_model_score if checkpoint is not None else None
         run_dir = Path(trainer.default_root_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
         summary = {
             "dataset": trainer.datamodule.name if trainer.datamodule is not None else None,
             "stage": pl_module.hparams.get("stage"),

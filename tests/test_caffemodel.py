@@ -197,3 +197,28 @@ def test_validate_a_published_model_through_the_cli(tiny_shapes, tmp_path):
                                      "--model.pretrained=http://127.0.0.1:9/never-fetched.pth"))
     logged = logged_metrics(runs / "shapes" / "context" / "validate_0")
     assert logged["val/mIoU"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_damaged_files_give_one_clear_error(tmp_path):
+    """Random byte damage: the reader returns layers or raises WeightsError, nothing else."""
+    path = tmp_path / "model.caffemodel"
+    write_caffemodel(path, authors_layers(small_segmenter(0)))
+    good = path.read_bytes()
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        damaged = bytearray(good[:4000] if trial % 2 else good)
+        for position in rng.integers(0, len(damaged), size=3):
+            damaged[position] = int(rng.integers(0, 256))
+        path.write_bytes(bytes(damaged))
+        try:
+            read_caffemodel(path)
+        except WeightsError:
+            pass
+
+
+def test_a_front_end_alone_takes_the_files_leading_layers(tmp_path):
+    source = small_segmenter(0)
+    write_caffemodel(tmp_path / "model.caffemodel", authors_layers(source))
+    frontend_only = Segmenter(FrontEnd(5, arch="tiny"))
+    load_caffemodel(frontend_only, tmp_path / "model.caffemodel")
+    torch.testing.assert_close(frontend_only.frontend.state_dict(), source.frontend.state_dict())

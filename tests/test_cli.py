@@ -217,3 +217,33 @@ def test_make_train_names_the_datasets_and_stages_there_are():
         done = subprocess.run(["make", "-s", "train", option], cwd=REPO, capture_output=True,
                               text=True)
         assert done.returncode == 2 and expected in done.stderr, done.stderr
+
+
+def test_summary_written_after_each_epoch_holds_that_epochs_best(tiny_shapes, tmp_path):
+    """An interrupted run's summary.json is current: read at the start of epoch 1, it holds
+    epoch 0's validation and its checkpoint as the best."""
+    import lightning as L
+
+    from dilatedseg.data import ShapesDataModule
+    from dilatedseg.module import SegmentationModule
+    from dilatedseg.runs import RunSummary
+
+    seen = []
+
+    class Reader(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                seen.append(json.loads((tmp_path / "run" / "summary.json").read_text()))
+
+    data = ShapesDataModule(root=str(tiny_shapes), train_size=32, val_size=8, test_size=8,
+                            num_workers=0, batch_size=8, val_batch_size=4)
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "run" / "checkpoints", monitor="val/mIoU", mode="max")
+    trainer = L.Trainer(max_epochs=2, limit_train_batches=2, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path / "run",
+                        callbacks=[RunSummary(), checkpoint, Reader()])
+    trainer.fit(SegmentationModule(4, arch="tiny", padding="same"), datamodule=data)
+    (summary,) = seen
+    assert summary["best_val_mIoU"] == pytest.approx(summary["history"][0]["val/mIoU"], abs=1e-3)
+    assert summary["best_checkpoint"].endswith(".ckpt")

@@ -39,13 +39,14 @@ V1_DECONVOLUTION = 39  # V1LayerParameter.LayerType.DECONVOLUTION
 
 def _varint(data: memoryview, pos: int) -> tuple[int, int]:
     result = shift = 0
-    while True:
+    while shift < 64:  # at most 10 bytes
         byte = data[pos]
         pos += 1
         result |= (byte & 0x7F) << shift
         if byte < 0x80:
             return result, pos
         shift += 7
+    raise ValueError("a varint longer than 10 bytes")
 
 
 def _fields(data: memoryview):
@@ -71,10 +72,19 @@ def _fields(data: memoryview):
         yield field, wire, value
 
 
+def _bytes(wire: int, value) -> memoryview:
+    """A length-delimited field (string, bytes, message)."""
+    if wire != 2:
+        raise ValueError(f"wire type {wire} where a string or message belongs")
+    return value
+
+
 def _ints(wire: int, value) -> list[int]:
     """A repeated integer field, packed (wire type 2) or not."""
     if wire == 0:
         return [value]
+    if wire != 2:
+        raise ValueError(f"wire type {wire} where an integer belongs")
     out, pos = [], 0
     while pos < len(value):
         number, pos = _varint(value, pos)
@@ -86,16 +96,18 @@ def _blob(data: memoryview) -> np.ndarray:
     shape, legacy, chunks = None, {}, []
     for field, wire, value in _fields(data):
         if field == BLOB_SHAPE:
-            shape = [d for f, w, v in _fields(value) if f == 1 for d in _ints(w, v)]
-        elif field == BLOB_DATA:
-            chunks.append(np.frombuffer(value, "<f4"))
+            shape = [d for f, w, v in _fields(_bytes(wire, value)) if f == 1
+                     for d in _ints(w, v)]
+        elif field == BLOB_DATA:  # packed (wire 2) or one float (wire 5)
+            chunks.append(np.frombuffer(value if wire == 5 else _bytes(wire, value), "<f4"))
         elif field == BLOB_DOUBLE_DATA:
-            chunks.append(np.frombuffer(value, "<f8").astype(np.float32))
+            chunks.append(np.frombuffer(value if wire == 1 else _bytes(wire, value),
+                                        "<f8").astype(np.float32))
         elif field in (1, 2, 3, 4) and wire == 0:
             legacy[field] = value
     values = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
-    if shape is None:
-        shape = [legacy.get(i, 1) for i in (1, 2, 3, 4)]
+    if shape is None:  # legacy num / channels / height / width (Caffe's default: 0)
+        shape = [legacy.get(i, 0) for i in (1, 2, 3, 4)] if legacy else [values.size]
     if int(np.prod(shape)) != values.size:
         raise ValueError(f"a blob of shape {shape} holds {values.size} values")
     return values.reshape(shape)
@@ -110,20 +122,21 @@ def read_caffemodel(path: str | Path) -> list[tuple[str, str, list[np.ndarray]]]
     data = memoryview(path.read_bytes())
     layers = []
     try:
-        for field, _, value in _fields(data):
+        for field, wire, value in _fields(data):
             if field not in (NET_LAYER, NET_V1_LAYERS):
                 continue
-            keys = (LAYER_NAME, LAYER_TYPE, LAYER_BLOBS) if field == NET_LAYER else (
-                V1_NAME, V1_TYPE, V1_BLOBS)
+            v1 = field == NET_V1_LAYERS
+            keys = (V1_NAME, V1_TYPE, V1_BLOBS) if v1 else (LAYER_NAME, LAYER_TYPE, LAYER_BLOBS)
             name, kind, blobs = "", "", []
-            for inner, _, item in _fields(value):
+            for inner, inner_wire, item in _fields(_bytes(wire, value)):
                 if inner == keys[0]:
-                    name = bytes(item).decode()
+                    name = bytes(_bytes(inner_wire, item)).decode()
+                elif inner == keys[1] and v1:  # an enum
+                    kind = "Deconvolution" if item == V1_DECONVOLUTION else str(item)
                 elif inner == keys[1]:
-                    kind = bytes(item).decode() if field == NET_LAYER else (
-                        "Deconvolution" if item == V1_DECONVOLUTION else str(item))
+                    kind = bytes(_bytes(inner_wire, item)).decode()
                 elif inner == keys[2]:
-                    blobs.append(_blob(item))
+                    blobs.append(_blob(_bytes(inner_wire, item)))
             layers.append((name, kind, blobs))
     except (ValueError, IndexError, UnicodeDecodeError) as error:
         raise WeightsError(f"cannot read Caffe model {path}: {error} (not a .caffemodel, or "
@@ -153,12 +166,14 @@ def caffe_state_dict(layers: list[tuple[str, str, list[np.ndarray]]], segmenter:
     weighted = [(name, blobs) for name, kind, blobs in layers
                 if blobs and kind != "Deconvolution"]
     targets = _targets(segmenter)
+    if segmenter.context is None:  # a front-end alone: the file's leading layers
+        weighted = weighted[:len(targets)]
     if len(weighted) != len(targets):
         names = ", ".join(name for name, _ in weighted)
         raise WeightsError(
             f"{source} has {len(weighted)} layers with weights ({names}), this model "
             f"{len(targets)}: match its context module (--model.context_variant, "
-            "dilations, context_padding) or leave the context out (stage frontend)")
+            "dilations, context_padding), or load its front-end alone (stage frontend)")
     state = {}
     for (name, blobs), (prefix, conv) in zip(weighted, targets):
         weight = blobs[0]
