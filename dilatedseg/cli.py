@@ -132,26 +132,11 @@ class DilatedSegCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         datamodule = self.check_data(config)
         dataset, stage = datamodule.name, config.model.stage
-        ckpt_path = config.get("ckpt_path")
-        if ckpt_path:
-            check_classes(ckpt_path, self.checkpoint_hparams, datamodule)
-            if self.subcommand != "fit":  # evaluating it: its weights replace ImageNet's
-                config.model.pretrained = None
-        if self.subcommand == "fit" and ckpt_path:
-            check_resume_dir(ckpt_path, dataset, stage)
         if config.model.init_from == "auto":
             config.model.init_from = str(find_previous_checkpoint(config.runs_dir, dataset, stage))
             if is_global_rank_zero():
                 print(f"init_from: auto -> {config.model.init_from}", file=sys.stderr)
-        init_from = config.model.init_from
-        if init_from and not ckpt_path:  # (a --ckpt_path's weights replace init_from's)
-            if not str(init_from).endswith(".caffemodel"):  # (those are checked as they load)
-                check_classes(init_from, checkpoint_hparams(init_from), datamodule)
-            elif not Path(init_from).is_file():
-                raise RunError(f"Caffe model {init_from} does not exist")
-            elif list(config.model.pixel_std) != [1, 1, 1]:
-                raise RunError(f"{init_from} is one of the authors' Caffe models, which take "
-                               "0-255 input without scaling: set --model.pixel_std=[1,1,1]")
+        self.check_weights(config, datamodule)
         if config.trainer.get("precision") is None:
             config.trainer.precision = default_precision(config.trainer.get("accelerator"))
         run_dir = resolve_run_dir(config.runs_dir, dataset, stage, self.subcommand,
@@ -164,6 +149,25 @@ class DilatedSegCLI(LightningCLI):
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             if hasattr(logger, "class_path"):
                 configure_logger(logger, run_dir, dataset, stage)
+
+    def check_weights(self, config, datamodule) -> None:
+        """The checkpoint to resume or evaluate, or else init_from, must exist and fit the
+        data's classes; resuming continues a run of this dataset and stage."""
+        ckpt_path, init_from = config.get("ckpt_path"), config.model.init_from
+        if ckpt_path:
+            check_classes(ckpt_path, self.checkpoint_hparams, datamodule)
+            if self.subcommand == "fit":
+                check_resume_dir(ckpt_path, datamodule.name, config.model.stage)
+            else:  # evaluating it: its weights replace ImageNet's, which need not be read
+                config.model.pretrained = None
+        elif init_from and not str(init_from).endswith(".caffemodel"):
+            check_classes(init_from, checkpoint_hparams(init_from), datamodule)
+        elif init_from:  # the authors' model: its shapes are checked as it loads
+            if not Path(init_from).is_file():
+                raise RunError(f"Caffe model {init_from} does not exist")
+            if list(config.model.pixel_std) != [1, 1, 1]:
+                raise RunError(f"{init_from} is one of the authors' Caffe models, which take "
+                               "0-255 input without scaling: set --model.pixel_std=[1,1,1]")
 
     def check_data(self, config) -> SegmentationDataModule:
         """Missing data fails here, before the model fetches weights or the trainer starts a
