@@ -23,7 +23,9 @@ together, about the logits' extent (8 px per logit: when the width is not a mult
 mirrored label gains 255 columns on the left); it equals mirroring the image up to the
 front-end's own left-right asymmetry.
 Images of different sizes are zero-padded (logits) / 255-padded (labels) at the bottom and
-right to the split's largest size, so they batch.
+right to the split's largest size, so they batch. A run limited to a number of batches
+(``limit_train_batches: 4``, ``fast_dev_run``) caches only the first items it can read, not the
+whole split.
 """
 
 from __future__ import annotations
@@ -240,6 +242,11 @@ class FrontendLogitsCache(Callback):
                 continue
             plain = copy.copy(dataset)
             plain.transform = None  # whole, un-augmented images
+            items = limited_items(trainer, datamodule, split)
+            if items is not None and items < len(plain.pairs):
+                rank_zero_info(f"feature cache: the run reads at most {items} '{split}' "
+                               f"items (batch limits), so only the first {items} are cached")
+                plain.pairs = plain.pairs[:items]
             mirror = split == "train" and bool(getattr(datamodule, "mirror", False))
             datamodule.datasets[split] = CachedLogitsDataset(plain, mirror=mirror)
         # Built here, before Lightning creates any dataloader (the poly schedule asks for the
@@ -269,6 +276,16 @@ class FrontendLogitsCache(Callback):
                 rank_zero_info(f"feature cache: using {directory}")
             trainer.strategy.barrier("feature_cache")
             dataset.attach(directory)
+
+
+def limited_items(trainer, datamodule, split: str) -> int | None:
+    """How many items of ``split`` a run limited to a number of batches (limit_*_batches as an
+    int, or fast_dev_run) reads at most, over all processes; None when unlimited."""
+    limit = trainer.limit_train_batches if split == "train" else trainer.limit_val_batches
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        return None  # a fraction (1.0 = all)
+    batch = getattr(datamodule, "batch_size" if split == "train" else "val_batch_size", 1)
+    return limit * batch * trainer.world_size
 
 
 __all__ = ["FrontendLogitsCache", "CachedLogitsDataset", "build_cache", "cache_key"]

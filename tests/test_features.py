@@ -188,3 +188,18 @@ def test_cached_training_step_leaves_a_dense_crf_out(tmp_path):
     batch = {"frontend_logits": torch.randn(2, 3, 4, 4), "label": torch.randint(0, 3, (2, 32, 32))}
     module.log = lambda *args, **kwargs: None
     assert module.training_step(batch, 0).isfinite()
+
+
+def test_a_run_limited_to_a_few_batches_caches_only_what_it_reads(small_shapes, tmp_path):
+    """A debug run (limit_*_batches, fast_dev_run) must not compute the whole split's logits."""
+    import json
+
+    runs = tmp_path / "runs"
+    run_cli("fit", *shapes_args(small_shapes, runs, "--config", "conf/stage/context.yaml"),
+            *[f"--data.init_args.{k}={v}" for k, v in SMALL.items()],
+            "--data.init_args.val_batch_size=2", "--model.init_from=null",
+            "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
+            "--trainer.limit_val_batches=1")
+    sizes = {p.name.split("-")[0]: len(json.loads((p / "index.json").read_text())["items"])
+             for p in (runs / "shapes" / "cache").iterdir()}
+    assert sizes == {"train": 8, "val": 2}  # one batch each of 16 / 4 images
