@@ -40,6 +40,7 @@ def test_missing_root(tmp_path, capsys):
     assert f"dataset root {tmp_path / 'nowhere'} does not exist" in err
     assert "VOCdevkit/VOC2012/JPEGImages/<name>.jpg" in err  # the expected tree
     assert f"dilatedseg prepare voc --root {tmp_path / 'nowhere'}" in err
+    assert "Download: http://host.robots.ox.ac.uk/pascal/VOC/voc2012/" in err  # where from
 
 
 def test_missing_split_list(voc, tmp_path, capsys):

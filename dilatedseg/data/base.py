@@ -215,6 +215,7 @@ class SegmentationDataModule(L.LightningDataModule):
     mean_rgb: tuple[float, float, float] = (123.675, 116.28, 103.53)
     layout = ""  # the expected directory tree, shown when data is missing
     layouts: tuple[str, ...] = ()  # on-disk variants a dataset reads, the default first
+    source = ""  # where to download it, shown when data is missing
     layout_name: str | None = None
 
     def __init__(
@@ -296,7 +297,9 @@ class SegmentationDataModule(L.LightningDataModule):
     def missing(self, what: str) -> DataError:
         """A DataError naming what is missing, the expected tree and the prepare command."""
         tree = f"\nExpected under {self.root}:\n{self.layout.rstrip()}" if self.layout else ""
-        return DataError(f"{self.name}: {what}.{tree}\nPrepare it with: {self.prepare_command}")
+        source = f"\nDownload: {self.source}" if self.source else ""
+        return DataError(f"{self.name}: {what}.{tree}{source}\n"
+                         f"Prepare it with: {self.prepare_command}")
 
     def checked_pairs(self, split: str, labelled: bool = False) -> list[tuple[Path, Path | None]]:
         """``pairs(split)`` with every listed file present (and labels, if ``labelled``)."""

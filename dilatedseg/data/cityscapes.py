@@ -77,6 +77,8 @@ class CityscapesDataModule(SegmentationDataModule):
     categories = CATEGORIES
     palette = PALETTE
     mean_rgb = MEAN_BGR[::-1]
+    source = ("https://www.cityscapes-dataset.com/downloads/ (free account): "
+              "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip, extracted into the root")
     layout = """\
         leftImg8bit/{train,val,test}/<city>/<city>_<seq>_<frame>_leftImg8bit.png
         gtFine/{train,val}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png

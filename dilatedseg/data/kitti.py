@@ -37,6 +37,8 @@ class KITTIDataModule(SegmentationDataModule):
     palette = camvid.PALETTE
     mean_rgb = MEAN_BGR[::-1]
     layouts = ("ros", "semantics")
+    source = ("layout ros: KITTI images with the labels of Ros et al. (2015); layout semantics: "
+              "data_semantics.zip of the KITTI semantic segmentation benchmark (cvlibs.net)")
     layout = """\
         layout: ros (Ros et al. labels, the paper's)
           train/images/<name>.png  train/labels/<name>.png   colour labels, CamVid palette

@@ -41,6 +41,9 @@ class VOCDataModule(SegmentationDataModule):
     classes = CLASSES
     palette = PALETTE
     mean_rgb = MEAN_BGR[::-1]
+    source = ("http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar and "
+              "SBD, http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/"
+              "semantic_contours/benchmark.tgz, both extracted into the root")
     layout = """\
         VOCdevkit/VOC2012/JPEGImages/<name>.jpg
         VOCdevkit/VOC2012/SegmentationClass/<name>.png      palette PNG, values 0-20, 255 borders
