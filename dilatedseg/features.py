@@ -197,9 +197,10 @@ class FrontendLogitsCache(Callback):
     """Train and validate the context stage on cached front-end logits (see module docstring).
 
     At ``setup`` (before Lightning builds any dataloader) the data module's train / val
-    datasets are replaced by :class:`CachedLogitsDataset` readers of the caches, which are
-    found or built there with the front-end's final weights (``init_from``; a resumed
-    checkpoint holds the same frozen front-end).
+    datasets are replaced by :class:`CachedLogitsDataset` readers (standing in with the right
+    length until attached); at ``on_fit_start`` the caches are found or built with the
+    front-end's final weights (``init_from``'s, or those a resumed checkpoint restored by then)
+    and attached, before any item is read.
 
     Args:
         cache_dir: where the caches live; None = ``<runs>/<dataset>/cache`` next to the stage
@@ -249,8 +250,10 @@ class FrontendLogitsCache(Callback):
                 plain.pairs = plain.pairs[:items]
             mirror = split == "train" and bool(getattr(datamodule, "mirror", False))
             datamodule.datasets[split] = CachedLogitsDataset(plain, mirror=mirror)
-        # Built here, before Lightning creates any dataloader (the poly schedule asks for the
-        # train loader's length while configuring the optimiser, before on_fit_start).
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # Lightning has restored a resumed checkpoint's weights by now (and read only the
+        # train loader's length, for the lr schedule); the loaders read items after this.
         self.build_and_attach(trainer, pl_module)
 
     def build_and_attach(self, trainer, pl_module) -> None:

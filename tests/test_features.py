@@ -203,3 +203,30 @@ def test_a_run_limited_to_a_few_batches_caches_only_what_it_reads(small_shapes, 
     sizes = {p.name.split("-")[0]: len(json.loads((p / "index.json").read_text())["items"])
              for p in (runs / "shapes" / "cache").iterdir()}
     assert sizes == {"train": 8, "val": 2}  # one batch each of 16 / 4 images
+
+
+def test_resuming_from_python_reuses_the_cache_of_the_restored_front_end(small_shapes,
+                                                                          tmp_path):
+    """trainer.fit(ckpt_path=...) with a fresh module: the cache is looked up with the
+    checkpoint's (restored) front-end, not the fresh module's random one."""
+    data = ShapesDataModule(root=str(small_shapes), **SMALL, batch_size=4, val_batch_size=4,
+                            num_workers=0)
+
+    def run(module, epochs, ckpt_path=None):
+        checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt",
+                                                         save_last=True)
+        L.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, num_sanity_val_steps=0,
+                  callbacks=[checkpoint], default_root_dir=tmp_path
+                  ).fit(module, datamodule=data, ckpt_path=ckpt_path)
+
+    def fresh(seed):
+        torch.manual_seed(seed)
+        return SegmentationModule(4, stage="context", arch="tiny", padding="same",
+                                  dilations=[1, 2], feature_cache=True,
+                                  feature_cache_dir=str(tmp_path / "cache"))
+
+    run(fresh(0), 1)
+    caches = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    run(fresh(1), 2, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == caches
