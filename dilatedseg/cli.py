@@ -286,7 +286,8 @@ def configure_logger(logger, run_dir: Path, dataset: str, stage: str) -> None:
         args.group = args.get("group") or os.environ.get("WANDB_RUN_GROUP") or dataset
         args.id = args.get("id") or wandb_run_id(run_dir)
         args.resume = args.get("resume") or "allow"  # a known id continues that run
-        if not args.get("offline") and not wandb_logged_in():
+        disabled = os.environ.get("WANDB_MODE") == "disabled"  # honoured: nothing logged
+        if not args.get("offline") and not wandb_logged_in() and not disabled:
             args.offline = True  # no account or network: log locally, `wandb sync` later
     elif name in ("CSVLogger", "TensorBoardLogger"):
         args.name, args.version = "", ""

@@ -57,8 +57,9 @@ def resolve_run_dir(runs_dir: str, dataset: str, stage: str, subcommand: str,
     """The directory of this run, the same one on every DDP process.
 
     Resuming (`fit --ckpt_path runs/.../checkpoints/last.ckpt`) continues in that run's
-    directory. Otherwise a new version_N; processes started by torchrun or SLURM, which cannot
-    share a counter, use their job id; DDP children inherit rank 0's choice via the environment.
+    directory. Otherwise a new version_N; processes started by torchrun or a SLURM batch job,
+    which cannot share a counter (or are requeued), use their job id; DDP children inherit
+    rank 0's choice via the environment.
     """
     if is_child_process() and os.environ.get(RUN_DIR_ENV):
         return Path(os.environ[RUN_DIR_ENV])
@@ -71,8 +72,8 @@ def resolve_run_dir(runs_dir: str, dataset: str, stage: str, subcommand: str,
         raise RunError("torchrun started these processes without a run id, so they cannot agree "
                        "on a run directory: pass --rdzv-id=<job id> (several nodes) or "
                        "--standalone (one node) to torchrun")
-    elif os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        run_dir = parent / f"slurm-{os.environ['SLURM_JOB_ID']}"
+    elif slurm_batch_job():
+        run_dir = parent / f"slurm-{slurm_batch_job()}"
     else:
         prefix = "version" if subcommand == "fit" else subcommand
         taken = [int(p.name.rsplit("_", 1)[1]) for p in parent.glob(f"{prefix}_*")
@@ -87,6 +88,17 @@ def resolve_run_dir(runs_dir: str, dataset: str, stage: str, subcommand: str,
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir
+
+
+def slurm_batch_job() -> str | None:
+    """The job id when this process runs as a task of a SLURM batch job, one task or many (a
+    requeued job finds its run directory again); None in an interactive allocation (job name
+    bash / interactive), as Lightning's own SLURM detection decides."""
+    if "SLURM_NTASKS" not in os.environ:
+        return None
+    if os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return None
+    return os.environ.get("SLURM_JOB_ID") or None
 
 
 def discard_unused_run_dirs() -> list[Path]:

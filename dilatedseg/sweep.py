@@ -210,7 +210,10 @@ def ensure_previous_stage(parsed: dict, extra: list[str], out_dir: Path) -> None
 def trial_env(summary_path: Path | None) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("WANDB_MODE", "offline")  # no server: `wandb sync` the runs later
-    for name in (RUN_DIR_ENV, "WANDB_RUN_ID", "WANDB_SWEEP_ID", "WANDB_SWEEP_PARAM_PATH"):
+    # Each trial is a run of its own: no inherited run directory, W&B run or SLURM job id
+    # (which would name one run directory for every trial of a sweep inside a batch job).
+    for name in (RUN_DIR_ENV, "WANDB_RUN_ID", "WANDB_SWEEP_ID", "WANDB_SWEEP_PARAM_PATH",
+                 "SLURM_JOB_ID", "SLURM_NTASKS"):
         env.pop(name, None)
     if summary_path is not None:
         env[SUMMARY_PATH_ENV] = str(summary_path)

@@ -88,6 +88,10 @@ def test_children_inherit_rank_zeros_run_dir(tmp_path, monkeypatch):
 @pytest.mark.parametrize("env, name", [
     ({"TORCHELASTIC_RUN_ID": "abc", "LOCAL_RANK": "1", "RANK": "3"}, "torchrun-abc"),
     ({"SLURM_JOB_ID": "77", "SLURM_NTASKS": "4", "SLURM_PROCID": "2"}, "slurm-77"),
+    # one task: a requeued job must find its run again
+    ({"SLURM_JOB_ID": "78", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train"}, "slurm-78"),
+    # an interactive allocation runs one command after another: each its own version_N
+    ({"SLURM_JOB_ID": "79", "SLURM_NTASKS": "4", "SLURM_JOB_NAME": "bash"}, "version_0"),
 ])
 def test_launcher_job_ids_name_the_run_dir(tmp_path, monkeypatch, env, name):
     for key, value in env.items():

@@ -203,3 +203,16 @@ def test_local_grid_sweep_end_to_end(tiny_shapes, tmp_path, monkeypatch):
         summary = json.loads((run_dir / "summary.json").read_text())
         assert max(h["val/mIoU"] for h in summary["history"]) == pytest.approx(
             float(row["val/mIoU"]), abs=1e-3)
+
+
+def test_trials_start_as_runs_of_their_own(monkeypatch, tmp_path):
+    """Inside a SLURM batch job or a run, a trial inherits no job id, run directory or W&B
+    run (they would put every trial into one run directory)."""
+    from dilatedseg.sweep import trial_env
+
+    for name, value in (("SLURM_JOB_ID", "5"), ("SLURM_NTASKS", "4"), ("WANDB_RUN_ID", "x"),
+                        ("DILATEDSEG_RUN_DIR", str(tmp_path))):
+        monkeypatch.setenv(name, value)
+    env = trial_env(tmp_path / "summary.json")
+    assert not {"SLURM_JOB_ID", "SLURM_NTASKS", "WANDB_RUN_ID", "DILATEDSEG_RUN_DIR"} & set(env)
+    assert env["DILATEDSEG_SUMMARY_PATH"] == str(tmp_path / "summary.json")

@@ -141,6 +141,17 @@ def test_configure_logger_offline_and_agent_ids(tmp_path, monkeypatch):
     assert (tmp_path / "other" / "wandb_id.txt").read_text() == "agentrun123"
 
 
+def test_wandb_mode_disabled_is_left_alone(tmp_path, monkeypatch):
+    """offline=True would make Lightning set WANDB_MODE=dryrun over the user's 'disabled'."""
+    from jsonargparse import Namespace
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    logger = Namespace(class_path="lightning.pytorch.loggers.WandbLogger",
+                       init_args=Namespace(offline=False))
+    configure_logger(logger, tmp_path, "shapes", "context")
+    assert logger.init_args.offline is False
+
+
 def test_only_rank_zero_stores_the_id(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_RUN_ID", raising=False)
     for name, value in (("RANK", "1"), ("SLURM_PROCID", "3"), ("LOCAL_RANK", "1")):
