@@ -24,7 +24,8 @@ class WandbImages(Callback):
 
     Args:
         count: validation images to log each validation run (0: none).
-        key: history key of the images; the table goes to ``<prefix>/IoU_table``.
+        key: history key of the images; the table (of ``val/IoU/<class>``) goes to
+            ``val/IoU_table``.
         table: whether to log the per-class IoU table.
     """
 
@@ -83,12 +84,11 @@ class WandbImages(Callback):
                        for _, pred, label, _ in self.samples],
             )
         if self.table:
-            prefix = self.key.split("/", 1)[0]
-            metrics = trainer.callback_metrics
+            metrics = trainer.callback_metrics  # the validation's per-class IoU, whatever key
             rows = []
             for name in pl_module.class_names:
-                value = metrics.get(f"{prefix}/IoU/{name}")
+                value = metrics.get(f"val/IoU/{name}")
                 rows.append([name, None if value is None else round(float(value), 4)])
-            logger.log_table(key=f"{prefix}/IoU_table", columns=["class", "IoU"], data=rows,
+            logger.log_table(key="val/IoU_table", columns=["class", "IoU"], data=rows,
                              step=trainer.global_step)
         self.samples = []
