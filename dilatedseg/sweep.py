@@ -196,6 +196,11 @@ def ensure_previous_stage(parsed: dict, extra: list[str], out_dir: Path) -> None
             "--config", str(conf / "stage" / "frontend.yaml")]
     if (conf / dataset / "frontend.yaml").is_file():
         argv += ["--config", str(conf / dataset / "frontend.yaml")]
+    # Where the trials look for it, and their data, even when the sweep's command fixes them.
+    argv.append(f"--runs_dir={runs_dir}")
+    root = ((parsed.get("data") or {}).get("init_args") or {}).get("root")
+    if root:
+        argv.append(f"--data.init_args.root={root}")
     argv += extra
     log = out_dir / "frontend.log"
     print(f"no trained front-end under {runs_dir}/{dataset}/frontend/: training one first "

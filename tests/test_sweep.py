@@ -169,11 +169,15 @@ def test_missing_front_end_is_trained_first(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(sweep, "run_logged", lambda argv, log, env: calls.append(argv) or 0)
     runs = tmp_path / "runs"
-    parsed = {"runs_dir": str(runs), "data": {"class_path": "dilatedseg.data.ShapesDataModule"},
+    # runs_dir and the data root as the trials see them (here fixed by the sweep's command,
+    # not by the extra arguments), then the extra arguments, which win.
+    parsed = {"runs_dir": str(runs), "data": {"class_path": "dilatedseg.data.ShapesDataModule",
+                                              "init_args": {"root": "elsewhere/shapes"}},
               "model": {"stage": "context", "init_from": "auto"}}
-    sweep.ensure_previous_stage(parsed, [f"--runs_dir={runs}"], tmp_path)
+    sweep.ensure_previous_stage(parsed, ["--trainer.max_epochs=1"], tmp_path)
     assert calls == [["dilatedseg", "fit", "--config", "conf/shapes.yaml", "--config",
-                      "conf/stage/frontend.yaml", f"--runs_dir={runs}"]]
+                      "conf/stage/frontend.yaml", f"--runs_dir={runs}",
+                      "--data.init_args.root=elsewhere/shapes", "--trainer.max_epochs=1"]]
     parsed["model"]["init_from"] = "some.ckpt"  # named weights: nothing to train
     sweep.ensure_previous_stage(parsed, [], tmp_path)
     assert len(calls) == 1
