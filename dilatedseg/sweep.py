@@ -174,6 +174,28 @@ def parse_trial(argv: list[str]) -> dict | None:
     return yaml.safe_load(out.getvalue())
 
 
+def overridden(parsed: dict, params: dict) -> list[str]:
+    """Swept parameters whose proposed value is not what the trial would run: something after
+    ``${args}`` (an extra --config or option) sets them again, so every trial would be alike."""
+    names = []
+    for name, spec in params.items():
+        value, node, found = plain(spec["value"]), parsed, True
+        for key in name.split("."):
+            if not isinstance(node, dict) or key not in node:
+                found = False
+                break
+            node = node[key]
+        if not found:
+            continue
+        if isinstance(value, float) and isinstance(node, int | float):
+            same = abs(node - value) <= 1e-9 * max(abs(value), 1e-30)
+        else:
+            same = node == value or (isinstance(value, list) and node == list(value))
+        if not same:
+            names.append(f"{name} (proposed {value!r}, would run {node!r})")
+    return names
+
+
 # ---- the local runner -------------------------------------------------------------------------
 def ensure_previous_stage(parsed: dict, extra: list[str], out_dir: Path) -> None:
     """Train the front-end when a trial starts from `init_from: auto` and none exists yet."""
@@ -257,6 +279,12 @@ def run_local(config: dict, name: str, count: int | None, extra: list[str],
     if first is None:
         raise SweepError("the sweep proposes no trials")
     parsed = parse_trial(trial_argv(config, first.config, extra))
+    clash = overridden(parsed, first.config) if parsed else []
+    if clash:
+        raise SweepError(
+            f"the arguments after the sweep file set swept parameters again: {'; '.join(clash)}."
+            " Every trial would run the same value: leave them out of the extra arguments "
+            "(e.g. a --config that sets them)")
     runs_dir = Path(parsed.get("runs_dir") or "runs") if parsed else Path("runs")
     out_dir = out_dir or runs_dir / "sweeps" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir.mkdir(parents=True, exist_ok=True)

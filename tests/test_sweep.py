@@ -220,3 +220,16 @@ def test_trials_start_as_runs_of_their_own(monkeypatch, tmp_path):
     env = trial_env(tmp_path / "summary.json")
     assert not {"SLURM_JOB_ID", "SLURM_NTASKS", "WANDB_RUN_ID", "DILATEDSEG_RUN_DIR"} & set(env)
     assert env["DILATEDSEG_SUMMARY_PATH"] == str(tmp_path / "summary.json")
+
+
+def test_extra_arguments_that_override_a_swept_parameter_are_refused(tmp_path, monkeypatch):
+    """A --config after ${args} that sets model.lr would make every lr_bayes trial alike."""
+    from dilatedseg.sweep import run_local
+
+    monkeypatch.chdir(REPO)
+    config = load_sweep("sweeps/lr_bayes.yaml")
+    with pytest.raises(SweepError, match=r"set swept parameters again: model.lr \(proposed .*"
+                                         r"would run 0.01\)"):
+        run_local(config, "lr", 1, ["--config", "conf/shapes/context.yaml",
+                                    f"--runs_dir={tmp_path}"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything ran
