@@ -26,6 +26,8 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback  # noqa: E402
 
 from dilatedseg.data import SegmentationDataModule  # noqa: E402
 from dilatedseg.data.base import DataError  # noqa: E402
+from dilatedseg.models.caffemodel import check_caffe_input  # noqa: E402
+from dilatedseg.models.weights import WeightsError  # noqa: E402
 from dilatedseg.module import SegmentationModule  # noqa: E402
 from dilatedseg.runs import (  # noqa: E402
     RunError,
@@ -163,11 +165,10 @@ class DilatedSegCLI(LightningCLI):
         elif init_from and not str(init_from).endswith(".caffemodel"):
             check_classes(init_from, checkpoint_hparams(init_from), datamodule)
         elif init_from:  # the authors' model: its shapes are checked as it loads
-            if not Path(init_from).is_file():
-                raise RunError(f"Caffe model {init_from} does not exist")
-            if list(config.model.pixel_std) != [1, 1, 1]:
-                raise RunError(f"{init_from} is one of the authors' Caffe models, which take "
-                               "0-255 input without scaling: set --model.pixel_std=[1,1,1]")
+            try:
+                check_caffe_input(init_from, config.model.pixel_std)
+            except WeightsError as error:
+                raise RunError(str(error)) from None
 
     def check_data(self, config) -> SegmentationDataModule:
         """Missing data fails here, before the model fetches weights or the trainer starts a

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from dilatedseg.inference import predict_logits
 from dilatedseg.metrics import ConfusionMatrix, category_iou, iou_from_confusion, mean_iou
 from dilatedseg.models import ContextModule, DenseCRF, FrontEnd, Segmenter
-from dilatedseg.models.caffemodel import load_caffemodel
+from dilatedseg.models.caffemodel import check_caffe_input, load_caffemodel
 from dilatedseg.models.frontend import OUTPUT_STRIDE
 from dilatedseg.models.segmenter import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 from dilatedseg.models.weights import WeightsError
@@ -169,9 +169,6 @@ class SegmentationModule(L.LightningModule):
         # Runs before Lightning restores a ckpt_path, so resuming still wins over init_from;
         # evaluating without a checkpoint evaluates init_from's weights.
         self.load_initial_weights()
-        if stage == "fit":
-            datamodule = self.trainer.datamodule if self._trainer is not None else None
-            self.check_context_margin(getattr(datamodule, "context_margin", 0))
         self.apply_fast_path()
 
     def check_context_margin(self, margin: int) -> None:
@@ -241,10 +238,8 @@ class SegmentationModule(L.LightningModule):
 
     def load_caffemodel(self, path: str) -> None:
         """The authors' published weights, which take mean-subtracted 0-255 input unscaled."""
-        if not bool((self.model.pixel_std == 1).all()):
-            raise RunError(f"{path} is one of the authors' Caffe models, which take 0-255 input "
-                           "without scaling: set --model.pixel_std=[1,1,1]")
         try:
+            check_caffe_input(path, self.model.pixel_std.flatten().tolist())
             load_caffemodel(self.model, path)
         except WeightsError as error:
             raise RunError(str(error)) from None

@@ -72,8 +72,8 @@ def resolve_run_dir(runs_dir: str, dataset: str, stage: str, subcommand: str,
         raise RunError("torchrun started these processes without a run id, so they cannot agree "
                        "on a run directory: pass --rdzv-id=<job id> (several nodes) or "
                        "--standalone (one node) to torchrun")
-    elif slurm_batch_job():
-        run_dir = parent / f"slurm-{slurm_batch_job()}"
+    elif job := slurm_batch_job():
+        run_dir = parent / f"slurm-{job}"
     else:
         prefix = "version" if subcommand == "fit" else subcommand
         taken = [int(p.name.rsplit("_", 1)[1]) for p in parent.glob(f"{prefix}_*")

@@ -190,6 +190,15 @@ def caffe_state_dict(layers: list[tuple[str, str, list[np.ndarray]]], segmenter:
     return state
 
 
+def check_caffe_input(path: str | Path, pixel_std) -> None:
+    """The authors' models take mean-subtracted 0-255 input without scaling (std 1)."""
+    if not Path(path).is_file():
+        raise WeightsError(f"Caffe model {path} does not exist")
+    if [float(s) for s in pixel_std] != [1.0, 1.0, 1.0]:
+        raise WeightsError(f"{path} is one of the authors' Caffe models, which take 0-255 "
+                           "input without scaling: set --model.pixel_std=[1,1,1]")
+
+
 def load_caffemodel(segmenter: nn.Module, path: str | Path) -> None:
     """Load one of the authors' published models into ``segmenter`` (see the module doc)."""
     state = caffe_state_dict(read_caffemodel(path), segmenter, str(path))

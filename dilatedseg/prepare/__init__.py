@@ -32,10 +32,8 @@ def report(module: SegmentationDataModule, splits: tuple[str, ...]) -> None:
     module.label_check = "all"
     counts = []
     for split in splits:
-        count = len(module.checked_pairs(split))
-        print(f"checking {module.name} {split}: {count} images ...", flush=True)
-        module.make_dataset(split, labelled=False)
-        counts.append(f"{split} {count}")
+        print(f"checking every file of {module.name} {split} ...", flush=True)
+        counts.append(f"{split} {len(module.make_dataset(split, labelled=False))}")
     print(f"{module.name} ready under {module.root}: " + ", ".join(counts))
 
 
