@@ -124,6 +124,12 @@ def not_measured(bench: str, case: str, precision: str, batch: int, macs: int,
                note="; ".join(x for x in (NO_CUDA, floor, note) if x))
 
 
+def add_row(rows: list[Row], row: Row) -> None:
+    """Append ``row`` and print it at once as a table line, so a run cut short keeps it."""
+    rows.append(row)
+    print(markdown([row]).splitlines()[-1], flush=True)
+
+
 def markdown(rows: list[Row]) -> str:
     lines = ["| benchmark | case | device | precision | batch | time / iter | throughput "
              "| GFLOP / iter | TFLOP/s | MFU | note |", "|---" * 11 + "|"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from common import Row, compute_row, peak_tflops, script_main, timed
+from common import Row, add_row, compute_row, peak_tflops, script_main, timed
 
 from dilatedseg.flops import context_macs
 from dilatedseg.models import ContextModule
@@ -73,17 +73,17 @@ def run(device: torch.device, quick: bool = False, peak: float | None = None) ->
                                             peak_tflops(device, "fp32", peak)))
                     continue
                 p = peak_tflops(device, "bf16", peak)
-                rows.append(context_row(*args, "fp32", reps, peak_tflops(device, "fp32", peak)))
-                rows.append(context_row(*args, "bf16", reps, p))
+                add_row(rows, context_row(*args, "fp32", reps, peak_tflops(device, "fp32", peak)))
+                add_row(rows, context_row(*args, "bf16", reps, p))
                 if quick and mode != "forward":
                     continue  # each compilation takes tens of seconds: --quick compiles inference
                 try:
-                    rows.append(context_row(*args, "bf16", reps, p,
-                                            compile_mode="reduce-overhead"))
+                    add_row(rows, context_row(*args, "bf16", reps, p,
+                                              compile_mode="reduce-overhead"))
                 except Exception as error:  # noqa: BLE001 - a benchmark reports, not fails
-                    rows.append(Row("context module", f"{variant} {schedule} {mode} "
-                                    f"{size[0]}x{size[1]}", rows[-1].device, "bf16", batch,
-                                    note=f"torch.compile failed: {type(error).__name__}"))
+                    add_row(rows, Row("context module", f"{variant} {schedule} {mode} "
+                                      f"{size[0]}x{size[1]}", rows[-1].device, "bf16", batch,
+                                      note=f"torch.compile failed: {type(error).__name__}"))
     return rows
 
 

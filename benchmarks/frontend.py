@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from common import Row, compute_row, not_measured, peak_tflops, script_main, timed
+from common import Row, add_row, compute_row, not_measured, peak_tflops, script_main, timed
 
 from dilatedseg.flops import frontend_macs, segmenter_macs
 from dilatedseg.inference import predict_logits
@@ -115,20 +115,24 @@ def run(device: torch.device, quick: bool = False, peak: float | None = None) ->
     rows: list[Row] = []
     if device.type == "cuda":  # (cuDNN autotuning: on, see common.bench_device)
         reps = 5 if quick else 10
-        for precision in ("fp32", "bf16"):
-            p = peak_tflops(device, precision, peak)
-            rows.append(frontend_row(device, precision, "forward", (512, 512), 8, reps, p))
-            rows.append(frontend_row(device, precision, "forward", (1024, 2048), 1, reps, p))
-            rows.append(frontend_row(device, precision, "fwd+bwd", (512, 512), 8, reps, p))
-            rows.append(frontend_row(device, precision, "fwd+bwd", (512, 1024), 8, reps, p))
-            rows.append(frontend_row(device, precision, "fwd+bwd", (1024, 2048), 2, reps, p))
         p = peak_tflops(device, "bf16", peak)
-        rows.append(frontend_row(device, "bf16", "fwd+bwd", (512, 1024), 8, reps, p,
-                                 space_to_batch=True))
-        for precision in ("fp32", "bf16"):
-            rows.append(segmenter_row(device, precision, reps, peak_tflops(device, precision,
-                                                                             peak)))
-        rows.append(segmenter_row(device, "bf16", reps, p, tile=None))
+        # The targets first (bf16 training at 512x1024, bf16 inference), each row printed as it
+        # is measured, then the rest and the fp32 (TF32) baseline.
+        add_row(rows, frontend_row(device, "bf16", "fwd+bwd", (512, 1024), 8, reps, p))
+        add_row(rows, frontend_row(device, "bf16", "fwd+bwd", (512, 1024), 8, reps, p,
+                                   space_to_batch=True))
+        add_row(rows, segmenter_row(device, "bf16", reps, p))
+        add_row(rows, segmenter_row(device, "bf16", reps, p, tile=None))
+        for precision in ("bf16", "fp32"):
+            p = peak_tflops(device, precision, peak)
+            if precision == "fp32":
+                add_row(rows, frontend_row(device, precision, "fwd+bwd", (512, 1024), 8, reps,
+                                           p))
+                add_row(rows, segmenter_row(device, precision, reps, p))
+            add_row(rows, frontend_row(device, precision, "forward", (512, 512), 8, reps, p))
+            add_row(rows, frontend_row(device, precision, "forward", (1024, 2048), 1, reps, p))
+            add_row(rows, frontend_row(device, precision, "fwd+bwd", (512, 512), 8, reps, p))
+            add_row(rows, frontend_row(device, precision, "fwd+bwd", (1024, 2048), 2, reps, p))
         return rows
 
     p = peak_tflops(device, "fp32", peak)

@@ -21,10 +21,12 @@ import re
 import time
 
 import torch
+import torch.nn.functional as F
 from common import sync
 from torch.profiler import ProfilerActivity, profile
 
 from dilatedseg.flops import frontend_macs, gpu_peak_tflops
+from dilatedseg.models import FrontEnd
 from dilatedseg.models.frontend import SpaceToBatchConv2d
 
 # Kernel-name fragments of tensor-core code (HMMA / GMMA instructions, CUTLASS tensor-op,
@@ -49,6 +51,25 @@ def classify_kernel(name: str) -> str:
     return "FLAG" if CONV_OR_GEMM.search(name) else "other"
 
 
+class Im2colConv2d(torch.nn.Conv2d):
+    """A measurement-only third way: unfold (im2col) + one GEMM, output in NHWC order.
+
+    Memory-hungry (the unfolded input is 49x fc6's input) but a plain cuBLAS GEMM, so it shows
+    what a GEMM-shaped fc6 would reach next to cuDNN's convolution kernels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        batch, _, height, width = x.shape
+        (kh, kw), (dh, dw), (ph, pw) = self.kernel_size, self.dilation, self.padding
+        out_h, out_w = height + 2 * ph - dh * (kh - 1), width + 2 * pw - dw * (kw - 1)
+        columns = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding)
+        weight = self.weight.to(columns.dtype).reshape(self.out_channels, -1)
+        y = torch.addmm(self.bias.to(columns.dtype), columns.transpose(1, 2).flatten(0, 1),
+                        weight.t())
+        return y.view(batch, out_h, out_w, -1).permute(0, 3, 1, 2)
+
+
 def fc6_input_shape(height: int, width: int) -> tuple[int, int, int]:
     """(channels, h, w) that fc6 reads for a ``height`` x ``width`` image (valid geometry)."""
     layers = frontend_macs("vgg16", height, width, "valid").layers
@@ -64,6 +85,8 @@ def main() -> None:
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--peak-tflops", type=float, help="device peak (default: known GPUs)")
     parser.add_argument("--rows", type=int, default=25, help="kernels listed per path")
+    parser.add_argument("--whole", action="store_true",
+                        help="profile the whole front-end (plain and space-to-batch fc6)")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -76,37 +99,56 @@ def main() -> None:
         peak = args.peak_tflops or gpu_peak_tflops(name, key)
     else:
         name, peak = "CPU (no CUDA device: operator names only)", args.peak_tflops
-    channels, h, w = fc6_input_shape(*args.size)
-    out_h, out_w = h - 24, w - 24
-    macs = args.batch * 512 * 4096 * 49 * out_h * out_w
-    print(f"device: {name}; fc6 input ({args.batch}, {channels}, {h}, {w}) for a "
-          f"{args.size[0]}x{args.size[1]} image; {args.precision}, "
-          f"{'NCHW' if args.no_channels_last else 'NHWC'}; {2 * macs / 1e12:.2f} TFLOP forward")
     memory = torch.contiguous_format if args.no_channels_last else torch.channels_last
-    x = torch.randn(args.batch, channels, h, w, device=device).to(memory_format=memory)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16"
                 else contextlib.nullcontext())
+    layout = "NCHW" if args.no_channels_last else "NHWC"
+    if args.whole:  # the whole front-end, as the training benchmark runs it
+        macs = args.batch * frontend_macs("vgg16", *args.size, "valid", 19).training()
+        print(f"device: {name}; whole VGG-16 front-end, batch {args.batch} at "
+              f"{args.size[0]}x{args.size[1]}; {args.precision}, {layout}; "
+              f"{2 * macs / 1e12:.2f} TFLOP forward + backward")
+        x = torch.rand(args.batch, 3, *args.size, device=device).to(memory_format=memory) * 255
+        for label, space_to_batch in (("plain dilated fc6", None), ("space-to-batch fc6", True)):
+            frontend = FrontEnd(19, arch="vgg16", fc6_space_to_batch=space_to_batch)
+            frontend = frontend.to(device).to(memory_format=memory).train()
+            profile_step(label, frontend, x, autocast, cuda, macs, peak, args.rows)
+        return
+    channels, h, w = fc6_input_shape(*args.size)
+    out_h, out_w = h - 24, w - 24
+    macs = 3 * args.batch * 512 * 4096 * 49 * out_h * out_w
+    print(f"device: {name}; fc6 input ({args.batch}, {channels}, {h}, {w}) for a "
+          f"{args.size[0]}x{args.size[1]} image; {args.precision}, {layout}; "
+          f"{2 * macs / 3e12:.2f} TFLOP forward")
+    x = torch.randn(args.batch, channels, h, w, device=device).to(memory_format=memory)
+    x.requires_grad_()
     for label, conv_class in (("plain dilated", torch.nn.Conv2d),
-                              ("space-to-batch", SpaceToBatchConv2d)):
+                              ("space-to-batch", SpaceToBatchConv2d),
+                              ("im2col + GEMM (measurement only)", Im2colConv2d)):
         conv = conv_class(512, 4096, 7, dilation=4).to(device).to(memory_format=memory)
-        xg = x.clone().requires_grad_()
+        profile_step(label, conv, x, autocast, cuda, macs, peak, args.rows)
 
-        def step(conv=conv, xg=xg):
-            with autocast:
-                y = conv(xg)
-            y.float().square().mean().backward()
 
-        for _ in range(2 if cuda else 1):  # warm-up (cuDNN autotuning)
-            step()
+def profile_step(label: str, module: torch.nn.Module, x: torch.Tensor, autocast, cuda: bool,
+                 train_macs: int, peak: float | None, rows: int) -> None:
+    """Profile one forward + backward of ``module`` on ``x`` after warm-up, then report it."""
+    def step():
+        with autocast:
+            y = module(x)
+        y.float().square().mean().backward()
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+
+    for _ in range(2 if cuda else 1):  # warm-up (cuDNN autotuning)
+        step()
+    sync(x.device)
+    start = time.perf_counter()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
         sync(x.device)
-        start = time.perf_counter()
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=activities) as prof:
-            step()
-            sync(x.device)
-        wall = time.perf_counter() - start
-        report(label, prof, cuda, 3 * macs, wall, peak, args.rows)
-
+    wall = time.perf_counter() - start
+    report(label, prof, cuda, train_macs, wall, peak, rows)
 
 def report(label: str, prof, cuda: bool, train_macs: int, wall: float, peak: float | None,
            rows: int) -> None:

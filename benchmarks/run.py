@@ -143,23 +143,27 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         print(f"running {name} ...", flush=True)
         try:
-            rows += RUNNERS[name](device, args)
+            section = RUNNERS[name](device, args)
         except Exception as error:  # noqa: BLE001 - one failing section must not hide the rest
             traceback.print_exc()
-            rows.append(Row(name, "failed", device_label(device),
-                            note=f"{type(error).__name__}: {error}"[:200]))
+            section = [Row(name, "failed", device_label(device),
+                           note=f"{type(error).__name__}: {error}"[:200])]
         seconds[name] = time.perf_counter() - start
-    info["load_average_end"] = os.getloadavg()[0]
+        print(markdown(section), flush=True)
+        rows += section
+        write_json(args.json, info, args.quick, seconds, rows)  # a run cut short keeps these
     print()
     print(markdown(rows))
     print("\nsection times: " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
           + f"; load average {info['load_average_end']:.1f} at the end")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"machine": info, "quick": args.quick,
-                                     "section_seconds": seconds,
-                                     "rows": [r.as_dict() for r in rows]}, indent=2))
     print(f"wrote {args.json}")
 
+
+def write_json(path: Path, info: dict, quick: bool, seconds: dict, rows: list[Row]) -> None:
+    info["load_average_end"] = os.getloadavg()[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": info, "quick": quick, "section_seconds": seconds,
+                                "rows": [r.as_dict() for r in rows]}, indent=2))
 
 if __name__ == "__main__":
     main()
