@@ -244,6 +244,8 @@ class FrontendLogitsCache(Callback):
             plain = copy.copy(dataset)
             plain.transform = None  # whole, un-augmented images
             items = limited_items(trainer, datamodule, split)
+            if items == 0:
+                continue  # never read (limit_val_batches=0): nothing to cache
             if items is not None and items < len(plain.pairs):
                 rank_zero_info(f"feature cache: the run reads at most {items} '{split}' "
                                f"items (batch limits), so only the first {items} are cached")

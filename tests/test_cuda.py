@@ -118,11 +118,14 @@ def test_bf16_mixed_fit_on_device(tmp_path):
     from dilatedseg.data import ShapesDataModule
     from dilatedseg.models.frontend import valid_shrinkage
 
-    losses = []
+    losses, layouts = [], []
 
-    class Probe(L.Callback):
+    class Probe(L.Callback):  # during training: Lightning moves the module to the CPU after fit
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(outputs["loss"].detach())
+            weight = pl_module.model.frontend.features.conv1_1.weight
+            layouts.append((weight.device.type,
+                            weight.is_contiguous(memory_format=torch.channels_last)))
 
     data = ShapesDataModule(root=str(tmp_path / "shapes"), train_size=16, val_size=4,
                             test_size=4, image_size=64, batch_size=4, val_batch_size=4,
@@ -140,7 +143,5 @@ def test_bf16_mixed_fit_on_device(tmp_path):
     trainer.fit(module, datamodule=data)
     assert len(losses) == 3 and all(loss.dtype == torch.float32 for loss in losses)
     assert all(torch.isfinite(loss) for loss in losses)
-    weight = module.model.frontend.features.conv1_1.weight
-    assert weight.device.type == torch.device(DEVICE).type
-    assert weight.is_contiguous(memory_format=torch.channels_last) == (DEVICE == "cuda")
+    assert set(layouts) == {(torch.device(DEVICE).type, DEVICE == "cuda")}
     assert 0 <= float(trainer.callback_metrics["val/mIoU"]) <= 100

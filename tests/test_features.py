@@ -205,6 +205,21 @@ def test_a_run_limited_to_a_few_batches_caches_only_what_it_reads(small_shapes, 
     assert sizes == {"train": 8, "val": 2}  # one batch each of 16 / 4 images
 
 
+def test_training_without_validation_caches_only_the_training_split(small_shapes, tmp_path):
+    """limit_val_batches=0 reads no validation item: nothing to cache for it (this crashed on
+    an empty cache before), and training runs on the cached training logits."""
+    data = ShapesDataModule(root=str(small_shapes), **SMALL, batch_size=4, num_workers=0)
+    module = SegmentationModule(4, stage="context", arch="tiny", padding="same",
+                                dilations=[1, 2], feature_cache=True,
+                                feature_cache_dir=str(tmp_path / "cache"))
+    losses = Losses()
+    L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0, callbacks=[losses],
+              default_root_dir=tmp_path).fit(module, datamodule=data)
+    assert losses.cached and len(losses.values) == 4
+    assert [p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()] == ["train"]
+
+
 def test_resuming_from_python_reuses_the_cache_of_the_restored_front_end(small_shapes,
                                                                           tmp_path):
     """trainer.fit(ckpt_path=...) with a fresh module: the cache is looked up with the
