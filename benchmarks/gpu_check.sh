@@ -5,6 +5,7 @@
 #   gpu        nvidia-smi, versions, a bf16 matrix-product ceiling
 #   frontend   `benchmarks/run.py --only frontend`: the MFU and inference targets
 #   cache      `--only cache`: the cached context-stage target
+#   conv       benchmarks/conv_variants.py: fc6 / conv5 as dilated, space-to-batch, im2col
 #   tests      the CUDA tests (tests/test_cuda.py, the CRF / lattice CUDA tests)
 #   fc6        benchmarks/profile_fc6.py at 1024x2048: fc6's kernels, three ways
 #   whole      profile_fc6.py --whole at 512x1024, batch 8: where a training step's time goes
@@ -67,10 +68,11 @@ print(f\"bf16 8192^3 matrix product: {2 * 8192**3 * 10 / start.elapsed_time(end)
 "'
 TAIL=20 bench frontend 200 frontend
 TAIL=8 bench cache 100 cache
-step tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_crf.py \
+TAIL=13 step conv 120 python3 benchmarks/conv_variants.py --deadline 110 --per-case 20
+step tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_crf.py \
     tests/test_lattice.py
 step fc6 60 python3 benchmarks/profile_fc6.py --rows 8
 step whole 60 python3 benchmarks/profile_fc6.py --whole --size 512 1024 --batch 8 --rows 15
-bench crf_data 60 crf data
+bench crf_data 40 crf data
 bench context 300 context
 echo "done after $SECONDS s"

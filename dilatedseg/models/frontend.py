@@ -70,8 +70,8 @@ class FrontEnd(nn.Module):
     or "imagenet", see :mod:`dilatedseg.models.weights`). ``fc6_space_to_batch``: run the
     dilated fc6 as a plain 7x7 convolution over the 4 x 4 interleaved sub-grids of its input
     (:class:`SpaceToBatchConv2d`; same weights, same result): True always, False never, None
-    (default) where it is known to help, on the CPU when a backward pass follows
-    (``benchmarks/profile_fc6.py`` shows which kernels run on a GPU).
+    (default) where it is measured to help, whenever a backward pass follows (training), on the
+    CPU and on CUDA (``benchmarks/conv_variants.py``, ``benchmarks/profile_fc6.py``).
     """
 
     def __init__(
@@ -149,12 +149,21 @@ class SpaceToBatchConv2d(nn.Conv2d):
     along the batch, convolved with the undilated kernel and interleaved back. The weights,
     state dict and result are those of ``nn.Conv2d`` (up to float rounding order).
 
-    ``enabled``: True always, False never (the library's dilated kernel), None where it is
-    known to pay: on the CPU when gradients will flow. PyTorch's CPU backward of a dilated
-    convolution (``slow_conv_dilated2d``) takes ~300 s for VGG-16's fc6 on a 50 x 50 input on
-    2 cores, this path ~5 s; its forward is ~1.3x slower than oneDNN's dilated kernel, so
-    inference keeps that. On CUDA None keeps cuDNN's kernels (profile before switching).
+    ``enabled``: True always, False never (the library's dilated kernel), None (default) where
+    it is measured to pay: whenever gradients will flow, on any device. On the CPU PyTorch's
+    backward of a dilated convolution (``slow_conv_dilated2d``) takes ~300 s for VGG-16's fc6
+    on a 50 x 50 input on 2 cores, this path ~5 s. On an H200 (cuDNN 9.19, bf16) fc6's forward
+    + backward for a 512x1024 crop pair took 141 ms as cuDNN's dilated kernels (72 TFLOP/s) and
+    26.5 ms this way (381 TFLOP/s). Inference keeps the dilated kernel (on the CPU oneDNN's is
+    ~1.3x faster than this path; on GPUs not measured: ``enabled=True`` forces this path).
+
+    The rearranged batch is convolved in chunks of at most ``max_sub_batch`` images: on the H200
+    a whole VGG-16 training step at 512x1024 ran at 370-392 TFLOP/s with 32 or 64 sub-images
+    per call (batch 2 or 4) and at 129 with 128 (batch 8, one call), cuDNN choosing a slower
+    kernel for the larger batch.
     """
+
+    max_sub_batch = 64
 
     def __init__(self, *args, enabled: bool | None = True, **kwargs):
         super().__init__(*args, **kwargs)
@@ -164,7 +173,7 @@ class SpaceToBatchConv2d(nn.Conv2d):
         if self.enabled is not None:
             return self.enabled
         wants_grad = x.requires_grad or self.weight.requires_grad
-        return x.device.type == "cpu" and torch.is_grad_enabled() and wants_grad
+        return torch.is_grad_enabled() and wants_grad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self.dilation
@@ -183,7 +192,9 @@ class SpaceToBatchConv2d(nn.Conv2d):
         x = F.pad(x, (0, sub_w * dw - width, 0, sub_h * dh - height))
         x = x.reshape(batch, channels, sub_h, dh, sub_w, dw).permute(3, 5, 0, 1, 2, 4)
         x = x.reshape(dh * dw * batch, channels, sub_h, sub_w)
-        y = F.conv2d(x, self.weight, self.bias)  # (dh dw B, O, sub_h - kh + 1, sub_w - kw + 1)
+        # (dh dw B, O, sub_h - kh + 1, sub_w - kw + 1), in chunks of the batch (see above)
+        y = torch.cat([F.conv2d(chunk, self.weight, self.bias)
+                       for chunk in x.split(self.max_sub_batch)])
         y = y.reshape(dh, dw, batch, -1, sub_h - kh + 1, sub_w - kw + 1).permute(2, 3, 4, 0, 5, 1)
         y = y.reshape(batch, -1, (sub_h - kh + 1) * dh, (sub_w - kw + 1) * dw)
         return y[..., :out_h, :out_w]

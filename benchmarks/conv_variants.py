@@ -1,0 +1,103 @@
+"""The front-end's dilated convolutions on a GPU, several ways: which ones are fast?
+
+    python3 benchmarks/conv_variants.py [--per-case 25] [--deadline 170]
+
+Cases: fc6 (512 -> 4096, 7x7, dilation 4) and conv5 (512 -> 512, 3x3, dilation 2) on the inputs
+they see for a 512x1024 training crop, forward + backward in bf16, as the plain dilated
+convolution (cuDNN), through space-to-batch (``SpaceToBatchConv2d``: an undilated convolution on
+the d x d sub-grids) and as im2col + one GEMM, in NHWC or NCHW, with cuDNN autotuning off or on.
+Each case runs in its own process under its own time limit, so one pathological kernel cannot
+hide the others; it prints the first call (autotuning included) and the best of 3 after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+CASES = [  # (layer, batch, way, layout, autotune)
+    ("fc6", 2, "plain", "NHWC", False),
+    ("fc6", 2, "space-to-batch", "NHWC", False),
+    ("fc6", 2, "im2col", "NHWC", False),
+    ("fc6", 2, "plain", "NCHW", False),
+    ("fc6", 2, "space-to-batch", "NHWC", True),
+    ("fc6", 2, "plain", "NHWC", True),
+    ("conv5", 8, "plain", "NHWC", False),
+    ("conv5", 8, "space-to-batch", "NHWC", False),
+    ("conv5", 8, "plain", "NCHW", False),
+    ("fc6", 8, "space-to-batch", "NHWC", False),
+]
+LAYERS = {"fc6": (512, 4096, 7, 4, (88, 152)), "conv5": (512, 512, 3, 2, (100, 164))}
+
+
+def measure(index: int) -> None:
+    import torch
+    from common import sync
+    from profile_fc6 import Im2colConv2d
+
+    from dilatedseg.models.frontend import SpaceToBatchConv2d
+
+    layer, batch, way, layout, autotune = CASES[index]
+    cin, cout, kernel, dilation, (h, w) = LAYERS[layer]
+    torch.backends.cudnn.benchmark = autotune
+    conv_class = {"plain": torch.nn.Conv2d, "space-to-batch": SpaceToBatchConv2d,
+                  "im2col": Im2colConv2d}[way]
+    memory = torch.channels_last if layout == "NHWC" else torch.contiguous_format
+    conv = conv_class(cin, cout, kernel, dilation=dilation).cuda().to(memory_format=memory)
+    x = torch.randn(batch, cin, h, w, device="cuda").to(memory_format=memory).requires_grad_()
+    out_h, out_w = h - dilation * (kernel - 1), w - dilation * (kernel - 1)
+    tflop = 3 * 2 * batch * cin * cout * kernel * kernel * out_h * out_w / 1e12
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = conv(x)
+        y.float().square().mean().backward()
+        conv.zero_grad(set_to_none=True)
+        x.grad = None
+
+    start = time.perf_counter()
+    step()
+    sync(x.device)
+    first = time.perf_counter() - start
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        step()
+        sync(x.device)
+        best = min(best, time.perf_counter() - start)
+    print(f"RESULT first {first * 1e3:.1f} ms, best {best * 1e3:.2f} ms, "
+          f"{tflop / best:.0f} TFLOP/s ({tflop:.2f} TFLOP fwd+bwd)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--per-case", type=float, default=25.0, help="seconds per case")
+    parser.add_argument("--deadline", type=float, default=170.0, help="seconds in all")
+    args = parser.parse_args()
+    if args.case is not None:
+        return measure(args.case)
+    end = time.monotonic() + args.deadline
+    print("| layer | batch | way | layout | cuDNN autotune | result |\n|---|---|---|---|---|---|",
+          flush=True)
+    for index, (layer, batch, way, layout, autotune) in enumerate(CASES):
+        left = end - time.monotonic()
+        if left < 5:
+            result = "not run (deadline)"
+        else:
+            try:
+                done = subprocess.run([sys.executable, __file__, "--case", str(index)],
+                                      capture_output=True, text=True,
+                                      timeout=min(args.per_case, left))
+                lines = [x for x in done.stdout.splitlines() if x.startswith("RESULT")]
+                result = lines[0][7:] if lines else "failed: " + done.stderr[-200:].replace(
+                    "\n", " ")
+            except subprocess.TimeoutExpired:
+                result = f"over {min(args.per_case, left):.0f} s (killed)"
+        print(f"| {layer} | {batch} | {way} | {layout} | {autotune} | {result} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
