@@ -108,7 +108,7 @@ def main() -> None:
               f"{args.size[0]}x{args.size[1]}; {args.precision}, {layout}; "
               f"{2 * macs / 1e12:.2f} TFLOP forward + backward")
         x = torch.rand(args.batch, 3, *args.size, device=device).to(memory_format=memory) * 255
-        for label, space_to_batch in (("plain dilated fc6", False), ("space-to-batch fc6", True)):
+        for label, space_to_batch in (("space-to-batch fc6", True), ("plain dilated fc6", False)):
             frontend = FrontEnd(19, arch="vgg16", fc6_space_to_batch=space_to_batch)
             frontend = frontend.to(device).to(memory_format=memory).train()
             profile_step(label, frontend, x, autocast, cuda, macs, peak, args.rows)
