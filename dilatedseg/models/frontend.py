@@ -193,8 +193,8 @@ class SpaceToBatchConv2d(nn.Conv2d):
         x = x.reshape(batch, channels, sub_h, dh, sub_w, dw).permute(3, 5, 0, 1, 2, 4)
         x = x.reshape(dh * dw * batch, channels, sub_h, sub_w)
         # (dh dw B, O, sub_h - kh + 1, sub_w - kw + 1), in chunks of the batch (see above)
-        y = torch.cat([F.conv2d(chunk, self.weight, self.bias)
-                       for chunk in x.split(self.max_sub_batch)])
+        chunks = [F.conv2d(chunk, self.weight, self.bias) for chunk in x.split(self.max_sub_batch)]
+        y = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
         y = y.reshape(dh, dw, batch, -1, sub_h - kh + 1, sub_w - kw + 1).permute(2, 3, 4, 0, 5, 1)
         y = y.reshape(batch, -1, (sub_h - kh + 1) * dh, (sub_w - kw + 1) * dw)
         return y[..., :out_h, :out_w]
