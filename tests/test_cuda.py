@@ -46,12 +46,14 @@ def test_vgg16_bf16_channels_last_matches_float32():
     assert relative_error(got.cpu(), expected) < 3e-2  # bf16 keeps ~3 significant digits
 
 
-def test_space_to_batch_fc6_on_device_equals_dilated():
+@pytest.mark.parametrize("max_sub_batch", [64, 5])  # one call; chunks of 5 of the 32
+def test_space_to_batch_fc6_on_device_equals_dilated(max_sub_batch):
     torch.manual_seed(0)
-    plain = FrontEnd(5, arch="vgg16", dropout=0.0).eval().to(DEVICE)
+    plain = FrontEnd(5, arch="vgg16", dropout=0.0, fc6_space_to_batch=False).eval().to(DEVICE)
     fast = FrontEnd(5, arch="vgg16", dropout=0.0, fc6_space_to_batch=True).eval().to(DEVICE)
     fast.load_state_dict(plain.state_dict())
-    image = torch.randn(1, 3, 72, 88, device=DEVICE)
+    fast.features.fc6.max_sub_batch = max_sub_batch
+    image = torch.randn(2, 3, 72, 88, device=DEVICE)
     with torch.no_grad():
         torch.testing.assert_close(fast(image), plain(image), rtol=1e-4, atol=1e-4)
 
