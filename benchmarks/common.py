@@ -103,6 +103,16 @@ def timed(fn: Callable[[], object], device: torch.device, reps: int, warmup: int
     return min(times)
 
 
+def backward_step(module: torch.nn.Module, inputs: torch.Tensor, autocast) -> None:
+    """One training step's work: forward under ``autocast``, backward of a mean-square loss of
+    the output (it costs nothing next to the network), gradients cleared."""
+    with autocast:
+        out = module(inputs)
+    out.float().square().mean().backward()
+    module.zero_grad(set_to_none=True)
+    inputs.grad = None
+
+
 def compute_row(bench: str, case: str, device: torch.device, precision: str, batch: int,
                 seconds: float, macs: int, peak: float | None, note: str = "") -> Row:
     """A measured row: throughput, achieved TFLOP/s and MFU from analytic ``macs`` per item."""

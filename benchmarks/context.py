@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from common import Row, add_row, compute_row, peak_tflops, script_main, timed
+from common import Row, add_row, backward_step, compute_row, peak_tflops, script_main, timed
 
 from dilatedseg.flops import context_macs
 from dilatedseg.models import ContextModule
@@ -45,10 +45,7 @@ def context_row(device, variant, schedule, classes, size, batch, mode, precision
         work = macs.total
     else:
         def step():
-            with autocast:
-                out = module(logits)
-            out.float().square().mean().backward()
-            module.zero_grad(set_to_none=True)
+            backward_step(module, logits, autocast)
         work = macs.training()
     seconds = timed(step, device, reps, warmup=3 if device.type == "cuda" else 1)
     case = f"{variant} {schedule}, C={classes}, {mode} {size[0]}x{size[1]}"

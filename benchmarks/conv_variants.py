@@ -18,15 +18,15 @@ import sys
 import time
 
 CASES = [  # (layer, batch, way, layout, autotune)
-    ("fc6", 2, "plain", "NHWC", False),
+    ("fc6", 2, "dilated", "NHWC", False),
     ("fc6", 2, "space-to-batch", "NHWC", False),
     ("fc6", 2, "im2col", "NHWC", False),
-    ("fc6", 2, "plain", "NCHW", False),
+    ("fc6", 2, "dilated", "NCHW", False),
     ("fc6", 2, "space-to-batch", "NHWC", True),
-    ("fc6", 2, "plain", "NHWC", True),
-    ("conv5", 8, "plain", "NHWC", False),
+    ("fc6", 2, "dilated", "NHWC", True),
+    ("conv5", 8, "dilated", "NHWC", False),
     ("conv5", 8, "space-to-batch", "NHWC", False),
-    ("conv5", 8, "plain", "NCHW", False),
+    ("conv5", 8, "dilated", "NCHW", False),
     ("fc6", 8, "space-to-batch", "NHWC", False),
 ]
 LAYERS = {"fc6": (512, 4096, 7, 4, (88, 152)), "conv5": (512, 512, 3, 2, (100, 164))}
@@ -34,39 +34,23 @@ LAYERS = {"fc6": (512, 4096, 7, 4, (88, 152)), "conv5": (512, 512, 3, 2, (100, 1
 
 def measure(index: int) -> None:
     import torch
-    from common import sync
-    from profile_fc6 import Im2colConv2d
-
-    from dilatedseg.models.frontend import SpaceToBatchConv2d
+    from common import backward_step, timed
+    from profile_fc6 import WAYS
 
     layer, batch, way, layout, autotune = CASES[index]
     cin, cout, kernel, dilation, (h, w) = LAYERS[layer]
     torch.backends.cudnn.benchmark = autotune
-    conv_class = {"plain": torch.nn.Conv2d, "space-to-batch": SpaceToBatchConv2d,
-                  "im2col": Im2colConv2d}[way]
     memory = torch.channels_last if layout == "NHWC" else torch.contiguous_format
-    conv = conv_class(cin, cout, kernel, dilation=dilation).cuda().to(memory_format=memory)
+    conv = WAYS[way](cin, cout, kernel, dilation=dilation).cuda().to(memory_format=memory)
     x = torch.randn(batch, cin, h, w, device="cuda").to(memory_format=memory).requires_grad_()
     out_h, out_w = h - dilation * (kernel - 1), w - dilation * (kernel - 1)
     tflop = 3 * 2 * batch * cin * cout * kernel * kernel * out_h * out_w / 1e12
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = conv(x)
-        y.float().square().mean().backward()
-        conv.zero_grad(set_to_none=True)
-        x.grad = None
+        backward_step(conv, x, torch.autocast("cuda", dtype=torch.bfloat16))
 
-    start = time.perf_counter()
-    step()
-    sync(x.device)
-    first = time.perf_counter() - start
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        step()
-        sync(x.device)
-        best = min(best, time.perf_counter() - start)
+    first = timed(step, x.device, reps=1, warmup=0)  # cuDNN's choice (autotuning) included
+    best = timed(step, x.device, reps=3, warmup=0)
     print(f"RESULT first {first * 1e3:.1f} ms, best {best * 1e3:.2f} ms, "
           f"{tflop / best:.0f} TFLOP/s ({tflop:.2f} TFLOP fwd+bwd)")
 

@@ -16,7 +16,16 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from common import Row, add_row, compute_row, not_measured, peak_tflops, script_main, timed
+from common import (
+    Row,
+    add_row,
+    backward_step,
+    compute_row,
+    not_measured,
+    peak_tflops,
+    script_main,
+    timed,
+)
 
 from dilatedseg.flops import frontend_macs, segmenter_macs
 from dilatedseg.inference import predict_logits
@@ -67,10 +76,7 @@ def frontend_row(device, precision, mode, size, batch, reps, peak, space_to_batc
         frontend.train()
 
         def step():
-            with autocast:
-                logits = frontend(image)
-            logits.float().square().mean().backward()
-            frontend.zero_grad(set_to_none=True)
+            backward_step(frontend, image, autocast)
         work = macs.training()
     if device.type == "cpu":  # warm up on a small image: a full-size warm-up costs a minute
         small = image[..., :64, :64]
@@ -120,14 +126,14 @@ def run(device: torch.device, quick: bool = False, peak: float | None = None) ->
     rows: list[Row] = []
     if device.type == "cuda":
         reps = 5 if quick else 10
-        p = peak_tflops(device, "bf16", peak)
+        bf16 = peak_tflops(device, "bf16", peak)
         # The targets first (bf16 training at 512x1024, bf16 inference), each row printed as it
         # is measured, then the rest, the fp32 (TF32) baseline, and last cuDNN's dilated fc6 in
         # training (on the H200 a batch of 8 did not finish 6 steps in ~2 minutes).
-        add_row(rows, frontend_row(device, "bf16", "fwd+bwd", (512, 1024), 8, reps, p))
-        add_row(rows, segmenter_row(device, "bf16", reps, p))
-        add_row(rows, segmenter_row(device, "bf16", reps, p, space_to_batch=True))
-        add_row(rows, segmenter_row(device, "bf16", reps, p, tile=None))
+        add_row(rows, frontend_row(device, "bf16", "fwd+bwd", (512, 1024), 8, reps, bf16))
+        add_row(rows, segmenter_row(device, "bf16", reps, bf16))
+        add_row(rows, segmenter_row(device, "bf16", reps, bf16, space_to_batch=True))
+        add_row(rows, segmenter_row(device, "bf16", reps, bf16, tile=None))
         for precision in ("bf16", "fp32"):
             p = peak_tflops(device, precision, peak)
             if precision == "fp32":
@@ -138,8 +144,7 @@ def run(device: torch.device, quick: bool = False, peak: float | None = None) ->
             add_row(rows, frontend_row(device, precision, "forward", (1024, 2048), 1, reps, p))
             add_row(rows, frontend_row(device, precision, "fwd+bwd", (512, 512), 8, reps, p))
             add_row(rows, frontend_row(device, precision, "fwd+bwd", (1024, 2048), 2, reps, p))
-        p = peak_tflops(device, "bf16", peak)
-        add_row(rows, frontend_row(device, "bf16", "fwd+bwd", (512, 1024), 2, reps, p,
+        add_row(rows, frontend_row(device, "bf16", "fwd+bwd", (512, 1024), 2, reps, bf16,
                                    space_to_batch=False))
         return rows
 

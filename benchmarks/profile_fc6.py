@@ -5,8 +5,9 @@
 
 fc6 is 66-71 % of the front-end's work, so a slow kernel for it caps the whole model's MFU.
 The script profiles fc6's forward and backward (torch.profiler) on the input it sees for an
-image of ``--size`` (valid geometry), once as the plain dilated convolution and once through the
-space-to-batch path (``FrontEnd(..., fc6_space_to_batch=True)``), prints every kernel with its
+image of ``--size`` (valid geometry) in each of three ways (``WAYS``: the plain dilated
+convolution, the space-to-batch path of ``FrontEnd(..., fc6_space_to_batch=True)``, im2col +
+GEMM), or with ``--whole`` a whole front-end training step, prints every kernel with its
 time and achieved TFLOP/s, and FLAGs convolution / GEMM kernels whose names show no tensor-core
 instruction (cuDNN's fp32 ``implicit_convolve_sgemm``, ``dgrad_engine``, ...). Without a GPU it
 profiles on the CPU instead (operator names; no tensor cores to check).
@@ -22,7 +23,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import sync
+from common import backward_step, sync
 from torch.profiler import ProfilerActivity, profile
 
 from dilatedseg.flops import frontend_macs, gpu_peak_tflops
@@ -68,6 +69,10 @@ class Im2colConv2d(torch.nn.Conv2d):
         y = torch.addmm(self.bias.to(columns.dtype), columns.transpose(1, 2).flatten(0, 1),
                         weight.t())
         return y.view(batch, out_h, out_w, -1).permute(0, 3, 1, 2)
+
+
+# The ways to compute a dilated convolution that the fc6 profile and conv_variants.py compare.
+WAYS = {"dilated": torch.nn.Conv2d, "space-to-batch": SpaceToBatchConv2d, "im2col": Im2colConv2d}
 
 
 def fc6_input_shape(height: int, width: int) -> tuple[int, int, int]:
@@ -121,33 +126,25 @@ def main() -> None:
           f"{2 * macs / 3e12:.2f} TFLOP forward")
     x = torch.randn(args.batch, channels, h, w, device=device).to(memory_format=memory)
     x.requires_grad_()
-    for label, conv_class in (("plain dilated", torch.nn.Conv2d),
-                              ("space-to-batch", SpaceToBatchConv2d),
-                              ("im2col + GEMM (measurement only)", Im2colConv2d)):
+    for way, conv_class in WAYS.items():
         conv = conv_class(512, 4096, 7, dilation=4).to(device).to(memory_format=memory)
-        profile_step(label, conv, x, autocast, cuda, macs, peak, args.rows)
+        profile_step(way, conv, x, autocast, cuda, macs, peak, args.rows)
 
 
 def profile_step(label: str, module: torch.nn.Module, x: torch.Tensor, autocast, cuda: bool,
                  train_macs: int, peak: float | None, rows: int) -> None:
     """Profile one forward + backward of ``module`` on ``x`` after warm-up, then report it."""
-    def step():
-        with autocast:
-            y = module(x)
-        y.float().square().mean().backward()
-        module.zero_grad(set_to_none=True)
-        x.grad = None
-
     for _ in range(2 if cuda else 1):  # warm-up
-        step()
+        backward_step(module, x, autocast)
     sync(x.device)
     start = time.perf_counter()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        step()
+        backward_step(module, x, autocast)
         sync(x.device)
     wall = time.perf_counter() - start
     report(label, prof, cuda, train_macs, wall, peak, rows)
+
 
 def report(label: str, prof, cuda: bool, train_macs: int, wall: float, peak: float | None,
            rows: int) -> None:

@@ -149,7 +149,6 @@ def main(argv: list[str] | None = None) -> None:
             section = [Row(name, "failed", device_label(device),
                            note=f"{type(error).__name__}: {error}"[:200])]
         seconds[name] = time.perf_counter() - start
-        print(markdown(section), flush=True)
         rows += section
         write_json(args.json, info, args.quick, seconds, rows)  # a run cut short keeps these
     print()
@@ -164,6 +163,7 @@ def write_json(path: Path, info: dict, quick: bool, seconds: dict, rows: list[Ro
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"machine": info, "quick": quick, "section_seconds": seconds,
                                 "rows": [r.as_dict() for r in rows]}, indent=2))
+
 
 if __name__ == "__main__":
     main()
