@@ -101,12 +101,18 @@ def frontend_macs(arch: str, height: int, width: int, padding: str = "valid",
 
 def context_macs(num_classes: int, variant: str = "basic",
                  dilations: str | tuple[int, ...] | list[int] = "dilation8",
-                 height: int = 64, width: int = 64) -> Count:
-    """MACs of :class:`~dilatedseg.models.ContextModule` on one (C, height, width) map (both
-    paddings keep the size at every layer)."""
+                 height: int = 64, width: int = 64, padding: str = "same") -> Count:
+    """MACs of :class:`~dilatedseg.models.ContextModule` on one (C, height, width) map.
+    ``same`` keeps the size at every layer; ``valid`` pads once by the receptive field's
+    radius, and each 3x3 layer then loses 2 x its dilation."""
     schedule = resolve_dilations(dilations)
     count, channels = Count(), num_classes
-    for i, width_out in enumerate(layer_widths(num_classes, variant, len(schedule))):
+    if padding == "valid":
+        height, width = height + 2 * sum(schedule), width + 2 * sum(schedule)
+    widths = layer_widths(num_classes, variant, len(schedule))
+    for i, (width_out, dilation) in enumerate(zip(widths, schedule)):
+        if padding == "valid":
+            height, width = height - 2 * dilation, width - 2 * dilation
         count.layers.append(Layer(f"ctx{i + 1}", conv_macs(channels, width_out, 3, height, width),
                                   (width_out, height, width)))
         channels = width_out
@@ -130,7 +136,7 @@ def segmenter_macs(arch: str, height: int, width: int, num_classes: int,
                    context_variant: str | None = "basic",
                    dilations: str | tuple[int, ...] | list[int] = "dilation10",
                    padding: str = "valid", upsample: str = "deconv",
-                   tile: tuple[int, int] | None = None) -> Count:
+                   tile: tuple[int, int] | None = None, context_padding: str = "same") -> Count:
     """Inference MACs of a :class:`~dilatedseg.models.Segmenter` (no CRF) on one image, tiled
     as :func:`~dilatedseg.inference.predict_logits` tiles it (``valid`` padding)."""
     count = Count()
@@ -138,7 +144,8 @@ def segmenter_macs(arch: str, height: int, width: int, num_classes: int,
         count = count + frontend_macs(arch, tile_h, tile_w, padding, num_classes)
     h, w = math.ceil(height / OUTPUT_STRIDE), math.ceil(width / OUTPUT_STRIDE)
     if context_variant is not None:
-        count = count + context_macs(num_classes, context_variant, dilations, h, w)
+        count = count + context_macs(num_classes, context_variant, dilations, h, w,
+                                     context_padding)
     if upsample == "deconv":  # grouped ConvTranspose2d(C, C, 16, 8, 4): 256 taps per input cell
         count.layers.append(Layer("deconv", num_classes * 4 * OUTPUT_STRIDE ** 2 * h * w,
                                   (num_classes, height, width)))

@@ -53,12 +53,16 @@ def test_frontend_matches_torch_flop_counter(arch, padding, size):
     assert count.training() < 3 * count.total  # the image needs no gradient
 
 
-@pytest.mark.parametrize("variant,schedule", [("basic", "dilation10"), ("large", "dilation8")])
-def test_context_matches_torch_flop_counter(variant, schedule):
+@pytest.mark.parametrize("variant,schedule,padding", [
+    ("basic", "dilation10", "same"), ("large", "dilation8", "same"),
+    ("large", "dilation8", "valid"),  # the published VOC model's geometry
+    ("basic", [1, 2, 1], "valid"),
+])
+def test_context_matches_torch_flop_counter(variant, schedule, padding):
     with torch.device("meta"):
-        module = ContextModule(19, variant=variant, dilations=schedule)
+        module = ContextModule(19, variant=variant, dilations=schedule, padding=padding)
         logits = torch.empty(1, 19, 64, 96)
-    count = context_macs(19, variant, schedule, 64, 96)
+    count = context_macs(19, variant, schedule, 64, 96, padding)
     assert counted_macs(lambda: module(logits)) == count.total
 
 
