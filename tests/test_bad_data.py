@@ -64,6 +64,26 @@ def test_size_mismatch(voc, tmp_path, capsys):
     assert "b1.jpg is 64x48 but its label" in err and "b1.png is 12x10" in err
 
 
+def test_train_split_smaller_than_one_batch(voc, tmp_path, capsys):
+    """Two images, batches of 4: an epoch would hold no full batch and train on nothing."""
+    err = fails(capsys, *voc_fit(voc, tmp_path, "--data.init_args.batch_size=4"))
+    assert "the 'train' split has 2 images, fewer than one batch of 4 per process" in err
+    assert "lower --data.init_args.batch_size" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_whole_images_of_different_sizes_do_not_batch(voc, tmp_path, capsys):
+    for folder, suffix in (("JPEGImages", "jpg"), ("SegmentationClass", "png")):
+        path = voc / f"VOCdevkit/VOC2012/{folder}/a2.{suffix}"
+        with Image.open(path) as image:
+            smaller = image.crop((0, 0, 40, 30))
+        smaller.save(path)
+    err = fails(capsys, *voc_fit(voc, tmp_path, "--data.init_args.crop_size=null"))
+    assert "the 'train' images differ in size" in err and "a2.jpg 40x30" in err
+    assert "set --data.init_args.crop_size, or --data.init_args.batch_size=1" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_label_values_out_of_range(tmp_path, capsys):
     root = make_camvid_segnet(tmp_path / "camvid")
     path = next((root / "trainannot").iterdir())
@@ -210,6 +230,7 @@ def test_empty_predict_dir_stops_before_the_run(voc, tmp_path, capsys):
     ("--data.init_args.crop_size=-5", "crop_size must be positive, got -5"),
     ("--data.init_args.batch_size=0", "batch sizes must be >= 1"),
     ("--model.tile_size=-8", "tile_size must be at least 8 px"),
+    ("--data.init_args.resize=0", "resize must be [height, width] in px"),
 ])
 def test_sizes_that_cannot_work_are_configuration_errors(voc, tmp_path, capsys, option,
                                                          message):

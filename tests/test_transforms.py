@@ -1,9 +1,14 @@
-"""Training augmentation: reflect-padded images, 255-padded labels, and the authors' context
-margin (image crops larger than their labels, cut from the real image)."""
+"""Training augmentation: reflect-padded images, 255-padded labels, the authors' context
+margin (image crops larger than their labels, cut from the real image), and random streams that
+differ between DataLoader workers and repeat under one seed."""
 
 import numpy as np
 import pytest
+from lightning.pytorch import seed_everything
+from PIL import Image
 
+from dilatedseg.data import VOCDataModule
+from dilatedseg.data.base import SegmentationDataset
 from dilatedseg.data.transforms import train_transform
 
 H, W = 60, 80
@@ -70,3 +75,37 @@ def test_label_pixels_of_the_margin_are_ignored():
     assert (out["mask"] == 255).sum() == (H + 16) * (W + 16) - H * W
     assert np.array_equal(out["mask"][8: 8 + H, 8: 8 + W], label)
 
+
+
+def crop_origins(tmp_path, seed: int, workers: int, items: int = 8) -> list[tuple[int, int, bool]]:
+    """(row, column, mirrored) of each training crop the data module's loader yields, over
+    ``items`` copies of one coordinate image, after ``seed_everything(seed)``."""
+    image, label = coordinate_image()
+    Image.fromarray(image).save(tmp_path / "image.png")
+    Image.fromarray(label).save(tmp_path / "label.png")
+    seed_everything(seed)
+    data = VOCDataModule(root=str(tmp_path), batch_size=1, crop_size=8, num_workers=workers)
+    data.datasets["train"] = SegmentationDataset(
+        [(tmp_path / "image.png", tmp_path / "label.png")] * items, 21, data.read_label,
+        data.train_transform())
+    origins = []
+    for batch in data.train_dataloader():
+        crop = batch["image"][0]
+        mirrored = bool(crop[1, 0, 0] > crop[1, 0, -1])
+        origins.append((int(crop[0, 0, 0]), int(crop[1, 0, :].min()), mirrored))
+    return origins
+
+
+def test_dataloader_workers_draw_different_crops(tmp_path):
+    """albumentations keeps its own generator, which forked workers would all copy."""
+    origins = crop_origins(tmp_path, seed=0, workers=2)
+    assert len(origins) == 8
+    assert origins[0::2] != origins[1::2]  # items 0, 2, .. from worker 0; 1, 3, .. worker 1
+    assert len(set(origins)) > 4
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_seed_everything_repeats_the_crops(tmp_path, workers):
+    first = crop_origins(tmp_path, seed=3, workers=workers)
+    assert crop_origins(tmp_path, seed=3, workers=workers) == first
+    assert crop_origins(tmp_path, seed=4, workers=workers) != first

@@ -14,8 +14,10 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
+from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from dilatedseg.data import transforms
 
@@ -73,6 +75,37 @@ def default_num_workers(limit: int = 16) -> int:
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
     return max(1, min(limit, cores))
+
+
+def augmentation_seed() -> int:
+    """A seed for a training transform's own generator, from torch's seed of this process
+    (``seed_everything``'s; in a DataLoader worker, that worker's) and its global rank.
+
+    albumentations draws from a generator of its own per ``Compose``, which neither
+    ``seed_everything`` nor PyTorch's per-worker seeding reaches: made once in the main
+    process, it would be copied into every forked worker, and every worker would cut the same
+    crops and flips (and runs with one seed would still differ).
+    """
+    return int(np.random.SeedSequence([torch.initial_seed(), rank_zero_only.rank])
+               .generate_state(1)[0])
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: Lightning's worker seeding (torch, numpy and random per
+    worker and rank), then the dataset's training transform, from the worker's own seed."""
+    pl_worker_init_function(worker_id)
+    transform = getattr(get_worker_info().dataset, "transform", None)
+    if transform is not None:
+        transforms.seed(transform, augmentation_seed())
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file, from its header."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except OSError as error:
+        raise DataError(f"cannot read image {path}: {error}. Re-download or remove it.") from None
 
 
 def folder_images(folder: Path) -> list[tuple[Path, None]]:
@@ -265,6 +298,8 @@ class SegmentationDataModule(L.LightningDataModule):
             raise ValueError("crops_per_image > 1 needs a crop_size (whole images are all alike)")
         self.crops_per_image = crops_per_image
         self.resize = (resize, resize) if isinstance(resize, int) else resize
+        if self.resize is not None and (len(self.resize) != 2 or min(self.resize) < 1):
+            raise ValueError(f"resize must be [height, width] in px (or one size), got {resize}")
         self.datasets: dict[str, SegmentationDataset] = {}
 
     # ---- metadata a subclass provides -------------------------------------------------------
@@ -346,8 +381,11 @@ class SegmentationDataModule(L.LightningDataModule):
                 dataset.load(index)
 
     def train_transform(self) -> Callable | None:
-        return transforms.train_transform(self.crop_size, self.mirror, self.scale_range,
-                                          self.context_margin)
+        transform = transforms.train_transform(self.crop_size, self.mirror, self.scale_range,
+                                               self.context_margin)
+        if transform is not None:  # reproducible under seed_everything (workers: seed_worker)
+            transforms.seed(transform, augmentation_seed())
+        return transform
 
     def make_dataset(self, split: str, train: bool = False, labelled: bool = True
                      ) -> SegmentationDataset:
@@ -386,11 +424,42 @@ class SegmentationDataModule(L.LightningDataModule):
         workers = self.workers()
         dataset = self.datasets[split]
         crops = getattr(dataset, "crops", 1)  # (a feature-cache dataset has none)
+        self.check_batches(split, dataset, batch_size // crops, full_batches=shuffle)
         return DataLoader(
             dataset, batch_size=batch_size // crops, shuffle=shuffle, drop_last=shuffle,
             num_workers=workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=workers > 0, collate_fn=collate_crops if crops > 1 else None,
+            worker_init_fn=seed_worker,
         )
+
+    def check_batches(self, split: str, dataset: Dataset, batch: int, full_batches: bool
+                      ) -> None:
+        """Fail before the first step where a split's batches cannot work: training that
+        would see no full batch (fewer items per process than one batch: an epoch of nothing),
+        or whole images of different sizes batched together (they cannot be stacked)."""
+        processes = getattr(getattr(self, "trainer", None), "world_size", 1) or 1
+        option = "batch_size" if split == "train" else "val_batch_size"
+        if full_batches and -(-len(dataset) // processes) < batch:
+            raise DataError(
+                f"{self.name}: the '{split}' split has {len(dataset)} images, fewer than one "
+                f"batch of {batch} per process ({processes} process(es)), so training would "
+                f"see no batch: lower --data.init_args.{option} or add images")
+        cropped = split == "train" and self.crop_size is not None
+        if batch == 1 or cropped or self.resize is not None or \
+                not isinstance(dataset, SegmentationDataset):
+            return  # (cached logits are padded to one size)
+        sizes = {}
+        for image, _ in dataset.pairs:
+            sizes.setdefault(image_size(image), image)
+            if len(sizes) > 1:
+                (size_a, path_a), (size_b, path_b) = sizes.items()
+                fix = ("set --data.init_args.crop_size, or --data.init_args.batch_size=1"
+                       if split == "train" else "set --data.init_args.val_batch_size=1")
+                raise DataError(
+                    f"{self.name}: the '{split}' images differ in size ({path_a} is "
+                    f"{size_a[0]}x{size_a[1]}, {path_b} {size_b[0]}x{size_b[1]}), so whole "
+                    f"images cannot be batched {batch} at a time: {fix} (or resize them all "
+                    "with --data.init_args.resize)")
 
     def train_dataloader(self) -> DataLoader:
         return self.loader("train", self.batch_size, shuffle=True)

@@ -15,6 +15,7 @@ each crop, so the context it sees near a crop's edge is a mirror image of the cr
 from __future__ import annotations
 
 import os
+import random
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no online version check
 
@@ -109,3 +110,12 @@ def train_transform(
     if mirror:
         steps.append(A.HorizontalFlip(p=0.5))
     return A.Compose(steps) if steps else None
+
+
+def seed(transform: A.Compose, value: int) -> None:
+    """Draw all of ``transform``'s randomness from one stream seeded with ``value``.
+
+    (``Compose(seed=...)`` / ``set_random_seed`` give every step its own generator with the
+    same seed: the crop offset and the mirror decision would then come from copies of one
+    sequence.)"""
+    transform.set_random_state(np.random.default_rng(value), random.Random(value))
