@@ -162,13 +162,20 @@ def interp_map(prob: np.ndarray, zoom: int, width: int, height: int) -> np.ndarr
 
 
 def test_zoom_upsampling_is_the_authors_interp_map():
+    """Evaluating, the probabilities are interpolated (their predict.py: softmax, then
+    interp_map); training interpolates the logits on the same grid."""
     segmenter = Segmenter(FrontEnd(3, arch="tiny"), upsample="zoom")
-    logits = torch.randn(1, 3, 5, 7)
+    logits = torch.randn(1, 3, 5, 7) * 4
     height, width = 37, 50  # ceil(37 / 8) = 5, ceil(50 / 8) = 7
-    ours = segmenter.upsample_to(logits, (height, width))[0].numpy()
     edge = np.pad(logits[0].numpy(), ((0, 0), (0, 1), (0, 1)), mode="edge")
-    np.testing.assert_allclose(ours, interp_map(edge, 8, width, height), atol=1e-5)
-    assert np.allclose(ours[:, ::8, ::8], logits[0].numpy())  # feature i sits on pixel 8i
+    trained = segmenter.upsample_to(logits, (height, width))[0].numpy()
+    np.testing.assert_allclose(trained, interp_map(edge, 8, width, height), atol=1e-5)
+    assert np.allclose(trained[:, ::8, ::8], logits[0].numpy())  # feature i sits on pixel 8i
+    authors = interp_map(torch.softmax(torch.from_numpy(edge), 0).numpy(), 8, width, height)
+    evaluated = segmenter.eval().upsample_to(logits, (height, width)).softmax(1)[0].numpy()
+    np.testing.assert_allclose(evaluated, authors, atol=1e-5)
+    # Interpolating logits instead would change the argmax of some pixels between features.
+    assert (authors.argmax(0) != trained.argmax(0)).any()
 
 
 def test_validate_a_published_model_through_the_cli(tiny_shapes, tmp_path):

@@ -63,3 +63,19 @@ def test_module_evaluates_with_tiles():
         out = module.predict_step(batch, 0)
         assert out["prediction"].shape == (1, 40, 56)
         assert out["prediction"].equal(module(image).argmax(1).to(torch.uint8))
+
+
+def test_evaluation_interpolates_probabilities_as_the_authors():
+    """REFERENCE sec. 4: softmax at 1/8, bilinear x8 of the probabilities, argmax; whole or
+    tiled alike. (Training interpolates the logits, the loss's input.)"""
+    model = segmenter("same", context=True)
+    image = torch.rand(1, 3, 61, 83) * 255
+    with torch.no_grad():
+        coarse = model.coarse_logits(image)
+        expected = torch.nn.functional.interpolate(
+            coarse.softmax(1), scale_factor=8, mode="bilinear", align_corners=False
+        )[..., :61, :83]
+        torch.testing.assert_close(predict_probabilities(model, image), expected)
+        torch.testing.assert_close(predict_probabilities(model, image, (16, 24)), expected)
+        trained = model.train().upsample_to(coarse, (61, 83))
+    assert not torch.allclose(trained.softmax(1), expected, atol=1e-3)

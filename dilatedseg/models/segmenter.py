@@ -32,7 +32,8 @@ class Segmenter(nn.Module):
     authors' ``interp_map`` does for their VOC / CamVid / KITTI models (use it with their
     weights, which were trained so); ``"auto"`` picks deconv for the Dilation10 schedule,
     bilinear otherwise.
-    ``crf`` refines the upsampled logits with the image.
+    ``crf`` refines the upsampled logits with the image. Evaluating, bilinear and zoom
+    upsampling interpolate probabilities, as the authors' test code (see :meth:`upsample_to`).
     """
 
     def __init__(
@@ -78,6 +79,15 @@ class Segmenter(nn.Module):
         return frontend_logits if self.context is None else self.context(frontend_logits)
 
     def upsample_to(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """1/8-resolution logits -> logits at ``size``.
+
+        Evaluating (eval mode), ``bilinear`` and ``zoom`` interpolate the probabilities, as the
+        authors' test code does (softmax, then ``interp_map``), and return their log: a logit
+        whose softmax is those probabilities, so the argmax, the CRF's unary and the
+        validation loss all see the interpolated probabilities. Training interpolates the
+        logits (the loss's input). ``deconv`` always takes the logits, as the authors'
+        Cityscapes network does (its deconvolution comes before the softmax).
+        """
         if self.upsample == "deconv":
             channels = logits.shape[1]
             logits = F.conv_transpose2d(
@@ -85,14 +95,19 @@ class Segmenter(nn.Module):
                 padding=OUTPUT_STRIDE // 2, groups=channels,
             )
             return logits[..., : size[0], : size[1]]
+        probabilities = not self.training
+        values = F.softmax(logits.float(), dim=1) if probabilities else logits
         if self.upsample == "zoom":  # feature i at pixel 8i; the edge repeats past the last one
-            padded = F.pad(logits, (0, 1, 0, 1), mode="replicate")
+            padded = F.pad(values, (0, 1, 0, 1), mode="replicate")
             h, w = padded.shape[-2:]
-            return F.interpolate(padded, size=(OUTPUT_STRIDE * (h - 1) + 1,
-                                               OUTPUT_STRIDE * (w - 1) + 1),
-                                 mode="bilinear", align_corners=True)[..., : size[0], : size[1]]
-        return F.interpolate(logits, scale_factor=OUTPUT_STRIDE, mode="bilinear",
-                             align_corners=False)[..., : size[0], : size[1]]
+            values = F.interpolate(padded, size=(OUTPUT_STRIDE * (h - 1) + 1,
+                                                 OUTPUT_STRIDE * (w - 1) + 1),
+                                   mode="bilinear", align_corners=True)
+        else:
+            values = F.interpolate(values, scale_factor=OUTPUT_STRIDE, mode="bilinear",
+                                   align_corners=False)
+        values = values[..., : size[0], : size[1]]
+        return values.clamp_min(torch.finfo(values.dtype).tiny).log() if probabilities else values
 
     def forward(self, image: torch.Tensor, use_crf: bool = True,
                 context_included: bool = False) -> torch.Tensor:
