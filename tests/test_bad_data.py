@@ -105,6 +105,14 @@ def test_16_bit_label_values_above_255_are_named_not_wrapped(tmp_path):
     Image.fromarray(np.array([[0, 3], [7, 255]], np.uint16)).save(path)
     assert read_index_png(path).tolist() == [[0, 3], [7, 255]]  # in range: read as is
 
+def test_colour_label_names_the_conversion(tmp_path):
+    path = tmp_path / "label.png"
+    Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(path)
+    with pytest.raises(DataError, match=r"label .*label.png is a RGB image; expected a "
+                                        r"single-channel index PNG .*`dilatedseg prepare"):
+        read_index_png(path)
+
+
 def test_unreadable_image(voc, tmp_path, capsys):
     (voc / "VOCdevkit/VOC2012/JPEGImages/a1.jpg").write_bytes(b"not a jpeg")
     err = fails(capsys, *voc_fit(voc, tmp_path))

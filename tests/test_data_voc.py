@@ -68,6 +68,17 @@ def test_voc_train_split_without_sbd(voc_root):
         "2007_000001", "2007_000002", "2007_000003"]
 
 
+def test_deeplab_two_column_train_aug_list(voc_root):
+    """DeepLab's widely copied train_aug.txt lists image and label paths per line."""
+    listing = voc_root / "VOCdevkit/VOC2012/ImageSets/Segmentation/train_aug.txt"
+    listing.write_text("/JPEGImages/2007_000002.jpg /SegmentationClassAug/2007_000002.png\n"
+                       "/JPEGImages/2007_000003.jpg /SegmentationClassAug/2007_000003.png\n\n")
+    pairs = VOCDataModule(root=str(voc_root)).checked_pairs("train")
+    voc = voc_root / "VOCdevkit/VOC2012"
+    assert pairs == [(voc / f"JPEGImages/{name}.jpg", voc / f"SegmentationClass/{name}.png")
+                     for name in ("2007_000002", "2007_000003")]
+
+
 def test_voc_fit_and_validate_through_cli(voc_root, tmp_path):
     runs = tmp_path / "runs"
     run_cli("fit", *tiny_args("voc", voc_root, runs))

@@ -44,7 +44,9 @@ def read_index_png(path: Path) -> np.ndarray:
             if label.mode not in ("P", "L", "I", "I;16"):
                 raise DataError(
                     f"label {path} is a {label.mode} image; expected a single-channel index PNG "
-                    "(class ids as pixel values, 255 = ignore)")
+                    "(class ids as pixel values, 255 = ignore): convert colour-coded labels to "
+                    "class ids first (`dilatedseg prepare <dataset>` does, for the layouts it "
+                    "reads)")
             values = np.asarray(label)
     except OSError as error:
         raise DataError(f"cannot read label {path}: {error}. Re-download or remove it.") from None

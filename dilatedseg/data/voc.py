@@ -69,7 +69,11 @@ class VOCDataModule(SegmentationDataModule):
             raise self.missing(f"split list {listing}{hint} is missing")
         voc = self.root / VOC_DIR
         pairs = []
-        for name in listing.read_text().split():
+        # One name per line; DeepLab's copy of train_aug.txt lists "/JPEGImages/<name>.jpg
+        # /SegmentationClassAug/<name>.png" instead: the name is the first column's stem.
+        names = [Path(line.split()[0]).stem for line in listing.read_text().splitlines()
+                 if line.strip()]
+        for name in names:
             label = voc / "SegmentationClass" / f"{name}.png"
             if not label.is_file() and (self.root / AUG_LABELS / f"{name}.png").is_file():
                 label = self.root / AUG_LABELS / f"{name}.png"
