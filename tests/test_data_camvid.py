@@ -9,8 +9,23 @@ from fixtures_datasets import logged_metrics, make_camvid_original, make_camvid_
 from PIL import Image
 
 from dilatedseg.data import CamVidDataModule, DataError
-from dilatedseg.data.camvid import CAMVID32, CLASSES, camvid32_colours, decode_colour_label
+from dilatedseg.data.camvid import (
+    CAMVID32,
+    CLASSES,
+    PALETTE,
+    camvid32_colours,
+    decode_colour_label,
+)
 from dilatedseg.prepare import main as prepare
+
+
+def test_classes_and_colours_are_the_papers():
+    """REFERENCE sec. 5, written out here rather than read back from the module."""
+    assert CLASSES == ("building", "tree", "sky", "car", "sign", "road", "pedestrian", "fence",
+                       "pole", "sidewalk", "bicyclist")
+    assert PALETTE == ((128, 0, 0), (128, 128, 0), (128, 128, 128), (64, 0, 128),
+                       (192, 128, 128), (128, 64, 128), (64, 64, 0), (64, 64, 128),
+                       (192, 192, 128), (0, 0, 192), (0, 128, 192))
 
 
 def test_segnet_annotations_map_to_the_papers_order(tmp_path):

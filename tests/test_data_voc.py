@@ -118,6 +118,16 @@ def test_real_voc_files_load_and_evaluate(tmp_path):
     data.setup("validate")
     sample = data.datasets["val"][0]
     assert sample["image"].shape[0] == 3 and sample["image"].shape[1:] == sample["label"].shape
+    # Palette indices are the class ids, borders stay 255, in the files' class order.
+    listed = (REALDATA / "class_names.txt").read_text().split("\n")
+    assert [n.replace(" ", "").replace("/", "") for n in listed[1:21]] == list(data.classes[1:])
+    for index, name in enumerate(names):
+        with Image.open(REALDATA / "SegmentationClass" / f"{name}.png") as png:
+            assert png.mode == "P"
+            indices = np.asarray(png)
+        label = data.datasets["val"][index]["label"].numpy()
+        assert np.array_equal(label, indices)
+        assert set(np.unique(label)) - {255} and set(np.unique(label)) <= set(range(21)) | {255}
     model = SegmentationModule(21, list(data.classes), arch="tiny", padding="valid",
                                pixel_mean=data.mean_rgb)
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
