@@ -348,8 +348,18 @@ class SegmentationModule(L.LightningModule):
         if hp.lr_schedule == "step":
             scheduler = torch.optim.lr_scheduler.StepLR(optimizer, hp.lr_step_epochs, hp.lr_gamma)
             return {"optimizer": optimizer, "lr_scheduler": scheduler}
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: max(0.0, 1 - step / total) ** 0.9)
+        total: list[int] = []
+
+        def poly(step: int) -> float:
+            # The run's length is read at the first step, not now: asking for it here makes
+            # Lightning start the training loader's workers before on_fit_start, where the
+            # feature cache attaches its datasets (persistent workers would keep stale copies).
+            if step == 0:
+                return 1.0
+            if not total:
+                total.append(max(1, int(self.trainer.estimated_stepping_batches)))
+            return max(0.0, 1 - step / total[0]) ** 0.9
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

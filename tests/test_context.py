@@ -126,3 +126,28 @@ def test_optimiser_groups_follow_caffe():
         scheduler["scheduler"].step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
     assert isinstance(module.model.context.layers[-1], nn.Conv2d)  # no ReLU at the end
+
+
+def test_poly_schedule_reads_the_run_length_at_the_first_step():
+    """(1 - step / total)^0.9 over the run; configuring it does not ask Lightning for the run
+    length (that would start the training loader's workers before the feature cache is in)."""
+
+    class Trainer:
+        asked = 0
+
+        @property
+        def estimated_stepping_batches(self):
+            Trainer.asked += 1
+            return 10
+
+    module = SegmentationModule(3, stage="context", arch="tiny", padding="same",
+                                lr_schedule="poly", lr=0.01)
+    module.trainer = Trainer()
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert Trainer.asked == 0 and optimizer.param_groups[0]["lr"] == 0.01
+    for step in range(1, 6):
+        optimizer.step()
+        scheduler.step()
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * (1 - step / 10) ** 0.9)
+    assert Trainer.asked == 1

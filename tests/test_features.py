@@ -1,5 +1,6 @@
 """Cached front-end logits: same training as uncached, invalidation, mirroring, CLI location."""
 
+import json
 import os
 
 import lightning as L
@@ -160,12 +161,18 @@ def test_images_of_different_sizes_are_padded(tmp_path):
 
 
 def test_cli_context_stage_caches_under_runs(small_shapes, tmp_path):
+    """As `make train` runs it: DataLoader workers, and the poly schedule, which makes
+    Lightning start the training loader's (persistent) workers while configuring the optimiser,
+    before on_fit_start: the cache must be attached by then."""
     runs = tmp_path / "runs"
     run_cli("fit", *shapes_args(small_shapes, runs, "--config", "conf/stage/context.yaml"),
             *[f"--data.init_args.{k}={v}" for k, v in SMALL.items()],
-            "--model.init_from=null", "--trainer.max_epochs=1")
+            "--model.init_from=null", "--trainer.max_epochs=1", "--model.lr_schedule=poly",
+            "--data.init_args.num_workers=2")
     caches = sorted(p.name.split("-")[0] for p in (runs / "shapes" / "cache").iterdir())
     assert caches == ["train", "val"]
+    summary = json.loads((runs / "shapes/context/version_0/summary.json").read_text())
+    assert summary["epochs"] == 1 and summary["best_val_mIoU"] is not None
 
 
 def test_cached_context_stage_with_a_crf_stops_before_training(small_shapes, tmp_path, capsys):
@@ -192,7 +199,7 @@ def test_cached_training_step_leaves_a_dense_crf_out(tmp_path):
 
 def test_a_run_limited_to_a_few_batches_caches_only_what_it_reads(small_shapes, tmp_path):
     """A debug run (limit_*_batches, fast_dev_run) must not compute the whole split's logits."""
-    import json
+
 
     runs = tmp_path / "runs"
     run_cli("fit", *shapes_args(small_shapes, runs, "--config", "conf/stage/context.yaml"),
