@@ -22,7 +22,11 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback  # noqa: E402
+from lightning.pytorch.cli import (  # noqa: E402
+    LightningArgumentParser,
+    LightningCLI,
+    SaveConfigCallback,
+)
 
 from dilatedseg.data import SegmentationDataModule  # noqa: E402
 from dilatedseg.data.base import DataError  # noqa: E402
@@ -66,12 +70,26 @@ class RunConfigSaver(SaveConfigCallback):
                 logger.log_hyperparams(self.config.as_dict())
 
 
+class ConciseParser(LightningArgumentParser):
+    """A parse error (misspelt option, bad value, missing config file) is the message and a
+    pointer to --help, not the ~100-line usage that jsonargparse prints first for fit."""
+
+    def error(self, message: str, ex: Exception | None = None) -> typing.NoReturn:
+        if not self.exit_on_error:  # jsonargparse parsing tentatively: it handles the raise
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {message}\n(the options: {prog} --help)\n")
+        sys.exit(2)
+
+
 class DilatedSegCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True):
         super().__init__(
             SegmentationModule,
             SegmentationDataModule,
             subclass_mode_data=True,
+            parser_class=ConciseParser,
             save_config_callback=RunConfigSaver,
             save_config_kwargs={"save_to_log_dir": False, "overwrite": True},
             parser_kwargs={

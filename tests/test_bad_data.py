@@ -156,6 +156,19 @@ def test_bad_option_value_is_one_line_not_a_traceback(voc, tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("option,message", [
+    ("--model.lrr=0.1", "unrecognized arguments: --model.lrr=0.1"),
+    ("--trainer.max_epochs=abc", 'Parser key "trainer.max_epochs"'),
+    ("--config=conf/nope.yaml", "File does not exist: "),
+])
+def test_parse_error_is_the_message_not_the_usage(voc, tmp_path, capsys, option, message):
+    err = fails(capsys, *voc_fit(voc, tmp_path, option))
+    assert err.startswith("error: ") and message in err.splitlines()[0]
+    assert err.strip().endswith(" fit --help)")  # (the program is pytest here)
+    assert "usage:" not in err and len(err.splitlines()) < 10
+    assert not (tmp_path / "runs").exists()
+
+
 def test_context_margin_that_does_not_fit_the_front_end(voc, tmp_path, capsys):
     """The VGG-16 recipe's margin (186) with the tiny front-end (23): named, with the fix,
     before training."""
