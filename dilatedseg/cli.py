@@ -32,7 +32,7 @@ from dilatedseg.data import SegmentationDataModule  # noqa: E402
 from dilatedseg.data.base import DataError  # noqa: E402
 from dilatedseg.models.caffemodel import check_caffe_input  # noqa: E402
 from dilatedseg.models.weights import WeightsError  # noqa: E402
-from dilatedseg.module import SegmentationModule  # noqa: E402
+from dilatedseg.module import SegmentationModule, read_checkpoint  # noqa: E402
 from dilatedseg.runs import (  # noqa: E402
     RunError,
     RunSummary,
@@ -244,9 +244,10 @@ def checkpoint_hparams(path: str) -> dict:
         raise RunError(f"checkpoint {path} does not exist: check the path (runs/<dataset>/"
                        "<stage>/<version>/checkpoints/ holds best-*.ckpt and last.ckpt)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = read_checkpoint(path)
     except Exception as error:  # torch raises many kinds for a file that is not a checkpoint
-        raise RunError(f"cannot read checkpoint {path}: {error}") from None
+        raise RunError(f"{path} is not a PyTorch checkpoint torch.load can read ({error})"
+                       ) from None
     return dict(checkpoint.get("hyper_parameters", {})) if isinstance(checkpoint, dict) else {}
 
 

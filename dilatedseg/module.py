@@ -13,6 +13,7 @@ from dilatedseg.inference import predict_logits
 from dilatedseg.metrics import ConfusionMatrix, category_iou, iou_from_confusion, mean_iou
 from dilatedseg.models import ContextModule, DenseCRF, FrontEnd, Segmenter
 from dilatedseg.models.caffemodel import check_caffe_input, load_caffemodel
+from dilatedseg.models.context import resolve_dilations
 from dilatedseg.models.frontend import OUTPUT_STRIDE
 from dilatedseg.models.segmenter import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 from dilatedseg.models.weights import WeightsError
@@ -29,6 +30,17 @@ def segmentation_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor
     labelled = (label != IGNORE_INDEX).sum().clamp(min=1)
     return F.cross_entropy(logits.float(), label, ignore_index=IGNORE_INDEX,
                            reduction="sum") / labelled
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint's contents on the CPU, tensors memory-mapped (read only when used); files
+    in PyTorch's legacy (pre-zip) format, which cannot be mapped, are read whole."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if "mmap" not in str(error):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class SegmentationModule(L.LightningModule):
@@ -218,7 +230,7 @@ class SegmentationModule(L.LightningModule):
         if str(path).endswith(".caffemodel"):
             self.load_caffemodel(path)
             return
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = read_checkpoint(path)
         source = checkpoint.get("state_dict", checkpoint)
         own = self.state_dict()
         matched = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
@@ -227,14 +239,34 @@ class SegmentationModule(L.LightningModule):
             raise RunError(
                 f"{path} does not fit this model: front-end weights {missing_frontend[:3]} are "
                 "missing or differ in shape (same arch and num_classes?)")
-        unfit = [k for k, v in source.items()
-                 if k.startswith("model.context.") and k in own and own[k].shape != v.shape]
+        unfit = self.context_misfit(source, checkpoint.get("hyper_parameters", {}))
         if unfit:
-            rank_zero_warn(
-                f"{path}: its context module does not fit this one ({unfit[0]}: "
-                f"{tuple(source[unfit[0]].shape)} vs {tuple(own[unfit[0]].shape)}; another "
-                "context_variant or dilations?): the context module keeps its initialisation")
+            rank_zero_warn(f"{path}: its context module does not fit this one ({unfit}): only "
+                           "the front-end is loaded, the context module keeps its "
+                           "initialisation")
+            matched = {k: v for k, v in matched.items() if not k.startswith("model.context.")}
         self.load_state_dict(matched, strict=False)
+
+    def context_misfit(self, source: dict, hparams: dict) -> str | None:
+        """Why a checkpoint's context module cannot stand in for this one (None: it can, or
+        either has none): another variant, schedule or padding, or other layers or shapes.
+        Taken whole or not at all: a schedule of the same depth has the same shapes."""
+        own = {k: v for k, v in self.state_dict().items() if k.startswith("model.context.")}
+        theirs = {k: v for k, v in source.items() if k.startswith("model.context.")}
+        if not own or not theirs:
+            return None
+        for name, resolve in (("context_variant", str), ("dilations", resolve_dilations),
+                              ("context_padding", str)):
+            if hparams.get(name) is not None and \
+                    resolve(hparams[name]) != resolve(self.hparams[name]):
+                return f"{name} {resolve(hparams[name])} vs {resolve(self.hparams[name])}"
+        for key in sorted(own.keys() | theirs.keys()):
+            if key not in own or key not in theirs or own[key].shape != theirs[key].shape:
+                shape = {k: tuple(d[key].shape) if key in d else "none"
+                         for k, d in (("theirs", theirs), ("ours", own))}
+                return (f"{key}: {shape['theirs']} vs {shape['ours']}; another "
+                        "context_variant or dilations?")
+        return None
 
     def load_caffemodel(self, path: str) -> None:
         """The authors' published weights, which take mean-subtracted 0-255 input unscaled."""

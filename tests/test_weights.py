@@ -118,11 +118,42 @@ def test_init_from_replaces_imagenet_weights_so_they_are_not_read(tmp_path, monk
 
 def test_a_context_module_that_does_not_fit_is_named(tmp_path):
     basic = SegmentationModule(4, arch="tiny", stage="context", dilations=[1, 2])
-    torch.save({"state_dict": basic.state_dict()}, tmp_path / "basic.ckpt")
+    torch.save({"state_dict": basic.state_dict()}, tmp_path / "basic.ckpt")  # no hparams
     large = SegmentationModule(4, arch="tiny", stage="joint", dilations=[1, 2],
                                context_variant="large")
+    initial = {k: v.clone() for k, v in large.model.context.state_dict().items()}
     with pytest.warns(UserWarning, match=r"its context module does not fit this one .*"
                                          r"context_variant or dilations"):
         large.load_weights(str(tmp_path / "basic.ckpt"))
     torch.testing.assert_close(large.model.frontend.state_dict(),
                                basic.model.frontend.state_dict())
+    # Taken whole or not at all: the layers whose shapes happen to agree are not loaded.
+    torch.testing.assert_close(large.model.context.state_dict(), initial)
+
+
+def test_a_schedule_of_the_same_depth_is_not_loaded_silently(tmp_path):
+    """[1, 2] and [1, 4] have the same shapes: the checkpoint's hyperparameters tell them apart."""
+    trained = SegmentationModule(4, arch="tiny", stage="context", dilations=[1, 2])
+    torch.nn.init.normal_(trained.model.context.layers[0].weight)
+    torch.save({"state_dict": trained.state_dict(), "hyper_parameters": dict(trained.hparams)},
+               tmp_path / "context.ckpt")
+    other = SegmentationModule(4, arch="tiny", stage="joint", dilations=[1, 4])
+    initial = {k: v.clone() for k, v in other.model.context.state_dict().items()}
+    with pytest.warns(UserWarning, match=r"dilations \(1, 2\) vs \(1, 4\)\): only the "
+                                         r"front-end is loaded"):
+        other.load_weights(str(tmp_path / "context.ckpt"))
+    torch.testing.assert_close(other.model.context.state_dict(), initial)
+    same = SegmentationModule(4, arch="tiny", stage="joint", dilations=[1, 2])
+    same.load_weights(str(tmp_path / "context.ckpt"))  # fits: loaded whole, no warning
+    torch.testing.assert_close(same.model.context.state_dict(),
+                               trained.model.context.state_dict())
+
+
+def test_legacy_format_checkpoints_load(tmp_path):
+    """torch.save(..., _use_new_zipfile_serialization=False) files cannot be memory-mapped."""
+    trained = SegmentationModule(4, arch="tiny", stage="context", dilations=[1, 2])
+    torch.save({"state_dict": trained.state_dict()}, tmp_path / "old.ckpt",
+               _use_new_zipfile_serialization=False)
+    fresh = SegmentationModule(4, arch="tiny", stage="joint", dilations=[1, 2])
+    fresh.load_weights(str(tmp_path / "old.ckpt"))
+    torch.testing.assert_close(fresh.model.state_dict(), trained.model.state_dict())
