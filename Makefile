@@ -7,6 +7,8 @@ SWEEP ?= dilations
 COUNT ?= 4
 INIT ?=
 ARGS ?=
+# The CLI of the PYTHON make installed into, activated or not.
+DILATEDSEG = $(PYTHON) -m dilatedseg.cli
 # The stages `STAGE=all` runs, in order.
 STAGES ?= frontend context crf
 
@@ -33,7 +35,9 @@ STAGE_NAMES := $(sort $(basename $(notdir $(wildcard conf/stage/*.yaml))))
 # A misspelt name stops make with the names there are (before anything runs).
 check_names = $(if $(filter $(DATASET),$(DATASETS)),,$(error DATASET=$(DATASET) has no \
 	conf/$(DATASET).yaml; datasets: $(DATASETS)))$(if $(filter $(STAGE),all $(STAGE_NAMES)),,\
-	$(error STAGE=$(STAGE) has no conf/stage/$(STAGE).yaml; stages: $(STAGE_NAMES) or all))
+	$(error STAGE=$(STAGE) has no conf/stage/$(STAGE).yaml; stages: $(STAGE_NAMES) or all))$(if \
+	$(and $(INIT),$(filter all,$(STAGE))),$(error INIT=$(INIT) is where one stage starts: name \
+	it, e.g. STAGE=context))
 
 # One stage: conf/<dataset>.yaml + conf/stage/<stage>.yaml (+ conf/<dataset>/<stage>.yaml if present).
 stage_configs = --config conf/$(DATASET).yaml --config conf/stage/$(1).yaml \
@@ -44,17 +48,17 @@ train:  ## train STAGE (frontend|context|joint|crf|all) on DATASET; INIT=ckpt ov
 ifeq ($(STAGE),all)
 	@for stage in $(STAGES); do \
 	  echo "== stage $$stage on $(DATASET) =="; \
-	  dilatedseg fit --config conf/$(DATASET).yaml --config conf/stage/$$stage.yaml \
+	  $(DILATEDSEG) fit --config conf/$(DATASET).yaml --config conf/stage/$$stage.yaml \
 	    $$( [ -f conf/$(DATASET)/$$stage.yaml ] && echo --config conf/$(DATASET)/$$stage.yaml ) \
 	    $(ARGS) || exit $$?; \
 	done
-	@dilatedseg summary --dataset $(DATASET)
+	@$(DILATEDSEG) summary --dataset $(DATASET)
 else
-	dilatedseg fit $(call stage_configs,$(STAGE)) $(if $(INIT),--model.init_from=$(INIT)) $(ARGS)
+	$(DILATEDSEG) fit $(call stage_configs,$(STAGE)) $(if $(INIT),--model.init_from=$(INIT)) $(ARGS)
 endif
 
 sweep:  ## run sweeps/<SWEEP>.yaml locally (no W&B server), COUNT trials
-	dilatedseg sweep sweeps/$(SWEEP).yaml --local --count $(COUNT) $(ARGS)
+	$(DILATEDSEG) sweep sweeps/$(SWEEP).yaml --local --count $(COUNT) $(ARGS)
 
 # Runs go to runs/report/ (apart from yours); ARGS go to every run, e.g. ARGS=--quick for a smoke test.
 report:  ## reproduce the paper's ablations on DATASET: reports/<dataset>/report.md + figures

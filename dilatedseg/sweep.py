@@ -247,7 +247,17 @@ def trial_env(summary_path: Path | None) -> dict[str, str]:
     return env
 
 
+def local_command(argv: list[str]) -> list[str]:
+    """A trial's command as the local runner runs it: a bare ``dilatedseg`` becomes this
+    interpreter's ``python -m dilatedseg.cli`` (the install running the sweep, whether its
+    environment is activated or not); the arguments are the agent's."""
+    if argv and argv[0] == "dilatedseg":
+        return [sys.executable, "-m", "dilatedseg.cli", *argv[1:]]
+    return argv
+
+
 def run_logged(argv: list[str], log: Path, env: dict[str, str]) -> int:
+    argv = local_command(argv)
     with open(log, "w") as stream:
         stream.write(shlex.join(argv) + "\n\n")
         stream.flush()

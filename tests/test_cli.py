@@ -219,6 +219,23 @@ def test_make_train_names_the_datasets_and_stages_there_are():
         assert done.returncode == 2 and expected in done.stderr, done.stderr
 
 
+def test_make_runs_the_cli_of_its_python_and_refuses_init_for_all_stages():
+    """`make install PYTHON=.venv/bin/python` then `make train PYTHON=...`: that install runs,
+    activated or not."""
+    import subprocess
+
+    def make(*options):
+        return subprocess.run(["make", "-n", *options], cwd=REPO, capture_output=True, text=True)
+
+    python = "/opt/env/bin/python"
+    for target in (["train", "STAGE=frontend"], ["train"], ["sweep"]):
+        done = make(*target, f"PYTHON={python}")
+        assert done.returncode == 0 and f"{python} -m dilatedseg.cli " in done.stdout
+        assert "\tdilatedseg " not in done.stdout and "\n  dilatedseg " not in done.stdout
+    done = make("train", "INIT=runs/x.ckpt")
+    assert done.returncode == 2 and "INIT=runs/x.ckpt is where one stage starts" in done.stderr
+
+
 def test_summary_written_after_each_epoch_holds_that_epochs_best(tiny_shapes, tmp_path):
     """An interrupted run's summary.json is current: read at the start of epoch 1, it holds
     epoch 0's validation and its checkpoint as the best."""

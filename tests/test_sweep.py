@@ -209,6 +209,14 @@ def test_local_grid_sweep_end_to_end(tiny_shapes, tmp_path, monkeypatch):
             float(row["val/mIoU"]), abs=1e-3)
 
 
+def test_local_trials_run_the_cli_of_the_runners_interpreter():
+    from dilatedseg.sweep import local_command
+
+    assert local_command(["dilatedseg", "fit", "--model.lr=0.1"]) == [
+        sys.executable, "-m", "dilatedseg.cli", "fit", "--model.lr=0.1"]
+    assert local_command(["/usr/bin/env", "python", "x.py"]) == ["/usr/bin/env", "python", "x.py"]
+
+
 def test_trials_start_as_runs_of_their_own(monkeypatch, tmp_path):
     """Inside a SLURM batch job or a run, a trial inherits no job id, run directory or W&B
     run (they would put every trial into one run directory)."""
