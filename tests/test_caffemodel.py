@@ -162,20 +162,19 @@ def interp_map(prob: np.ndarray, zoom: int, width: int, height: int) -> np.ndarr
 
 
 def test_zoom_upsampling_is_the_authors_interp_map():
-    """Evaluating, the probabilities are interpolated (their predict.py: softmax, then
-    interp_map); training interpolates the logits on the same grid."""
+    """Their predict.py: softmax, then interp_map of the probabilities (feature i on pixel 8i);
+    zoom returns the log of those, so its softmax gives them back."""
     segmenter = Segmenter(FrontEnd(3, arch="tiny"), upsample="zoom")
     logits = torch.randn(1, 3, 5, 7) * 4
     height, width = 37, 50  # ceil(37 / 8) = 5, ceil(50 / 8) = 7
     edge = np.pad(logits[0].numpy(), ((0, 0), (0, 1), (0, 1)), mode="edge")
-    trained = segmenter.upsample_to(logits, (height, width))[0].numpy()
-    np.testing.assert_allclose(trained, interp_map(edge, 8, width, height), atol=1e-5)
-    assert np.allclose(trained[:, ::8, ::8], logits[0].numpy())  # feature i sits on pixel 8i
     authors = interp_map(torch.softmax(torch.from_numpy(edge), 0).numpy(), 8, width, height)
-    evaluated = segmenter.eval().upsample_to(logits, (height, width)).softmax(1)[0].numpy()
-    np.testing.assert_allclose(evaluated, authors, atol=1e-5)
-    # Interpolating logits instead would change the argmax of some pixels between features.
-    assert (authors.argmax(0) != trained.argmax(0)).any()
+    for mode in (segmenter.train(), segmenter.eval()):  # one behaviour, training or not
+        ours = mode.upsample_to(logits, (height, width)).softmax(1)[0].numpy()
+        np.testing.assert_allclose(ours, authors, atol=1e-5)
+    assert np.allclose(ours[:, ::8, ::8], logits[0].softmax(0).numpy(), atol=1e-6)
+    # Interpolating the logits instead changes the argmax of some pixels between features.
+    assert (authors.argmax(0) != interp_map(edge, 8, width, height).argmax(0)).any()
 
 
 def test_validate_a_published_model_through_the_cli(tiny_shapes, tmp_path):

@@ -65,17 +65,22 @@ def test_module_evaluates_with_tiles():
         assert out["prediction"].equal(module(image).argmax(1).to(torch.uint8))
 
 
-def test_evaluation_interpolates_probabilities_as_the_authors():
-    """REFERENCE sec. 4: softmax at 1/8, bilinear x8 of the probabilities, argmax; whole or
-    tiled alike. (Training interpolates the logits, the loss's input.)"""
+def test_upsampling_modes_interpolate_logits_or_the_authors_probabilities():
+    """bilinear: the logits, trained and evaluated alike; zoom (the authors' VOC / CamVid /
+    KITTI models): softmax at 1/8, then the probabilities, whole or tiled."""
     model = segmenter("same", context=True)
     image = torch.rand(1, 3, 61, 83) * 255
     with torch.no_grad():
         coarse = model.coarse_logits(image)
-        expected = torch.nn.functional.interpolate(
-            coarse.softmax(1), scale_factor=8, mode="bilinear", align_corners=False
-        )[..., :61, :83]
-        torch.testing.assert_close(predict_probabilities(model, image), expected)
-        torch.testing.assert_close(predict_probabilities(model, image, (16, 24)), expected)
-        trained = model.train().upsample_to(coarse, (61, 83))
-    assert not torch.allclose(trained.softmax(1), expected, atol=1e-3)
+        bilinear = torch.nn.functional.interpolate(
+            coarse, scale_factor=8, mode="bilinear", align_corners=False)[..., :61, :83]
+        torch.testing.assert_close(model(image), bilinear)
+        torch.testing.assert_close(predict_logits(model, image, (16, 24)), bilinear,
+                                   atol=1e-3, rtol=1e-4)  # (other convolution shapes)
+        model.upsample = "zoom"
+        padded = torch.nn.functional.pad(coarse.softmax(1), (0, 1, 0, 1), mode="replicate")
+        zoom = torch.nn.functional.interpolate(padded, size=(8 * 8 + 1, 8 * 11 + 1),
+                                               mode="bilinear", align_corners=True)
+        torch.testing.assert_close(predict_probabilities(model, image), zoom[..., :61, :83])
+        torch.testing.assert_close(predict_probabilities(model, image, (16, 24)),
+                                   zoom[..., :61, :83], atol=1e-4, rtol=1e-4)

@@ -28,12 +28,11 @@ class Segmenter(nn.Module):
     ``context=None`` gives the front-end alone. ``upsample="bilinear"`` interpolates the 1/8
     logits (feature i centred on pixel 8i + 3.5, its receptive field's centre); ``"deconv"`` is
     the frozen grouped bilinear ConvTranspose2d(C, C, 16, 8, 4) of the authors' Cityscapes model
-    (same centring, zeros past the border); ``"zoom"`` places feature i at pixel 8i, as the
-    authors' ``interp_map`` does for their VOC / CamVid / KITTI models (use it with their
-    weights, which were trained so); ``"auto"`` picks deconv for the Dilation10 schedule,
+    (same centring, zeros past the border); ``"zoom"`` is the authors' ``interp_map`` for their
+    VOC / CamVid / KITTI models: the probabilities interpolated, feature i at pixel 8i (use it
+    with their weights, which were trained so); ``"auto"`` picks deconv for the Dilation10 schedule,
     bilinear otherwise.
-    ``crf`` refines the upsampled logits with the image. Evaluating, bilinear and zoom
-    upsampling interpolate probabilities, as the authors' test code (see :meth:`upsample_to`).
+    ``crf`` refines the upsampled logits with the image.
     """
 
     def __init__(
@@ -81,12 +80,11 @@ class Segmenter(nn.Module):
     def upsample_to(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """1/8-resolution logits -> logits at ``size``.
 
-        Evaluating (eval mode), ``bilinear`` and ``zoom`` interpolate the probabilities, as the
-        authors' test code does (softmax, then ``interp_map``), and return their log: a logit
-        whose softmax is those probabilities, so the argmax, the CRF's unary and the
-        validation loss all see the interpolated probabilities. Training interpolates the
-        logits (the loss's input). ``deconv`` always takes the logits, as the authors'
-        Cityscapes network does (its deconvolution comes before the softmax).
+        ``zoom`` is the authors' ``interp_map``, which their test code applies to the softmax:
+        it interpolates the probabilities and returns their log (a logit whose softmax is
+        them, so argmax, CRF unary and loss all see the interpolated probabilities).
+        ``bilinear`` and ``deconv`` interpolate the logits, in training and evaluation alike
+        (the authors' Cityscapes deconvolution also comes before the softmax).
         """
         if self.upsample == "deconv":
             channels = logits.shape[1]
@@ -95,19 +93,16 @@ class Segmenter(nn.Module):
                 padding=OUTPUT_STRIDE // 2, groups=channels,
             )
             return logits[..., : size[0], : size[1]]
-        probabilities = not self.training
-        values = F.softmax(logits.float(), dim=1) if probabilities else logits
         if self.upsample == "zoom":  # feature i at pixel 8i; the edge repeats past the last one
-            padded = F.pad(values, (0, 1, 0, 1), mode="replicate")
+            padded = F.pad(F.softmax(logits.float(), dim=1), (0, 1, 0, 1), mode="replicate")
             h, w = padded.shape[-2:]
-            values = F.interpolate(padded, size=(OUTPUT_STRIDE * (h - 1) + 1,
-                                                 OUTPUT_STRIDE * (w - 1) + 1),
-                                   mode="bilinear", align_corners=True)
-        else:
-            values = F.interpolate(values, scale_factor=OUTPUT_STRIDE, mode="bilinear",
-                                   align_corners=False)
-        values = values[..., : size[0], : size[1]]
-        return values.clamp_min(torch.finfo(values.dtype).tiny).log() if probabilities else values
+            probabilities = F.interpolate(padded, size=(OUTPUT_STRIDE * (h - 1) + 1,
+                                                        OUTPUT_STRIDE * (w - 1) + 1),
+                                          mode="bilinear", align_corners=True)
+            probabilities = probabilities[..., : size[0], : size[1]]
+            return probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny).log()
+        return F.interpolate(logits, scale_factor=OUTPUT_STRIDE, mode="bilinear",
+                             align_corners=False)[..., : size[0], : size[1]]
 
     def forward(self, image: torch.Tensor, use_crf: bool = True,
                 context_included: bool = False) -> torch.Tensor:
