@@ -75,19 +75,42 @@ def resolve_run_dir(runs_dir: str, dataset: str, stage: str, subcommand: str,
     elif job := slurm_batch_job():
         run_dir = parent / f"slurm-{job}"
     else:
-        prefix = "version" if subcommand == "fit" else subcommand
-        taken = [int(p.name.rsplit("_", 1)[1]) for p in parent.glob(f"{prefix}_*")
-                 if p.name.rsplit("_", 1)[1].isdigit()]
-        run_dir = parent / f"{prefix}_{max(taken, default=-1) + 1}"
+        run_dir = None
     global _run_started
     _run_started = False  # a new run in this process (tests and the report run several):
     _created_run_dirs.clear()  # a failure now concerns only what this run makes
-    missing = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
-    if missing:
-        _created_run_dirs.add(missing[-1])  # the outermost directory this mkdir makes
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if run_dir is None:  # a new version_N
+        made = outermost_missing(parent)
+        run_dir = claim_next_version(parent, "version" if subcommand == "fit" else subcommand)
+        made = made or run_dir
+    else:
+        made = outermost_missing(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if made is not None:
+        _created_run_dirs.add(made)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir
+
+
+def outermost_missing(path: Path) -> Path | None:
+    """The outermost of ``path`` and its parents that does not exist (what mkdir -p makes)."""
+    return next((d for d in reversed((path, *path.parents)) if not d.exists()), None)
+
+
+def claim_next_version(parent: Path, prefix: str) -> Path:
+    """Make ``<parent>/<prefix>_N`` for the next free N; the mkdir that succeeds claims it, so
+    two runs started at the same moment never share a directory."""
+    parent.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.name.rsplit("_", 1)[1]) for p in parent.glob(f"{prefix}_*")
+             if p.name.rsplit("_", 1)[1].isdigit()]
+    number = max(taken, default=-1) + 1
+    while True:
+        run_dir = parent / f"{prefix}_{number}"
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            number += 1
 
 
 def slurm_batch_job() -> str | None:
@@ -137,7 +160,7 @@ def best_checkpoint(run_dir: Path) -> Path | None:
 
 def find_previous_checkpoint(runs_dir: str, dataset: str, stage: str) -> Path:
     """Best checkpoint of the latest run of the stage this one starts from; when no run of it
-    saved a best one (runs that never validated, e.g. conf/debug.yaml's), the latest last.ckpt."""
+    saved a best one (runs that never validated), the latest last.ckpt."""
     previous = PREVIOUS_STAGES.get(stage)
     if not previous:
         raise RunError(f"stage '{stage}' has no previous stage; set --model.init_from=null")

@@ -48,7 +48,15 @@ def test_every_dataset_and_stage_config_parses():
 
 def test_debug_config_parses():
     out = print_config("conf/shapes.yaml", "conf/debug.yaml")
-    assert "fast_dev_run: 2" in out and "CSVLogger" in out
+    assert "limit_train_batches: 2" in out and "CSVLogger" in out
+
+
+def test_debug_run_writes_what_a_run_writes(tiny_shapes, tmp_path):
+    run_cli("fit", *shapes_args(tiny_shapes, tmp_path, "--config", str(REPO / "conf/debug.yaml")))
+    run = tmp_path / "shapes" / "frontend" / "version_0"
+    assert {"config.yaml", "metrics.csv", "summary.json"} <= {p.name for p in run.iterdir()}
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert json.loads((run / "summary.json").read_text())["best_val_mIoU"] is not None
 
 
 def test_batch_limits_keep_integers_integers():
@@ -264,3 +272,17 @@ def test_summary_written_after_each_epoch_holds_that_epochs_best(tiny_shapes, tm
     (summary,) = seen
     assert summary["best_val_mIoU"] == pytest.approx(summary["history"][0]["val/mIoU"], abs=1e-3)
     assert summary["best_checkpoint"].endswith(".ckpt")
+
+
+def test_runs_started_together_get_directories_of_their_own(tmp_path, monkeypatch):
+    """Another run made version_0 after this one listed the directory: the mkdir that
+    succeeds claims a version, so the two never share one."""
+    from pathlib import Path
+
+    from dilatedseg.runs import claim_next_version
+
+    parent = tmp_path / "shapes" / "frontend"
+    (parent / "version_0").mkdir(parents=True)
+    monkeypatch.setattr(Path, "glob", lambda self, pattern: iter(()))  # the stale listing
+    assert claim_next_version(parent, "version") == parent / "version_1"
+    assert claim_next_version(parent, "version") == parent / "version_2"
