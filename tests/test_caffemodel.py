@@ -177,6 +177,19 @@ def test_zoom_upsampling_is_the_authors_interp_map():
     assert (authors.argmax(0) != interp_map(edge, 8, width, height).argmax(0)).any()
 
 
+def test_zoom_keeps_the_gradient_of_a_class_far_below_the_winner():
+    """exp(-120) underflows float32: the interpolation runs in log space instead."""
+    segmenter = Segmenter(FrontEnd(3, arch="tiny"), upsample="zoom")
+    logits = torch.zeros(1, 3, 2, 2)
+    logits[:, 0] = 120.0
+    logits.requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(segmenter.upsample_to(logits, (12, 12)),
+                                             torch.ones(1, 12, 12, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == pytest.approx(120.0, rel=1e-5)
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().max() > 1e-3
+
+
 def test_validate_a_published_model_through_the_cli(tiny_shapes, tmp_path):
     """`dilatedseg validate ... --model.init_from=X.caffemodel --model.pixel_std=[1,1,1]`
     evaluates exactly the weights in the file (no checkpoint, no ImageNet weights)."""

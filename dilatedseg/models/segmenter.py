@@ -22,6 +22,26 @@ def bilinear_upsampling_kernel(channels: int, factor: int = OUTPUT_STRIDE) -> to
     return kernel.expand(channels, 1, size, size).clone()
 
 
+def zoom_log_probabilities(log_probabilities: torch.Tensor, size: tuple[int, int]
+                           ) -> torch.Tensor:
+    """The log of the authors' ``interp_map`` of the probabilities: feature i on pixel 8i,
+    bilinear between features, the edge feature repeated past the last one.
+
+    Computed in log space, one axis at a time (log(a e^x + b e^y) = logaddexp(x + log a,
+    y + log b)), so a class far below the winner keeps its exact log-probability and gradient
+    instead of underflowing to 0."""
+    values = F.pad(log_probabilities, (0, 1, 0, 1), mode="replicate")
+    for dim, length in ((2, size[0]), (3, size[1])):
+        position = torch.arange(length, device=values.device, dtype=values.dtype)
+        position = position / OUTPUT_STRIDE
+        first = position.floor()
+        fraction = (position - first).view([-1 if d == dim else 1 for d in range(4)])
+        first = first.long()
+        values = torch.logaddexp(values.index_select(dim, first) + torch.log1p(-fraction),
+                                 values.index_select(dim, first + 1) + torch.log(fraction))
+    return values
+
+
 class Segmenter(nn.Module):
     """(B, 3, H, W) image in 0-255 RGB -> (B, C, H, W) logits at input resolution.
 
@@ -93,14 +113,8 @@ class Segmenter(nn.Module):
                 padding=OUTPUT_STRIDE // 2, groups=channels,
             )
             return logits[..., : size[0], : size[1]]
-        if self.upsample == "zoom":  # feature i at pixel 8i; the edge repeats past the last one
-            padded = F.pad(F.softmax(logits.float(), dim=1), (0, 1, 0, 1), mode="replicate")
-            h, w = padded.shape[-2:]
-            probabilities = F.interpolate(padded, size=(OUTPUT_STRIDE * (h - 1) + 1,
-                                                        OUTPUT_STRIDE * (w - 1) + 1),
-                                          mode="bilinear", align_corners=True)
-            probabilities = probabilities[..., : size[0], : size[1]]
-            return probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny).log()
+        if self.upsample == "zoom":
+            return zoom_log_probabilities(F.log_softmax(logits.float(), dim=1), size)
         return F.interpolate(logits, scale_factor=OUTPUT_STRIDE, mode="bilinear",
                              align_corners=False)[..., : size[0], : size[1]]
 
