@@ -75,8 +75,8 @@ class ConciseParser(LightningArgumentParser):
     pointer to --help, not the ~100-line usage that jsonargparse prints first for fit."""
 
     def error(self, message: str, ex: Exception | None = None) -> typing.NoReturn:
-        if not self.exit_on_error:  # jsonargparse parsing tentatively: it handles the raise
-            super().error(message, ex)
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)  # parsing tentatively (it handles the raise), or debug
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
         sys.stderr.write(f"error: {message}\n(the options: {prog} --help)\n")
@@ -93,6 +93,7 @@ class DilatedSegCLI(LightningCLI):
             save_config_callback=RunConfigSaver,
             save_config_kwargs={"save_to_log_dir": False, "overwrite": True},
             parser_kwargs={
+                "prog": "dilatedseg",  # also when run as python -m dilatedseg.cli (make)
                 "parser_mode": "omegaconf",
                 **{verb: {"default_config_files": base_config()} for verb in SUBCOMMANDS},
             },

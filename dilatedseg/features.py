@@ -254,8 +254,9 @@ class FrontendLogitsCache(Callback):
             datamodule.datasets[split] = CachedLogitsDataset(plain, mirror=mirror)
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        # Lightning has restored a resumed checkpoint's weights by now (and read only the
-        # train loader's length, for the lr schedule); the loaders read items after this.
+        # Lightning has restored a resumed checkpoint's weights by now and has not built the
+        # loaders yet (so no worker holds a stand-in dataset: nothing may ask for the run's
+        # length before this, see the poly schedule in module.py).
         self.build_and_attach(trainer, pl_module)
 
     def build_and_attach(self, trainer, pl_module) -> None:

@@ -24,8 +24,9 @@ RUN_DIR_ENV = "DILATEDSEG_RUN_DIR"
 SUMMARY_PATH_ENV = "DILATEDSEG_SUMMARY_PATH"
 # What a run directory holds before the run has written anything.
 UNUSED_RUN_FILES = {"wandb_id.txt"}
-# Run directories this process made (so a failed start can take back what it made, only that).
-_created_run_dirs: set[Path] = set()
+# The run directory this process made, then the parents that making it created, innermost
+# first (so a failed start can take back what it made, and only that).
+_created_run_dirs: list[Path] = []
 # Set once the run has worked through a batch (not a sanity check): from then on what it
 # wrote (logs, W&B history) is kept even if it fails.
 _run_started = False
@@ -80,27 +81,36 @@ def resolve_run_dir(runs_dir: str, dataset: str, stage: str, subcommand: str,
     _run_started = False  # a new run in this process (tests and the report run several):
     _created_run_dirs.clear()  # a failure now concerns only what this run makes
     if run_dir is None:  # a new version_N
-        made = outermost_missing(parent)
+        made_parents = make_directories(parent)
         run_dir = claim_next_version(parent, "version" if subcommand == "fit" else subcommand)
-        made = made or run_dir
+        _created_run_dirs.extend([run_dir, *made_parents])
     else:
-        made = outermost_missing(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-    if made is not None:
-        _created_run_dirs.add(made)
+        made_parents = make_directories(run_dir.parent)
+        try:
+            run_dir.mkdir()
+            _created_run_dirs.extend([run_dir, *made_parents])
+        except FileExistsError:  # resuming, or another process of the job made it
+            pass
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir
 
 
-def outermost_missing(path: Path) -> Path | None:
-    """The outermost of ``path`` and its parents that does not exist (what mkdir -p makes)."""
-    return next((d for d in reversed((path, *path.parents)) if not d.exists()), None)
+def make_directories(path: Path) -> list[Path]:
+    """mkdir -p ``path``; the directories this call made, innermost first (one another process
+    made meanwhile is not counted)."""
+    made = []
+    for directory in (*reversed(path.parents), path):
+        try:
+            directory.mkdir()
+            made.append(directory)
+        except FileExistsError:
+            pass
+    return made[::-1]
 
 
 def claim_next_version(parent: Path, prefix: str) -> Path:
     """Make ``<parent>/<prefix>_N`` for the next free N; the mkdir that succeeds claims it, so
     two runs started at the same moment never share a directory."""
-    parent.mkdir(parents=True, exist_ok=True)
     taken = [int(p.name.rsplit("_", 1)[1]) for p in parent.glob(f"{prefix}_*")
              if p.name.rsplit("_", 1)[1].isdigit()]
     number = max(taken, default=-1) + 1
@@ -133,16 +143,23 @@ def discard_unused_run_dirs() -> list[Path]:
     if not is_global_rank_zero():  # the other processes of a job leave it to rank 0
         return removed
     finish_wandb()  # its files are closed before they go
-    for made in sorted(_created_run_dirs):
-        _created_run_dirs.discard(made)
-        if not made.is_dir():
-            continue
-        files = [p for p in made.rglob("*") if p.is_file()]
-        unused = all(p.name in UNUSED_RUN_FILES for p in files) or (
-            not _run_started and not any(p.suffix == ".ckpt" for p in files))
-        if unused:
-            shutil.rmtree(made, ignore_errors=True)
-            removed.append(made)
+    if not _created_run_dirs:
+        return removed
+    run_dir, *parents = _created_run_dirs
+    _created_run_dirs.clear()
+    files = [p for p in run_dir.rglob("*") if p.is_file()] if run_dir.is_dir() else []
+    unused = all(p.name in UNUSED_RUN_FILES for p in files) or (
+        not _run_started and not any(p.suffix == ".ckpt" for p in files))
+    if not unused:
+        return removed
+    shutil.rmtree(run_dir, ignore_errors=True)
+    removed.append(run_dir)
+    for parent in parents:  # innermost first; one another run has started using stays
+        try:
+            parent.rmdir()
+            removed.append(parent)
+        except OSError:
+            break
     return removed
 
 

@@ -164,7 +164,7 @@ def test_bad_option_value_is_one_line_not_a_traceback(voc, tmp_path, capsys):
 def test_parse_error_is_the_message_not_the_usage(voc, tmp_path, capsys, option, message):
     err = fails(capsys, *voc_fit(voc, tmp_path, option))
     assert err.startswith("error: ") and message in err.splitlines()[0]
-    assert err.strip().endswith(" fit --help)")  # (the program is pytest here)
+    assert err.strip().endswith("(the options: dilatedseg fit --help)")
     assert "usage:" not in err and len(err.splitlines()) < 10
     assert not (tmp_path / "runs").exists()
 

@@ -49,6 +49,7 @@ def test_every_dataset_and_stage_config_parses():
 def test_debug_config_parses():
     out = print_config("conf/shapes.yaml", "conf/debug.yaml")
     assert "limit_train_batches: 2" in out and "CSVLogger" in out
+    assert "runs_dir: runs/debug" in out  # init_from: auto of real stages never sees them
 
 
 def test_debug_run_writes_what_a_run_writes(tiny_shapes, tmp_path):
@@ -286,3 +287,21 @@ def test_runs_started_together_get_directories_of_their_own(tmp_path, monkeypatc
     monkeypatch.setattr(Path, "glob", lambda self, pattern: iter(()))  # the stale listing
     assert claim_next_version(parent, "version") == parent / "version_1"
     assert claim_next_version(parent, "version") == parent / "version_2"
+
+
+def test_a_failed_start_takes_back_only_its_own_directories(tmp_path):
+    """Two runs started together on a fresh tree: the one that fails removes its version_N
+    and the parents it made only while they are empty, never the other run's directory."""
+    from dilatedseg.runs import discard_unused_run_dirs, resolve_run_dir
+
+    runs = tmp_path / "runs"
+    mine = resolve_run_dir(str(runs), "shapes", "frontend", "fit")
+    assert mine == runs / "shapes/frontend/version_0"
+    other = runs / "shapes/frontend/version_1"  # the other run, started meanwhile
+    other.mkdir()
+    (other / "config.yaml").write_text("model: {}\n")
+    assert discard_unused_run_dirs() == [mine]
+    assert (other / "config.yaml").is_file() and not mine.exists()
+    resolve_run_dir(str(runs), "shapes", "context", "fit")  # alone on its branch: all goes
+    assert discard_unused_run_dirs() == [runs / "shapes/context/version_0",
+                                         runs / "shapes/context"]
