@@ -85,6 +85,8 @@ class ConciseParser(LightningArgumentParser):
 
 class DilatedSegCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True):
+        # What the user typed: an evaluation option set to none / null there is still set.
+        self.command_line = [str(a) for a in (sys.argv[1:] if args is None else args)]
         super().__init__(
             SegmentationModule,
             SegmentationDataModule,
@@ -121,8 +123,10 @@ class DilatedSegCLI(LightningCLI):
         asked = {}
         if subcommand in ("validate", "test", "predict"):
             model = self.config[subcommand].model
+            typed = {key for key in EVALUATION_OPTIONS for arg in self.command_line
+                     if arg == f"--model.{key}" or arg.startswith(f"--model.{key}=")}
             asked = {key: model.get(key) for key in EVALUATION_OPTIONS
-                     if model.get(key) not in (None, "none")}
+                     if key in typed or model.get(key) not in (None, "none")}
         super()._parse_ckpt_path()
         for key, value in asked.items():
             self.config[subcommand].model[key] = value

@@ -140,8 +140,6 @@ class SegmentationModule(L.LightningModule):
                 f"lr_schedule must be 'poly', 'step' or 'constant', got {lr_schedule!r}")
         if crf not in CRF_MODES:
             raise ValueError(f"crf must be one of {CRF_MODES}, got {crf!r}")
-        if stage == "crf" and crf != "rnn":
-            raise ValueError("stage 'crf' trains a CRF-RNN: set --model.crf=rnn")
         tiles = (tile_size, tile_size) if isinstance(tile_size, int) else tile_size
         if tiles is not None and min(tiles) < OUTPUT_STRIDE:
             raise ValueError(f"tile_size must be at least {OUTPUT_STRIDE} px (the output stride), "
@@ -178,6 +176,9 @@ class SegmentationModule(L.LightningModule):
 
     # ---- weights ----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.stage == "crf" and self.hparams.crf != "rnn":
+            # (evaluating a crf-stage checkpoint without its CRF, or with a fixed one, is fine)
+            raise RunError("stage 'crf' trains a CRF-RNN: set --model.crf=rnn")
         # Runs before Lightning restores a ckpt_path, so resuming still wins over init_from;
         # evaluating without a checkpoint evaluates init_from's weights.
         self.load_initial_weights()
@@ -220,6 +221,10 @@ class SegmentationModule(L.LightningModule):
         # Weights restored from a checkpoint (load_from_checkpoint, or a trainer's ckpt_path)
         # are the ones to use: init_from must not overwrite them at a later setup.
         self._initial_weights_loaded = True
+        if self.model.crf is None:  # a CRF-RNN checkpoint evaluated without its CRF
+            state = checkpoint.get("state_dict", {})
+            for key in [k for k in state if k.startswith("model.crf.")]:
+                del state[key]
 
     def load_weights(self, path: str) -> None:
         """Copy matching weights from a checkpoint of any stage (weights only, no state), or

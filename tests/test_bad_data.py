@@ -119,6 +119,23 @@ def test_unreadable_image(voc, tmp_path, capsys):
     assert "cannot read image" in err and "a1.jpg" in err
 
 
+def test_crf_stage_without_a_crf_rnn_stops_before_training(voc, tmp_path, capsys):
+    err = fails(capsys, *voc_fit(voc, tmp_path, "--model.stage=crf", "--model.crf=dense",
+                                 "--model.init_from=null"))
+    assert "stage 'crf' trains a CRF-RNN: set --model.crf=rnn" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_predict_dir_images_that_would_write_one_file(voc, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for suffix in ("png", "jpg"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / f"street.{suffix}")
+    err = fails(capsys, "predict", *tiny_args("voc", voc, tmp_path / "runs",
+                                              f"--data.init_args.predict_dir={folder}"))
+    assert "street.jpg and street.png would both be predicted to street.png" in err
+
+
 def test_error_inside_a_dataloader_worker(voc, tmp_path, capsys):
     """predict_dir images are only read by the workers: the message still comes out clean."""
     folder = tmp_path / "photos"

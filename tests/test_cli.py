@@ -210,6 +210,21 @@ def test_validate_checkpoint_with_dense_crf_keeps_the_users_choice(tiny_shapes, 
     assert "arch: tiny" in config  # from the checkpoint / config, unchanged
 
 
+def test_evaluating_a_crf_rnn_checkpoint_without_its_crf(tiny_shapes, tmp_path):
+    """--model.crf=none typed out wins over the checkpoint's rnn (an ablation of the CRF);
+    left out, the checkpoint's CRF-RNN evaluates with it."""
+    run_cli("fit", *shapes_args(tiny_shapes, tmp_path, "--model.stage=crf", "--model.crf=rnn",
+                                "--model.init_from=null", "--trainer.max_epochs=1",
+                                "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"))
+    last = only_run(tmp_path / "shapes" / "crf") / "checkpoints" / "last.ckpt"
+    for extra, expected in (([], "crf: rnn"), (["--model.crf=none"], "crf: none")):
+        run_cli("validate", *shapes_args(tiny_shapes, tmp_path, f"--ckpt_path={last}",
+                                         "--trainer.limit_val_batches=1", *extra))
+        [config] = sorted((tmp_path / "shapes" / "crf").glob("validate_*/config.yaml"),
+                          key=lambda p: p.stat().st_mtime)[-1:]
+        assert expected in config.read_text()
+
+
 def test_help_lists_every_verb(capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli("--help")

@@ -118,6 +118,12 @@ def folder_images(folder: Path) -> list[tuple[Path, None]]:
                     if p.suffix.lower() in (".png", ".jpg", ".jpeg") and p.is_file())
     if not images:
         raise DataError(f"predict_dir {folder} holds no .png / .jpg images")
+    named: dict[Path, Path] = {}
+    for image in images:  # predictions are written as <name>.png, the suffix dropped
+        other = named.setdefault(image.relative_to(folder).with_suffix(""), image)
+        if other != image:
+            raise DataError(f"predict_dir {folder}: {other.name} and {image.name} would both be "
+                            f"predicted to {other.stem}.png: rename or move one of them")
     return [(image, None) for image in images]
 
 
