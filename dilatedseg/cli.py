@@ -230,14 +230,17 @@ class DilatedSegCLI(LightningCLI):
 
 @contextlib.contextmanager
 def configuration_errors():
-    """A value an __init__ refuses (ValueError) or an option it does not take (TypeError) is
-    one `bad configuration` line."""
+    """A value an __init__ refuses (ValueError, Lightning's MisconfigurationException) or an
+    option it does not take (TypeError; also Lightning's for an option of the wrong type, which
+    names it in backticks) is one `bad configuration` line."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     try:
         yield
-    except ValueError as error:
+    except (ValueError, MisconfigurationException) as error:
         raise RunError(f"bad configuration: {error}") from None
-    except TypeError as error:  # an option the class does not take; other TypeErrors are bugs
-        if "argument" not in str(error):
+    except TypeError as error:  # other TypeErrors are bugs
+        if "argument" not in str(error) and "`" not in str(error):
             raise
         raise RunError(f"bad configuration: {error}") from None
 

@@ -269,6 +269,7 @@ def test_empty_predict_dir_stops_before_the_run(voc, tmp_path, capsys):
     ("--data.init_args.batch_size=0", "batch sizes must be >= 1"),
     ("--model.tile_size=-8", "tile_size must be at least 8 px"),
     ("--data.init_args.resize=0", "resize must be [height, width] in px"),
+    ("--trainer.devices=abc", "`devices`"),  # refused by Lightning's Trainer
 ])
 def test_sizes_that_cannot_work_are_configuration_errors(voc, tmp_path, capsys, option,
                                                          message):
