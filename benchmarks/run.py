@@ -134,9 +134,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = bench_device()
     info = machine()
+    info["load_average_start"] = os.getloadavg()[0]  # other jobs only ever add time
     print(f"machine: {info['cpu']} ({info['cpu_cores']} cores), torch {info['torch']} with "
           f"{info['torch_threads']} threads, GPU: {info['gpu'] or 'none'}; load average "
-          f"{os.getloadavg()[0]:.1f} at the start", flush=True)
+          f"{info['load_average_start']:.1f} at the start", flush=True)
     rows: list[Row] = []
     seconds = {}
     for name in args.only:
