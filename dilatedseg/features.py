@@ -23,7 +23,9 @@ together, about the logits' extent (8 px per logit: when the width is not a mult
 mirrored label gains 255 columns on the left); it equals mirroring the image up to the
 front-end's own left-right asymmetry.
 Images of different sizes are zero-padded (logits) / 255-padded (labels) at the bottom and
-right to the split's largest size, so they batch. A run limited to a number of batches
+right to the split's largest size, so they batch; items carry their own ``logits_size``, and
+the module runs each size's items at that size (so padding never reaches the context module
+or the upsampling: the same result as one image at a time). A run limited to a number of batches
 (``limit_train_batches: 4``, ``fast_dev_run``) caches only the first items it can read, not the
 whole split.
 """
@@ -190,7 +192,8 @@ class CachedLogitsDataset(Dataset):
         if (hl, wl) != self.label_size:
             label = F.pad(label, (0, self.label_size[1] - wl, 0, self.label_size[0] - hl),
                           value=IGNORE_INDEX)
-        return {"frontend_logits": logits, "label": label, "name": item["name"]}
+        return {"frontend_logits": logits, "label": label, "name": item["name"],
+                "logits_size": torch.tensor([h, w])}
 
 
 class FrontendLogitsCache(Callback):

@@ -295,10 +295,30 @@ class SegmentationModule(L.LightningModule):
     def batch_logits(self, batch: dict, use_crf: bool = True) -> torch.Tensor:
         """Full-resolution logits of a batch of images, or of cached ``frontend_logits``."""
         if "frontend_logits" in batch:
-            return self.model.from_frontend_logits(
-                batch["frontend_logits"], batch["label"].shape[-2:], batch.get("image"),
-                use_crf=use_crf)
+            return self.cached_batch_logits(batch, use_crf)
         return predict_logits(self.model, batch["image"], self.hparams.get("tile_size"))
+
+    def cached_batch_logits(self, batch: dict, use_crf: bool) -> torch.Tensor:
+        """Cached logits padded to one size: each size's items run at their own size (the
+        context module and the upsampling never see the padding), the rest stays 0 (its
+        labels are 255)."""
+        logits, size = batch["frontend_logits"], batch["label"].shape[-2:]
+        sizes = batch.get("logits_size")
+        if sizes is None or bool((sizes == sizes[0]).all()):
+            h, w = (int(n) for n in sizes[0]) if sizes is not None else logits.shape[-2:]
+            out = self.model.from_frontend_logits(logits[..., :h, :w], size, use_crf=use_crf)
+            return F.pad(out, (0, size[1] - out.shape[-1], 0, size[0] - out.shape[-2]))
+        out = None
+        for h, w in sorted({tuple(s.tolist()) for s in sizes}):
+            items = torch.nonzero((sizes == torch.tensor([h, w], device=sizes.device)).all(1))
+            items = items.flatten()
+            part = self.model.from_frontend_logits(
+                logits[items, :, :h, :w], (min(size[0], OUTPUT_STRIDE * h),
+                                           min(size[1], OUTPUT_STRIDE * w)), use_crf=use_crf)
+            if out is None:
+                out = part.new_zeros((len(logits), part.shape[1], *size))
+            out[items, :, :part.shape[-2], :part.shape[-1]] = part
+        return out
 
     def on_train_epoch_start(self) -> None:
         if self.hparams.stage == "context":

@@ -252,3 +252,28 @@ def test_resuming_from_python_reuses_the_cache_of_the_restored_front_end(small_s
     caches = sorted(p.name for p in (tmp_path / "cache").iterdir())
     run(fresh(1), 2, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == caches
+
+
+@pytest.mark.parametrize("context_padding", ["same", "valid"])
+def test_cached_images_of_different_sizes_train_as_one_at_a_time(tmp_path, context_padding):
+    """Padded to one size so they batch, each image still gets exactly its own logits: the
+    padding reaches neither the context module nor the upsampling."""
+    from torch.utils.data import default_collate
+
+    torch.manual_seed(0)
+    sizes = [(24, 40), (13, 30)]
+    images = [{"image": torch.rand(3, h, w) * 255, "label": torch.randint(0, 4, (h, w)),
+               "name": f"im{i}"} for i, (h, w) in enumerate(sizes)]
+    module = SegmentationModule(4, stage="context", arch="tiny", padding="same",
+                                dilations=[1, 2, 1], context_padding=context_padding)
+    for conv in module.model.context.convs():  # far from identity, so padding would show
+        torch.nn.init.normal_(conv.weight, std=0.3)
+    module.model.eval()
+    cached = CachedLogitsDataset(directory=build_cache(tmp_path / "c", module.model, images))
+    batch = default_collate([cached[0], cached[1]])
+    with torch.no_grad():
+        together = module.batch_logits(batch)
+        assert together.shape[-2:] == batch["label"].shape[-2:]
+        for i, (h, w) in enumerate(sizes):
+            alone = module.model(images[i]["image"][None])
+            torch.testing.assert_close(together[i, :, :h, :w], alone[0])
