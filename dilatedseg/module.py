@@ -304,14 +304,11 @@ class SegmentationModule(L.LightningModule):
         labels are 255)."""
         logits, size = batch["frontend_logits"], batch["label"].shape[-2:]
         sizes = batch.get("logits_size")
-        if sizes is None or bool((sizes == sizes[0]).all()):
-            h, w = (int(n) for n in sizes[0]) if sizes is not None else logits.shape[-2:]
-            out = self.model.from_frontend_logits(logits[..., :h, :w], size, use_crf=use_crf)
-            return F.pad(out, (0, size[1] - out.shape[-1], 0, size[0] - out.shape[-2]))
+        if sizes is None or bool((sizes == sizes.new_tensor(logits.shape[-2:])).all()):
+            return self.model.from_frontend_logits(logits, size, use_crf=use_crf)  # unpadded
         out = None
         for h, w in sorted({tuple(s.tolist()) for s in sizes}):
-            items = torch.nonzero((sizes == torch.tensor([h, w], device=sizes.device)).all(1))
-            items = items.flatten()
+            items = (sizes == sizes.new_tensor([h, w])).all(1).nonzero().flatten()
             part = self.model.from_frontend_logits(
                 logits[items, :, :h, :w], (min(size[0], OUTPUT_STRIDE * h),
                                            min(size[1], OUTPUT_STRIDE * w)), use_crf=use_crf)

@@ -270,10 +270,12 @@ def test_cached_images_of_different_sizes_train_as_one_at_a_time(tmp_path, conte
         torch.nn.init.normal_(conv.weight, std=0.3)
     module.model.eval()
     cached = CachedLogitsDataset(directory=build_cache(tmp_path / "c", module.model, images))
-    batch = default_collate([cached[0], cached[1]])
     with torch.no_grad():
-        together = module.batch_logits(batch)
-        assert together.shape[-2:] == batch["label"].shape[-2:]
-        for i, (h, w) in enumerate(sizes):
-            alone = module.model(images[i]["image"][None])
-            torch.testing.assert_close(together[i, :, :h, :w], alone[0])
+        alone = [module.model(item["image"][None])[0] for item in images]
+        for indices in ([0, 1], [1, 1]):  # two sizes; one size, padded to the split's largest
+            batch = default_collate([cached[i] for i in indices])
+            together = module.batch_logits(batch)
+            assert together.shape[-2:] == batch["label"].shape[-2:]
+            for row, i in enumerate(indices):
+                h, w = sizes[i]
+                torch.testing.assert_close(together[row, :, :h, :w], alone[i])
