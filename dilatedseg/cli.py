@@ -21,6 +21,7 @@ import typing  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import (  # noqa: E402
     LightningArgumentParser,
@@ -38,6 +39,7 @@ from dilatedseg.runs import (  # noqa: E402
     RunSummary,
     discard_unused_run_dirs,
     find_previous_checkpoint,
+    forget_earlier_runs,
     is_global_rank_zero,
     resolve_run_dir,
 )
@@ -123,8 +125,7 @@ class DilatedSegCLI(LightningCLI):
         asked = {}
         if subcommand in ("validate", "test", "predict"):
             model = self.config[subcommand].model
-            typed = {key for key in EVALUATION_OPTIONS for arg in self.command_line
-                     if arg == f"--model.{key}" or arg.startswith(f"--model.{key}=")}
+            typed = typed_options(self.command_line)
             asked = {key: model.get(key) for key in EVALUATION_OPTIONS
                      if key in typed or model.get(key) not in (None, "none")}
         super()._parse_ckpt_path()
@@ -226,6 +227,21 @@ class DilatedSegCLI(LightningCLI):
             output = config.get("output") or Path(trainer.default_root_dir) / "predictions"
             trainer.callbacks.append(PredictionWriter(output))
         return trainer
+
+
+def typed_options(command_line: list[str]) -> set[str]:
+    """The evaluation options the user set, none / null included: as ``--model.<key>`` or in
+    a ``--config`` file named on the command line."""
+    typed, tokens = set(), iter(command_line)
+    for arg in tokens:
+        typed |= {key for key in EVALUATION_OPTIONS
+                  if arg == f"--model.{key}" or arg.startswith(f"--model.{key}=")}
+        path = next(tokens, None) if arg in ("--config", "-c") else (
+            arg.split("=", 1)[1] if arg.startswith("--config=") else None)
+        if path and Path(path).is_file():
+            model = (yaml.safe_load(Path(path).read_text()) or {}).get("model") or {}
+            typed |= {key for key in EVALUATION_OPTIONS if key in model}
+    return typed
 
 
 @contextlib.contextmanager
@@ -376,6 +392,7 @@ def main(argv: list[str] | None = None) -> None:
               "  prepare <dataset> --root DIR   convert / check a dataset (prepare --help)\n"
               "  sweep sweeps/X.yaml --local    run a W&B sweep without a server\n"
               "  summary --dataset NAME         val mIoU of the latest run of each stage\n")
+    forget_earlier_runs()
     try:
         if verb == "prepare":
             from dilatedseg.prepare import main as prepare_main

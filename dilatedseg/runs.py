@@ -68,18 +68,16 @@ def resolve_run_dir(runs_dir: str, dataset: str, stage: str, subcommand: str,
     if subcommand == "fit" and ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
         run_dir = Path(ckpt_path).parent.parent
     elif os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
-        run_dir = parent / f"torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
+        run_dir = parent / f"{job_prefix(subcommand)}torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
     elif "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RunError("torchrun started these processes without a run id, so they cannot agree "
                        "on a run directory: pass --rdzv-id=<job id> (several nodes) or "
                        "--standalone (one node) to torchrun")
     elif job := slurm_batch_job():
-        run_dir = parent / f"slurm-{job}"
+        run_dir = parent / f"{job_prefix(subcommand)}slurm-{job}"
     else:
         run_dir = None
-    global _run_started
-    _run_started = False  # a new run in this process (tests and the report run several):
-    _created_run_dirs.clear()  # a failure now concerns only what this run makes
+    forget_earlier_runs()  # a failure now concerns only what this run makes
     if run_dir is None:  # a new version_N
         made_parents = make_directories(parent)
         run_dir = claim_next_version(parent, "version" if subcommand == "fit" else subcommand)
@@ -95,6 +93,14 @@ def resolve_run_dir(runs_dir: str, dataset: str, stage: str, subcommand: str,
     return run_dir
 
 
+def forget_earlier_runs() -> None:
+    """A new command in this process (tests, the report and sweeps run several): a failed
+    start takes back only what this command makes, never an earlier run's directories."""
+    global _run_started
+    _run_started = False
+    _created_run_dirs.clear()
+
+
 def make_directories(path: Path) -> list[Path]:
     """mkdir -p ``path``; the directories this call made, innermost first (one another process
     made meanwhile is not counted)."""
@@ -103,8 +109,9 @@ def make_directories(path: Path) -> list[Path]:
         try:
             directory.mkdir()
             made.append(directory)
-        except FileExistsError:
-            pass
+        except OSError:  # exists (some systems say EACCES / EISDIR first, as os.makedirs knows)
+            if not directory.is_dir():
+                raise
     return made[::-1]
 
 
@@ -121,6 +128,12 @@ def claim_next_version(parent: Path, prefix: str) -> Path:
             return run_dir
         except FileExistsError:
             number += 1
+
+
+def job_prefix(subcommand: str) -> str:
+    """A job's training run is ``slurm-<id>`` / ``torchrun-<id>``; its validate / test /
+    predict runs get their own (``validate-slurm-<id>``), not the training run's directory."""
+    return "" if subcommand == "fit" else f"{subcommand}-"
 
 
 def slurm_batch_job() -> str | None:

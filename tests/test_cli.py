@@ -217,7 +217,9 @@ def test_evaluating_a_crf_rnn_checkpoint_without_its_crf(tiny_shapes, tmp_path):
                                 "--model.init_from=null", "--trainer.max_epochs=1",
                                 "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"))
     last = only_run(tmp_path / "shapes" / "crf") / "checkpoints" / "last.ckpt"
-    for extra, expected in (([], "crf: rnn"), (["--model.crf=none"], "crf: none")):
+    (tmp_path / "no_crf.yaml").write_text("model:\n  crf: none\n")
+    for extra, expected in (([], "crf: rnn"), (["--model.crf=none"], "crf: none"),
+                            (["--config", str(tmp_path / "no_crf.yaml")], "crf: none")):
         run_cli("validate", *shapes_args(tiny_shapes, tmp_path, f"--ckpt_path={last}",
                                          "--trainer.limit_val_batches=1", *extra))
         [config] = sorted((tmp_path / "shapes" / "crf").glob("validate_*/config.yaml"),
@@ -288,6 +290,20 @@ def test_summary_written_after_each_epoch_holds_that_epochs_best(tiny_shapes, tm
     (summary,) = seen
     assert summary["best_val_mIoU"] == pytest.approx(summary["history"][0]["val/mIoU"], abs=1e-3)
     assert summary["best_checkpoint"].endswith(".ckpt")
+
+
+def test_a_failed_command_never_takes_back_an_earlier_commands_run(tiny_shapes, tmp_path,
+                                                                  capsys):
+    """Commands run one after another in one process (tests, make report, sweeps): the second
+    fails before making a run directory, and the first's stays."""
+    run_cli("validate", *shapes_args(tiny_shapes, tmp_path, "--trainer.limit_val_batches=0"))
+    earlier = tmp_path / "shapes" / "frontend" / "validate_0"
+    assert (earlier / "config.yaml").is_file()
+    with pytest.raises(SystemExit):
+        run_cli("fit", *shapes_args(tiny_shapes, tmp_path, "--config",
+                                    str(REPO / "conf/stage/context.yaml")))
+    assert "no checkpoint was found" in capsys.readouterr().err
+    assert (earlier / "config.yaml").is_file()
 
 
 def test_runs_started_together_get_directories_of_their_own(tmp_path, monkeypatch):

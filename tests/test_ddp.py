@@ -98,6 +98,10 @@ def test_launcher_job_ids_name_the_run_dir(tmp_path, monkeypatch, env, name):
         monkeypatch.setenv(key, value)
     run_dir = resolve_run_dir(str(tmp_path), "shapes", "frontend", "fit")
     assert run_dir == tmp_path / "shapes" / "frontend" / name
+    # The job's evaluation after its training gets a directory of its own.
+    monkeypatch.delenv("DILATEDSEG_RUN_DIR")
+    evaluation = resolve_run_dir(str(tmp_path), "shapes", "frontend", "validate")
+    assert evaluation.name == (f"validate-{name}" if "version" not in name else "validate_0")
 
 
 def test_torchrun_without_a_run_id_is_refused(tmp_path, monkeypatch):

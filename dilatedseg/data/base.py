@@ -118,12 +118,15 @@ def folder_images(folder: Path) -> list[tuple[Path, None]]:
                     if p.suffix.lower() in (".png", ".jpg", ".jpeg") and p.is_file())
     if not images:
         raise DataError(f"predict_dir {folder} holds no .png / .jpg images")
-    named: dict[Path, Path] = {}
-    for image in images:  # predictions are written as <name>.png, the suffix dropped
-        other = named.setdefault(image.relative_to(folder).with_suffix(""), image)
+    named: dict[str, Path] = {}
+    for image in images:  # written as <name>.png: the suffix dropped, and case-blind disks
+        name = image.relative_to(folder).with_suffix("")
+        other = named.setdefault(name.as_posix().casefold(), image)
         if other != image:
-            raise DataError(f"predict_dir {folder}: {other.name} and {image.name} would both be "
-                            f"predicted to {other.stem}.png: rename or move one of them")
+            raise DataError(
+                f"predict_dir {folder}: {other.relative_to(folder)} and "
+                f"{image.relative_to(folder)} would both be predicted to {name}.png: rename "
+                "or move one of them")
     return [(image, None) for image in images]
 
 
