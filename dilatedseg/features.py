@@ -23,7 +23,7 @@ together, about the logits' extent (8 px per logit: when the width is not a mult
 mirrored label gains 255 columns on the left); it equals mirroring the image up to the
 front-end's own left-right asymmetry.
 Images of different sizes are zero-padded (logits) / 255-padded (labels) at the bottom and
-right to the split's largest size, so they batch; items carry their own ``logits_size``, and
+right to the split's largest size, so they batch; items then carry their own ``logits_size``, and
 the module runs each size's items at that size (so padding never reaches the context module
 or the upsampling: the same result as one image at a time). A run limited to a number of batches
 (``limit_train_batches: 4``, ``fast_dev_run``) caches only the first items it can read, not the
@@ -153,6 +153,8 @@ class CachedLogitsDataset(Dataset):
         self.label_size = tuple(
             max(max(it["label_shape"][i], OUTPUT_STRIDE * it["logits_shape"][i + 1])
                 for it in self.items) for i in (0, 1))
+        # Only then do items carry their own size (a one-size split, as Cityscapes, needs none).
+        self.mixed_sizes = len({tuple(it["logits_shape"][1:]) for it in self.items}) > 1
         self._logits = self._labels = None
 
     def __len__(self) -> int:
@@ -192,8 +194,10 @@ class CachedLogitsDataset(Dataset):
         if (hl, wl) != self.label_size:
             label = F.pad(label, (0, self.label_size[1] - wl, 0, self.label_size[0] - hl),
                           value=IGNORE_INDEX)
-        return {"frontend_logits": logits, "label": label, "name": item["name"],
-                "logits_size": torch.tensor([h, w])}
+        out = {"frontend_logits": logits, "label": label, "name": item["name"]}
+        if self.mixed_sizes:
+            out["logits_size"] = torch.tensor([h, w])
+        return out
 
 
 class FrontendLogitsCache(Callback):

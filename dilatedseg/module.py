@@ -303,7 +303,7 @@ class SegmentationModule(L.LightningModule):
         context module and the upsampling never see the padding), the rest stays 0 (its
         labels are 255)."""
         logits, size = batch["frontend_logits"], batch["label"].shape[-2:]
-        sizes = batch.get("logits_size")
+        sizes = batch.get("logits_size")  # (only in splits of several sizes)
         if sizes is None or bool((sizes == sizes.new_tensor(logits.shape[-2:])).all()):
             return self.model.from_frontend_logits(logits, size, use_crf=use_crf)  # unpadded
         out = None

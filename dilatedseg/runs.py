@@ -78,17 +78,12 @@ def resolve_run_dir(runs_dir: str, dataset: str, stage: str, subcommand: str,
     else:
         run_dir = None
     forget_earlier_runs()  # a failure now concerns only what this run makes
+    made = make_directories(parent if run_dir is None else run_dir)
     if run_dir is None:  # a new version_N
-        made_parents = make_directories(parent)
         run_dir = claim_next_version(parent, "version" if subcommand == "fit" else subcommand)
-        _created_run_dirs.extend([run_dir, *made_parents])
-    else:
-        made_parents = make_directories(run_dir.parent)
-        try:
-            run_dir.mkdir()
-            _created_run_dirs.extend([run_dir, *made_parents])
-        except FileExistsError:  # resuming, or another process of the job made it
-            pass
+        made.insert(0, run_dir)
+    if made[:1] == [run_dir]:  # not a resumed run's, nor one another process of the job made
+        _created_run_dirs.extend(made)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir
 
