@@ -87,8 +87,8 @@ class SegmentationModule(L.LightningModule):
             kernels). Off by default: the first steps pay the compilation.
         fc6_space_to_batch: run the dilated fc6 as an undilated convolution on a rearranged
             tensor (:class:`~dilatedseg.models.frontend.SpaceToBatchConv2d`; same weights):
-            true, false, or null (default) = where it pays, in training (CPU: ~50x faster fc6
-            backward; H200 bf16: fc6 forward + backward 5.3x faster).
+            true, false, or null (default) = where it pays: always on CUDA (H200 bf16: fc6
+            forward + backward 5.3x faster), on the CPU in training (~50x faster backward).
 
     Mixed precision is the trainer's: ``--trainer.precision=bf16-mixed`` runs convolutions in
     bf16 under autocast; the loss and the CRF stay in float32.

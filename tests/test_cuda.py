@@ -58,6 +58,13 @@ def test_space_to_batch_fc6_on_device_equals_dilated(max_sub_batch):
         torch.testing.assert_close(fast(image), plain(image), rtol=1e-4, atol=1e-4)
 
 
+def test_default_fc6_takes_space_to_batch_on_cuda_in_inference():
+    fc6 = FrontEnd(5, arch="vgg16").features.fc6.to(DEVICE)
+    with torch.inference_mode():
+        assert fc6.use_space_to_batch(torch.zeros(1, 512, 30, 30, device=DEVICE)) == \
+            (torch.device(DEVICE).type == "cuda")
+
+
 def test_tiled_inference_on_device_equals_cpu():
     torch.manual_seed(0)
     model = Segmenter(FrontEnd(19, arch="tiny", dropout=0.0),

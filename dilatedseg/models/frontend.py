@@ -70,8 +70,8 @@ class FrontEnd(nn.Module):
     or "imagenet", see :mod:`dilatedseg.models.weights`). ``fc6_space_to_batch``: run the
     dilated fc6 as a plain 7x7 convolution over the 4 x 4 interleaved sub-grids of its input
     (:class:`SpaceToBatchConv2d`; same weights, same result): True always, False never, None
-    (default) where it is measured to help, whenever a backward pass follows (training), on the
-    CPU and on CUDA (``benchmarks/conv_variants.py``, ``benchmarks/profile_fc6.py``).
+    (default) where it helps: always on CUDA, and on the CPU whenever a backward pass follows
+    (``benchmarks/conv_variants.py``, ``benchmarks/profile_fc6.py``).
     """
 
     def __init__(
@@ -150,12 +150,14 @@ class SpaceToBatchConv2d(nn.Conv2d):
     state dict and result are those of ``nn.Conv2d`` (up to float rounding order).
 
     ``enabled``: True always, False never (the library's dilated kernel), None (default) where
-    it is measured to pay: whenever gradients will flow, on any device. On the CPU PyTorch's
-    backward of a dilated convolution (``slow_conv_dilated2d``) takes ~300 s for VGG-16's fc6
-    on a 50 x 50 input on 2 cores, this path ~5 s. On an H200 (cuDNN 9.19, bf16) fc6's forward
+    it pays: on CUDA always, on other devices whenever gradients will flow. On the CPU
+    PyTorch's backward of a dilated convolution (``slow_conv_dilated2d``) takes ~300 s for
+    VGG-16's fc6 on a 50 x 50 input on 2 cores, this path ~5 s, while for inference oneDNN's
+    dilated kernel is ~1.3x faster than this path. On an H200 (cuDNN 9.19, bf16) fc6's forward
     + backward for a 512x1024 crop pair took 141 ms as cuDNN's dilated kernels (72 TFLOP/s) and
-    26.5 ms this way (381 TFLOP/s). Inference keeps the dilated kernel (on the CPU oneDNN's is
-    ~1.3x faster than this path; on GPUs not measured: ``enabled=True`` forces this path).
+    26.5 ms this way (381 TFLOP/s); the forward alone is not measured yet, and this path costs
+    at most two copies of fc6's input and output (memory-bound, ~1% of the convolution), so
+    CUDA inference takes it too (``enabled=False`` forces cuDNN's kernel).
 
     The rearranged batch is convolved in chunks of at most ``max_sub_batch`` images: on the H200
     a whole VGG-16 training step at 512x1024 ran at 370-392 TFLOP/s with 32 or 64 sub-images
@@ -172,6 +174,8 @@ class SpaceToBatchConv2d(nn.Conv2d):
     def use_space_to_batch(self, x: torch.Tensor) -> bool:
         if self.enabled is not None:
             return self.enabled
+        if x.is_cuda:
+            return True
         wants_grad = x.requires_grad or self.weight.requires_grad
         return torch.is_grad_enabled() and wants_grad
 
