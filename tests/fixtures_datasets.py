@@ -198,3 +198,14 @@ def logged_metrics(run_dir: Path) -> dict[str, float]:
         for row in csv.DictReader(handle):
             values.update({k: float(v) for k, v in row.items() if v not in ("", None)})
     return values
+
+
+def assert_scored(metrics: dict[str, float], classes, prefix: str = "val") -> None:
+    """An evaluation's metrics hold the dataset's class names and a mIoU that is the mean of its
+    per-class IoUs (the classes present in ground truth or prediction), all in [0, 100]."""
+    per_class = {key.split("/", 2)[2]: value for key, value in metrics.items()
+                 if key.startswith(f"{prefix}/IoU/")}
+    assert per_class and set(per_class) <= set(classes), sorted(per_class)
+    assert all(0 <= value <= 100 for value in per_class.values())
+    mean = sum(per_class.values()) / len(per_class)
+    assert abs(metrics[f"{prefix}/mIoU"] - mean) < 1e-3, (metrics[f"{prefix}/mIoU"], mean)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_cli
-from fixtures_datasets import logged_metrics, make_cityscapes, tiny_args
+from fixtures_datasets import assert_scored, logged_metrics, make_cityscapes, tiny_args
 from PIL import Image
 
 from dilatedseg.data import CityscapesDataModule, DataError
@@ -65,8 +65,11 @@ def test_cityscapes_fit_and_validate_log_category_iou(tmp_path):
     run_cli("fit", *tiny_args("cityscapes", root, runs, "--model.tile_size=[16,32]",
                               "--data.init_args.crops_per_image=2"))
     metrics = logged_metrics(runs / "cityscapes/frontend/version_0")
-    assert 0 <= metrics["val/mIoU"] <= 100 and 0 <= metrics["val/mIoU_category"] <= 100
-    assert any(key.startswith("val/catIoU/") for key in metrics)
+    assert_scored(metrics, CLASSES)
+    categories = {key: value for key, value in metrics.items() if key.startswith("val/catIoU/")}
+    assert categories and {key.split("/")[2] for key in categories} <= set(CATEGORIES)
+    assert metrics["val/mIoU_category"] == pytest.approx(
+        sum(categories.values()) / len(categories), abs=1e-3)
 
 
 def test_training_batches_carry_the_context_margin_around_their_labels(tmp_path):

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import run_cli
-from fixtures_datasets import logged_metrics, make_kitti_ros, make_kitti_semantics, tiny_args
+from fixtures_datasets import (
+    assert_scored,
+    logged_metrics,
+    make_kitti_ros,
+    make_kitti_semantics,
+    tiny_args,
+)
 from PIL import Image
 
 from dilatedseg.data import DataError, KITTIDataModule, camvid, cityscapes
@@ -42,10 +48,11 @@ def test_semantics_layout_uses_cityscapes_train_ids(tmp_path):
 def test_kitti_fit_through_cli_both_layouts(tmp_path):
     runs = tmp_path / "runs"
     run_cli("fit", *tiny_args("kitti", make_kitti_ros(tmp_path / "ros"), runs))
-    assert 0 <= logged_metrics(runs / "kitti/frontend/version_0")["val/mIoU"] <= 100
+    assert_scored(logged_metrics(runs / "kitti/frontend/version_0"), camvid.CLASSES)
     run_cli("fit", *tiny_args("kitti", make_kitti_semantics(tmp_path / "sem"), runs,
                               "--data.init_args.layout=semantics"), )
     metrics = logged_metrics(runs / "kitti/frontend/version_1")
+    assert_scored(metrics, cityscapes.CLASSES)
     assert 0 <= metrics["val/mIoU_category"] <= 100  # Cityscapes categories linked in
 
 

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import scipy.io
 from conftest import run_cli
-from fixtures_datasets import REPO, logged_metrics, make_voc, tiny_args
+from fixtures_datasets import REPO, assert_scored, logged_metrics, make_voc, tiny_args
 from PIL import Image
 
 from dilatedseg.data import VOCDataModule
+from dilatedseg.data.voc import CLASSES
 from dilatedseg.prepare import main as prepare
 
 REALDATA = Path("/work/shared/realdata/voc")
@@ -84,10 +85,13 @@ def test_voc_fit_and_validate_through_cli(voc_root, tmp_path):
     run_cli("fit", *tiny_args("voc", voc_root, runs))
     run_dir = runs / "voc/frontend/version_0"
     metrics = logged_metrics(run_dir)
-    assert 0 <= metrics["val/mIoU"] <= 100 and "train/loss" in metrics
+    assert_scored(metrics, CLASSES)
+    assert "train/loss" in metrics
     run_cli("validate", *tiny_args("voc", voc_root, runs),
             f"--ckpt_path={run_dir / 'checkpoints/last.ckpt'}")
-    assert 0 <= logged_metrics(runs / "voc/frontend/validate_0")["val/mIoU"] <= 100
+    validated = logged_metrics(runs / "voc/frontend/validate_0")
+    assert_scored(validated, CLASSES)
+    assert validated["val/mIoU"] == pytest.approx(metrics["val/mIoU"], abs=1e-3)  # same weights
     # The paper's context stage on top: Large module, cached front-end logits, batch from the
     # overlay shrunk back to a tiny run.
     run_cli("fit", *tiny_args("voc", voc_root, runs,
@@ -96,7 +100,8 @@ def test_voc_fit_and_validate_through_cli(voc_root, tmp_path):
                               "--trainer.max_steps=-1", "--data.init_args.batch_size=2",
                               "--model.lr=0.001"))
     context = logged_metrics(runs / "voc/context/version_0")
-    assert 0 <= context["val/mIoU"] <= 100 and "train/loss" in context
+    assert_scored(context, CLASSES)
+    assert "train/loss" in context
     assert any((runs / "voc/cache").iterdir())  # trained on cached front-end logits
 
 
@@ -132,4 +137,4 @@ def test_real_voc_files_load_and_evaluate(tmp_path):
                                pixel_mean=data.mean_rgb)
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     result = trainer.validate(model, datamodule=data, verbose=False)[0]
-    assert 0 <= result["val/mIoU"] <= 100
+    assert_scored(result, data.classes)

@@ -3,7 +3,6 @@ mIoU identical to a single process on the same checkpoint and data."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import run_cli, shapes_args
+from fixtures_datasets import logged_metrics
 
 from dilatedseg.runs import resolve_run_dir
 
@@ -28,12 +28,6 @@ def run_ddp(*argv: str, cwd: Path) -> str:
                           capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done.stdout + done.stderr
-
-
-def logged_metrics(run_dir: Path) -> dict[str, float]:
-    with open(run_dir / "metrics.csv") as stream:
-        rows = list(csv.DictReader(stream))
-    return {k: float(v) for row in rows for k, v in row.items() if v not in ("", None)}
 
 
 @pytest.fixture(scope="module")

@@ -76,13 +76,13 @@ def test_pretrained_from_file_and_url(tmp_path, monkeypatch):
     torch.save(state, path)
     check_loaded(FrontEnd(4, arch="tiny", pretrained=str(path)), state)
     # URLs go through torch.hub's download cache (file:// stands in for https:// here).
-    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     check_loaded(FrontEnd(4, arch="tiny", pretrained=path.as_uri()), state)
-    assert (tmp_path / "hub" / "checkpoints" / "vgg-tiny.pth").is_file()
+    assert (tmp_path / "torch" / "hub" / "checkpoints" / "vgg-tiny.pth").is_file()
 
 
 def test_unreachable_or_missing_weights_say_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(WeightsError, match=r"curl -LO .*--model.pretrained=/path/to/vgg16"):
         FrontEnd(4, arch="tiny", pretrained="http://127.0.0.1:9/vgg16-397923af.pth")
     with pytest.raises(WeightsError, match="do not exist"):
@@ -111,9 +111,14 @@ def test_default_normalisation_is_torchvisions():
 
 def test_init_from_replaces_imagenet_weights_so_they_are_not_read(tmp_path, monkeypatch):
     """Later stages (and evaluating their checkpoints) work offline without the VGG file."""
-    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
-    SegmentationModule(4, arch="tiny", pretrained="http://127.0.0.1:9/vgg16-397923af.pth",
-                       stage="context", init_from=str(tmp_path / "frontend.ckpt"))
+    fetched = []
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
+                        lambda url, *args, **kwargs: fetched.append(url))
+    module = SegmentationModule(4, arch="tiny", stage="context",
+                                pretrained="http://127.0.0.1:9/vgg16-397923af.pth",
+                                init_from=str(tmp_path / "frontend.ckpt"))
+    assert fetched == []
+    assert module.hparams.pretrained  # kept in the hyper-parameters, just not read
 
 
 def test_a_context_module_that_does_not_fit_is_named(tmp_path):
