@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import re
 import time
@@ -72,7 +73,9 @@ class Im2colConv2d(torch.nn.Conv2d):
 
 
 # The ways to compute a dilated convolution that the fc6 profile and conv_variants.py compare.
-WAYS = {"dilated": torch.nn.Conv2d, "space-to-batch": SpaceToBatchConv2d, "im2col": Im2colConv2d}
+WAYS = {"dilated": torch.nn.Conv2d, "space-to-batch": functools.partial(SpaceToBatchConv2d,
+                                                                    enabled=True),
+        "im2col": Im2colConv2d}
 
 
 def fc6_input_shape(height: int, width: int) -> tuple[int, int, int]:

@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dilatedseg.models.frontend import OUTPUT_STRIDE, _reflect_pad, receptive_field
+from dilatedseg.models.frontend import OUTPUT_STRIDE, receptive_field
 from dilatedseg.models.segmenter import Segmenter
 
 
@@ -33,8 +33,7 @@ def frontend_logits_tiled(segmenter: Segmenter, image: torch.Tensor,
     normalised = segmenter.normalise(image)
     if frontend.padding == "valid":
         m = frontend.margin
-        padded = _reflect_pad(normalised, (m, m + out_w * OUTPUT_STRIDE - width,
-                                           m, m + out_h * OUTPUT_STRIDE - height))
+        padded = frontend.pad_input(normalised)
     else:
         # Zero-padded convolutions: a margin past the receptive-field radius, on the pooling grid.
         radius = receptive_field(frontend.arch) // 2 + OUTPUT_STRIDE
@@ -74,11 +73,8 @@ def predict_logits(segmenter: Segmenter, image: torch.Tensor,
     tile = (tile, tile) if isinstance(tile, int) else tuple(tile)
     if image.shape[-2] <= tile[0] and image.shape[-1] <= tile[1]:
         return segmenter(image)
-    coarse = segmenter.refine(frontend_logits_tiled(segmenter, image, tile))
-    logits = segmenter.upsample_to(coarse, image.shape[-2:])
-    if getattr(segmenter, "crf", None) is not None:
-        logits = segmenter.crf(logits, image)
-    return logits
+    return segmenter.from_frontend_logits(frontend_logits_tiled(segmenter, image, tile),
+                                          image.shape[-2:], image)
 
 
 def predict_probabilities(segmenter: Segmenter, image: torch.Tensor,

@@ -127,18 +127,23 @@ class FrontEnd(nn.Module):
         side (the authors' training crops: 628 x 628 around a 256 x 256 labelled centre, see
         :func:`dilatedseg.data.transforms.train_transform`), so it is not padded again and the
         logits cover its centre, H - 2 margin x W - 2 margin."""
+        return self.final(self.features(self.pad_input(image, context_included)))
+
+    def pad_input(self, image: torch.Tensor, context_included: bool = False) -> torch.Tensor:
+        """In ``valid`` geometry: reflect-pad the margin (unless ``context_included``) and the
+        bottom / right up to a multiple of 8, so the output is exactly ceil(H/8) x ceil(W/8) and
+        stays aligned. ``same``: the image as it is."""
         if context_included and not self.margin:
             raise ValueError("padding='same' takes images without a context margin")
-        if self.margin:
-            m = 0 if context_included else self.margin
-            height, width = (size - 2 * (self.margin - m) for size in image.shape[-2:])
-            # Pad so that the output is exactly ceil(H/8) x ceil(W/8) and stays aligned.
-            out_h, out_w = math.ceil(height / OUTPUT_STRIDE), math.ceil(width / OUTPUT_STRIDE)
-            extra_h = out_h * OUTPUT_STRIDE - height
-            extra_w = out_w * OUTPUT_STRIDE - width
-            if m or extra_h or extra_w:
-                image = _reflect_pad(image, (m, m + extra_w, m, m + extra_h))
-        return self.final(self.features(image))
+        if not self.margin:
+            return image
+        m = 0 if context_included else self.margin
+        height, width = (size - 2 * (self.margin - m) for size in image.shape[-2:])
+        extra_h = math.ceil(height / OUTPUT_STRIDE) * OUTPUT_STRIDE - height
+        extra_w = math.ceil(width / OUTPUT_STRIDE) * OUTPUT_STRIDE - width
+        if m or extra_h or extra_w:
+            image = _reflect_pad(image, (m, m + extra_w, m, m + extra_h))
+        return image
 
 
 class SpaceToBatchConv2d(nn.Conv2d):
@@ -167,7 +172,7 @@ class SpaceToBatchConv2d(nn.Conv2d):
 
     max_sub_batch = 64
 
-    def __init__(self, *args, enabled: bool | None = True, **kwargs):
+    def __init__(self, *args, enabled: bool | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.enabled = enabled
 
