@@ -11,30 +11,27 @@ Every run writes to runs/<dataset>/<stage>/<version>/: the resolved config.yaml,
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import typing
+from pathlib import Path
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
-import contextlib  # noqa: E402
-import sys  # noqa: E402
-import typing  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-from lightning.pytorch.cli import (  # noqa: E402
+import torch
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import (
     LightningArgumentParser,
     LightningCLI,
     SaveConfigCallback,
 )
 
-from dilatedseg.data import SegmentationDataModule  # noqa: E402
-from dilatedseg.data.base import DataError  # noqa: E402
-from dilatedseg.models.caffemodel import check_caffe_input  # noqa: E402
-from dilatedseg.models.weights import WeightsError  # noqa: E402
-from dilatedseg.module import SegmentationModule, read_checkpoint  # noqa: E402
-from dilatedseg.runs import (  # noqa: E402
+from dilatedseg.data import SegmentationDataModule
+from dilatedseg.data.base import DataError
+from dilatedseg.models.caffemodel import check_caffe_input
+from dilatedseg.models.weights import WeightsError
+from dilatedseg.module import SegmentationModule, read_checkpoint
+from dilatedseg.runs import (
     RunError,
     RunSummary,
     discard_unused_run_dirs,
@@ -43,7 +40,7 @@ from dilatedseg.runs import (  # noqa: E402
     is_global_rank_zero,
     resolve_run_dir,
 )
-from dilatedseg.wandb_images import WandbImages  # noqa: E402
+from dilatedseg.wandb_images import WandbImages
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # Model options that may differ between training a checkpoint and evaluating it.

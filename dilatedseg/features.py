@@ -46,11 +46,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
+from dilatedseg.labels import IGNORE_INDEX
 from dilatedseg.models.frontend import OUTPUT_STRIDE
 from dilatedseg.runs import RunError
 
 CACHE_VERSION = 1
-IGNORE_INDEX = 255
 
 
 def _hash_tensor(hasher, tensor: torch.Tensor) -> None:

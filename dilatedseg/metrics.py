@@ -10,13 +10,15 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
+from dilatedseg.labels import IGNORE_INDEX
+
 
 class ConfusionMatrix(Metric):
     """Accumulates a C x C confusion matrix (rows: ground truth, columns: prediction)."""
 
     full_state_update = False
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, **kwargs):
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, **kwargs):
         super().__init__(**kwargs)
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.add_state("matrix", torch.zeros(num_classes, num_classes, dtype=torch.long),

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
 from dilatedseg.inference import predict_logits
+from dilatedseg.labels import IGNORE_INDEX
 from dilatedseg.metrics import ConfusionMatrix, category_iou, iou_from_confusion, mean_iou
 from dilatedseg.models import ContextModule, DenseCRF, FrontEnd, Segmenter
 from dilatedseg.models.caffemodel import check_caffe_input, load_caffemodel
@@ -21,7 +22,6 @@ from dilatedseg.runs import RunError
 
 STAGES = ("frontend", "context", "joint", "crf")
 CRF_MODES = ("none", "dense", "rnn")
-IGNORE_INDEX = 255
 
 
 def segmentation_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:

@@ -31,20 +31,18 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import numpy as np
+import torch
+import yaml
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
-
-from dilatedseg.cli import PACKAGE_CONF, import_class  # noqa: E402
-from dilatedseg.cli import main as cli_main  # noqa: E402
-from dilatedseg.data.base import DataError  # noqa: E402
-from dilatedseg.models.context import ContextModule, receptive_field, resolve_dilations  # noqa: E402
-from dilatedseg.models.frontend import OUTPUT_STRIDE  # noqa: E402
-from dilatedseg.models.frontend import receptive_field as frontend_receptive_field  # noqa: E402
-from dilatedseg.runs import SUMMARY_PATH_ENV, RunError  # noqa: E402
-from dilatedseg.sweep import SweepError, load_sweep, parse_trial, run_local  # noqa: E402
+from dilatedseg.cli import PACKAGE_CONF, import_class
+from dilatedseg.cli import main as cli_main
+from dilatedseg.data.base import DataError
+from dilatedseg.models.context import ContextModule, receptive_field, resolve_dilations
+from dilatedseg.models.frontend import OUTPUT_STRIDE
+from dilatedseg.models.frontend import receptive_field as frontend_receptive_field
+from dilatedseg.runs import SUMMARY_PATH_ENV, RunError
+from dilatedseg.sweep import SweepError, load_sweep, parse_trial, run_local
 
 REPORT_SWEEP = "report_dilations.yaml"
 ROWS = ("frontend", "basic", "large")

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-IGNORE_INDEX = 255
+from dilatedseg.labels import IGNORE_INDEX
+
 IGNORE_COLOUR = (0, 0, 0)
 
 

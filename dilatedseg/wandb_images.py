@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
-IGNORE_INDEX = 255
+from dilatedseg.labels import IGNORE_INDEX
 
 
 class WandbImages(Callback):

@@ -20,8 +20,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from dilatedseg.data import transforms
+from dilatedseg.labels import IGNORE_INDEX
 
-IGNORE_INDEX = 255
 
 
 class DataError(Exception):

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dilatedseg.data.base import IGNORE_INDEX, DataError, SegmentationDataModule, read_index_png
+from dilatedseg.data.base import DataError, SegmentationDataModule, read_index_png
+from dilatedseg.labels import IGNORE_INDEX
 
 CLASSES = ("building", "tree", "sky", "car", "sign", "road", "pedestrian", "fence", "pole",
            "sidewalk", "bicyclist")

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from dilatedseg.data import camvid, cityscapes
-from dilatedseg.data.base import IGNORE_INDEX, SegmentationDataModule, read_index_png
+from dilatedseg.data.base import SegmentationDataModule, read_index_png
+from dilatedseg.labels import IGNORE_INDEX
 
 MEAN_BGR = (96.19, 95.55, 91.35)
 VOID_COLOUR = (0, 0, 0)

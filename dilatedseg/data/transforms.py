@@ -23,9 +23,8 @@ import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dilatedseg.labels import IGNORE_INDEX  # noqa: E402
 from dilatedseg.models.frontend import reflect_index  # noqa: E402
-
-IGNORE_INDEX = 255
 
 
 def window(array: np.ndarray, axis: int, start: int, length: int) -> np.ndarray:
