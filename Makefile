@@ -42,16 +42,17 @@ check_names = $(if $(filter $(DATASET),$(DATASETS)),,$(error DATASET=$(DATASET) 
 # One stage: conf/<dataset>.yaml + conf/stage/<stage>.yaml (+ conf/<dataset>/<stage>.yaml if present).
 stage_configs = --config conf/$(DATASET).yaml --config conf/stage/$(1).yaml \
 	$(if $(wildcard conf/$(DATASET)/$(1).yaml),--config conf/$(DATASET)/$(1).yaml)
+# The recipe lines of one stage of `STAGE=all` (make stops at the first that fails).
+define fit_stage
+	@echo "== stage $(1) on $(DATASET) =="
+	$(DILATEDSEG) fit $(call stage_configs,$(1)) $(ARGS)
+
+endef
 
 train:  ## train STAGE (frontend|context|joint|crf|all) on DATASET; INIT=ckpt overrides the start
 	$(check_names)
 ifeq ($(STAGE),all)
-	@for stage in $(STAGES); do \
-	  echo "== stage $$stage on $(DATASET) =="; \
-	  $(DILATEDSEG) fit --config conf/$(DATASET).yaml --config conf/stage/$$stage.yaml \
-	    $$( [ -f conf/$(DATASET)/$$stage.yaml ] && echo --config conf/$(DATASET)/$$stage.yaml ) \
-	    $(ARGS) || exit $$?; \
-	done
+	$(foreach stage,$(STAGES),$(call fit_stage,$(stage)))
 	@$(DILATEDSEG) summary --dataset $(DATASET)
 else
 	$(DILATEDSEG) fit $(call stage_configs,$(STAGE)) $(if $(INIT),--model.init_from=$(INIT)) $(ARGS)

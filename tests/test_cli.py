@@ -260,6 +260,14 @@ def test_make_runs_the_cli_of_its_python_and_refuses_init_for_all_stages():
         assert "\tdilatedseg " not in done.stdout and "\n  dilatedseg " not in done.stdout
     done = make("train", "INIT=runs/x.ckpt")
     assert done.returncode == 2 and "INIT=runs/x.ckpt is where one stage starts" in done.stderr
+    # STAGE=all: each stage with the dataset's overlay where there is one, ARGS to every stage
+    fits = [" ".join(line.split(" fit ")[1].split()) for line in make(
+        "train", "DATASET=voc", "ARGS=--x=1").stdout.splitlines() if " fit " in line]
+    assert fits == [
+        "--config conf/voc.yaml --config conf/stage/frontend.yaml --x=1",
+        "--config conf/voc.yaml --config conf/stage/context.yaml --config conf/voc/context.yaml "
+        "--x=1",
+        "--config conf/voc.yaml --config conf/stage/crf.yaml --x=1"]
 
 
 def test_summary_written_after_each_epoch_holds_that_epochs_best(tiny_shapes, tmp_path):
