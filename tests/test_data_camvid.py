@@ -15,6 +15,7 @@ from fixtures_datasets import (
 from PIL import Image
 
 from dilatedseg.data import CamVidDataModule, DataError
+from dilatedseg.data.base import list_names
 from dilatedseg.data.camvid import (
     CAMVID32,
     CLASSES,
@@ -104,3 +105,13 @@ def test_resize_applies_to_every_split_labels_by_nearest(tmp_path):
     assert original["image"].shape[-2:] != (24, 40)
     batch = next(iter(module.train_dataloader()))
     assert tuple(batch["image"].shape) == (2, 3, 16, 16)
+
+
+def test_split_lists_of_names_or_of_paths(tmp_path):
+    """One name per line (names may hold dots), or SegNet's / DeepLab's lines of paths."""
+    listing = tmp_path / "list.txt"
+    listing.write_text("0001TP_006690\nseq.v2_0001\n\n"
+                       "/SegNet/CamVid/train/0006R0_f02400.png /SegNet/CamVid/trainannot/x.png\n"
+                       "/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png\n")
+    assert list_names(listing) == ["0001TP_006690", "seq.v2_0001", "0006R0_f02400",
+                                   "2007_000032"]

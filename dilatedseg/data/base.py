@@ -57,6 +57,18 @@ def read_index_png(path: Path) -> np.ndarray:
     return values.astype(np.uint8, copy=False)
 
 
+def list_names(listing: Path) -> list[str]:
+    """Image names of a split list: one name per line, or lines of paths whose first column's
+    file stem is the name (SegNet's "/x/train/a.png /x/trainannot/a.png", DeepLab's
+    "/JPEGImages/a.jpg /SegmentationClassAug/a.png")."""
+    names = []
+    for line in listing.read_text().splitlines():
+        if line.strip():
+            first = line.split()[0]
+            names.append(Path(first).stem if "/" in first else first)
+    return names
+
+
 def check_label(label: np.ndarray, num_classes: int, path: Path) -> None:
     """Raise a DataError naming ``path`` if a value is outside [0, C) and not 255."""
     if label.dtype == np.uint8:  # a histogram is ~3x faster than np.unique on 2 Mpx
@@ -256,6 +268,8 @@ class SegmentationDataModule(L.LightningDataModule):
     classes: tuple[str, ...] = ()
     palette: tuple[tuple[int, int, int], ...] = ()
     categories: tuple[str, ...] | None = None  # category of each class (category IoU), if any
+    # Predictions written for an evaluation server: class index -> the server's label id.
+    submission_ids: np.ndarray | None = None
     mean_rgb: tuple[float, float, float] = (123.675, 116.28, 103.53)
     layout = ""  # the expected directory tree, shown when data is missing
     layouts: tuple[str, ...] = ()  # on-disk variants a dataset reads, the default first
@@ -346,6 +360,18 @@ class SegmentationDataModule(L.LightningDataModule):
         source = f"\nDownload: {self.source}" if self.source else ""
         return DataError(f"{self.name}: {what}.{tree}{source}\n"
                          f"Prepare it with: {self.prepare_command}")
+
+    def images_in(self, folder: Path, pattern: str = "*.png") -> list[Path]:
+        """The images matching ``pattern`` under ``folder``, sorted; a missing folder stops."""
+        if not folder.is_dir():
+            raise self.missing(f"image folder {folder} is missing")
+        return sorted(folder.glob(pattern))
+
+    def listed_names(self, listing: Path, hint: str = "") -> list[str]:
+        """The image names of a split list (see :func:`list_names`); a missing list stops."""
+        if not listing.is_file():
+            raise self.missing(f"split list {listing}{hint} is missing")
+        return list_names(listing)
 
     def checked_pairs(self, split: str, labelled: bool = False) -> list[tuple[Path, Path | None]]:
         """``pairs(split)`` with every listed file present (and labels, if ``labelled``)."""

@@ -145,16 +145,11 @@ class CamVidDataModule(SegmentationDataModule):
 
     def pairs(self, split: str) -> list[tuple[Path, Path | None]]:
         if self.layout_name == "segnet":
-            folder = self.root / split
-            if not folder.is_dir():
-                raise self.missing(f"image folder {folder} is missing")
             return [(image, self.root / f"{split}annot" / image.name)
-                    for image in sorted(folder.glob("*.png"))]
-        listing = self.root / f"{split}.txt"
-        if not listing.is_file():
-            raise self.missing(f"split list {listing} is missing")
+                    for image in self.images_in(self.root / split)]
         return [(self.root / "701_StillsRaw_full" / f"{name}.png",
-                 self.root / "labels" / f"{name}.png") for name in listing.read_text().split()]
+                 self.root / "labels" / f"{name}.png")
+                for name in self.listed_names(self.root / f"{split}.txt")]
 
     def read_label(self, path: Path) -> np.ndarray:
         label = read_index_png(path)

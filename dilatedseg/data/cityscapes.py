@@ -91,11 +91,8 @@ class CityscapesDataModule(SegmentationDataModule):
         self.submission_ids = label_id_lookup()
 
     def pairs(self, split: str) -> list[tuple[Path, Path | None]]:
-        folder = self.root / "leftImg8bit" / split
-        if not folder.is_dir():
-            raise self.missing(f"image folder {folder} is missing")
         pairs = []
-        for image in sorted(folder.glob("*/*_leftImg8bit.png")):
+        for image in self.images_in(self.root / "leftImg8bit" / split, "*/*_leftImg8bit.png"):
             if split == "test":
                 pairs.append((image, None))
                 continue

