@@ -339,10 +339,12 @@ class SegmentationModule(L.LightningModule):
         confusion.update(logits.argmax(1), batch["label"])
         return logits
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        """The batch's predicted label maps go to the callbacks (W&B images) as ``outputs``."""
         logits = self.evaluate(batch, self.val_confusion)
         loss = segmentation_loss(logits, batch["label"])
         self.log("val/loss", loss, sync_dist=True, batch_size=len(logits))
+        return {"prediction": logits.argmax(1)}
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self.evaluate(batch, self.test_confusion)

@@ -4,9 +4,10 @@ per-class IoU table, logged after every validation run.
 The CLI adds this callback (configured under ``wandb_images`` in conf/base.yaml, e.g.
 ``--wandb_images.count=4``; ``count: 0`` turns the images off). It does nothing unless the trainer
 has a WandbLogger, and works on global rank 0 only: the images are the first ``count`` of rank
-0's share of the validation set, the same ones every epoch (validation is not shuffled). Class
-names come from ``pl_module.class_names``, which the CLI links from the data module. With the
-context stage's feature cache, batches carry no image: the masks are shown on a grey canvas.
+0's share of the validation set, the same ones every epoch (validation is not shuffled), with
+the predictions ``validation_step`` returns (nothing is computed again). Class names come from
+``pl_module.class_names``, which the CLI links from the data module. With the context stage's
+feature cache, batches carry no image: the masks are shown on a grey canvas.
 """
 
 from __future__ import annotations
@@ -53,10 +54,7 @@ class WandbImages(Callback):
             return
         batch = {k: v[:wanted] if isinstance(v, torch.Tensor | list) else v
                  for k, v in batch.items()}
-        if hasattr(pl_module, "batch_logits"):  # also works on cached front-end logits
-            prediction = pl_module.batch_logits(batch).argmax(1)
-        else:
-            prediction = pl_module.predict_step(batch, batch_idx)["prediction"]
+        prediction = outputs["prediction"][:wanted]  # validation_step's, not computed again
         labels = batch["label"].cpu().numpy().astype(np.uint8)
         if "image" in batch:
             images = batch["image"].permute(0, 2, 3, 1).clamp(0, 255).byte().cpu().numpy()

@@ -198,9 +198,11 @@ def test_images_callback_logs_masks_and_table_on_rank_zero(cached):
                               global_step=7, callback_metrics={"val/IoU/a": torch.tensor(12.5)})
     callback = WandbImages(count=2)
     callback.on_validation_start(trainer, module)
+    module.log = lambda *args, **kwargs: None  # no trainer to log val/loss to
     with torch.no_grad():
-        callback.on_validation_batch_end(trainer, module, None, batch, 0)
-        callback.on_validation_batch_end(trainer, module, None, batch, 1)  # already has 2
+        outputs = module.validation_step(batch, 0)
+        callback.on_validation_batch_end(trainer, module, outputs, batch, 0)
+        callback.on_validation_batch_end(trainer, module, outputs, batch, 1)  # already has 2
     callback.on_validation_end(trainer, module)
 
     kwargs = logger.log_image.call_args.kwargs
@@ -219,6 +221,6 @@ def test_images_callback_logs_masks_and_table_on_rank_zero(cached):
     logger.reset_mock()  # other ranks and the sanity check log nothing
     for trainer.is_global_zero, trainer.sanity_checking in ((False, False), (True, True)):
         callback.on_validation_start(trainer, module)
-        callback.on_validation_batch_end(trainer, module, None, batch, 0)
+        callback.on_validation_batch_end(trainer, module, outputs, batch, 0)
         callback.on_validation_end(trainer, module)
     assert not logger.log_image.called and not logger.log_table.called
