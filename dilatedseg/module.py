@@ -173,6 +173,11 @@ class SegmentationModule(L.LightningModule):
         self.strict_loading = crf != "dense"
         self.val_confusion = ConfusionMatrix(num_classes, IGNORE_INDEX)
         self.test_confusion = ConfusionMatrix(num_classes, IGNORE_INDEX)
+        # The checkpoint a run resumes or evaluates (the CLI sets it from --ckpt_path): its
+        # weights are the starting ones, see load_initial_weights.
+        self.checkpoint_path: str | None = None
+        self.initial_weights_loaded = False
+        self.compiled = False
 
     # ---- weights ----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -182,7 +187,7 @@ class SegmentationModule(L.LightningModule):
         # Runs before Lightning restores a ckpt_path, so resuming still wins over init_from;
         # evaluating without a checkpoint evaluates init_from's weights.
         self.load_initial_weights()
-        self.apply_fast_path()
+        self.apply_fast_path(self.trainer.strategy.root_device)
 
     def check_context_margin(self, margin: int) -> None:
         """Training crops that carry ``margin`` px of context on every side need a front-end
@@ -194,33 +199,33 @@ class SegmentationModule(L.LightningModule):
                 f"front-end (arch={frontend.arch}, padding={frontend.padding}) takes "
                 f"{frontend.margin}: set --data.init_args.context_margin={frontend.margin}")
 
-    def apply_fast_path(self) -> None:
-        """channels_last weights on CUDA; torch.compile of the context module and CRF if asked."""
-        trainer = self._trainer
-        on_cuda = trainer is not None and trainer.strategy.root_device.type == "cuda"
-        if on_cuda and self.hparams.get("channels_last", True):
+    def apply_fast_path(self, device: torch.device) -> None:
+        """For a run on ``device``: channels_last weights on CUDA; torch.compile of the context
+        module and CRF if asked (once)."""
+        if device.type == "cuda" and self.hparams.get("channels_last", True):
             self.model.to(memory_format=torch.channels_last)
-        if self.hparams.get("compile"):
+        if self.hparams.get("compile") and not self.compiled:
             for part in (self.model.context, self.model.crf):
-                if part is not None and getattr(part, "_compiled_call_impl", None) is None:
+                if part is not None:
                     part.compile()  # in place: parameter names and checkpoints unchanged
+            self.compiled = True
 
     def load_initial_weights(self) -> None:
         """Load the starting weights once, before ``setup`` ends (the feature cache needs
         them): those of ``checkpoint_path`` when set (the CLI sets it to --ckpt_path, whose
         weights Lightning restores only after setup: resuming, or evaluating a checkpoint;
         init_from is not read then, it may be gone), else ``init_from``'s."""
-        if getattr(self, "_initial_weights_loaded", False):
+        if self.initial_weights_loaded:
             return
-        source = getattr(self, "checkpoint_path", None) or self.hparams.init_from
+        source = self.checkpoint_path or self.hparams.init_from
         if source:
             self.load_weights(source)
-        self._initial_weights_loaded = True
+        self.initial_weights_loaded = True
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Weights restored from a checkpoint (load_from_checkpoint, or a trainer's ckpt_path)
         # are the ones to use: init_from must not overwrite them at a later setup.
-        self._initial_weights_loaded = True
+        self.initial_weights_loaded = True
         if self.model.crf is None:  # a CRF-RNN checkpoint evaluated without its CRF
             state = checkpoint.get("state_dict", {})
             for key in [k for k in state if k.startswith("model.crf.")]:

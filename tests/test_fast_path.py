@@ -112,26 +112,19 @@ def test_bf16_mixed_training_keeps_loss_and_crf_in_float32(tiny_shapes):
     torch.testing.assert_close(refined, crf(logits.bfloat16().float(), image))
 
 
-def fake_cuda_trainer():
-    """Just enough of a trainer for :meth:`SegmentationModule.apply_fast_path`."""
-    return types.SimpleNamespace(strategy=types.SimpleNamespace(root_device=torch.device("cuda")))
-
-
 def test_channels_last_on_cuda_only():
     torch.manual_seed(0)
     module = SegmentationModule(4, stage="context", arch="tiny", padding="same", dropout=0.0)
     image = torch.rand(2, 3, 48, 40) * 255
     expected = module.model.eval()(image)
-    module.apply_fast_path()  # no trainer (plain Python use): nothing changes
+    module.apply_fast_path(torch.device("cpu"))  # nothing changes
     assert module.model.frontend.features.conv1_1.weight.is_contiguous()
-    module._trainer = fake_cuda_trainer()
-    module.apply_fast_path()
+    module.apply_fast_path(torch.device("cuda"))  # only the layout: the weights stay here
     conv = module.model.frontend.features.conv1_1.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     torch.testing.assert_close(module.model(image), expected, rtol=1e-5, atol=1e-5)
     off = SegmentationModule(4, arch="tiny", padding="same", channels_last=False)
-    off._trainer = fake_cuda_trainer()
-    off.apply_fast_path()
+    off.apply_fast_path(torch.device("cuda"))
     assert off.model.frontend.features.conv1_1.weight.is_contiguous()
 
 
@@ -144,8 +137,8 @@ def test_compiled_context_module_equals_eager():
     logits = torch.randn(2, 4, 12, 10).relu()
     with torch.no_grad():
         expected = module.model.context(logits)
-        module.apply_fast_path()
-        assert module.model.context._compiled_call_impl is not None
+        module.apply_fast_path(torch.device("cpu"))
+        assert module.compiled and module.model.context._compiled_call_impl is not None
         got = module.model.context(logits)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert list(module.state_dict()) == names
