@@ -140,8 +140,8 @@ def load_model(checkpoint: str, crf: str | None = None, crf_options: dict | None
     """The trained SegmentationModule of a checkpoint (eval mode, CPU), optionally with a fixed
     dense CRF added (its parameters are not in the checkpoint, hence the non-strict load).
 
-    A CLI `validate --ckpt_path X --model.crf=dense` cannot do this: LightningCLI replaces the
-    model arguments with the checkpoint's hyperparameters when a ckpt_path is given.
+    In process, for the report's tables; from the shell the same is
+    `dilatedseg validate --ckpt_path X --model.crf=dense`.
     """
     from dilatedseg.module import SegmentationModule
 
