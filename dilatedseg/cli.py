@@ -56,6 +56,16 @@ def base_config() -> list[str]:
     return []
 
 
+def stage_configs(conf: Path, dataset: str, stage: str) -> list[str]:
+    """The --config arguments of one stage, as `make train STAGE=<stage> DATASET=<dataset>`
+    composes them: <conf>/<dataset>.yaml, <conf>/stage/<stage>.yaml, then the dataset's own
+    overlay <conf>/<dataset>/<stage>.yaml where there is one."""
+    files = [conf / f"{dataset}.yaml", conf / "stage" / f"{stage}.yaml"]
+    if (conf / dataset / f"{stage}.yaml").is_file():
+        files.append(conf / dataset / f"{stage}.yaml")
+    return [arg for path in files for arg in ("--config", str(path))]
+
+
 class RunConfigSaver(SaveConfigCallback):
     """Saves the resolved config into the run directory (not the logger's), on rank 0 only."""
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import yaml
 
+from dilatedseg import cli
 from dilatedseg.cli import PACKAGE_CONF, import_class
 from dilatedseg.cli import main as cli_main
 from dilatedseg.data.base import DataError
@@ -71,12 +72,8 @@ def conf_root(dataset: str) -> Path:
 
 
 def stage_configs(dataset: str, stage: str) -> list[str]:
-    """--config files of a stage, as `make train STAGE=<stage> DATASET=<dataset>` uses them."""
-    root = conf_root(dataset)
-    files = [root / f"{dataset}.yaml", root / "stage" / f"{stage}.yaml"]
-    if (root / dataset / f"{stage}.yaml").is_file():
-        files.append(root / dataset / f"{stage}.yaml")
-    return [arg for path in files for arg in ("--config", str(path))]
+    """--config arguments of a stage (see :func:`dilatedseg.cli.stage_configs`)."""
+    return cli.stage_configs(conf_root(dataset), dataset, stage)
 
 
 def sweep_file() -> Path:

@@ -199,7 +199,7 @@ def overridden(parsed: dict, params: dict) -> list[str]:
 # ---- the local runner -------------------------------------------------------------------------
 def ensure_previous_stage(parsed: dict, extra: list[str], out_dir: Path) -> None:
     """Train the front-end when a trial starts from `init_from: auto` and none exists yet."""
-    from dilatedseg.cli import import_class
+    from dilatedseg.cli import import_class, stage_configs
 
     model = parsed.get("model") or {}
     if model.get("init_from") != "auto":
@@ -214,10 +214,7 @@ def ensure_previous_stage(parsed: dict, extra: list[str], out_dir: Path) -> None
         if "frontend" not in PREVIOUS_STAGES.get(stage, ()) or not (
                 conf / f"{dataset}.yaml").is_file():
             raise SweepError(str(error)) from None
-    argv = ["dilatedseg", "fit", "--config", str(conf / f"{dataset}.yaml"),
-            "--config", str(conf / "stage" / "frontend.yaml")]
-    if (conf / dataset / "frontend.yaml").is_file():
-        argv += ["--config", str(conf / dataset / "frontend.yaml")]
+    argv = ["dilatedseg", "fit", *stage_configs(conf, dataset, "frontend")]
     # Where the trials look for it, and their data, even when the sweep's command fixes them.
     argv.append(f"--runs_dir={runs_dir}")
     root = ((parsed.get("data") or {}).get("init_args") or {}).get("root")
