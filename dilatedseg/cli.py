@@ -34,6 +34,7 @@ from dilatedseg.module import SegmentationModule, read_checkpoint
 from dilatedseg.runs import (
     RunError,
     RunSummary,
+    attempt_dir,
     discard_unused_run_dirs,
     find_previous_checkpoint,
     forget_earlier_runs,
@@ -67,12 +68,17 @@ def stage_configs(conf: Path, dataset: str, stage: str) -> list[str]:
 
 
 class RunConfigSaver(SaveConfigCallback):
-    """Saves the resolved config into the run directory (not the logger's), on rank 0 only."""
+    """Saves the resolved config into ``directory`` (the run's, or a resumed start's, see
+    :func:`~dilatedseg.runs.attempt_dir`; not the logger's), on rank 0 only."""
+
+    def __init__(self, *args, directory: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.directory = directory
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
-        run_dir = Path(trainer.default_root_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.parser.save(self.config, run_dir / self.config_filename, skip_none=False,
+        directory = Path(self.directory or trainer.default_root_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, directory / self.config_filename, skip_none=False,
                          overwrite=True, multifile=False)
         for logger in trainer.loggers:  # the full resolved config travels with the W&B run
             if hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
@@ -176,12 +182,14 @@ class DilatedSegCLI(LightningCLI):
                                   config.get("ckpt_path"))
         config.trainer.default_root_dir = str(run_dir)
         config.checkpoint.dirpath = str(run_dir / "checkpoints")
+        attempt = attempt_dir(run_dir)  # config.yaml and CSV logs of this start
+        self.save_config_kwargs["directory"] = str(attempt)
         if self.subcommand == "predict":
             config.return_predictions = False  # the PredictionWriter writes them to disk
         loggers = config.trainer.logger
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             if hasattr(logger, "class_path"):
-                configure_logger(logger, run_dir, dataset, stage)
+                configure_logger(logger, run_dir, dataset, stage, attempt)
 
     def check_weights(self, config, datamodule) -> None:
         """The checkpoint to resume or evaluate, or else init_from, must exist and fit the
@@ -327,8 +335,10 @@ def default_precision(accelerator) -> str:
     return "bf16-mixed" if native else "32-true"
 
 
-def configure_logger(logger, run_dir: Path, dataset: str, stage: str) -> None:
-    """Point a logger's files into the run directory."""
+def configure_logger(logger, run_dir: Path, dataset: str, stage: str,
+                     attempt: Path | None = None) -> None:
+    """Point a logger's files into the run directory (CSV / TensorBoard: into ``attempt``, this
+    start's directory, when a resumed run has one)."""
     args = logger.init_args
     name = logger.class_path.rsplit(".", 1)[-1]
     args.save_dir = str(run_dir)
@@ -341,7 +351,7 @@ def configure_logger(logger, run_dir: Path, dataset: str, stage: str) -> None:
         if not args.get("offline") and not wandb_logged_in() and not disabled:
             args.offline = True  # no account or network: log locally, `wandb sync` later
     elif name in ("CSVLogger", "TensorBoardLogger"):
-        args.name, args.version = "", ""
+        args.save_dir, args.name, args.version = str(attempt or run_dir), "", ""
 
 
 def wandb_run_id(run_dir: Path) -> str:

@@ -140,6 +140,9 @@ class SegmentationModule(L.LightningModule):
                 f"lr_schedule must be 'poly', 'step' or 'constant', got {lr_schedule!r}")
         if crf not in CRF_MODES:
             raise ValueError(f"crf must be one of {CRF_MODES}, got {crf!r}")
+        if lr <= 0 or not 0 <= momentum < 1 or weight_decay < 0:
+            raise ValueError(f"need lr > 0, 0 <= momentum < 1 and weight_decay >= 0, got lr={lr}, "
+                             f"momentum={momentum}, weight_decay={weight_decay}")
         tiles = (tile_size, tile_size) if isinstance(tile_size, int) else tile_size
         if tiles is not None and min(tiles) < OUTPUT_STRIDE:
             raise ValueError(f"tile_size must be at least {OUTPUT_STRIDE} px (the output stride), "

@@ -88,6 +88,19 @@ def resolve_run_dir(runs_dir: str, dataset: str, stage: str, subcommand: str,
     return run_dir
 
 
+def attempt_dir(run_dir: Path) -> Path:
+    """Where this start of a run writes its config.yaml and CSV / TensorBoard logs: the run
+    directory, or, when an earlier start already wrote there (a resumed run, a requeued SLURM
+    job), a new ``resume_<k>`` inside it, so that nothing earlier is overwritten (Lightning's
+    CSVLogger deletes an existing metrics.csv). Checkpoints, summary.json (its history covers
+    every start) and the W&B run stay the run's. Only global rank 0 writes these files."""
+    if not is_global_rank_zero() or not (run_dir / "config.yaml").is_file():
+        return run_dir
+    attempt = claim_next_version(run_dir, "resume")
+    _created_run_dirs[:] = [attempt]  # a start that fails takes back this, never the run
+    return attempt
+
+
 def forget_earlier_runs() -> None:
     """A new command in this process (tests, the report and sweeps run several): a failed
     start takes back only what this command makes, never an earlier run's directories."""

@@ -4,6 +4,7 @@ stages chain, resuming continues, bad labels fail early with the file named."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 from pathlib import Path
@@ -154,6 +155,13 @@ def test_resume_from_last_checkpoint_continues_epochs(tiny_shapes, tmp_path):
     last = run / "checkpoints" / "last.ckpt"
     first = torch.load(last, weights_only=True)
     assert first["global_step"] == 4  # 32 images / batch 8
+    first_start = {name: (run / name).read_bytes() for name in ("config.yaml", "metrics.csv")}
+    # A resume that cannot start (a batch larger than the split) changes nothing in the run.
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit):
+        run_cli("fit", *shapes_args(tiny_shapes, tmp_path, "--trainer.max_epochs=2",
+                                    f"--ckpt_path={last}"), "--data.init_args.batch_size=64")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     run_cli("fit", *shapes_args(tiny_shapes, tmp_path, "--trainer.max_epochs=2",
                                 f"--ckpt_path={last}"))
     # Same run directory, and training went on for exactly one more epoch (4 more steps).
@@ -162,6 +170,11 @@ def test_resume_from_last_checkpoint_continues_epochs(tiny_shapes, tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs"] == 2
     assert [row["epoch"] for row in summary["history"]] == [0, 1]  # the first part is kept
+    # The first start's config and metrics are as they were; the second start's are beside.
+    assert {name: (run / name).read_bytes() for name in first_start} == first_start
+    resumed = run / "resume_0"
+    assert "max_epochs: 2" in (resumed / "config.yaml").read_text()
+    assert {row["epoch"] for row in csv.DictReader((resumed / "metrics.csv").open())} == {"1"}
 
 
 def test_out_of_range_label_fails_naming_the_file(tiny_shapes, tmp_path, capsys):

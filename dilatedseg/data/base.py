@@ -302,8 +302,14 @@ class SegmentationDataModule(L.LightningDataModule):
         self.crop_size = (crop_size, crop_size) if isinstance(crop_size, int) else crop_size
         if self.crop_size is not None and min(self.crop_size) < 1:
             raise ValueError(f"crop_size must be positive, got {crop_size}")
+        if num_workers is not None and num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 (0: load in the main process) or null "
+                             f"(one per CPU core), got {num_workers}")
         self.auto_workers = num_workers is None
         self.num_workers = default_num_workers() if num_workers is None else num_workers
+        if scale_range is not None and not 0 < scale_range[0] <= scale_range[1]:
+            raise ValueError(f"scale_range must be [low, high] with 0 < low <= high, got "
+                             f"{list(scale_range)}")
         if scale_range is not None and self.crop_size is None and batch_size > 1:
             raise ValueError("scale_range without a crop_size gives images of different sizes, "
                              "which do not batch: set crop_size, or batch_size: 1")

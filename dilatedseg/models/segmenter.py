@@ -77,6 +77,9 @@ class Segmenter(nn.Module):
         if upsample == "deconv":  # a constant: not saved, so checkpoints load either way
             self.register_buffer("deconv_weight", bilinear_upsampling_kernel(num_classes),
                                  persistent=False)
+        if len(pixel_std) != 3 or min(pixel_std) <= 0 or len(pixel_mean) != 3:
+            raise ValueError(f"pixel_mean and pixel_std take 3 values (R, G, B), the std's "
+                             f"positive; got {list(pixel_mean)} and {list(pixel_std)}")
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1))
 
