@@ -270,6 +270,11 @@ def test_empty_predict_dir_stops_before_the_run(voc, tmp_path, capsys):
     ("--model.tile_size=-8", "tile_size must be at least 8 px"),
     ("--data.init_args.resize=0", "resize must be [height, width] in px"),
     ("--trainer.devices=abc", "`devices`"),  # refused by Lightning's Trainer
+    ("--data.init_args.num_workers=-1", "num_workers must be >= 0"),
+    ("--data.init_args.scale_range=[1.5,0.5]", "scale_range must be [low, high] with 0 < low"),
+    ("--model.lr=-1", "need lr > 0, 0 <= momentum < 1"),
+    ("--model.momentum=1.5", "need lr > 0, 0 <= momentum < 1"),
+    ("--model.pixel_std=[0,0,0]", "pixel_mean and pixel_std take 3 values"),  # was: NaN
 ])
 def test_sizes_that_cannot_work_are_configuration_errors(voc, tmp_path, capsys, option,
                                                          message):
