@@ -177,6 +177,19 @@ def test_resume_from_last_checkpoint_continues_epochs(tiny_shapes, tmp_path):
     assert {row["epoch"] for row in csv.DictReader((resumed / "metrics.csv").open())} == {"1"}
 
 
+def test_last_checkpoint_is_the_latest_epoch_even_when_the_best_is_older(tiny_shapes, tmp_path):
+    """A learning rate too small to change the predictions: epoch 0 stays the best, and
+    last.ckpt (what a resume starts from) still holds epoch 1."""
+    run_cli("fit", *shapes_args(tiny_shapes, tmp_path, "--trainer.max_epochs=2",
+                                "--model.lr=1e-30"))
+    checkpoints = only_run(tmp_path / "shapes" / "frontend") / "checkpoints"
+    (best,) = checkpoints.glob("best-*.ckpt")
+    assert best.name.startswith("best-epoch000")
+    last = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (1, 8)
+    assert sorted(p.name for p in checkpoints.iterdir()) == [best.name, "last.ckpt"]
+
+
 def test_out_of_range_label_fails_naming_the_file(tiny_shapes, tmp_path, capsys):
     import shutil
 
