@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -25,6 +26,7 @@ from lightning.pytorch.cli import (
     LightningCLI,
     SaveConfigCallback,
 )
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dilatedseg.data import SegmentationDataModule
 from dilatedseg.data.base import DataError
@@ -431,6 +433,10 @@ def main(argv: list[str] | None = None) -> None:
 
             return summary_main(rest)
         DilatedSegCLI(args=argv)
+    except SIGTERMException:  # Lightning stopped cleanly, but the run did not finish
+        sys.stderr.write("error: interrupted by SIGTERM; resume with --ckpt_path <run "
+                         "dir>/checkpoints/last.ckpt\n")
+        raise SystemExit(128 + signal.SIGTERM) from None
     except (DataError, RunError) as error:
         discard_unused_run_dirs()
         sys.stderr.write(f"error: {clean_message(error)}\n")

@@ -105,3 +105,30 @@ def test_torchrun_without_a_run_id_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(RunError, match="--rdzv-id"):
         resolve_run_dir(str(tmp_path), "shapes", "frontend", "fit")
+
+
+def test_sigterm_stops_with_a_failure_status_and_keeps_the_run(tiny_shapes, tmp_path):
+    """`kill` (SIGTERM, as schedulers send) mid-training: Lightning stops cleanly, the command
+    exits 143 saying so (make train must not go on to the next stage), nothing is lost."""
+    import signal
+    import time
+
+    runs = tmp_path / "runs"
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    for name in ("DILATEDSEG_RUN_DIR", "LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE"):
+        env.pop(name, None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dilatedseg.cli", "fit",
+         *shapes_args(tiny_shapes, runs, "--trainer.max_epochs=1000")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = runs / "shapes/frontend/version_0/checkpoints/last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err[-3000:]
+    assert "interrupted by SIGTERM" in err
+    run = last.parent.parent
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["history"] and last.is_file() and (run / "config.yaml").is_file()
