@@ -53,7 +53,7 @@ train:  ## train STAGE (frontend|context|joint|crf|all) on DATASET; INIT=ckpt ov
 	$(check_names)
 ifeq ($(STAGE),all)
 	$(foreach stage,$(STAGES),$(call fit_stage,$(stage)))
-	@$(DILATEDSEG) summary --dataset $(DATASET)
+	@$(DILATEDSEG) summary --dataset $(DATASET) -- $(call stage_configs,frontend) $(ARGS)
 else
 	$(DILATEDSEG) fit $(call stage_configs,$(STAGE)) $(if $(INIT),--model.init_from=$(INIT)) $(ARGS)
 endif

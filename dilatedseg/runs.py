@@ -322,11 +322,19 @@ def format_table(rows: list[dict]) -> str:
 
 
 def summary_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="dilatedseg summary",
-                                     description="Validation mIoU of the latest run of each stage.")
+    parser = argparse.ArgumentParser(
+        prog="dilatedseg summary", usage="%(prog)s [--dataset D] [--runs_dir R] [-- FIT ARGS]",
+        description="Validation mIoU of the latest run of each stage. After --, the arguments "
+                    "of a `dilatedseg fit` (configs and options, as make train passes them): "
+                    "the runs directory is the one that command writes to.")
     parser.add_argument("--dataset", default="shapes")
     parser.add_argument("--runs_dir", default="runs")
-    args = parser.parse_args(argv)
+    fit_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[: len(argv) - len(fit_args) - (1 if "--" in argv else 0)])
+    if fit_args:
+        from dilatedseg.sweep import parse_trial
+
+        args.runs_dir = parse_trial(["dilatedseg", "fit", *fit_args]).get("runs_dir", "runs")
     rows = latest_summaries(args.runs_dir, args.dataset)
     if not rows:
         raise RunError(f"no finished runs under {args.runs_dir}/{args.dataset}/; "

@@ -115,7 +115,7 @@ def only_run(parent: Path) -> Path:
     return runs[0]
 
 
-def test_stage_chaining_frontend_then_context(tiny_shapes, tmp_path):
+def test_stage_chaining_frontend_then_context(tiny_shapes, tmp_path, capsys):
     run_cli("fit", *shapes_args(tiny_shapes, tmp_path, "--trainer.max_epochs=1"))
     frontend_run = only_run(tmp_path / "shapes" / "frontend")
     assert (frontend_run / "config.yaml").is_file()
@@ -137,6 +137,18 @@ def test_stage_chaining_frontend_then_context(tiny_shapes, tmp_path):
     frontend_keys = [k for k in before if k.startswith("model.frontend.")]
     assert frontend_keys and all(torch.equal(before[k], after[k]) for k in frontend_keys)
     assert any(k.startswith("model.context.") for k in after)
+
+    # The summary of the latest run of each stage, found by --runs_dir or by the fit arguments
+    # (make train passes its configs and ARGS: conf/debug.yaml, say, writes under runs/debug).
+    contexts = json.loads((context_run / "summary.json").read_text())["best_val_mIoU"]
+    for args in (["--runs_dir", str(tmp_path)],
+                 ["--", "--config", str(REPO / "conf/shapes.yaml"), f"--runs_dir={tmp_path}"]):
+        capsys.readouterr()
+        run_cli("summary", "--dataset", "shapes", *args)
+        table = capsys.readouterr().out
+        assert "Validation mIoU per stage (shapes)" in table
+        assert "| frontend |" in table and "| context |" in table
+        assert f"{contexts:.1f}" in table
 
 
 def test_context_stage_without_frontend_says_what_to_run(tiny_shapes, tmp_path, capsys):
