@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import sys
 import typing
@@ -34,6 +35,7 @@ from dilatedseg.models.caffemodel import check_caffe_input
 from dilatedseg.models.weights import WeightsError
 from dilatedseg.module import SegmentationModule, read_checkpoint
 from dilatedseg.runs import (
+    COMMAND_FILE,
     RunError,
     RunSummary,
     attempt_dir,
@@ -73,15 +75,17 @@ class RunConfigSaver(SaveConfigCallback):
     """Saves the resolved config into ``directory`` (the run's, or a resumed start's, see
     :func:`~dilatedseg.runs.attempt_dir`; not the logger's), on rank 0 only."""
 
-    def __init__(self, *args, directory: str | None = None, **kwargs):
+    def __init__(self, *args, directory: str | None = None, command_line: list[str] = (),
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self.directory = directory
+        self.directory, self.command_line = directory, list(command_line)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         directory = Path(self.directory or trainer.default_root_dir)
         directory.mkdir(parents=True, exist_ok=True)
         self.parser.save(self.config, directory / self.config_filename, skip_none=False,
                          overwrite=True, multifile=False)
+        (directory / COMMAND_FILE).write_text(shlex.join(self.command_line))
         for logger in trainer.loggers:  # the full resolved config travels with the W&B run
             if hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
                 logger.log_hyperparams(self.config.as_dict())
@@ -181,11 +185,11 @@ class DilatedSegCLI(LightningCLI):
         if config.trainer.get("precision") is None:
             config.trainer.precision = default_precision(config.trainer.get("accelerator"))
         run_dir = resolve_run_dir(config.runs_dir, dataset, stage, self.subcommand,
-                                  config.get("ckpt_path"))
+                                  config.get("ckpt_path"), shlex.join(self.command_line))
         config.trainer.default_root_dir = str(run_dir)
         config.checkpoint.dirpath = str(run_dir / "checkpoints")
         attempt = attempt_dir(run_dir)  # config.yaml and CSV logs of this start
-        self.save_config_kwargs["directory"] = str(attempt)
+        self.save_config_kwargs.update(directory=str(attempt), command_line=self.command_line)
         if self.subcommand == "predict":
             config.return_predictions = False  # the PredictionWriter writes them to disk
         loggers = config.trainer.logger

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -20,6 +21,8 @@ PREVIOUS_STAGES = {
     "crf": ("joint", "context"),
 }
 RUN_DIR_ENV = "DILATEDSEG_RUN_DIR"
+# Beside config.yaml: the command line of the run (a requeued job finds its run by it).
+COMMAND_FILE = "command.txt"
 # `dilatedseg sweep --local` sets this: rank 0 also writes the run's summary there.
 SUMMARY_PATH_ENV = "DILATEDSEG_SUMMARY_PATH"
 # What a run directory holds before the run has written anything.
@@ -54,13 +57,14 @@ def is_global_rank_zero() -> bool:
 
 
 def resolve_run_dir(runs_dir: str, dataset: str, stage: str, subcommand: str,
-                    ckpt_path: str | None = None) -> Path:
+                    ckpt_path: str | None = None, command: str = "") -> Path:
     """The directory of this run, the same one on every DDP process.
 
     Resuming (`fit --ckpt_path runs/.../checkpoints/last.ckpt`) continues in that run's
     directory. Otherwise a new version_N; processes started by torchrun or a SLURM batch job,
-    which cannot share a counter (or are requeued), use their job id; DDP children inherit
-    rank 0's choice via the environment.
+    which cannot share a counter (or are requeued), use their job id (see :func:`job_run_dir`;
+    ``command``: this run's command line); DDP children inherit rank 0's choice via the
+    environment.
     """
     if is_child_process() and os.environ.get(RUN_DIR_ENV):
         return Path(os.environ[RUN_DIR_ENV])
@@ -68,13 +72,15 @@ def resolve_run_dir(runs_dir: str, dataset: str, stage: str, subcommand: str,
     if subcommand == "fit" and ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
         run_dir = Path(ckpt_path).parent.parent
     elif os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
-        run_dir = parent / f"{job_prefix(subcommand)}torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
+        run_dir = job_run_dir(
+            parent, f"{job_prefix(subcommand)}torchrun-{os.environ['TORCHELASTIC_RUN_ID']}",
+            command)
     elif "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RunError("torchrun started these processes without a run id, so they cannot agree "
                        "on a run directory: pass --rdzv-id=<job id> (several nodes) or "
                        "--standalone (one node) to torchrun")
     elif job := slurm_batch_job():
-        run_dir = parent / f"{job_prefix(subcommand)}slurm-{job}"
+        run_dir = job_run_dir(parent, f"{job_prefix(subcommand)}slurm-{job}", command)
     else:
         run_dir = None
     forget_earlier_runs()  # a failure now concerns only what this run makes
@@ -86,6 +92,24 @@ def resolve_run_dir(runs_dir: str, dataset: str, stage: str, subcommand: str,
         _created_run_dirs.extend(made)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir
+
+
+def job_run_dir(parent: Path, name: str, command: str) -> Path:
+    """A run's directory in a SLURM batch job or a torchrun launch: ``name``, or ``name_1``,
+    ``name_2``... for the job's later runs of the same dataset and stage (a wandb agent, a loop
+    in an sbatch script), the first that no run has written a config.yaml into. A restarted job
+    (SLURM requeue, torchrun --max-restarts) continues the directory whose run had the same
+    command line (its ``command.txt``). Every process of the job chooses alike: rank 0 writes
+    config.yaml only after all have joined the process group."""
+    restarted = any(int(os.environ.get(name, "0") or 0) > 0
+                    for name in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"))
+    for number in itertools.count():
+        run_dir = parent / (name if number == 0 else f"{name}_{number}")
+        if not (run_dir / "config.yaml").is_file():
+            return run_dir
+        recorded = run_dir / COMMAND_FILE
+        if restarted and recorded.is_file() and recorded.read_text() == command:
+            return run_dir
 
 
 def attempt_dir(run_dir: Path) -> Path:

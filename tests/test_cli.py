@@ -167,6 +167,7 @@ def test_resume_from_last_checkpoint_continues_epochs(tiny_shapes, tmp_path):
     last = run / "checkpoints" / "last.ckpt"
     first = torch.load(last, weights_only=True)
     assert first["global_step"] == 4  # 32 images / batch 8
+    assert "--trainer.max_epochs=1" in (run / "command.txt").read_text()  # the command line
     first_start = {name: (run / name).read_bytes() for name in ("config.yaml", "metrics.csv")}
     # A resume that cannot start (a batch larger than the split) changes nothing in the run.
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}

@@ -98,6 +98,33 @@ def test_launcher_job_ids_name_the_run_dir(tmp_path, monkeypatch, env, name):
     assert evaluation.name == (f"validate-{name}" if "version" not in name else "validate_0")
 
 
+@pytest.mark.parametrize("job", [{"SLURM_JOB_ID": "77", "SLURM_NTASKS": "1"},
+                                 {"TORCHELASTIC_RUN_ID": "abc"}])
+def test_a_jobs_later_runs_get_their_own_directories(tmp_path, monkeypatch, job):
+    """Two fits of one stage in one job (a wandb agent, a loop in an sbatch script) do not
+    share a directory; a restarted job continues the run of its command line."""
+    for key, value in job.items():
+        monkeypatch.setenv(key, value)
+    restart = "SLURM_RESTART_COUNT" if "SLURM_JOB_ID" in job else "TORCHELASTIC_RESTART_COUNT"
+
+    def resolve(command):
+        monkeypatch.delenv("DILATEDSEG_RUN_DIR", raising=False)
+        return resolve_run_dir(str(tmp_path), "shapes", "frontend", "fit", command=command)
+
+    first = resolve("fit --model.lr=0.1")
+    assert resolve("fit --model.lr=0.2") == first  # nothing written yet: still free
+    (first / "config.yaml").write_text("lr: 0.1")
+    (first / "command.txt").write_text("fit --model.lr=0.1")
+    second = resolve("fit --model.lr=0.2")
+    assert second == first.with_name(first.name + "_1")
+    (second / "config.yaml").write_text("lr: 0.2")
+    (second / "command.txt").write_text("fit --model.lr=0.2")
+    assert resolve("fit --model.lr=0.1").name == first.name + "_2"  # a third run, not restarted
+    monkeypatch.setenv(restart, "1")
+    assert resolve("fit --model.lr=0.2") == second  # requeued: each command finds its run
+    assert resolve("fit --model.lr=0.1") == first
+
+
 def test_torchrun_without_a_run_id_is_refused(tmp_path, monkeypatch):
     from dilatedseg.runs import RunError
 
