@@ -81,6 +81,10 @@ def resolve_run_dir(runs_dir: str, dataset: str, stage: str, subcommand: str,
                        "--standalone (one node) to torchrun")
     elif job := slurm_batch_job():
         run_dir = job_run_dir(parent, f"{job_prefix(subcommand)}slurm-{job}", command)
+    elif not is_global_rank_zero():
+        # A node > 0 of a multi-node launch by hand (NODE_RANK, no torchrun or SLURM): node 0
+        # names and makes the run's version_N; this process writes nothing into it.
+        return parent / "version-of-node-0"
     else:
         run_dir = None
     forget_earlier_runs()  # a failure now concerns only what this run makes

@@ -125,6 +125,16 @@ def test_a_jobs_later_runs_get_their_own_directories(tmp_path, monkeypatch, job)
     assert resolve("fit --model.lr=0.1") == first
 
 
+def test_a_second_node_launched_by_hand_makes_no_directory(tmp_path, monkeypatch):
+    """NODE_RANK=1 (Lightning's multi-node launch without torchrun or SLURM): node 0 makes the
+    run's version_N; node 1 used to claim an empty one of its own."""
+    monkeypatch.delenv("DILATEDSEG_RUN_DIR", raising=False)
+    monkeypatch.setenv("NODE_RANK", "1")
+    run_dir = resolve_run_dir(str(tmp_path / "runs"), "shapes", "frontend", "fit")
+    assert run_dir.parent == tmp_path / "runs/shapes/frontend"
+    assert not (tmp_path / "runs").exists()
+
+
 def test_torchrun_without_a_run_id_is_refused(tmp_path, monkeypatch):
     from dilatedseg.runs import RunError
 
