@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
@@ -53,5 +54,8 @@ class PredictionWriter(BasePredictionWriter):
         return path
 
     def on_predict_end(self, trainer, pl_module) -> None:
+        # Each process writes its share of the images: the total is the sum over processes.
+        written = int(trainer.strategy.reduce(torch.tensor(self.written, device=pl_module.device),
+                                              reduce_op="sum"))
         if trainer.is_global_zero:
-            print(f"wrote {self.written} predictions to {self.output_dir}")
+            print(f"wrote {written} predictions to {self.output_dir}")

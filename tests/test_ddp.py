@@ -125,6 +125,15 @@ def test_a_jobs_later_runs_get_their_own_directories(tmp_path, monkeypatch, job)
     assert resolve("fit --model.lr=0.1") == first
 
 
+def test_ddp_predict_writes_and_counts_every_image(ddp_fit, tiny_shapes):
+    checkpoint = ddp_fit / "shapes" / "frontend" / "version_0" / "checkpoints" / "last.ckpt"
+    output = ddp_fit.parent / "predictions"
+    out = run_ddp("predict", *shapes_args(tiny_shapes, ddp_fit, f"--ckpt_path={checkpoint}"),
+                  *DDP, f"--output={output}", cwd=ddp_fit.parent)
+    assert len(list((output / "index").glob("*.png"))) == 8  # the 8 val images, 4 per rank
+    assert f"wrote 8 predictions to {output}" in out  # both processes' shares
+
+
 def test_a_second_node_launched_by_hand_makes_no_directory(tmp_path, monkeypatch):
     """NODE_RANK=1 (Lightning's multi-node launch without torchrun or SLURM): node 0 makes the
     run's version_N; node 1 used to claim an empty one of its own."""
