@@ -83,7 +83,7 @@ class RunConfigSaver(SaveConfigCallback):
     def save_config(self, trainer, pl_module, stage: str) -> None:
         directory = Path(self.directory or trainer.default_root_dir)
         directory.mkdir(parents=True, exist_ok=True)
-        self.parser.save(self.config, directory / self.config_filename, skip_none=False,
+        self.parser.save(self.config, directory / self.config_filename, skip_unset=False,
                          overwrite=True, multifile=False)
         (directory / COMMAND_FILE).write_text(shlex.join(self.command_line))
         for logger in trainer.loggers:  # the full resolved config travels with the W&B run
