@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import shlex
 import signal
 import sys
@@ -298,9 +299,21 @@ def checkpoint_hparams(path: str) -> dict:
     try:
         checkpoint = read_checkpoint(path)
     except Exception as error:  # torch raises many kinds for a file that is not a checkpoint
-        raise RunError(f"{path} is not a PyTorch checkpoint torch.load can read ({error})"
+        # (The weights-only unpickler's own message suggests weights_only=False: not for us.)
+        detail = "damaged, or not a checkpoint" if isinstance(error, pickle.UnpicklingError) \
+            else str(error).strip().splitlines()[0][:200]
+        raise RunError(f"{path} is not a PyTorch checkpoint torch.load can read ({detail})"
                        ) from None
-    return dict(checkpoint.get("hyper_parameters", {})) if isinstance(checkpoint, dict) else {}
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not state or \
+            not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise RunError(f"{path} holds no state dict (a checkpoint's 'state_dict', or a dict of "
+                       "tensors): pass a checkpoint that dilatedseg or Lightning saved")
+    hparams = checkpoint.get("hyper_parameters", {})
+    if not isinstance(hparams, dict):
+        raise RunError(f"{path}: its 'hyper_parameters' are not a dict: pass a checkpoint that "
+                       "dilatedseg or Lightning saved")
+    return dict(hparams)
 
 
 def check_classes(path: str, hparams: dict, datamodule) -> None:

@@ -210,7 +210,7 @@ def test_bad_label_found_after_wandb_started_leaves_no_run(voc, tmp_path, capsys
 def fake_checkpoint(path, stage="frontend", classes=("a", "b", "c")):
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"hyper_parameters": {"stage": stage, "class_names": list(classes)},
-                "state_dict": {}}, path)
+                "state_dict": {"model.w": torch.zeros(1)}}, path)
     return path
 
 
@@ -280,4 +280,24 @@ def test_sizes_that_cannot_work_are_configuration_errors(voc, tmp_path, capsys, 
                                                          message):
     err = fails(capsys, *voc_fit(voc, tmp_path, option))
     assert f"bad configuration: {message}" in err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"not a checkpoint", "is not a PyTorch checkpoint torch.load can read"),
+    ("tensor", "holds no state dict"),
+    ("hparams-string", "its 'hyper_parameters' are not a dict"),
+])
+def test_init_from_that_is_not_a_checkpoint_is_named(voc, tmp_path, capsys, content, message):
+    import torch
+
+    path = tmp_path / "weights.ckpt"
+    if content == "tensor":
+        torch.save(torch.zeros(3), path)
+    elif content == "hparams-string":
+        torch.save({"state_dict": {"w": torch.zeros(1)}, "hyper_parameters": "lr=1"}, path)
+    else:
+        path.write_bytes(content)
+    err = fails(capsys, *voc_fit(voc, tmp_path, f"--model.init_from={path}"))
+    assert f"{path}" in err and message in err
     assert not (tmp_path / "runs").exists()
