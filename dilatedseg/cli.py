@@ -215,6 +215,14 @@ class DilatedSegCLI(LightningCLI):
                 check_caffe_input(init_from, config.model.pixel_std)
             except WeightsError as error:
                 raise RunError(str(error)) from None
+        elif self.subcommand != "fit":  # nothing trained to evaluate: random class scores
+            raise RunError(
+                f"{self.subcommand} needs trained weights: pass --ckpt_path=runs/<dataset>/"
+                "<stage>/<version>/checkpoints/best-....ckpt (or --model.init_from=PATH)")
+        output = config.get("output")
+        if self.subcommand == "predict" and output and Path(output).exists() and \
+                not Path(output).is_dir():
+            raise RunError(f"--output={output} is a file: name a folder for the predictions")
 
     def check_data(self, config) -> SegmentationDataModule:
         """Missing data fails here, before the model fetches weights or the trainer starts a

@@ -145,9 +145,13 @@ def make_directories(path: Path) -> list[Path]:
         try:
             directory.mkdir()
             made.append(directory)
-        except OSError:  # exists (some systems say EACCES / EISDIR first, as os.makedirs knows)
+        except OSError as error:  # exists (or EACCES / EISDIR first, as os.makedirs knows)
+            if directory.exists() and not directory.is_dir():
+                raise RunError(f"{directory} is a file, not a folder for runs: move it, or "
+                               "pass another --runs_dir") from None
             if not directory.is_dir():
-                raise
+                raise RunError(f"cannot make the run folder {directory}: {error.strerror}"
+                               ) from None
     return made[::-1]
 
 

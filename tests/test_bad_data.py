@@ -301,3 +301,22 @@ def test_init_from_that_is_not_a_checkpoint_is_named(voc, tmp_path, capsys, cont
     err = fails(capsys, *voc_fit(voc, tmp_path, f"--model.init_from={path}"))
     assert f"{path}" in err and message in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_evaluating_without_trained_weights_is_refused(voc, tmp_path, capsys):
+    for verb in ("validate", "test", "predict"):
+        err = fails(capsys, verb, *voc_fit(voc, tmp_path)[1:])
+        assert f"{verb} needs trained weights: pass --ckpt_path=" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_runs_dir_or_predict_output_that_is_a_file(voc, tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    err = fails(capsys, *voc_fit(voc, tmp_path), f"--runs_dir={blocker}")
+    assert f"{blocker} is a file, not a folder for runs" in err
+    checkpoint = fake_checkpoint(tmp_path / "model.ckpt", classes=[str(i) for i in range(21)])
+    err = fails(capsys, "predict", *voc_fit(voc, tmp_path)[1:], f"--ckpt_path={checkpoint}",
+                f"--output={blocker}")
+    assert f"--output={blocker} is a file" in err
+    assert blocker.read_text() == "x" and not (tmp_path / "runs").exists()
