@@ -166,7 +166,7 @@ class DilatedSegCLI(LightningCLI):
         parser.set_defaults({
             "checkpoint.monitor": "val/mIoU",
             "checkpoint.mode": "max",
-            "checkpoint.save_last": False,  # last.ckpt: its own callback, see instantiate_trainer
+            "checkpoint.save_last": True,  # also see instantiate_trainer
             "checkpoint.save_top_k": 1,
             "checkpoint.filename": "best-epoch{epoch:03d}-miou{val/mIoU:.2f}",
             "checkpoint.auto_insert_metric_name": False,
@@ -252,8 +252,9 @@ class DilatedSegCLI(LightningCLI):
         trainer.callbacks.append(RunSummary())
         if self.subcommand == "fit":
             # checkpoints/last.ckpt after every validation (every epoch without validation), to
-            # resume from. Not the best checkpoint's save_last: since Lightning 2.6 that writes
-            # last.ckpt only when the best improves, so a resume could repeat epochs.
+            # resume from: since Lightning 2.6 the best checkpoint's save_last writes it only
+            # when the best improves (and at the end of a run that never saved it), so a resume
+            # could repeat epochs.
             trainer.callbacks.append(ModelCheckpoint(
                 dirpath=self.config.fit.checkpoint.dirpath, filename="last",
                 enable_version_counter=False))

@@ -64,3 +64,17 @@ def run_cli(*argv: str) -> None:
     from dilatedseg.cli import main
 
     main(list(argv))
+
+
+def untrained_checkpoint(path: Path, num_classes: int, **module_args) -> Path:
+    """A checkpoint of a freshly initialised tiny module, for evaluation commands that only
+    need some weights (pass it as --model.init_from)."""
+    import torch
+
+    from dilatedseg.module import SegmentationModule
+
+    module = SegmentationModule(num_classes, arch="tiny", **module_args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)},
+               path)
+    return path

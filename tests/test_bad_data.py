@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, untrained_checkpoint
 from fixtures_datasets import make_camvid_segnet, make_voc, tiny_args
 from PIL import Image
 
@@ -141,9 +141,11 @@ def test_error_inside_a_dataloader_worker(voc, tmp_path, capsys):
     folder = tmp_path / "photos"
     folder.mkdir()
     (folder / "broken.png").write_bytes(b"\x89PNG garbage")
+    weights = untrained_checkpoint(tmp_path / "model.ckpt", 21, padding="valid")
     err = fails(capsys, "predict", *tiny_args("voc", voc, tmp_path / "runs",
                                               f"--data.init_args.predict_dir={folder}",
-                                              "--data.init_args.num_workers=1"))
+                                              "--data.init_args.num_workers=1",
+                                              f"--model.init_from={weights}"))
     assert err.startswith("error: cannot read image") and "broken.png" in err
     assert "DataLoader worker" not in err
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli, shapes_args
+from conftest import REPO, run_cli, shapes_args, untrained_checkpoint
 from PIL import Image
 
 DATASET_CONFIGS = sorted(p.name for p in (REPO / "conf").glob("*.yaml") if p.name != "base.yaml"
@@ -230,8 +230,9 @@ def test_missing_label_names_path_and_prepare_command(tiny_shapes, tmp_path, cap
     shutil.copytree(tiny_shapes, root)
     missing = root / "labels" / "val" / "val_00001.png"
     missing.unlink()
+    weights = untrained_checkpoint(tmp_path / "model.ckpt", 4, padding="same")
     with pytest.raises(SystemExit):
-        run_cli("validate", *shapes_args(root, tmp_path / "runs"))
+        run_cli("validate", *shapes_args(root, tmp_path / "runs", f"--model.init_from={weights}"))
     message = capsys.readouterr().err
     assert str(missing) in message and f"dilatedseg prepare shapes --root {root}" in message
 
@@ -343,7 +344,9 @@ def test_a_failed_command_never_takes_back_an_earlier_commands_run(tiny_shapes, 
                                                                   capsys):
     """Commands run one after another in one process (tests, make report, sweeps): the second
     fails before making a run directory, and the first's stays."""
-    run_cli("validate", *shapes_args(tiny_shapes, tmp_path, "--trainer.limit_val_batches=0"))
+    weights = untrained_checkpoint(tmp_path / "model.ckpt", 4, padding="same")
+    run_cli("validate", *shapes_args(tiny_shapes, tmp_path, "--trainer.limit_val_batches=0",
+                                     f"--model.init_from={weights}"))
     earlier = tmp_path / "shapes" / "frontend" / "validate_0"
     assert (earlier / "config.yaml").is_file()
     with pytest.raises(SystemExit):

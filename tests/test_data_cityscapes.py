@@ -42,6 +42,18 @@ def test_label_table_matches_cityscapesscripts():
     assert (label_id_lookup()[train_id_lookup()[[7, 8, 11, 33]]] == [7, 8, 11, 33]).all()
 
 
+def test_prepare_names_a_source_label_with_undefined_ids(tmp_path):
+    root = make_cityscapes(tmp_path / "cityscapes")
+    source = sorted(root.glob("gtFine/train/*/*_gtFine_labelIds.png"))[0]
+    label = np.array(Image.open(source))
+    label[0, 0] = 34  # Cityscapes defines ids 0-33
+    Image.fromarray(label).save(source)
+    with pytest.raises(DataError, match=rf"{source} holds label ids \[34\] that Cityscapes does "
+                                        r"not define \(0-33\)"):
+        prepare(["cityscapes", "--root", str(root)])
+    assert not source.with_name(source.name.replace("labelIds", "labelTrainIds")).exists()
+
+
 def test_prepare_writes_train_ids_equal_to_on_the_fly_mapping(tmp_path):
     root = make_cityscapes(tmp_path / "cityscapes")
     module = CityscapesDataModule(root=str(root))

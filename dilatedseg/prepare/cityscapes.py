@@ -11,14 +11,23 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dilatedseg.data.base import read_index_png
-from dilatedseg.data.cityscapes import CityscapesDataModule, train_id_lookup
+from dilatedseg.data.base import DataError, read_index_png
+from dilatedseg.data.cityscapes import LABELS, CityscapesDataModule, train_id_lookup
+from dilatedseg.labels import IGNORE_INDEX
 
 
 def convert_label(path: Path, table: np.ndarray) -> Path:
-    """<stem>_gtFine_labelIds.png -> <stem>_gtFine_labelTrainIds.png (returns the new path)."""
+    """<stem>_gtFine_labelIds.png -> <stem>_gtFine_labelTrainIds.png (returns the new path).
+    A label id Cityscapes does not define stops here, naming this file, not the output."""
+    label = read_index_png(path)
+    defined = {label_id for label_id, *_ in LABELS} | {IGNORE_INDEX}
+    undefined = sorted(set(np.unique(label).tolist()) - defined)
+    if undefined:
+        raise DataError(f"{path} holds label ids {undefined} that Cityscapes does not define "
+                        f"(0-{max(defined - {IGNORE_INDEX})}): the file is damaged or not a "
+                        "gtFine *_labelIds.png; extract it again from gtFine_trainvaltest.zip")
     target = path.with_name(path.name.replace("_labelIds.png", "_labelTrainIds.png"))
-    Image.fromarray(table[read_index_png(path)]).save(target)
+    Image.fromarray(table[label]).save(target)
     return target
 
 
