@@ -322,3 +322,21 @@ def test_runs_dir_or_predict_output_that_is_a_file(voc, tmp_path, capsys):
                 f"--output={blocker}")
     assert f"--output={blocker} is a file" in err
     assert blocker.read_text() == "x" and not (tmp_path / "runs").exists()
+
+
+def test_image_over_pils_pixel_limit_is_a_data_error(tmp_path, monkeypatch):
+    from dilatedseg.data.base import DataError, image_size, read_image, read_index_png
+
+    path = tmp_path / "huge.png"
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1600 px is over twice the limit
+    for reader in (read_image, read_index_png, image_size):
+        with pytest.raises(DataError, match=f"cannot read .*{path.name}"):
+            reader(path)
+
+
+def test_dataset_root_that_is_a_file(tmp_path, capsys):
+    root = tmp_path / "voc.tar"
+    root.write_bytes(b"archive")
+    err = fails(capsys, *voc_fit(root, tmp_path))
+    assert f"dataset root {root} is a file, not the dataset's folder" in err

@@ -28,12 +28,16 @@ class DataError(Exception):
     """A user's data is missing or malformed; the message says what and how to fix it."""
 
 
+# What PIL raises for a file it cannot read: damaged, not an image, or over its pixel limit.
+UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)
+
+
 def read_image(path: Path) -> np.ndarray:
     """Image file -> (H, W, 3) uint8 RGB."""
     try:
         with Image.open(path) as image:
             return np.array(image.convert("RGB"))
-    except (OSError, ValueError) as error:
+    except UNREADABLE as error:
         raise DataError(f"cannot read image {path}: {error}. Re-download or remove it.") from None
 
 
@@ -48,7 +52,7 @@ def read_index_png(path: Path) -> np.ndarray:
                     "class ids first (`dilatedseg prepare <dataset>` does, for the layouts it "
                     "reads)")
             values = np.asarray(label)
-    except OSError as error:
+    except UNREADABLE as error:
         raise DataError(f"cannot read label {path}: {error}. Re-download or remove it.") from None
     if values.dtype != np.uint8 and values.size and (values.min() < 0 or values.max() > 255):
         raise DataError(
@@ -118,7 +122,7 @@ def image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             return image.size
-    except OSError as error:
+    except UNREADABLE as error:
         raise DataError(f"cannot read image {path}: {error}. Re-download or remove it.") from None
 
 
@@ -381,6 +385,8 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def checked_pairs(self, split: str, labelled: bool = False) -> list[tuple[Path, Path | None]]:
         """``pairs(split)`` with every listed file present (and labels, if ``labelled``)."""
+        if self.root.exists() and not self.root.is_dir():
+            raise self.missing(f"dataset root {self.root} is a file, not the dataset's folder")
         if not self.root.is_dir():
             raise self.missing(f"dataset root {self.root} does not exist")
         pairs = self.pairs(split)
