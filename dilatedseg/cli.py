@@ -99,6 +99,10 @@ class ConciseParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None) -> typing.NoReturn:
         if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
             super().error(message, ex)  # parsing tentatively (it handles the raise), or debug
+        if message.startswith("Unexpected config:"):  # a file that is no mapping of options
+            content = " ".join(message.split(":", 1)[1].split())[:60]
+            message = ("a --config file holds no options: it is empty, only comments, or not "
+                       f"a YAML mapping of options ({content or 'empty'})")
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
         sys.stderr.write(f"error: {message}\n(the options: {prog} --help)\n")

@@ -179,9 +179,11 @@ def test_bad_option_value_is_one_line_not_a_traceback(voc, tmp_path, capsys):
     ("--model.lrr=0.1", "unrecognized arguments: --model.lrr=0.1"),
     ("--trainer.max_epochs=abc", 'Parser key "trainer.max_epochs"'),
     ("--config=conf/nope.yaml", "File does not exist: "),
+    ("--config={tmp}/empty.yaml", "a --config file holds no options: it is empty, only comm"),
 ])
 def test_parse_error_is_the_message_not_the_usage(voc, tmp_path, capsys, option, message):
-    err = fails(capsys, *voc_fit(voc, tmp_path, option))
+    (tmp_path / "empty.yaml").write_text("# nothing set\n")
+    err = fails(capsys, *voc_fit(voc, tmp_path, option.format(tmp=tmp_path)))
     assert err.startswith("error: ") and message in err.splitlines()[0]
     assert err.strip().endswith("(the options: dilatedseg fit --help)")
     assert "usage:" not in err and len(err.splitlines()) < 10
