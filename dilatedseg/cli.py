@@ -44,6 +44,7 @@ from dilatedseg.runs import (
     find_previous_checkpoint,
     forget_earlier_runs,
     is_global_rank_zero,
+    resolve_checkpoint_alias,
     resolve_run_dir,
 )
 from dilatedseg.wandb_images import WandbImages
@@ -137,7 +138,11 @@ class DilatedSegCLI(LightningCLI):
         self.checkpoint_hparams = {}
         if not subcommand or not self.config[subcommand].get("ckpt_path"):
             return
-        ckpt_path = self.config[subcommand].ckpt_path
+        config = self.config[subcommand]
+        dataset = import_class(config.data.class_path).name
+        config.ckpt_path = resolve_checkpoint_alias(config.ckpt_path, config.runs_dir, dataset,
+                                                    config.model.stage)
+        ckpt_path = config.ckpt_path
         self.checkpoint_hparams = checkpoint_hparams(ckpt_path)
         trained = self.checkpoint_hparams.get("stage")
         asked_stage = self.config[subcommand].model.stage

@@ -228,6 +228,31 @@ def best_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def last_checkpoint(run_dir: Path) -> Path | None:
+    path = run_dir / "checkpoints" / "last.ckpt"
+    return path if path.is_file() else None
+
+
+def latest_checkpoint(runs_dir: str, dataset: str, stage: str, which: str) -> Path | None:
+    """The ``which`` ("best" or "last") checkpoint of the latest run of a stage that has one."""
+    pick = best_checkpoint if which == "best" else last_checkpoint
+    runs = sorted((Path(runs_dir) / dataset / stage).glob("*/"),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
+    return next((path for path in map(pick, runs) if path is not None), None)
+
+
+def resolve_checkpoint_alias(ckpt_path: str, runs_dir: str, dataset: str, stage: str) -> str:
+    """``--ckpt_path=best`` / ``last``: that checkpoint of the latest run of this dataset and
+    stage (Lightning's own aliases only work inside one process); a path stays as it is."""
+    if ckpt_path not in ("best", "last"):
+        return ckpt_path
+    found = latest_checkpoint(runs_dir, dataset, stage, ckpt_path)
+    if found is None:
+        raise RunError(f"--ckpt_path={ckpt_path}: no run under {runs_dir}/{dataset}/{stage}/ has "
+                       f"a {ckpt_path} checkpoint; train the stage first, or pass the path")
+    return str(found)
+
+
 def find_previous_checkpoint(runs_dir: str, dataset: str, stage: str) -> Path:
     """Best checkpoint of the latest run of the stage this one starts from; when no run of it
     saved a best one (runs that never validated), the latest last.ckpt."""
@@ -235,13 +260,10 @@ def find_previous_checkpoint(runs_dir: str, dataset: str, stage: str) -> Path:
     if not previous:
         raise RunError(f"stage '{stage}' has no previous stage; set --model.init_from=null")
     for candidate in previous:
-        runs = sorted((Path(runs_dir) / dataset / candidate).glob("*/"),
-                      key=lambda p: p.stat().st_mtime, reverse=True)
-        for pick in (best_checkpoint, lambda run: run / "checkpoints" / "last.ckpt"):
-            for run in runs:
-                checkpoint = pick(run)
-                if checkpoint is not None and checkpoint.is_file():
-                    return checkpoint
+        for which in ("best", "last"):
+            checkpoint = latest_checkpoint(runs_dir, dataset, candidate, which)
+            if checkpoint is not None:
+                return checkpoint
     where = ", ".join(f"{runs_dir}/{dataset}/{s}/" for s in previous)
     raise RunError(
         f"stage '{stage}' starts from a trained '{previous[0]}' stage, but no checkpoint was "

@@ -342,3 +342,8 @@ def test_dataset_root_that_is_a_file(tmp_path, capsys):
     root.write_bytes(b"archive")
     err = fails(capsys, *voc_fit(root, tmp_path))
     assert f"dataset root {root} is a file, not the dataset's folder" in err
+
+
+def test_checkpoint_alias_without_a_run(voc, tmp_path, capsys):
+    err = fails(capsys, "validate", *voc_fit(voc, tmp_path)[1:], "--ckpt_path=best")
+    assert f"--ckpt_path=best: no run under {tmp_path / 'runs'}/voc/frontend/ has a best" in err

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, run_cli, shapes_args, untrained_checkpoint
+from fixtures_datasets import logged_metrics
 from PIL import Image
 
 DATASET_CONFIGS = sorted(p.name for p in (REPO / "conf").glob("*.yaml") if p.name != "base.yaml"
@@ -124,6 +125,10 @@ def test_stage_chaining_frontend_then_context(tiny_shapes, tmp_path, capsys):
     best = Path(summary["best_checkpoint"])
     assert best.parent == frontend_run / "checkpoints" and best.name.startswith("best")
     assert (frontend_run / "checkpoints" / "last.ckpt").is_file()
+    # --ckpt_path=best: the best checkpoint of the latest run of the dataset and stage.
+    run_cli("validate", *shapes_args(tiny_shapes, tmp_path, "--ckpt_path=best"))
+    validated = logged_metrics(tmp_path / "shapes" / "frontend" / "validate_0")
+    assert validated["val/mIoU"] == pytest.approx(summary["best_val_mIoU"], abs=1e-3)
 
     # The context stage finds the frontend's best checkpoint by itself (init_from: auto).
     run_cli("fit", *shapes_args(tiny_shapes, tmp_path, "--config",
@@ -176,7 +181,7 @@ def test_resume_from_last_checkpoint_continues_epochs(tiny_shapes, tmp_path):
                                     f"--ckpt_path={last}"), "--data.init_args.batch_size=64")
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     run_cli("fit", *shapes_args(tiny_shapes, tmp_path, "--trainer.max_epochs=2",
-                                f"--ckpt_path={last}"))
+                                "--ckpt_path=last"))  # the latest run's last.ckpt
     # Same run directory, and training went on for exactly one more epoch (4 more steps).
     assert only_run(tmp_path / "shapes" / "frontend") == run
     assert torch.load(last, weights_only=True)["global_step"] == 8
