@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import shlex
 import signal
 import sys
@@ -30,11 +29,13 @@ from lightning.pytorch.cli import (
 )
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from dilatedseg.checkpoints import check_classes, check_resume_dir, checkpoint_hparams
 from dilatedseg.data import SegmentationDataModule
 from dilatedseg.data.base import DataError
+from dilatedseg.loggers import configure_logger
 from dilatedseg.models.caffemodel import check_caffe_input
 from dilatedseg.models.weights import WeightsError
-from dilatedseg.module import SegmentationModule, read_checkpoint
+from dilatedseg.module import SegmentationModule
 from dilatedseg.runs import (
     COMMAND_FILE,
     RunError,
@@ -308,58 +309,6 @@ def configuration_errors():
         raise RunError(f"bad configuration: {error}") from None
 
 
-def checkpoint_hparams(path: str) -> dict:
-    """The hyperparameters saved in a checkpoint ({} for a bare state dict), read without
-    loading its tensors; a missing or unreadable file is a RunError."""
-    if not Path(path).is_file():
-        raise RunError(f"checkpoint {path} does not exist: check the path (runs/<dataset>/"
-                       "<stage>/<version>/checkpoints/ holds best-*.ckpt and last.ckpt)")
-    try:
-        checkpoint = read_checkpoint(path)
-    except Exception as error:  # torch raises many kinds for a file that is not a checkpoint
-        # (The weights-only unpickler's own message suggests weights_only=False: not for us.)
-        detail = "damaged, or not a checkpoint" if isinstance(error, pickle.UnpicklingError) \
-            else str(error).strip().splitlines()[0][:200]
-        raise RunError(f"{path} is not a PyTorch checkpoint torch.load can read ({detail})"
-                       ) from None
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict) or not state or \
-            not all(isinstance(value, torch.Tensor) for value in state.values()):
-        raise RunError(f"{path} holds no state dict (a checkpoint's 'state_dict', or a dict of "
-                       "tensors): pass a checkpoint that dilatedseg or Lightning saved")
-    hparams = checkpoint.get("hyper_parameters", {})
-    if not isinstance(hparams, dict):
-        raise RunError(f"{path}: its 'hyper_parameters' are not a dict: pass a checkpoint that "
-                       "dilatedseg or Lightning saved")
-    return dict(hparams)
-
-
-def check_classes(path: str, hparams: dict, datamodule) -> None:
-    """A checkpoint trained on other classes than the data's cannot be loaded into its model."""
-    names = hparams.get("class_names")
-    if names is None:
-        return
-    if len(names) != datamodule.num_classes:
-        raise RunError(
-            f"{path} was trained on {len(names)} classes ({', '.join(names[:5])}"
-            f"{', ...' if len(names) > 5 else ''}), but {datamodule.name} has "
-            f"{datamodule.num_classes}: use a checkpoint trained on {datamodule.name}")
-
-
-def check_resume_dir(ckpt_path: str, dataset: str, stage: str) -> None:
-    """Resuming continues in the checkpoint's run directory: it must be a run of this dataset
-    and stage, or the run would write into (and mix up) another one."""
-    checkpoint = Path(ckpt_path)
-    if checkpoint.parent.name != "checkpoints":
-        return  # not in a run directory: the resumed run gets a new one
-    run_dir = checkpoint.parent.parent
-    if (run_dir.parent.parent.name, run_dir.parent.name) != (dataset, stage):
-        raise RunError(
-            f"{ckpt_path} belongs to the run {run_dir}, not to a {dataset} / {stage} run; "
-            "--ckpt_path resumes that run in its directory. To start from its weights use "
-            f"--model.init_from={ckpt_path}")
-
-
 def read_ints_as_ints(parser) -> None:
     """Lightning types the batch limits ``float | int | None`` and jsonargparse tries float
     first, so ``--trainer.limit_val_batches=1`` became 1.0: all batches, not one. Try int
@@ -377,64 +326,6 @@ def default_precision(accelerator) -> str:
     on_gpu = accelerator in (None, "auto", "gpu", "cuda") and torch.cuda.is_available()
     native = on_gpu and torch.cuda.is_bf16_supported(including_emulation=False)
     return "bf16-mixed" if native else "32-true"
-
-
-def configure_logger(logger, run_dir: Path, dataset: str, stage: str,
-                     attempt: Path | None = None) -> None:
-    """Point a logger's files into the run directory (CSV / TensorBoard: into ``attempt``, this
-    start's directory, when a resumed run has one)."""
-    args = logger.init_args
-    name = logger.class_path.rsplit(".", 1)[-1]
-    args.save_dir = str(run_dir)
-    if name == "WandbLogger":
-        args.name = args.get("name") or f"{dataset}/{stage}/{run_dir.name}"
-        args.group = args.get("group") or os.environ.get("WANDB_RUN_GROUP") or dataset
-        args.id = args.get("id") or wandb_run_id(run_dir)
-        args.resume = args.get("resume") or "allow"  # a known id continues that run
-        disabled = os.environ.get("WANDB_MODE") == "disabled"  # honoured: nothing logged
-        if not args.get("offline") and not wandb_logged_in() and not disabled:
-            args.offline = True  # no account or network: log locally, `wandb sync` later
-    elif name in ("CSVLogger", "TensorBoardLogger"):
-        args.save_dir, args.name, args.version = str(attempt or run_dir), "", ""
-
-
-def wandb_run_id(run_dir: Path) -> str:
-    """A W&B run id stored in the run directory, so that resuming continues the same run.
-
-    A `wandb agent` names the run it starts in WANDB_RUN_ID: that id is used (and stored),
-    so the sweep's server sees its run report back.
-    """
-    import uuid
-
-    id_file = run_dir / "wandb_id.txt"
-    if os.environ.get("WANDB_RUN_ID"):
-        run_id = os.environ["WANDB_RUN_ID"]
-    elif id_file.is_file():
-        return id_file.read_text().strip()
-    else:
-        run_id = uuid.uuid4().hex[:12]
-    if is_global_rank_zero():  # other ranks log nothing to W&B
-        run_dir.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(run_id)
-    return run_id
-
-
-def wandb_logged_in() -> bool:
-    """True when W&B has an API key (WANDB_API_KEY or `wandb login`) and is not disabled."""
-    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
-        return False
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    import netrc
-
-    try:
-        hosts = netrc.netrc().hosts
-    except (OSError, netrc.NetrcParseError):
-        return False
-    from urllib.parse import urlparse
-
-    server = urlparse(os.environ.get("WANDB_BASE_URL", "")).hostname  # a private W&B server
-    return any("wandb" in host or host == server for host in hosts)
 
 
 def import_class(class_path: str):

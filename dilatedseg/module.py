@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
+from dilatedseg.checkpoints import read_checkpoint
 from dilatedseg.inference import predict_logits
 from dilatedseg.labels import IGNORE_INDEX
 from dilatedseg.metrics import ConfusionMatrix, category_iou, iou_from_confusion, mean_iou
@@ -30,17 +31,6 @@ def segmentation_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor
     labelled = (label != IGNORE_INDEX).sum().clamp(min=1)
     return F.cross_entropy(logits.float(), label, ignore_index=IGNORE_INDEX,
                            reduction="sum") / labelled
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """A checkpoint's contents on the CPU, tensors memory-mapped (read only when used); files
-    in PyTorch's legacy (pre-zip) format, which cannot be mapped, are read whole."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as error:
-        if "mmap" not in str(error):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class SegmentationModule(L.LightningModule):

@@ -383,7 +383,7 @@ def format_rows(rows: list[dict]) -> str:
 def run_server(config: dict, count: int | None, extra: list[str], project: str,
                entity: str | None) -> None:
     """Create the sweep on the W&B server and run an agent here (like `wandb sweep` + agent)."""
-    from dilatedseg.cli import wandb_logged_in
+    from dilatedseg.loggers import wandb_logged_in
 
     if not wandb_logged_in():
         raise SweepError("a sweep without --local needs a W&B server and account: run "

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_cli, shapes_args
 
-from dilatedseg.cli import configure_logger, wandb_logged_in, wandb_run_id
+from dilatedseg.loggers import configure_logger, wandb_logged_in, wandb_run_id
 
 
 def wandb_args(root: Path, runs: Path, *extra: str) -> list[str]:

@@ -1,0 +1,75 @@
+"""Reading checkpoints, and the checks a checkpoint must pass before a run uses it: readable,
+holding a state dict, trained on the data's classes, resumed in a run of its own dataset and
+stage. Each failure is a RunError that names the file and the fix."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from dilatedseg.runs import RunError
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint's contents on the CPU, tensors memory-mapped (read only when used); files
+    in PyTorch's legacy (pre-zip) format, which cannot be mapped, are read whole."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if "mmap" not in str(error):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def checkpoint_hparams(path: str) -> dict:
+    """The hyperparameters saved in a checkpoint ({} for a bare state dict), read without
+    loading its tensors; a missing or unreadable file is a RunError."""
+    if not Path(path).is_file():
+        raise RunError(f"checkpoint {path} does not exist: check the path (runs/<dataset>/"
+                       "<stage>/<version>/checkpoints/ holds best-*.ckpt and last.ckpt)")
+    try:
+        checkpoint = read_checkpoint(path)
+    except Exception as error:  # torch raises many kinds for a file that is not a checkpoint
+        # (The weights-only unpickler's own message suggests weights_only=False: not for us.)
+        detail = "damaged, or not a checkpoint" if isinstance(error, pickle.UnpicklingError) \
+            else str(error).strip().splitlines()[0][:200]
+        raise RunError(f"{path} is not a PyTorch checkpoint torch.load can read ({detail})"
+                       ) from None
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not state or \
+            not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise RunError(f"{path} holds no state dict (a checkpoint's 'state_dict', or a dict of "
+                       "tensors): pass a checkpoint that dilatedseg or Lightning saved")
+    hparams = checkpoint.get("hyper_parameters", {})
+    if not isinstance(hparams, dict):
+        raise RunError(f"{path}: its 'hyper_parameters' are not a dict: pass a checkpoint that "
+                       "dilatedseg or Lightning saved")
+    return dict(hparams)
+
+
+def check_classes(path: str, hparams: dict, datamodule) -> None:
+    """A checkpoint trained on other classes than the data's cannot be loaded into its model."""
+    names = hparams.get("class_names")
+    if names is None:
+        return
+    if len(names) != datamodule.num_classes:
+        raise RunError(
+            f"{path} was trained on {len(names)} classes ({', '.join(names[:5])}"
+            f"{', ...' if len(names) > 5 else ''}), but {datamodule.name} has "
+            f"{datamodule.num_classes}: use a checkpoint trained on {datamodule.name}")
+
+
+def check_resume_dir(ckpt_path: str, dataset: str, stage: str) -> None:
+    """Resuming continues in the checkpoint's run directory: it must be a run of this dataset
+    and stage, or the run would write into (and mix up) another one."""
+    checkpoint = Path(ckpt_path)
+    if checkpoint.parent.name != "checkpoints":
+        return  # not in a run directory: the resumed run gets a new one
+    run_dir = checkpoint.parent.parent
+    if (run_dir.parent.parent.name, run_dir.parent.name) != (dataset, stage):
+        raise RunError(
+            f"{ckpt_path} belongs to the run {run_dir}, not to a {dataset} / {stage} run; "
+            "--ckpt_path resumes that run in its directory. To start from its weights use "
+            f"--model.init_from={ckpt_path}")
