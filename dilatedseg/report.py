@@ -246,10 +246,75 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def run_report(dataset: str, out: Path, runs_dir: str, quick: bool, count: int | None,
-               extra: list[str]) -> dict:
+def sweep_points(trials: list[dict], field_fe: int) -> list[dict]:
+    """One point per dilation-sweep trial: schedule, receptive field, mIoU, best checkpoint."""
+    points = []
+    for trial in sorted(trials, key=lambda t: t["trial"]):
+        label, dilations = schedule_label(trial["model.dilations"])
+        cells = receptive_field(dilations)
+        summary_file = Path(trial["run"]) / "summary.json" if trial["run"] else None
+        points.append({
+            "label": label, "dilations": list(dilations), "field_cells": cells,
+            "field_px": field_fe + OUTPUT_STRIDE * (cells - 1), "miou": trial["val/mIoU"],
+            "seconds": trial["seconds"],
+            "checkpoint": (json.loads(summary_file.read_text())["best_checkpoint"]
+                           if summary_file and summary_file.is_file() else None)})
+    return points
+
+
+def draw_figures(out: Path, frontend: dict, context: dict, models: dict, rnn: dict,
+                 points: list[dict], field_fe: int, crf_options: dict | None) -> None:
+    """The four figures: training curves by initialisation, mIoU against receptive field,
+    receptive fields by gradient, predictions per model."""
     from dilatedseg import report_figures as figures
 
+    figures.training_curves(
+        {f"{variant}, {init}": context[variant, init]["history"]
+         for variant in ("basic", "large") for init in ("identity", "random")},
+        out / "init_curves.png")
+    figures.miou_vs_receptive_field(points, frontend["best_val_mIoU"], field_fe,
+                                    out / "dilation_sweep.png")
+    datamodule = datamodule_of(frontend)
+    datamodule.setup("validate")
+    val = datamodule.datasets["val"]
+    count_images = min(len(val), max(VIEW_IMAGES, GRADIENT_IMAGES))
+    items = [val[i] for i in range(count_images)]
+    images = torch.stack([item["image"] for item in items])
+    truths = [item["label"].numpy() for item in items[:VIEW_IMAGES]]
+
+    cell = (images.shape[-2] // OUTPUT_STRIDE // 2, images.shape[-1] // OUTPUT_STRIDE // 2)
+    centre = tuple(OUTPUT_STRIDE * c + (OUTPUT_STRIDE - 1) / 2 for c in cell)
+    columns = [{"label": "front-end", "field_px": field_fe, "centre": centre,
+                "image_map": image_gradient(load_model(frontend["best_checkpoint"]).model,
+                                            images[:GRADIENT_IMAGES], cell),
+                "context_map": None, "field_cells": 1}]
+    for point in points:
+        if point["checkpoint"] is None:
+            continue
+        trained = load_model(point["checkpoint"]).model
+        identity = ContextModule(trained.context.num_classes, dilations=point["dilations"])
+        columns.append({"label": point["label"], "field_px": point["field_px"], "centre": centre,
+                        "image_map": image_gradient(trained, images[:GRADIENT_IMAGES], cell),
+                        "context_map": context_gradient(identity),
+                        "field_cells": point["field_cells"]})
+    figures.receptive_fields(columns, items[0]["image"].permute(1, 2, 0).numpy() / 255,
+                             out / "receptive_fields.png")
+
+    shown = images[:VIEW_IMAGES]
+    panels = {
+        "front-end": predict(load_model(frontend["best_checkpoint"]), shown),
+        "+ basic": predict(load_model(models["basic"]["best_checkpoint"]), shown),
+        "+ large": predict(load_model(models["large"]["best_checkpoint"]), shown),
+        "+ large, dense CRF": predict(
+            load_model(models["large"]["best_checkpoint"], "dense", crf_options), shown),
+        "+ large, CRF-RNN": predict(load_model(rnn["large"]["best_checkpoint"]), shown),
+    }
+    figures.predictions([im.permute(1, 2, 0).numpy().astype(np.uint8) for im in shown], truths,
+                        panels, datamodule.palette, datamodule.classes, out / "predictions.png")
+
+
+def run_report(dataset: str, out: Path, runs_dir: str, quick: bool, count: int | None,
+               extra: list[str]) -> dict:
     start = time.time()
     args = common_args(runs_dir, quick, extra)
     check_data(dataset, args)
@@ -304,64 +369,12 @@ def run_report(dataset: str, out: Path, runs_dir: str, quick: bool, count: int |
                    QUICK_TRIALS if quick and count is None else count,
                    args + [start_from, "--data.init_args.num_workers=0"], sweep_dir)
     field_fe = frontend_receptive_field(run_config(frontend)["model"]["arch"])
-    points = []
-    for trial in sorted(trials, key=lambda t: t["trial"]):
-        label, dilations = schedule_label(trial["model.dilations"])
-        cells = receptive_field(dilations)
-        summary_file = Path(trial["run"]) / "summary.json" if trial["run"] else None
-        points.append({
-            "label": label, "dilations": list(dilations), "field_cells": cells,
-            "field_px": field_fe + OUTPUT_STRIDE * (cells - 1), "miou": trial["val/mIoU"],
-            "seconds": trial["seconds"],
-            "checkpoint": (json.loads(summary_file.read_text())["best_checkpoint"]
-                           if summary_file and summary_file.is_file() else None)})
+    points = sweep_points(trials, field_fe)
 
     # 6. Figures.
     print("\n== figures", flush=True)
     began = time.time()
-    figures.training_curves(
-        {f"{variant}, {init}": context[variant, init]["history"]
-         for variant in ("basic", "large") for init in ("identity", "random")},
-        out / "init_curves.png")
-    figures.miou_vs_receptive_field(points, frontend["best_val_mIoU"], field_fe,
-                                    out / "dilation_sweep.png")
-    datamodule = datamodule_of(frontend)
-    datamodule.setup("validate")
-    val = datamodule.datasets["val"]
-    count_images = min(len(val), max(VIEW_IMAGES, GRADIENT_IMAGES))
-    items = [val[i] for i in range(count_images)]
-    images = torch.stack([item["image"] for item in items])
-    truths = [item["label"].numpy() for item in items[:VIEW_IMAGES]]
-
-    cell = (images.shape[-2] // OUTPUT_STRIDE // 2, images.shape[-1] // OUTPUT_STRIDE // 2)
-    centre = tuple(OUTPUT_STRIDE * c + (OUTPUT_STRIDE - 1) / 2 for c in cell)
-    columns = [{"label": "front-end", "field_px": field_fe, "centre": centre,
-                "image_map": image_gradient(load_model(frontend["best_checkpoint"]).model,
-                                            images[:GRADIENT_IMAGES], cell),
-                "context_map": None, "field_cells": 1}]
-    for point in points:
-        if point["checkpoint"] is None:
-            continue
-        trained = load_model(point["checkpoint"]).model
-        identity = ContextModule(trained.context.num_classes, dilations=point["dilations"])
-        columns.append({"label": point["label"], "field_px": point["field_px"], "centre": centre,
-                        "image_map": image_gradient(trained, images[:GRADIENT_IMAGES], cell),
-                        "context_map": context_gradient(identity),
-                        "field_cells": point["field_cells"]})
-    figures.receptive_fields(columns, items[0]["image"].permute(1, 2, 0).numpy() / 255,
-                             out / "receptive_fields.png")
-
-    shown = images[:VIEW_IMAGES]
-    panels = {
-        "front-end": predict(load_model(frontend["best_checkpoint"]), shown),
-        "+ basic": predict(load_model(models["basic"]["best_checkpoint"]), shown),
-        "+ large": predict(load_model(models["large"]["best_checkpoint"]), shown),
-        "+ large, dense CRF": predict(
-            load_model(models["large"]["best_checkpoint"], "dense", crf_options), shown),
-        "+ large, CRF-RNN": predict(load_model(rnn["large"]["best_checkpoint"]), shown),
-    }
-    figures.predictions([im.permute(1, 2, 0).numpy().astype(np.uint8) for im in shown], truths,
-                        panels, datamodule.palette, datamodule.classes, out / "predictions.png")
+    draw_figures(out, frontend, context, models, rnn, points, field_fe, crf_options)
     timings["figures"] = round(time.time() - began, 1)
 
     results = {
