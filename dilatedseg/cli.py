@@ -27,6 +27,7 @@ from lightning.pytorch.cli import (
     LightningCLI,
     SaveConfigCallback,
 )
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dilatedseg.checkpoints import check_classes, check_resume_dir, checkpoint_hparams
@@ -90,7 +91,7 @@ class RunConfigSaver(SaveConfigCallback):
                          overwrite=True, multifile=False)
         (directory / COMMAND_FILE).write_text(shlex.join(self.command_line))
         for logger in trainer.loggers:  # the full resolved config travels with the W&B run
-            if hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
+            if isinstance(logger, WandbLogger):
                 logger.log_hyperparams(self.config.as_dict())
 
 

@@ -116,10 +116,6 @@ class ShapesDataModule(SegmentationDataModule):
         self.seed, self.image_size = seed, image_size
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
 
-    @property
-    def prepare_command(self) -> str:
-        return f"dilatedseg prepare shapes --root {self.root}"
-
     def meta(self) -> dict:
         return {"version": GENERATOR_VERSION, "seed": self.seed, "sizes": self.sizes,
                 "image_size": self.image_size}

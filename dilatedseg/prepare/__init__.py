@@ -28,8 +28,8 @@ from dilatedseg.data import (
 
 def report(module: SegmentationDataModule, splits: tuple[str, ...]) -> None:
     """Read every labelled image and label of ``splits`` (sizes, label values: what setup
-    checks before training) and print the counts; raises DataError naming a broken file."""
-    module.label_check = "all"
+    checks before training; the module is made with ``label_check="all"``) and print the
+    counts; raises DataError naming a broken file."""
     counts = []
     for split in splits:
         print(f"checking every file of {module.name} {split} ...", flush=True)
@@ -47,7 +47,7 @@ def prepare_voc(args: argparse.Namespace) -> None:
     from dilatedseg.prepare.voc import prepare_voc
 
     prepare_voc(Path(args.root))
-    report(VOCDataModule(root=args.root), ("train", "val"))
+    report(VOCDataModule(root=args.root, label_check="all"), ("train", "val"))
 
 
 def prepare_camvid(args: argparse.Namespace) -> None:
@@ -55,19 +55,20 @@ def prepare_camvid(args: argparse.Namespace) -> None:
         from dilatedseg.prepare.camvid import convert_original
 
         convert_original(Path(args.root), Path(args.splits) if args.splits else None)
-    report(CamVidDataModule(root=args.root, layout=args.layout), ("train", "val", "test"))
+    report(CamVidDataModule(root=args.root, layout=args.layout, label_check="all"),
+           ("train", "val", "test"))
 
 
 def prepare_kitti(args: argparse.Namespace) -> None:
     splits = ("train", "val") if args.layout == "ros" else ("train", "val", "test")
-    report(KITTIDataModule(root=args.root, layout=args.layout), splits)
+    report(KITTIDataModule(root=args.root, layout=args.layout, label_check="all"), splits)
 
 
 def prepare_cityscapes(args: argparse.Namespace) -> None:
     from dilatedseg.prepare.cityscapes import prepare_cityscapes
 
     prepare_cityscapes(Path(args.root))
-    report(CityscapesDataModule(root=args.root), ("train", "val"))
+    report(CityscapesDataModule(root=args.root, label_check="all"), ("train", "val"))
 
 
 def main(argv: list[str]) -> None:
