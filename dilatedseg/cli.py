@@ -142,8 +142,12 @@ class DilatedSegCLI(LightningCLI):
             return
         config = self.config[subcommand]
         dataset = import_class(config.data.class_path).name
-        config.ckpt_path = resolve_checkpoint_alias(config.ckpt_path, config.runs_dir, dataset,
-                                                    config.model.stage)
+        if config.ckpt_path in ("best", "last"):
+            alias = config.ckpt_path
+            config.ckpt_path = resolve_checkpoint_alias(alias, config.runs_dir, dataset,
+                                                        config.model.stage)
+            if is_global_rank_zero():
+                print(f"ckpt_path: {alias} -> {config.ckpt_path}", file=sys.stderr)
         ckpt_path = config.ckpt_path
         self.checkpoint_hparams = checkpoint_hparams(ckpt_path)
         trained = self.checkpoint_hparams.get("stage")
@@ -178,6 +182,7 @@ class DilatedSegCLI(LightningCLI):
             "checkpoint.monitor": "val/mIoU",
             "checkpoint.mode": "max",
             "checkpoint.save_last": True,  # also see instantiate_trainer
+            "checkpoint.enable_version_counter": False,  # one last.ckpt (names hold the epoch)
             "checkpoint.save_top_k": 1,
             "checkpoint.filename": "best-epoch{epoch:03d}-miou{val/mIoU:.2f}",
             "checkpoint.auto_insert_metric_name": False,
@@ -361,8 +366,8 @@ def main(argv: list[str] | None = None) -> None:
             return summary_main(rest)
         DilatedSegCLI(args=argv)
     except SIGTERMException:  # Lightning stopped cleanly, but the run did not finish
-        sys.stderr.write("error: interrupted by SIGTERM; resume with --ckpt_path <run "
-                         "dir>/checkpoints/last.ckpt\n")
+        resume = "; resume it with --ckpt_path=last" if verb == "fit" else ""
+        sys.stderr.write(f"error: interrupted by SIGTERM{resume}\n")
         raise SystemExit(128 + signal.SIGTERM) from None
     except (DataError, RunError) as error:
         discard_unused_run_dirs()

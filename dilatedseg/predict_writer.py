@@ -28,6 +28,11 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.output_dir, self.overlay_alpha = Path(output_dir), overlay_alpha
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # One folder for every process: rank 0's (a node started by hand does not know the
+        # run directory rank 0 made).
+        self.output_dir = Path(trainer.strategy.broadcast(str(self.output_dir)))
+
     def on_predict_start(self, trainer, pl_module) -> None:
         self.written = 0
 

@@ -234,11 +234,11 @@ def last_checkpoint(run_dir: Path) -> Path | None:
 
 
 def latest_checkpoint(runs_dir: str, dataset: str, stage: str, which: str) -> Path | None:
-    """The ``which`` ("best" or "last") checkpoint of the latest run of a stage that has one."""
+    """The ``which`` ("best" or "last") checkpoint of the latest run of a stage that has one:
+    the newest such file (a directory's own time also changes when a resume fails to start)."""
     pick = best_checkpoint if which == "best" else last_checkpoint
-    runs = sorted((Path(runs_dir) / dataset / stage).glob("*/"),
-                  key=lambda p: p.stat().st_mtime, reverse=True)
-    return next((path for path in map(pick, runs) if path is not None), None)
+    found = [path for path in map(pick, (Path(runs_dir) / dataset / stage).glob("*/")) if path]
+    return max(found, key=lambda path: path.stat().st_mtime, default=None)
 
 
 def resolve_checkpoint_alias(ckpt_path: str, runs_dir: str, dataset: str, stage: str) -> str:
@@ -277,18 +277,20 @@ class RunSummary(Callback):
     :func:`discard_unused_run_dirs`)."""
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        """Resuming: the run's earlier epochs, time and metrics count (also when nothing is
+        left to train, as when a finished run is resumed)."""
         self.start = time.time()
-        self.history: list[dict] = []
-        self.earlier_seconds = 0.0
+        previous = Path(trainer.default_root_dir) / "summary.json"
+        earlier = json.loads(previous.read_text()) if trainer.ckpt_path and \
+            previous.is_file() else {}
+        self.history: list[dict] = earlier.get("history", [])
+        self.earlier_seconds = earlier.get("seconds") or 0.0
+        self.earlier_metrics = earlier.get("metrics") or {}
 
     def on_train_start(self, trainer, pl_module) -> None:
-        """Resuming (the loops are restored by now): the run's earlier epochs and time count."""
-        previous = Path(trainer.default_root_dir) / "summary.json"
-        if trainer.ckpt_path and previous.is_file():
-            earlier = json.loads(previous.read_text())
-            self.history = [row for row in earlier.get("history", [])
-                            if row.get("epoch", 0) < trainer.current_epoch] + self.history
-            self.earlier_seconds = earlier.get("seconds") or 0.0
+        """The loops are restored by now: epochs from the resumed one on are run again."""
+        self.history = [row for row in self.history
+                        if row.get("epoch", 0) < trainer.current_epoch]
 
     def mark_started(self, trainer, *args) -> None:
         global _run_started
@@ -314,7 +316,7 @@ class RunSummary(Callback):
             self.write(trainer, pl_module)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        if getattr(self, "history", None):
+        if getattr(self, "history", None) and _run_started:  # not a start that failed
             self.write(trainer, pl_module)
 
     def on_fit_end(self, trainer, pl_module) -> None:
@@ -335,7 +337,7 @@ class RunSummary(Callback):
             "best_checkpoint": checkpoint.best_model_path if checkpoint is not None else None,
             "epochs": trainer.current_epoch,
             "seconds": round(self.earlier_seconds + time.time() - self.start, 1),
-            "metrics": scalar_metrics(trainer.callback_metrics),
+            "metrics": scalar_metrics(trainer.callback_metrics) or self.earlier_metrics,
             "history": self.history,
         }
         text = json.dumps(summary, indent=2) + "\n"

@@ -208,6 +208,50 @@ def test_last_checkpoint_is_the_latest_epoch_even_when_the_best_is_older(tiny_sh
     assert sorted(p.name for p in checkpoints.iterdir()) == [best.name, "last.ckpt"]
 
 
+def test_runs_without_validation_keep_one_last_checkpoint_and_resuming_a_finished_run(
+        tiny_shapes, tmp_path):
+    """No validation: last.ckpt every epoch, no last-v1.ckpt beside it (the best callback's
+    end-of-run save). Resuming a finished run trains nothing and keeps its summary."""
+    run_cli("fit", *shapes_args(tiny_shapes, tmp_path, "--trainer.max_epochs=2",
+                                "--trainer.limit_val_batches=0"))
+    run = only_run(tmp_path / "shapes" / "frontend")
+    run_cli("fit", *shapes_args(tiny_shapes, tmp_path, "--trainer.max_epochs=3",
+                                "--trainer.limit_val_batches=0", "--ckpt_path=last"))
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
+    before = json.loads((run / "summary.json").read_text())
+    run_cli("fit", *shapes_args(tiny_shapes, tmp_path, "--trainer.max_epochs=3",
+                                "--trainer.limit_val_batches=0", "--ckpt_path=last"))
+    after = json.loads((run / "summary.json").read_text())
+    assert after["epochs"] == before["epochs"] == 3
+    assert after["metrics"] == before["metrics"] and after["metrics"]
+    assert after["seconds"] >= before["seconds"] > 0
+
+
+def test_checkpoint_aliases_take_the_newest_checkpoint_file(tmp_path):
+    """--ckpt_path=best / last: the newest such file of the stage's runs, whatever the run
+    directories' own times (a resume that fails to start touches its run's)."""
+    import os
+
+    from dilatedseg.runs import resolve_checkpoint_alias
+
+    stage = tmp_path / "shapes" / "frontend"
+    for number, (best, moment) in enumerate([("best-epoch003.ckpt", 1000),
+                                             ("best-epoch001.ckpt", 2000)]):
+        checkpoints = stage / f"version_{number}" / "checkpoints"
+        checkpoints.mkdir(parents=True)
+        for name in (best, "last.ckpt"):
+            (checkpoints / name).write_bytes(b"")
+            os.utime(checkpoints / name, (moment, moment))
+    (stage / "validate_0").mkdir()  # an evaluation run: no checkpoints
+    os.utime(stage / "version_0", (3000, 3000))  # the older run's directory touched last
+    resolve = lambda which: resolve_checkpoint_alias(which, str(tmp_path), "shapes",  # noqa
+                                                     "frontend")
+    assert resolve("best") == str(stage / "version_1/checkpoints/best-epoch001.ckpt")
+    assert resolve("last") == str(stage / "version_1/checkpoints/last.ckpt")
+    assert resolve("runs/x.ckpt") == "runs/x.ckpt"  # a path stays as it is
+
+
 def test_out_of_range_label_fails_naming_the_file(tiny_shapes, tmp_path, capsys):
     import shutil
 
