@@ -35,6 +35,7 @@ from dilatedseg.data import SegmentationDataModule
 from dilatedseg.data.base import DataError
 from dilatedseg.loggers import configure_logger
 from dilatedseg.models.caffemodel import check_caffe_input
+from dilatedseg.models.frontend import check_context_margin
 from dilatedseg.models.weights import WeightsError
 from dilatedseg.module import SegmentationModule
 from dilatedseg.runs import (
@@ -194,6 +195,10 @@ class DilatedSegCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         datamodule = self.check_data(config)
         dataset, stage = datamodule.name, config.model.stage
+        if datamodule.crop_size is not None and self.subcommand == "fit":
+            with configuration_errors():
+                check_context_margin(datamodule.context_margin, config.model.arch,
+                                     config.model.padding)
         if config.model.init_from == "auto":
             config.model.init_from = str(find_previous_checkpoint(config.runs_dir, dataset, stage))
             if is_global_rank_zero():

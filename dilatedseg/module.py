@@ -16,7 +16,7 @@ from dilatedseg.metrics import ConfusionMatrix, category_iou, iou_from_confusion
 from dilatedseg.models import ContextModule, DenseCRF, FrontEnd, Segmenter
 from dilatedseg.models.caffemodel import check_caffe_input, load_caffemodel
 from dilatedseg.models.context import resolve_dilations
-from dilatedseg.models.frontend import OUTPUT_STRIDE
+from dilatedseg.models.frontend import OUTPUT_STRIDE, check_context_margin
 from dilatedseg.models.segmenter import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 from dilatedseg.models.weights import WeightsError
 from dilatedseg.runs import RunError
@@ -183,14 +183,12 @@ class SegmentationModule(L.LightningModule):
         self.apply_fast_path(self.trainer.strategy.root_device)
 
     def check_context_margin(self, margin: int) -> None:
-        """Training crops that carry ``margin`` px of context on every side need a front-end
-        that takes exactly that margin (0: crops without context, padded by the front-end)."""
-        frontend = self.model.frontend
-        if margin not in (0, frontend.margin):
-            raise RunError(
-                f"the training crops carry {margin} px of context on every side, but this "
-                f"front-end (arch={frontend.arch}, padding={frontend.padding}) takes "
-                f"{frontend.margin}: set --data.init_args.context_margin={frontend.margin}")
+        """See :func:`~dilatedseg.models.frontend.check_context_margin` (the CLI checks the
+        configured margin before anything runs; this checks each batch's)."""
+        try:
+            check_context_margin(margin, self.model.frontend.arch, self.model.frontend.padding)
+        except ValueError as error:
+            raise RunError(str(error)) from None
 
     def apply_fast_path(self, device: torch.device) -> None:
         """For a run on ``device``: channels_last weights on CUDA; torch.compile of the context

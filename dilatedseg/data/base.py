@@ -414,7 +414,8 @@ class SegmentationDataModule(L.LightningDataModule):
         """Fail fast (before the trainer starts loggers or processes) if a split that ``stage``
         reads is missing or incomplete; label values are checked later, in ``setup``."""
         if stage == "predict" and self.predict_dir is not None:
-            folder_images(self.predict_dir)
+            for image, _ in folder_images(self.predict_dir):
+                image_size(image)  # the header: a file that is no image stops here
         for split in self.stage_splits(stage):
             self.checked_pairs(split, labelled=stage != "predict")
 

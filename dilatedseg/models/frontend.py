@@ -52,6 +52,17 @@ def receptive_field(arch: str) -> int:
     return field
 
 
+def check_context_margin(margin: int, arch: str, padding: str) -> None:
+    """Training crops that carry ``margin`` px of context on every side need a front-end that
+    takes exactly that margin (0: crops without context, padded by the front-end)."""
+    expected = valid_shrinkage(arch) // 2 if padding == "valid" else 0
+    if margin not in (0, expected):
+        raise ValueError(
+            f"the training crops carry {margin} px of context on every side, but this "
+            f"front-end (arch={arch}, padding={padding}) takes {expected}: set "
+            f"--data.init_args.context_margin={expected}")
+
+
 def valid_shrinkage(arch: str) -> int:
     """Pixels an input loses through the unpadded convolutions (372 for VGG-16)."""
     return receptive_field(arch) - (OUTPUT_STRIDE - 1) - 1
