@@ -10,7 +10,6 @@ import os
 import lightning as L
 import pytest
 import torch
-from fixtures_datasets import assert_scored
 
 from dilatedseg.inference import predict_logits
 from dilatedseg.models import ContextModule, DenseCRF, FrontEnd, Segmenter
@@ -125,6 +124,8 @@ def test_bf16_mixed_fit_on_device(tmp_path):
     """A short training run through Lightning on the device, bf16-mixed, with the recipes'
     context-margin crops and uint8 batches: weights in channels_last, loss finite and fp32."""
     pytest.importorskip("albumentations")  # the data modules' transforms
+    from fixtures_datasets import assert_scored
+
     from dilatedseg.data import ShapesDataModule
     from dilatedseg.models.frontend import valid_shrinkage
 
