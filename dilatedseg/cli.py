@@ -40,6 +40,7 @@ from dilatedseg.models.weights import WeightsError
 from dilatedseg.module import SegmentationModule
 from dilatedseg.runs import (
     COMMAND_FILE,
+    RUN_DIR_ENV,
     RunError,
     RunSummary,
     attempt_dir,
@@ -371,7 +372,9 @@ def main(argv: list[str] | None = None) -> None:
             return summary_main(rest)
         DilatedSegCLI(args=argv)
     except SIGTERMException:  # Lightning stopped cleanly, but the run did not finish
-        resume = "; resume it with --ckpt_path=last" if verb == "fit" else ""
+        last = Path(os.environ.get(RUN_DIR_ENV, ".")) / "checkpoints" / "last.ckpt"
+        resume = "" if verb != "fit" else f"; resume it with --ckpt_path={last}" \
+            if last.is_file() else "; it saved no checkpoint yet: start it again"
         sys.stderr.write(f"error: interrupted by SIGTERM{resume}\n")
         raise SystemExit(128 + signal.SIGTERM) from None
     except (DataError, RunError) as error:

@@ -174,7 +174,7 @@ def test_sigterm_stops_with_a_failure_status_and_keeps_the_run(tiny_shapes, tmp_
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 143, err[-3000:]
-    assert "interrupted by SIGTERM" in err
+    assert f"interrupted by SIGTERM; resume it with --ckpt_path={last}" in err
     run = last.parent.parent
     summary = json.loads((run / "summary.json").read_text())
     assert summary["history"] and last.is_file() and (run / "config.yaml").is_file()
