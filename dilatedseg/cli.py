@@ -144,13 +144,11 @@ class DilatedSegCLI(LightningCLI):
             return
         config = self.config[subcommand]
         dataset = import_class(config.data.class_path).name
-        if config.ckpt_path in ("best", "last"):
-            alias = config.ckpt_path
-            config.ckpt_path = resolve_checkpoint_alias(alias, config.runs_dir, dataset,
-                                                        config.model.stage)
-            if is_global_rank_zero():
-                print(f"ckpt_path: {alias} -> {config.ckpt_path}", file=sys.stderr)
-        ckpt_path = config.ckpt_path
+        ckpt_path = resolve_checkpoint_alias(config.ckpt_path, config.runs_dir, dataset,
+                                             config.model.stage)
+        if ckpt_path != config.ckpt_path and is_global_rank_zero():
+            print(f"ckpt_path: {config.ckpt_path} -> {ckpt_path}", file=sys.stderr)
+        config.ckpt_path = ckpt_path
         self.checkpoint_hparams = checkpoint_hparams(ckpt_path)
         trained = self.checkpoint_hparams.get("stage")
         asked_stage = self.config[subcommand].model.stage
@@ -373,9 +371,12 @@ def main(argv: list[str] | None = None) -> None:
         DilatedSegCLI(args=argv)
     except SIGTERMException:  # Lightning stopped cleanly, but the run did not finish
         last = Path(os.environ.get(RUN_DIR_ENV, ".")) / "checkpoints" / "last.ckpt"
-        resume = "" if verb != "fit" else f"; resume it with --ckpt_path={last}" \
-            if last.is_file() else "; it saved no checkpoint yet: start it again"
-        sys.stderr.write(f"error: interrupted by SIGTERM{resume}\n")
+        advice = ""
+        if verb == "fit" and last.is_file():
+            advice = f"; resume it with --ckpt_path={last}"
+        elif verb == "fit":
+            advice = "; it saved no checkpoint yet: start it again"
+        sys.stderr.write(f"error: interrupted by SIGTERM{advice}\n")
         raise SystemExit(128 + signal.SIGTERM) from None
     except (DataError, RunError) as error:
         discard_unused_run_dirs()

@@ -385,8 +385,8 @@ def summary_main(argv: list[str]) -> None:
                     "the runs directory is the one that command writes to.")
     parser.add_argument("--dataset", default="shapes")
     parser.add_argument("--runs_dir", default="runs")
-    fit_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = parser.parse_args(argv[: len(argv) - len(fit_args) - (1 if "--" in argv else 0)])
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, fit_args = parser.parse_args(argv[:split]), argv[split + 1:]
     if fit_args:
         from dilatedseg.sweep import parse_trial
 

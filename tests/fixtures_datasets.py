@@ -11,7 +11,7 @@ import scipy.sparse
 from PIL import Image
 
 from dilatedseg.data import camvid, cityscapes
-from dilatedseg.models.frontend import valid_shrinkage
+from dilatedseg.models.frontend import context_margin
 from dilatedseg.viz import palette_png, voc_palette
 
 REPO = Path(__file__).resolve().parent.parent
@@ -170,7 +170,7 @@ def tiny_args(conf: str, root: Path, runs: Path, *extra: str, padding: str = "va
     """CLI arguments: conf/<conf>.yaml shrunk to a tiny CPU run over ``root``; ``extra``
     arguments come last and win. In valid geometry the training crops carry the tiny
     front-end's context margin, as the recipes' crops carry VGG-16's."""
-    margin = valid_shrinkage("tiny") // 2 if padding == "valid" else 0
+    margin = context_margin("tiny", padding)
     return [
         "--config", str(REPO / "conf" / f"{conf}.yaml"),
         f"--runs_dir={runs}",

@@ -73,12 +73,16 @@ def list_names(listing: Path) -> list[str]:
     return names
 
 
+def label_values(label: np.ndarray) -> np.ndarray:
+    """The distinct values of a label map, sorted."""
+    if label.dtype == np.uint8:  # a histogram is ~3x faster than np.unique on 2 Mpx
+        return np.flatnonzero(np.bincount(label.ravel(), minlength=256))
+    return np.unique(label)
+
+
 def check_label(label: np.ndarray, num_classes: int, path: Path) -> None:
     """Raise a DataError naming ``path`` if a value is outside [0, C) and not 255."""
-    if label.dtype == np.uint8:  # a histogram is ~3x faster than np.unique on 2 Mpx
-        values = np.flatnonzero(np.bincount(label.ravel(), minlength=256))
-    else:
-        values = np.unique(label)
+    values = label_values(label)
     bad = values[(values >= num_classes) & (values != IGNORE_INDEX)]
     if bad.size:
         raise DataError(

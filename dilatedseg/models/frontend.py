@@ -52,10 +52,16 @@ def receptive_field(arch: str) -> int:
     return field
 
 
+def context_margin(arch: str, padding: str) -> int:
+    """The px of image context a front-end reads past its output on every side: half the
+    valid-geometry shrinkage (186 for VGG-16), 0 with ``padding="same"``."""
+    return valid_shrinkage(arch) // 2 if padding == "valid" else 0
+
+
 def check_context_margin(margin: int, arch: str, padding: str) -> None:
     """Training crops that carry ``margin`` px of context on every side need a front-end that
     takes exactly that margin (0: crops without context, padded by the front-end)."""
-    expected = valid_shrinkage(arch) // 2 if padding == "valid" else 0
+    expected = context_margin(arch, padding)
     if margin not in (0, expected):
         raise ValueError(
             f"the training crops carry {margin} px of context on every side, but this "
@@ -101,7 +107,7 @@ class FrontEnd(nn.Module):
         if padding not in ("valid", "same"):
             raise ValueError(f"FrontEnd: padding must be 'valid' or 'same', got {padding!r}")
         self.arch, self.padding = arch, padding
-        self.margin = valid_shrinkage(arch) // 2 if padding == "valid" else 0
+        self.margin = context_margin(arch, padding)
         layers: list[tuple[str, nn.Module]] = []
         channels = 3
         for spec in ARCHITECTURES[arch]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dilatedseg.data.base import DataError, read_index_png
+from dilatedseg.data.base import DataError, label_values, read_index_png
 from dilatedseg.data.cityscapes import LABELS, CityscapesDataModule, train_id_lookup
 from dilatedseg.labels import IGNORE_INDEX
 
@@ -21,7 +21,7 @@ def convert_label(path: Path, table: np.ndarray) -> Path:
     A label id Cityscapes does not define stops here, naming this file, not the output."""
     label = read_index_png(path)
     defined = {label_id for label_id, *_ in LABELS} | {IGNORE_INDEX}
-    undefined = sorted(set(np.unique(label).tolist()) - defined)
+    undefined = sorted(set(label_values(label).tolist()) - defined)
     if undefined:
         raise DataError(f"{path} holds label ids {undefined} that Cityscapes does not define "
                         f"(0-{max(defined - {IGNORE_INDEX})}): the file is damaged or not a "
