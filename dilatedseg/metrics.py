@@ -23,26 +23,34 @@ class ConfusionMatrix(Metric):
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.add_state("matrix", torch.zeros(num_classes, num_classes, dtype=torch.long),
                        dist_reduce_fx="sum")
+        # Pixels whose label is neither a class nor ignored: counted here and refused in
+        # compute(), so that update() never waits for the device (no data-dependent shapes).
+        self.add_state("invalid", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        """preds: (B, H, W) class indices or (B, C, H, W) scores; target: (B, H, W)."""
+        """preds: (B, H, W) class indices or (B, C, H, W) scores; target: (B, H, W), any
+        integer type (uint8 labels need no conversion)."""
         if preds.ndim == target.ndim + 1:
             preds = preds.argmax(1)
         if preds.shape != target.shape:
             raise ValueError(f"prediction {tuple(preds.shape)} and target {tuple(target.shape)} "
                              "differ in size")
-        keep = target != self.ignore_index
-        target, preds = target[keep].long(), preds[keep].long()
-        bad = (target < 0) | (target >= self.num_classes)
-        if bad.any():
-            values = torch.unique(target[bad]).tolist()
-            raise ValueError(f"target holds label values {values} outside [0, {self.num_classes})"
-                             f" and not the ignore index {self.ignore_index}")
-        index = target * self.num_classes + preds
-        self.matrix += torch.bincount(index, minlength=self.num_classes**2).view(
-            self.num_classes, self.num_classes)
+        classes = self.num_classes
+        target, preds = target.reshape(-1).long(), preds.reshape(-1).long()
+        valid = (target >= 0) & (target < classes)
+        self.invalid += ((target != self.ignore_index) & ~valid).sum()
+        # Ignored and invalid pixels go to one extra bin, dropped below.
+        index = torch.where(valid, target * classes + preds, classes * classes)
+        counts = torch.zeros(classes * classes + 1, dtype=torch.long, device=index.device)
+        counts.index_add_(0, index, torch.ones_like(index))
+        self.matrix += counts[:-1].view(classes, classes)
 
     def compute(self) -> torch.Tensor:
+        invalid = int(self.invalid)
+        if invalid:
+            raise ValueError(f"{invalid} target pixels hold label values outside "
+                             f"[0, {self.num_classes}) and not the ignore index "
+                             f"{self.ignore_index}")
         return self.matrix
 
 

@@ -34,6 +34,18 @@ def test_mean_iou_leaves_out_classes_absent_from_prediction_and_ground_truth():
     assert mean_iou(confusion.compute()).item() == pytest.approx(0.5)
 
 
+def test_confusion_matrix_takes_uint8_labels_and_refuses_invalid_values():
+    preds = torch.tensor([[0, 1, 2, 2, 1]])
+    target = torch.tensor([[0, 1, 2, 255, 2]])
+    for dtype in (torch.uint8, torch.int64):
+        confusion = ConfusionMatrix(3)
+        confusion.update(preds, target.to(dtype))
+        assert confusion.compute().tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+    confusion.update(preds, torch.tensor([[0, 7, 9, 255, 1]]))  # two pixels of no class
+    with pytest.raises(ValueError, match="2 target pixels hold label values outside"):
+        confusion.compute()
+
+
 def test_category_confusion_sums_blocks():
     matrix = torch.arange(9).view(3, 3)
     grouped = category_confusion(matrix, [0, 0, 1], 2)
