@@ -16,7 +16,7 @@ from torch import nn
 
 from dilatedseg.data import ShapesDataModule
 from dilatedseg.data.base import default_num_workers
-from dilatedseg.models import DenseCRF, FrontEnd
+from dilatedseg.models import DenseCRF, FrontEnd, Segmenter
 from dilatedseg.models.frontend import SpaceToBatchConv2d
 from dilatedseg.module import SegmentationModule
 
@@ -101,7 +101,8 @@ def test_bf16_mixed_training_keeps_loss_and_crf_in_float32(tiny_shapes):
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, callbacks=[Probe()])
     trainer.fit(module, datamodule=data)
-    assert dtypes == {"loss": torch.float32, "logits": torch.bfloat16}
+    # The full-resolution logits are upsampled in float32 (bf16 would tie classes).
+    assert dtypes == {"loss": torch.float32, "logits": torch.float32}
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
 
     crf = DenseCRF(3, test_iterations=3).eval()
@@ -110,6 +111,16 @@ def test_bf16_mixed_training_keeps_loss_and_crf_in_float32(tiny_shapes):
         refined = crf(logits.bfloat16(), image)
     assert refined.dtype == torch.float32
     torch.testing.assert_close(refined, crf(logits.bfloat16().float(), image))
+
+
+@pytest.mark.parametrize("upsample", ["bilinear", "deconv", "zoom"])
+def test_upsampling_runs_in_float32_under_autocast(upsample):
+    segmenter = Segmenter(FrontEnd(3, arch="tiny", padding="same"), upsample=upsample)
+    low = torch.randn(2, 3, 6, 8).bfloat16()  # what bf16 autocast makes of the 1/8 logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = segmenter.upsample_to(low, (45, 61))
+    assert full.dtype == torch.float32 and full.shape[-2:] == (45, 61)
+    torch.testing.assert_close(full, segmenter.upsample_to(low.float(), (45, 61)))
 
 
 def test_channels_last_on_cuda_only():

@@ -108,16 +108,19 @@ class Segmenter(nn.Module):
         them, so argmax, CRF unary and loss all see the interpolated probabilities).
         ``bilinear`` and ``deconv`` interpolate the logits, in training and evaluation alike
         (the authors' Cityscapes deconvolution also comes before the softmax).
+        All three run in float32 under any autocast: bf16 full-resolution logits would tie
+        classes (and so change the argmax) on ~0.5% of pixels.
         """
+        logits = logits.float()
         if self.upsample == "deconv":
-            channels = logits.shape[1]
-            logits = F.conv_transpose2d(
-                logits, self.deconv_weight.to(logits.dtype), stride=OUTPUT_STRIDE,
-                padding=OUTPUT_STRIDE // 2, groups=channels,
-            )
+            with torch.autocast(logits.device.type, enabled=False):
+                logits = F.conv_transpose2d(
+                    logits, self.deconv_weight.float(), stride=OUTPUT_STRIDE,
+                    padding=OUTPUT_STRIDE // 2, groups=logits.shape[1],
+                )
             return logits[..., : size[0], : size[1]]
         if self.upsample == "zoom":
-            return zoom_log_probabilities(F.log_softmax(logits.float(), dim=1), size)
+            return zoom_log_probabilities(F.log_softmax(logits, dim=1), size)
         return F.interpolate(logits, scale_factor=OUTPUT_STRIDE, mode="bilinear",
                              align_corners=False)[..., : size[0], : size[1]]
 
