@@ -179,7 +179,7 @@ class CachedLogitsDataset(Dataset):
         logits = torch.from_numpy(np.array(logits_array[start: start + n]))
         logits = logits.view(item["logits_shape"])
         label = torch.from_numpy(np.array(labels_array[label_start: label_start + m]))
-        label = label.view(item["label_shape"]).long()
+        label = label.view(item["label_shape"])
         if self.mirror and torch.rand(()) < 0.5:
             # Logit j covers pixels 8j..8j+7, so the logits span 8w >= W px: mirror the label
             # about that extent (255 beyond W), or a width that is not a multiple of 8 shifts

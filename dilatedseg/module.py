@@ -8,6 +8,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
+from torchmetrics import MeanMetric
 
 from dilatedseg.checkpoints import read_checkpoint
 from dilatedseg.inference import predict_logits
@@ -29,7 +30,7 @@ def segmentation_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor
     """Softmax cross-entropy averaged over the labelled pixels (255 ignored), in float32
     whatever the precision; 0, not NaN, when every pixel is ignored (without a host sync)."""
     labelled = (label != IGNORE_INDEX).sum().clamp(min=1)
-    return F.cross_entropy(logits.float(), label, ignore_index=IGNORE_INDEX,
+    return F.cross_entropy(logits.float(), label.long(), ignore_index=IGNORE_INDEX,
                            reduction="sum") / labelled
 
 
@@ -166,6 +167,8 @@ class SegmentationModule(L.LightningModule):
         self.strict_loading = crf != "dense"
         self.val_confusion = ConfusionMatrix(num_classes, IGNORE_INDEX)
         self.test_confusion = ConfusionMatrix(num_classes, IGNORE_INDEX)
+        # Weighted by images and summed over processes: exact under DDP with uneven shares.
+        self.val_loss = MeanMetric()
         # The checkpoint a run resumes or evaluates (the CLI sets it from --ckpt_path): its
         # weights are the starting ones, see load_initial_weights.
         self.checkpoint_path: str | None = None
@@ -327,20 +330,25 @@ class SegmentationModule(L.LightningModule):
             logits = self.model(image, use_crf=self.hparams.get("crf") == "rnn",
                                 context_included=margin > 0)
         loss = segmentation_loss(logits, batch["label"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
+        # Not in the progress bar: showing it reads the value back every step (a host-device
+        # sync); the loggers read it every log_every_n_steps.
+        self.log("train/loss", loss, batch_size=len(logits))
         return loss
 
-    def evaluate(self, batch: dict, confusion: ConfusionMatrix) -> torch.Tensor:
+    def evaluate(self, batch: dict, confusion: ConfusionMatrix
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's logits and predicted label maps, counted in ``confusion``."""
         logits = self.batch_logits(batch)
-        confusion.update(logits.argmax(1), batch["label"])
-        return logits
+        prediction = logits.argmax(1)
+        confusion.update(prediction, batch["label"])
+        return logits, prediction
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict:
         """The batch's predicted label maps go to the callbacks (W&B images) as ``outputs``."""
-        logits = self.evaluate(batch, self.val_confusion)
-        loss = segmentation_loss(logits, batch["label"])
-        self.log("val/loss", loss, sync_dist=True, batch_size=len(logits))
-        return {"prediction": logits.argmax(1)}
+        logits, prediction = self.evaluate(batch, self.val_confusion)
+        self.val_loss.update(segmentation_loss(logits, batch["label"]), weight=len(logits))
+        self.log("val/loss", self.val_loss, batch_size=len(logits))
+        return {"prediction": prediction}
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self.evaluate(batch, self.test_confusion)

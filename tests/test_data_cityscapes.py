@@ -95,6 +95,7 @@ def test_training_batches_carry_the_context_margin_around_their_labels(tmp_path)
     assert tuple(batch["image"].shape) == (2, 3, 78, 78)
     assert batch["image"].dtype == torch.uint8  # a quarter of float32's bytes to move
     assert tuple(batch["label"].shape) == (2, 32, 32)
+    assert batch["label"].dtype == torch.uint8  # an eighth of int64's
     val = next(iter(module.val_dataloader()))
     assert val["image"].shape[-2:] == val["label"].shape[-2:]
 

@@ -1,10 +1,12 @@
 """DDP on CPU (gloo, 2 processes): one shared run directory, rank-0-only files, and a validation
-mIoU identical to a single process on the same checkpoint and data."""
+mIoU identical to a single process on the same checkpoint and data, also when the processes
+get different numbers of images."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,11 +32,29 @@ def run_ddp(*argv: str, cwd: Path) -> str:
     return done.stdout + done.stderr
 
 
+VAL_IMAGES = 5  # odd: 3 + 2 per rank, in batches of 2: 2 batches on rank 0, 1 on rank 1
+
+
 @pytest.fixture(scope="module")
-def ddp_fit(tiny_shapes, tmp_path_factory):
-    """One epoch of 2-process DDP training (32 train / 8 val images: 4 per rank)."""
+def odd_shapes(tiny_shapes, tmp_path_factory) -> Path:
+    """tiny_shapes with 5 val images, which 2 processes cannot share evenly."""
+    root = tmp_path_factory.mktemp("odd") / "shapes"
+    shutil.copytree(tiny_shapes, root)
+    names = (root / "val.txt").read_text().split()
+    (root / "val.txt").write_text("\n".join(names[:VAL_IMAGES]) + "\n")
+    return root
+
+
+def odd_args(root: Path, runs: Path, *extra: str) -> list[str]:
+    return [*shapes_args(root, runs, *extra), "--data.init_args.val_batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def ddp_fit(odd_shapes, tmp_path_factory):
+    """One epoch of 2-process DDP training (32 train / 5 val images: ranks validate 3 and 2
+    images in different numbers of batches)."""
     runs = tmp_path_factory.mktemp("ddp") / "runs"
-    run_ddp("fit", *shapes_args(tiny_shapes, runs, "--trainer.max_epochs=1", *DDP),
+    run_ddp("fit", *odd_args(odd_shapes, runs, "--trainer.max_epochs=1", *DDP),
             cwd=runs.parent)
     return runs
 
@@ -53,9 +73,10 @@ def test_ddp_fit_uses_one_run_dir_written_by_rank_zero(ddp_fit):
     assert str(saved["trainer"]["devices"]) == "2" and saved["trainer"]["strategy"] == "ddp"
 
 
-def test_ddp_validate_equals_single_process(ddp_fit, tiny_shapes, monkeypatch):
+def test_ddp_validate_equals_single_process(ddp_fit, odd_shapes, monkeypatch):
+    """Also when the images do not divide among the processes: none is scored twice."""
     checkpoint = ddp_fit / "shapes" / "frontend" / "version_0" / "checkpoints" / "last.ckpt"
-    args = shapes_args(tiny_shapes, ddp_fit, f"--ckpt_path={checkpoint}")
+    args = odd_args(odd_shapes, ddp_fit, f"--ckpt_path={checkpoint}")
     run_ddp("validate", *args, *DDP, cwd=ddp_fit.parent)
     monkeypatch.chdir(ddp_fit.parent)
     run_cli("validate", *args, "--trainer.accelerator=cpu", "--trainer.devices=1")
@@ -125,13 +146,13 @@ def test_a_jobs_later_runs_get_their_own_directories(tmp_path, monkeypatch, job)
     assert resolve("fit --model.lr=0.1") == first
 
 
-def test_ddp_predict_writes_and_counts_every_image(ddp_fit, tiny_shapes):
+def test_ddp_predict_writes_and_counts_every_image(ddp_fit, odd_shapes):
     checkpoint = ddp_fit / "shapes" / "frontend" / "version_0" / "checkpoints" / "last.ckpt"
     output = ddp_fit.parent / "predictions"
-    out = run_ddp("predict", *shapes_args(tiny_shapes, ddp_fit, f"--ckpt_path={checkpoint}"),
+    out = run_ddp("predict", *odd_args(odd_shapes, ddp_fit, f"--ckpt_path={checkpoint}"),
                   *DDP, f"--output={output}", cwd=ddp_fit.parent)
-    assert len(list((output / "index").glob("*.png"))) == 8  # the 8 val images, 4 per rank
-    assert f"wrote 8 predictions to {output}" in out  # both processes' shares
+    assert len(list((output / "index").glob("*.png"))) == VAL_IMAGES  # 3 + 2, none twice
+    assert f"wrote {VAL_IMAGES} predictions to {output}" in out  # both processes' shares
 
 
 def test_a_second_node_launched_by_hand_makes_no_directory(tmp_path, monkeypatch):

@@ -101,7 +101,7 @@ def test_cached_items_mirror_and_pad(tiny_shapes, tmp_path):
     with torch.no_grad():
         expected = segmenter.eval().frontend_logits(dataset[2]["image"][None])[0]
     torch.testing.assert_close(item["frontend_logits"], expected)
-    assert torch.equal(item["label"], dataset[2]["label"])
+    assert torch.equal(item["label"], dataset[2]["label"]) and item["label"].dtype == torch.uint8
 
     mirrored = CachedLogitsDataset(directory=directory, mirror=True)
     torch.manual_seed(0)

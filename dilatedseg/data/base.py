@@ -15,9 +15,10 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from dilatedseg.data import transforms
 from dilatedseg.labels import IGNORE_INDEX
@@ -151,10 +152,11 @@ def folder_images(folder: Path) -> list[tuple[Path, None]]:
 
 
 class SegmentationDataset(Dataset):
-    """(image, label) files -> {"image": uint8 RGB (3,H,W), "label": long (H,W), "name"}.
+    """(image, label) files -> {"image": uint8 RGB (3,H,W), "label": uint8 (H,W), "name"}.
 
-    Images stay uint8 (a quarter of float32's bytes to pass from the workers and copy to the
-    GPU); the model normalises them to float there.
+    Images and labels stay uint8 (a quarter / an eighth of float32's / int64's bytes to pass
+    from the workers and copy to the GPU); the model normalises images to float there, and the
+    loss widens labels to int64 there.
 
     ``size``: (H, W) every image and label is resized to as it loads (None: as on disk).
     ``crops`` > 1: each item is that many independent draws of ``transform`` (random crops)
@@ -221,7 +223,7 @@ class SegmentationDataset(Dataset):
             image, label = out["image"], out["mask"]
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
-            "label": torch.from_numpy(np.array(label, copy=True)).long(),
+            "label": torch.from_numpy(np.array(label, dtype=np.uint8, copy=True)),
             "name": name,
         }
 
@@ -479,12 +481,26 @@ class SegmentationDataModule(L.LightningDataModule):
         dataset = self.datasets[split]
         crops = getattr(dataset, "crops", 1)  # (a feature-cache dataset has none)
         self.check_batches(split, dataset, batch_size // crops, full_batches=shuffle)
+        sampler = None if shuffle else self.evaluation_sampler(dataset)
         return DataLoader(
-            dataset, batch_size=batch_size // crops, shuffle=shuffle, drop_last=shuffle,
+            dataset, batch_size=batch_size // crops, shuffle=shuffle, sampler=sampler,
+            drop_last=shuffle,
             num_workers=workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=workers > 0, collate_fn=collate_crops if crops > 1 else None,
             worker_init_fn=seed_worker,
         )
+
+    def evaluation_sampler(self, dataset: Dataset) -> Sampler | None:
+        """Under DDP, each evaluated image on exactly one process. (Lightning's default sampler
+        pads the processes' shares to equal length by repeating images, which would count them
+        twice in the summed confusion matrix whenever the split does not divide evenly.) None
+        on one process, or with fewer images than processes (every process needs one)."""
+        trainer = getattr(self, "trainer", None)
+        processes = getattr(trainer, "world_size", 1) or 1
+        if processes == 1 or len(dataset) < processes:
+            return None
+        return UnrepeatedDistributedSampler(dataset, num_replicas=processes,
+                                            rank=trainer.global_rank, shuffle=False)
 
     def check_batches(self, split: str, dataset: Dataset, batch: int, full_batches: bool
                       ) -> None:
