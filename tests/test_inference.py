@@ -166,3 +166,19 @@ def test_whole_network_per_tile_differs_where_the_context_crosses_a_seam():
                                   exact[..., :64], atol=1e-2)
         probs = predict_probabilities(model, image, (64, 64), tile_whole_network=True)
         torch.testing.assert_close(probs, per_tile.softmax(1))
+
+
+def test_module_runs_the_whole_network_per_tile_when_asked():
+    kwargs = dict(arch="tiny", padding="valid", stage="context", dilations=list(WIDE),
+                  tile_size=(16, 16))
+    exact = SegmentationModule(4, **kwargs).eval()
+    per_tile = SegmentationModule(4, tile_whole_network=True, **kwargs).eval()
+    per_tile.load_state_dict(exact.state_dict())
+    image = torch.rand(1, 3, 40, 56) * 255
+    batch = {"image": image, "label": torch.zeros(1, 40, 56, dtype=torch.long), "name": ["a"]}
+    with torch.no_grad():
+        expected = network_tiled(per_tile.model, image, (16, 16))
+        torch.testing.assert_close(per_tile.batch_logits(batch), expected)
+        prediction = per_tile.predict_step(batch, 0)["prediction"]
+        assert prediction.equal(expected.argmax(1).to(torch.uint8))
+        assert not torch.allclose(exact.batch_logits(batch), expected)
