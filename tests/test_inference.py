@@ -182,3 +182,33 @@ def test_module_runs_the_whole_network_per_tile_when_asked():
         prediction = per_tile.predict_step(batch, 0)["prediction"]
         assert prediction.equal(expected.argmax(1).to(torch.uint8))
         assert not torch.allclose(exact.batch_logits(batch), expected)
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_cli_option_reaches_validate(tiny_shapes, tmp_path, monkeypatch, checkpoint):
+    """--model.tile_whole_network=true reaches predict_logits, with init_from weights (as the
+    authors' converted models are evaluated) and over a checkpoint's own hyperparameters."""
+    from conftest import run_cli, shapes_args, untrained_checkpoint
+
+    import dilatedseg.module
+
+    seen = []
+
+    def recording(segmenter, image, tile=None, tile_whole_network=False):
+        seen.append((tile, tile_whole_network))
+        return predict_logits(segmenter, image, tile, tile_whole_network)
+
+    monkeypatch.setattr(dilatedseg.module, "predict_logits", recording)
+    weights = untrained_checkpoint(tmp_path / "model.ckpt", 4, padding="same")
+    if checkpoint:  # its hyperparameters say tile_whole_network: false
+        import lightning
+
+        saved = torch.load(weights, weights_only=False)
+        assert saved["hyper_parameters"]["tile_whole_network"] is False
+        torch.save({**saved, "pytorch-lightning_version": lightning.__version__}, weights)
+    source = f"--ckpt_path={weights}" if checkpoint else f"--model.init_from={weights}"
+    run_cli("validate", *shapes_args(tiny_shapes, tmp_path / "runs", source,
+                                     "--trainer.limit_val_batches=1",
+                                     "--model.tile_size=[16,16]",
+                                     "--model.tile_whole_network=true"))
+    assert seen and all(args == ([16, 16], True) for args in seen), seen
