@@ -24,16 +24,18 @@ input, 1024 x 1024 output). What follows the front-end runs in one of two ways:
 
 Tiles start at multiples of the tile size from the top-left; the last row and column take what
 is left. For Cityscapes (1024 x 2048 in 1024 x 1024 tiles: exactly 1 x 2) there are no partial
-tiles, and ``tile_whole_network`` reproduces the authors' computation. A partial tile (an image
-size that is not a multiple of the tile size) runs here at its own, smaller size, its context
-module padded at the image's edge as in whole-image inference; the authors' ``test.py`` instead
-reflect-pads a partial tile's input up to the full deploy size (so its context module also sees
-mirrored image past the image's edge) and crops the output, so near the right / bottom edge of
-such an image the two differ. An image no larger than one tile takes the whole-image path in
-both modes (the authors padded it up to the deploy size too). With ``upsample: zoom`` the
-per-tile mode interpolates each tile's probabilities on its own (repeating a tile's last cell
-up to the seam); the authors interpolated the stitched map, but never tiled those models (their
-VOC / CamVid / KITTI images fit in one deploy tile).
+tiles, and ``tile_whole_network`` computes what the authors' tiles computed. A partial tile
+(an image size that is not a multiple of the tile size) runs here at its own, smaller size, its
+context module zero-padded at the image's edge as in whole-image inference. The authors' ``test.py``
+instead reflect-pads a partial tile's input up to the full deploy size (its context module then
+also sees mirrored image past the image's edge) and crops the output, so near the right and
+bottom edges of such an image the two differ. An image no larger than one tile is one
+whole-image pass in both modes (``test.py`` pads such an image up to the deploy size as well, so
+the same difference near the right and bottom edges applies to its VOC / CamVid / KITTI runs,
+whose images each fit in one deploy tile). With ``upsample: zoom`` the per-tile mode
+interpolates each tile's probabilities on its own (repeating a tile's last cell up to the seam);
+``test.py`` interpolates the stitched map, but those models' images never needed more than one
+tile.
 """
 
 from __future__ import annotations
