@@ -168,9 +168,11 @@ def test_whole_network_per_tile_differs_where_the_context_crosses_a_seam():
         torch.testing.assert_close(probs, per_tile.softmax(1))
 
 
-def test_module_runs_the_whole_network_per_tile_when_asked():
+@pytest.mark.parametrize("crf", ["none", "dense"])
+def test_module_runs_the_whole_network_per_tile_when_asked(crf):
+    """The hparam reaches validation and predict; a dense CRF runs per tile on its image crop."""
     kwargs = dict(arch="tiny", padding="valid", stage="context", dilations=list(WIDE),
-                  tile_size=(16, 16))
+                  tile_size=(16, 16), crf=crf, crf_options={"test_iterations": 2})
     exact = SegmentationModule(4, **kwargs).eval()
     per_tile = SegmentationModule(4, tile_whole_network=True, **kwargs).eval()
     per_tile.load_state_dict(exact.state_dict())
@@ -178,6 +180,10 @@ def test_module_runs_the_whole_network_per_tile_when_asked():
     batch = {"image": image, "label": torch.zeros(1, 40, 56, dtype=torch.long), "name": ["a"]}
     with torch.no_grad():
         expected = network_tiled(per_tile.model, image, (16, 16))
+        if crf == "dense":  # the top-left tile: the CRF saw its 16 x 16 crop alone
+            alone = per_tile.model.from_frontend_logits(
+                per_tile.model.frontend_logits(image)[..., :2, :2], (16, 16), image[..., :16, :16])
+            torch.testing.assert_close(expected[..., :16, :16], alone, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(per_tile.batch_logits(batch), expected)
         prediction = per_tile.predict_step(batch, 0)["prediction"]
         assert prediction.equal(expected.argmax(1).to(torch.uint8))
