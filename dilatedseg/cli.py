@@ -55,7 +55,7 @@ from dilatedseg.wandb_images import WandbImages
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # Model options that may differ between training a checkpoint and evaluating it.
-EVALUATION_OPTIONS = ("crf", "crf_options", "tile_size")
+EVALUATION_OPTIONS = ("crf", "crf_options", "tile_size", "tile_whole_network")
 PACKAGE_CONF = Path(__file__).resolve().parent.parent / "conf"
 
 

@@ -66,6 +66,10 @@ class SegmentationModule(L.LightningModule):
             loaded: the checkpoint's front-end replaces it).
         tile_size: validate / test / predict in tiles of this output size (see
             :func:`dilatedseg.inference.predict_logits`); None = whole images.
+        tile_whole_network: with ``tile_size``, run context module, upsampling and CRF per
+            tile too, as the authors' test.py (to reproduce their published evaluation with
+            their weights); false (default): only the front-end is tiled and the result
+            equals whole-image inference (see :mod:`dilatedseg.inference`).
         categories: category of each class (linked from the data module, e.g. Cityscapes):
             then ``<prefix>/catIoU/<name>`` and ``<prefix>/mIoU_category`` are logged too.
         feature_cache: context stage only: compute the frozen front-end's logits once, cache
@@ -111,6 +115,7 @@ class SegmentationModule(L.LightningModule):
         lr_gamma: float = 0.1,
         init_from: str | None = None,
         tile_size: int | tuple[int, int] | None = None,
+        tile_whole_network: bool = False,
         categories: list[str] | None = None,
         lr_step_iters: int | None = None,
         feature_cache: bool = False,
@@ -295,7 +300,8 @@ class SegmentationModule(L.LightningModule):
         """Full-resolution logits of a batch of images, or of cached ``frontend_logits``."""
         if "frontend_logits" in batch:
             return self.cached_batch_logits(batch, use_crf)
-        return predict_logits(self.model, batch["image"], self.hparams.get("tile_size"))
+        return predict_logits(self.model, batch["image"], self.hparams.get("tile_size"),
+                              self.hparams.get("tile_whole_network", False))
 
     def cached_batch_logits(self, batch: dict, use_crf: bool) -> torch.Tensor:
         """Cached logits padded to one size: each size's items run at their own size (the
@@ -354,7 +360,8 @@ class SegmentationModule(L.LightningModule):
         self.evaluate(batch, self.test_confusion)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        logits = predict_logits(self.model, batch["image"], self.hparams.get("tile_size"))
+        logits = predict_logits(self.model, batch["image"], self.hparams.get("tile_size"),
+                                self.hparams.get("tile_whole_network", False))
         return {"name": batch["name"], "prediction": logits.argmax(1).to(torch.uint8)}
 
     def log_iou(self, prefix: str, confusion: ConfusionMatrix) -> None:
