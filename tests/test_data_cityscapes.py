@@ -63,6 +63,10 @@ def test_prepare_writes_train_ids_equal_to_on_the_fly_mapping(tmp_path):
     assert all(label.name.endswith("_gtFine_labelTrainIds.png") for _, label in pairs)
     for (_, label), expected in zip(pairs, before):
         np.testing.assert_array_equal(module.read_label(label), expected)
+    # Scored splits keep reading labelIds, as the official evaluation: a labelTrainIds file
+    # that disagrees with them (a resampled copy) does not change a score.
+    val = module.checked_pairs("val")
+    assert all(label.name.endswith("_gtFine_labelIds.png") for _, label in val)
     assert all(label is None for _, label in module.checked_pairs("test"))
     # Scoring the unlabelled test split would log NaN: it stops, pointing at validate / predict.
     with pytest.raises(DataError, match=r"split 'test' has no labels .* `dilatedseg predict "
@@ -127,10 +131,11 @@ def test_real_cityscapes_labels_map_like_the_official_train_ids(tmp_path):
         os.symlink(REALDATA / folder, tmp_path / folder)
     module = CityscapesDataModule(root=str(tmp_path), num_workers=0)
     (image, label), = module.checked_pairs("val")
-    official = np.asarray(Image.open(label))  # the shipped *_labelTrainIds.png
-    ids = label.with_name(label.name.replace("labelTrainIds", "labelIds"))
+    assert label.name.endswith("_labelIds.png")  # what the official evaluation reads
+    official = np.asarray(Image.open(
+        label.with_name(label.name.replace("labelIds", "labelTrainIds"))))  # shipped train ids
     # The sample files were downscaled one by one, so a few boundary pixels disagree.
-    assert (module.read_label(ids) == official).mean() > 0.995
+    assert (module.read_label(label) == official).mean() > 0.995
     module.setup("validate")
     sample = module.datasets["val"][0]
     assert tuple(sample["image"].shape) == (3, 128, 256)

@@ -98,8 +98,12 @@ class CityscapesDataModule(SegmentationDataModule):
                 continue
             stem = image.name[: -len("_leftImg8bit.png")]
             gt = self.root / "gtFine" / split / image.parent.name / f"{stem}_gtFine_"
-            train_ids = Path(f"{gt}labelTrainIds.png")
-            pairs.append((image, train_ids if train_ids.is_file() else Path(f"{gt}labelIds.png")))
+            label_ids, train_ids = Path(f"{gt}labelIds.png"), Path(f"{gt}labelTrainIds.png")
+            # Scored splits read labelIds, as the official evaluation does (a labelTrainIds
+            # file from elsewhere, e.g. resampled, may not agree with it); training takes the
+            # prepared train ids when they are there.
+            use_train_ids = train_ids.is_file() and (split == "train" or not label_ids.is_file())
+            pairs.append((image, train_ids if use_train_ids else label_ids))
         return pairs
 
     def read_label(self, path: Path) -> np.ndarray:
