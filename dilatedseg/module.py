@@ -200,7 +200,13 @@ class SegmentationModule(L.LightningModule):
 
     def apply_fast_path(self, device: torch.device) -> None:
         """For a run on ``device``: channels_last weights on CUDA; torch.compile of the context
-        module and CRF if asked (once)."""
+        module and CRF if asked (once); no NaN fill of fresh memory.
+
+        ``trainer.deterministic`` (``warn`` in every recipe) also makes torch fill every new
+        tensor from ``torch.empty`` with NaN, a debugging aid against reading uninitialised
+        memory that costs a write of each activation; the deterministic algorithms stay on.
+        """
+        torch.utils.deterministic.fill_uninitialized_memory = False
         if device.type == "cuda" and self.hparams.get("channels_last", True):
             self.model.to(memory_format=torch.channels_last)
         if self.hparams.get("compile") and not self.compiled:

@@ -113,6 +113,22 @@ def test_bf16_mixed_training_keeps_loss_and_crf_in_float32(tiny_shapes):
     torch.testing.assert_close(refined, crf(logits.bfloat16().float(), image))
 
 
+def test_deterministic_runs_skip_the_nan_fill_of_fresh_memory(tiny_shapes):
+    data = ShapesDataModule(root=str(tiny_shapes), train_size=32, val_size=8, test_size=8,
+                            batch_size=4, num_workers=0)
+    module = SegmentationModule(4, arch="tiny", padding="same", lr_schedule="constant")
+    trainer = L.Trainer(accelerator="cpu", deterministic="warn", max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)
+    try:
+        trainer.fit(module, datamodule=data)
+        assert torch.are_deterministic_algorithms_enabled()  # as the recipes ask
+        assert not torch.utils.deterministic.fill_uninitialized_memory
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.utils.deterministic.fill_uninitialized_memory = True
+
+
 @pytest.mark.parametrize("upsample", ["bilinear", "deconv", "zoom"])
 def test_upsampling_runs_in_float32_under_autocast(upsample):
     segmenter = Segmenter(FrontEnd(3, arch="tiny", padding="same"), upsample=upsample)
