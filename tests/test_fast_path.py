@@ -28,8 +28,10 @@ REPO = Path(__file__).resolve().parent.parent
     ((33, 50), 12, 4, 7),  # fc6 in same geometry
     ((25, 25), 0, 4, 7),  # a single output pixel
     ((31, 29), 2, 2, 3),  # conv5-like
+    ((28, 28), 0, 4, 7),  # no padding needed at all
 ])
-def test_space_to_batch_equals_dilated_conv_exactly(size, padding, dilation, kernel):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_space_to_batch_equals_dilated_conv_exactly(size, padding, dilation, kernel, layout):
     torch.manual_seed(0)
     plain = nn.Conv2d(6, 5, kernel, padding=padding, dilation=dilation).double()
     fast = SpaceToBatchConv2d(6, 5, kernel, padding=padding, dilation=dilation).double()
@@ -37,9 +39,14 @@ def test_space_to_batch_equals_dilated_conv_exactly(size, padding, dilation, ker
         plain.weight.copy_(torch.randint(-3, 4, plain.weight.shape))
         plain.bias.copy_(torch.randint(-3, 4, plain.bias.shape))
     fast.load_state_dict(plain.state_dict())
-    x = torch.randint(-5, 6, (2, 6, *size)).double().requires_grad_()
+    fast.to(memory_format=layout)
+    x = torch.randint(-5, 6, (2, 6, *size)).double()
+    x = x.contiguous(memory_format=layout).requires_grad_()
     expected, got = plain(x), fast(x)
     assert torch.equal(got, expected)
+    # channels_last (CUDA's fast path) comes out channels_last: no conversion at fc7.
+    if layout == torch.channels_last:
+        assert got.stride()[1] == 1
     (grad_plain,) = torch.autograd.grad(expected.square().sum(), x)
     (grad_fast,) = torch.autograd.grad(got.square().sum(), x)
     assert torch.equal(grad_fast, grad_plain)

@@ -213,16 +213,33 @@ class SpaceToBatchConv2d(nn.Conv2d):
         out_h, out_w = height - dh * (kh - 1), width - dw * (kw - 1)
         if out_h < 1 or out_w < 1:  # too small: let the plain convolution raise its error
             return super().forward(x)
-        x = F.pad(x, (pw, pw, ph, ph))
         sub_h, sub_w = math.ceil(height / dh), math.ceil(width / dw)
-        x = F.pad(x, (0, sub_w * dw - width, 0, sub_h * dh - height))
-        x = x.reshape(batch, channels, sub_h, dh, sub_w, dw).permute(3, 5, 0, 1, 2, 4)
-        x = x.reshape(dh * dw * batch, channels, sub_h, sub_w)
+        # One pad: the convolution's own, plus up to a multiple of the dilation (fc6 in valid
+        # geometry with suitable sizes needs none: no copy then).
+        pads = (pw, pw + sub_w * dw - width, ph, ph + sub_h * dh - height)
+        if any(pads):
+            x = F.pad(x, pads)
+        # Rearranged in the input's layout, so channels_last (CUDA's fast path) stays
+        # channels_last through the convolution and out, one copy each way.
+        nhwc = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        if nhwc:
+            x = x.permute(0, 2, 3, 1).reshape(batch, sub_h, dh, sub_w, dw, channels)
+            x = x.permute(2, 4, 0, 1, 3, 5).reshape(dh * dw * batch, sub_h, sub_w, channels)
+            x = x.permute(0, 3, 1, 2)
+        else:
+            x = x.reshape(batch, channels, sub_h, dh, sub_w, dw).permute(3, 5, 0, 1, 2, 4)
+            x = x.reshape(dh * dw * batch, channels, sub_h, sub_w)
         # (dh dw B, O, sub_h - kh + 1, sub_w - kw + 1), in chunks of the batch (see above)
         chunks = [F.conv2d(chunk, self.weight, self.bias) for chunk in x.split(self.max_sub_batch)]
         y = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
-        y = y.reshape(dh, dw, batch, -1, sub_h - kh + 1, sub_w - kw + 1).permute(2, 3, 4, 0, 5, 1)
-        y = y.reshape(batch, -1, (sub_h - kh + 1) * dh, (sub_w - kw + 1) * dw)
+        rows, cols = sub_h - kh + 1, sub_w - kw + 1
+        if nhwc:
+            y = y.permute(0, 2, 3, 1).reshape(dh, dw, batch, rows, cols, -1)
+            y = y.permute(2, 3, 0, 4, 1, 5).reshape(batch, rows * dh, cols * dw, -1)
+            y = y.permute(0, 3, 1, 2)
+        else:
+            y = y.reshape(dh, dw, batch, -1, rows, cols).permute(2, 3, 4, 0, 5, 1)
+            y = y.reshape(batch, -1, rows * dh, cols * dw)
         return y[..., :out_h, :out_w]
 
 
