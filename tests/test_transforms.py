@@ -96,6 +96,23 @@ def crop_origins(tmp_path, seed: int, workers: int, items: int = 8) -> list[tupl
     return origins
 
 
+def test_dataloader_workers_run_opencv_on_one_thread():
+    import cv2
+    import torch
+
+    from dilatedseg.data.base import seed_worker
+
+    class Threads(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            return cv2.getNumThreads()
+
+    loader = torch.utils.data.DataLoader(Threads(), num_workers=1, worker_init_fn=seed_worker)
+    assert [int(n) for n in loader] == [1, 1]
+
+
 def test_dataloader_workers_draw_different_crops(tmp_path):
     """albumentations keeps its own generator, which forked workers would all copy."""
     origins = crop_origins(tmp_path, seed=0, workers=2)

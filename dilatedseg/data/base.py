@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import cv2
 import lightning as L
 import numpy as np
 import torch
@@ -115,8 +116,11 @@ def augmentation_seed() -> int:
 
 def seed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: Lightning's worker seeding (torch, numpy and random per
-    worker and rank), then the dataset's training transform, from the worker's own seed."""
+    worker and rank), then the dataset's training transform, from the worker's own seed; one
+    OpenCV thread per worker (torch already takes one: the workers are the parallelism, and
+    OpenCV's own pool in each of them would oversubscribe the cores)."""
     pl_worker_init_function(worker_id)
+    cv2.setNumThreads(1)
     transform = getattr(get_worker_info().dataset, "transform", None)
     if transform is not None:
         transforms.seed(transform, augmentation_seed())
