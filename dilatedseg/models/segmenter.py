@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -113,7 +115,11 @@ class Segmenter(nn.Module):
         """
         logits = logits.float()
         if self.upsample == "deconv":
-            with torch.autocast(logits.device.type, enabled=False):
+            device = logits.device.type
+            # (the meta device used for FLOP counting has no autocast to turn off)
+            no_autocast = (torch.autocast(device, enabled=False)
+                           if torch.amp.is_autocast_available(device) else contextlib.nullcontext())
+            with no_autocast:
                 logits = F.conv_transpose2d(
                     logits, self.deconv_weight.float(), stride=OUTPUT_STRIDE,
                     padding=OUTPUT_STRIDE // 2, groups=logits.shape[1],
