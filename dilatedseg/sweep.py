@@ -165,7 +165,10 @@ def parse_trial(argv: list[str]) -> dict | None:
 
     out, err = io.StringIO(), io.StringIO()
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                warnings.catch_warnings():
+            # Lightning warns when args= is given while sys.argv holds the sweep's own arguments.
+            warnings.filterwarnings("ignore", message=".*not recommended to provide both args")
             DilatedSegCLI(args=argv[verb:] + ["--print_config"])
     except SystemExit as exit_:
         if exit_.code not in (0, None):

@@ -241,3 +241,15 @@ def test_extra_arguments_that_override_a_swept_parameter_are_refused(tmp_path, m
         run_local(config, "lr", 1, ["--config", "conf/shapes/context.yaml",
                                     f"--runs_dir={tmp_path}"], tmp_path / "out")
     assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_parse_errors_carry_no_lightning_args_warning(monkeypatch):
+    """Under `dilatedseg sweep ...` sys.argv holds the sweep's arguments: Lightning's warning
+    about args= and command-line arguments together is not part of the error."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["dilatedseg", "sweep", "sweeps/dilations.yaml"])
+    with warnings.catch_warnings(record=True) as shown, pytest.raises(SweepError) as error:
+        warnings.simplefilter("always")  # outside pytest, a warning prints into the error
+        parse_trial(["dilatedseg", "fit", "--config", "conf/shapes.yaml", "--model.bogus=1"])
+    assert "--model.bogus=1" in str(error.value)
+    assert not [w for w in shown if "not recommended" in str(w.message)]
