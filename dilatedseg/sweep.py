@@ -199,6 +199,16 @@ def overridden(parsed: dict, params: dict) -> list[str]:
     return names
 
 
+def probes(engine_config) -> list[dict]:
+    """Two sets of parameters in which every swept parameter with more than one value takes two
+    different ones (its 25th and 75th percentiles: two of its values, or two points of its
+    range), so that :func:`overridden` finds an argument that sets it again, whatever it sets."""
+    from sweeps.params import HyperParameterSet
+
+    params = HyperParameterSet.from_config(engine_config["parameters"])
+    return [{param.name: {"value": plain(param.ppf(q))} for param in params} for q in (0.25, 0.75)]
+
+
 # ---- the local runner -------------------------------------------------------------------------
 def ensure_previous_stage(parsed: dict, extra: list[str], out_dir: Path) -> None:
     """Train the front-end when a trial starts from `init_from: auto` and none exists yet."""
@@ -288,8 +298,10 @@ def run_local(config: dict, name: str, count: int | None, extra: list[str],
     first = next_run(engine_config, [])
     if first is None:
         raise SweepError("the sweep proposes no trials")
-    parsed = parse_trial(trial_argv(config, first.config, extra))
-    clash = overridden(parsed, first.config) if parsed else []
+    parsed, clash = None, []
+    for probe in probes(engine_config):  # whichever values the proposals will take
+        parsed = parse_trial(trial_argv(config, probe, extra))
+        clash += overridden(parsed, probe) if parsed else []
     if clash:
         raise SweepError(
             f"the arguments after the sweep file set swept parameters again: {'; '.join(clash)}."

@@ -253,3 +253,20 @@ def test_parse_errors_carry_no_lightning_args_warning(monkeypatch):
         parse_trial(["dilatedseg", "fit", "--config", "conf/shapes.yaml", "--model.bogus=1"])
     assert "--model.bogus=1" in str(error.value)
     assert not [w for w in shown if "not recommended" in str(w.message)]
+
+
+def test_a_clash_is_refused_even_when_the_first_proposal_has_the_same_value(tmp_path,
+                                                                            monkeypatch):
+    """context_variant's first trial proposes lr 0.01: --model.lr=0.01 would pass a check of
+    that trial alone, then run 0.01 where the next trials propose 0.001."""
+    import dilatedseg.sweep as sweep
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sweep, "run_logged", lambda *args: pytest.fail("nothing may run"))
+    config = load_sweep("sweeps/context_variant.yaml")
+    assert proposals(config, limit=1)[0]["model.lr"]["value"] == 0.01
+    with pytest.raises(SweepError, match=r"set swept parameters again: model.lr \(proposed "
+                                         r"0.001, would run 0.01\)"):
+        sweep.run_local(config, "cv", None, ["--model.lr=0.01", f"--runs_dir={tmp_path}"],
+                  tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything ran
