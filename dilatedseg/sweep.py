@@ -13,8 +13,9 @@ shrink trials). Trials log to W&B offline; each trial's metrics come back from i
 trials sorted by the sweep's metric, also written as trials.csv under
 ``<runs_dir>/sweeps/<name>-<time>/`` beside each trial's log.
 
-A context-stage sweep starts from a trained front-end (``init_from: auto``): when none exists,
-the local runner first trains one, as ``make train STAGE=frontend`` would.
+A context-stage sweep starts from a trained front-end (``init_from: auto``): the local runner
+resolves it once, before the first trial (training one first when none exists, as ``make train
+STAGE=frontend`` would), and passes it to every trial as ``--model.init_from``.
 """
 
 from __future__ import annotations
@@ -210,18 +211,18 @@ def probes(engine_config) -> list[dict]:
 
 
 # ---- the local runner -------------------------------------------------------------------------
-def ensure_previous_stage(parsed: dict, extra: list[str], out_dir: Path) -> None:
-    """Train the front-end when a trial starts from `init_from: auto` and none exists yet."""
+def ensure_previous_stage(parsed: dict, extra: list[str], out_dir: Path) -> Path | None:
+    """The checkpoint that `init_from: auto` names for the trials (None when they set
+    init_from themselves), after training the front-end when none exists yet."""
     from dilatedseg.cli import import_class, stage_configs
 
     model = parsed.get("model") or {}
     if model.get("init_from") != "auto":
-        return
+        return None
     dataset = import_class(parsed["data"]["class_path"]).name
     runs_dir, stage = parsed.get("runs_dir", "runs"), model.get("stage")
     try:
-        find_previous_checkpoint(runs_dir, dataset, stage)
-        return
+        return find_previous_checkpoint(runs_dir, dataset, stage)
     except RunError as error:
         conf = Path("conf")
         if "frontend" not in PREVIOUS_STAGES.get(stage, ()) or not (
@@ -242,6 +243,10 @@ def ensure_previous_stage(parsed: dict, extra: list[str], out_dir: Path) -> None
     if code != 0:
         raise SweepError(f"training the front-end failed (exit {code}); see {log}:\n"
                          f"{tail(log)}")
+    try:
+        return find_previous_checkpoint(runs_dir, dataset, stage)
+    except RunError as error:
+        raise SweepError(f"the front-end trained but saved no checkpoint: {error}") from None
 
 
 def trial_env(summary_path: Path | None) -> dict[str, str]:
@@ -311,8 +316,13 @@ def run_local(config: dict, name: str, count: int | None, extra: list[str],
     out_dir = out_dir or runs_dir / "sweeps" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "sweep.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    if parsed:
-        ensure_previous_stage(parsed, extra, out_dir)
+    # One starting checkpoint for every trial (not each trial's own `auto`, which a front-end
+    # trained meanwhile, by this sweep or another, would change).
+    start_from = ensure_previous_stage(parsed, extra, out_dir) if parsed else None
+    if start_from is not None:
+        print(f"init_from: auto -> {start_from}: every trial starts from it", flush=True)
+        extra = [*extra, f"--model.init_from={start_from}"]
+    init_from = start_from or ((parsed or {}).get("model") or {}).get("init_from")  # trials.csv
 
     runs, rows, proposal, interrupted = [], [], first, False
     while proposal is not None and (count is None or len(rows) < count):
@@ -342,6 +352,7 @@ def run_local(config: dict, name: str, count: int | None, extra: list[str],
         score = best_value(run, metric, goal)
         rows.append({"trial": index, "state": state.value, metric or "metric": score,
                      **{k: json.dumps(v) if isinstance(v, list) else v for k, v in values.items()},
+                     **({"init_from": init_from and str(init_from)} if parsed else {}),
                      "seconds": round(time.time() - start, 1), "run": summary.get("run", ""),
                      "log": str(log)})
         if state == RunState.failed:
@@ -386,7 +397,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def format_rows(rows: list[dict]) -> str:
-    columns = [c for c in dict.fromkeys(k for row in rows for k in row) if c != "log"]
+    columns = [c for c in dict.fromkeys(k for row in rows for k in row)
+               if c not in ("log", "init_from")]  # printed before the first trial
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join("-" if row.get(c) is None else str(row.get(c))

@@ -167,20 +167,60 @@ def test_missing_front_end_is_trained_first(tmp_path, monkeypatch):
 
     monkeypatch.chdir(REPO)
     calls = []
-    monkeypatch.setattr(sweep, "run_logged", lambda argv, log, env: calls.append(argv) or 0)
     runs = tmp_path / "runs"
+
+    def train(argv, log, env):  # as the front-end's fit would, it saves a best checkpoint
+        calls.append(argv)
+        return 0 if save_checkpoint(runs / "shapes/frontend/version_0") else 1
+
+    monkeypatch.setattr(sweep, "run_logged", train)
     # runs_dir and the data root as the trials see them (here fixed by the sweep's command,
     # not by the extra arguments), then the extra arguments, which win.
     parsed = {"runs_dir": str(runs), "data": {"class_path": "dilatedseg.data.ShapesDataModule",
                                               "init_args": {"root": "elsewhere/shapes"}},
               "model": {"stage": "context", "init_from": "auto"}}
-    sweep.ensure_previous_stage(parsed, ["--trainer.max_epochs=1"], tmp_path)
+    start = sweep.ensure_previous_stage(parsed, ["--trainer.max_epochs=1"], tmp_path)
+    assert start == runs / "shapes/frontend/version_0/checkpoints/best.ckpt"
     assert calls == [["dilatedseg", "fit", "--config", "conf/shapes.yaml", "--config",
                       "conf/stage/frontend.yaml", f"--runs_dir={runs}",
                       "--data.init_args.root=elsewhere/shapes", "--trainer.max_epochs=1"]]
     parsed["model"]["init_from"] = "some.ckpt"  # named weights: nothing to train
-    sweep.ensure_previous_stage(parsed, [], tmp_path)
+    assert sweep.ensure_previous_stage(parsed, [], tmp_path) is None
     assert len(calls) == 1
+
+
+def save_checkpoint(run_dir: Path) -> Path:
+    path = run_dir / "checkpoints" / "best.ckpt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("weights")
+    return path
+
+
+def test_every_trial_starts_from_the_front_end_found_at_sweep_start(tmp_path, monkeypatch):
+    """init_from: auto is resolved once: a front-end trained during the sweep (by it or by
+    another) does not change what later trials start from; trials.csv records it."""
+    import dilatedseg.sweep as sweep
+
+    monkeypatch.chdir(REPO)
+    runs = tmp_path / "runs"
+    first = save_checkpoint(runs / "shapes/frontend/version_0")
+    calls = []
+
+    def trial(argv, log, env):
+        calls.append(argv)
+        save_checkpoint(runs / f"shapes/frontend/version_{len(calls)}")  # a newer front-end
+        summary = {"run": "r", "metrics": {"val/mIoU": 50.0}, "history": []}
+        Path(env["DILATEDSEG_SUMMARY_PATH"]).write_text(json.dumps(summary))
+        return 0
+
+    monkeypatch.setattr(sweep, "run_logged", trial)
+    rows = sweep.run_local(load_sweep("sweeps/dilations.yaml"), "dilations", 2,
+                           [f"--runs_dir={runs}"], tmp_path / "out")
+    assert len(calls) == 2
+    assert all(argv[-1] == f"--model.init_from={first}" for argv in calls)
+    assert [row["init_from"] for row in rows] == [str(first)] * 2
+    with open(tmp_path / "out" / "trials.csv") as stream:
+        assert [row["init_from"] for row in csv.DictReader(stream)] == [str(first)] * 2
 
 
 def test_local_grid_sweep_end_to_end(tiny_shapes, tmp_path, monkeypatch):
