@@ -436,8 +436,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--count", type=int, default=None,
                         help="number of trials (default: all of a grid; required otherwise "
                              "with --local)")
-    parser.add_argument("--project", default=os.environ.get("WANDB_PROJECT", "dilatedseg"))
-    parser.add_argument("--entity", default=os.environ.get("WANDB_ENTITY"))
+    parser.add_argument("--project", help="W&B project (default: WANDB_PROJECT, else the "
+                        "config's project, else dilatedseg)")
+    parser.add_argument("--entity", help="W&B entity (default: WANDB_ENTITY, else the "
+                        "config's entity, else your default entity)")
     parser.add_argument("--out", default=None,
                         help="--local: folder for logs and trials.csv "
                              "(default <runs_dir>/sweeps/<name>-<time>)")
@@ -449,5 +451,8 @@ def main(argv: list[str]) -> None:
     name = config.get("name") or Path(args.config).stem
     if args.local:
         run_local(config, name, args.count, extra, Path(args.out) if args.out else None)
-    else:
-        run_server(config, args.count, extra, args.project, args.entity)
+    else:  # in the order `wandb sweep` takes them
+        project = (args.project or os.environ.get("WANDB_PROJECT") or config.get("project")
+                   or "dilatedseg")
+        entity = args.entity or os.environ.get("WANDB_ENTITY") or config.get("entity")
+        run_server(config, args.count, extra, project, entity)

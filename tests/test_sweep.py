@@ -46,6 +46,9 @@ def test_sweep_config_is_valid_and_its_trials_parse(path, monkeypatch):
     config = load_sweep(path)
     assert sweeps.schema_violations_from_proposed_config(config) == []
     assert config["metric"] == {"name": "val/mIoU", "goal": "maximize"}
+    # Inside a sweep W&B files runs under the sweep's project, not wandb.init's.
+    base = yaml.safe_load((REPO / "conf/base.yaml").read_text())
+    assert config["project"] == base["trainer"]["logger"]["init_args"]["project"]
     assert "${args}" in config["command"]
     trials = proposals(config, limit=3 if config["method"] == "bayes" else 8)
     assert trials
@@ -125,6 +128,28 @@ def test_without_local_error_message(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         run_cli("sweep", str(REPO / "sweeps/dilations.yaml"))
     assert "wandb login" in capsys.readouterr().err
+
+
+def test_server_sweep_goes_to_the_configs_project(tmp_path, monkeypatch):
+    """As `wandb sweep`: --project, else WANDB_PROJECT, else the config's project."""
+    import wandb
+
+    import dilatedseg.loggers
+    from dilatedseg.sweep import main
+
+    calls = []
+    monkeypatch.setattr(dilatedseg.loggers, "wandb_logged_in", lambda: True)
+    monkeypatch.setattr(wandb, "sweep", lambda config, **kw: calls.append(kw) or "abc123")
+    monkeypatch.setattr(wandb, "agent", lambda *args, **kw: None)
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    monkeypatch.delenv("WANDB_ENTITY", raising=False)
+    sweep = write_sweep(tmp_path / "s.yaml", project="elsewhere", entity="team",
+                        method="grid", parameters={"x": {"values": [1, 2]}},
+                        command=["dilatedseg", "fit", "${args}"])
+    main([str(sweep)])
+    main([str(sweep), "--project", "mine"])
+    assert calls == [{"project": "elsewhere", "entity": "team"},
+                     {"project": "mine", "entity": "team"}]
 
 
 OBJECTIVE = """\
