@@ -141,6 +141,23 @@ def test_configure_logger_offline_and_agent_ids(tmp_path, monkeypatch):
     assert (tmp_path / "other" / "wandb_id.txt").read_text() == "agentrun123"
 
 
+def test_offline_turns_log_model_off(tmp_path, monkeypatch, capsys):
+    """WandbLogger refuses log_model offline (advising offline=False): forced offline, the
+    run logs no model and says so, in one line."""
+    from jsonargparse import Namespace
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = Namespace(class_path="lightning.pytorch.loggers.WandbLogger",
+                       init_args=Namespace(offline=False, log_model=True, project="p"))
+    configure_logger(logger, tmp_path, "shapes", "context")
+    assert logger.init_args.offline is True and logger.init_args.log_model is False
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "W&B logs offline (not logged in): log_model is off, checkpoints stay in the run "
+        "directory"]
+    WandbLogger(**logger.init_args.as_dict())  # accepted
+
+
 def test_wandb_mode_disabled_is_left_alone(tmp_path, monkeypatch):
     """offline=True would make Lightning set WANDB_MODE=dryrun over the user's 'disabled'."""
     from jsonargparse import Namespace
