@@ -249,16 +249,21 @@ def ensure_previous_stage(parsed: dict, extra: list[str], out_dir: Path) -> Path
         raise SweepError(f"the front-end trained but saved no checkpoint: {error}") from None
 
 
-def trial_env(summary_path: Path | None) -> dict[str, str]:
+def trial_env(summary_path: Path | None, sweep_dir: Path | None = None,
+              name: str | None = None) -> dict[str, str]:
+    """A trial's environment: its own run, reporting to summary_path; a sweep's trials form
+    one W&B group (the sweep directory's name), tagged with the sweep's name."""
     env = dict(os.environ)
     env.setdefault("WANDB_MODE", "offline")  # no server: `wandb sync` the runs later
     # Each trial is a run of its own: no inherited run directory, W&B run or SLURM job id
     # (which would name one run directory for every trial of a sweep inside a batch job).
-    for name in (RUN_DIR_ENV, "WANDB_RUN_ID", "WANDB_SWEEP_ID", "WANDB_SWEEP_PARAM_PATH",
+    for variable in (RUN_DIR_ENV, "WANDB_RUN_ID", "WANDB_SWEEP_ID", "WANDB_SWEEP_PARAM_PATH",
                  "SLURM_JOB_ID", "SLURM_NTASKS"):
-        env.pop(name, None)
+        env.pop(variable, None)
     if summary_path is not None:
         env[SUMMARY_PATH_ENV] = str(summary_path)
+    if sweep_dir is not None:  # read by configure_logger (group) and by wandb itself (tags)
+        env["WANDB_RUN_GROUP"], env["WANDB_TAGS"] = sweep_dir.name, name or sweep_dir.name
     return env
 
 
@@ -338,7 +343,7 @@ def run_local(config: dict, name: str, count: int | None, extra: list[str],
               flush=True)
         log, start = out_dir / f"trial-{index:03d}.log", time.time()
         try:
-            code = run_logged(argv, log, trial_env(summary_path))
+            code = run_logged(argv, log, trial_env(summary_path, out_dir, name))
         except KeyboardInterrupt:  # the trial is killed; keep what finished
             print("  interrupted", flush=True)
             interrupted = True
@@ -365,6 +370,10 @@ def run_local(config: dict, name: str, count: int | None, extra: list[str],
     rows = sort_rows(rows, metric or "metric", goal)
     write_csv(rows, out_dir / "trials.csv")
     print(f"\n{format_rows(rows)}\n\ntrials: {out_dir / 'trials.csv'}")
+    offline = [str(path) for row in rows if row["run"]
+               for path in sorted(Path(row["run"]).glob("wandb/offline-run-*"))]
+    if offline:
+        print(f"upload the trials' offline W&B runs: {shlex.join(['wandb', 'sync', *offline])}")
     if interrupted:
         raise SystemExit(130)
     if rows and all(row["state"] != "finished" for row in rows):

@@ -152,6 +152,31 @@ def test_server_sweep_goes_to_the_configs_project(tmp_path, monkeypatch):
                      {"project": "mine", "entity": "team"}]
 
 
+def test_trials_form_a_wandb_group_and_the_sync_command_is_printed(tmp_path, monkeypatch,
+                                                                  capsys):
+    import dilatedseg.sweep as sweep
+
+    envs = []
+
+    def trial(argv, log, env):  # a trial whose W&B run logged offline
+        envs.append(env)
+        run = tmp_path / f"run{len(envs)}"
+        (run / "wandb" / "offline-run-x").mkdir(parents=True)
+        summary = {"run": str(run), "metrics": {"val/mIoU": 1.0}, "history": []}
+        Path(env["DILATEDSEG_SUMMARY_PATH"]).write_text(json.dumps(summary))
+        return 0
+
+    monkeypatch.setattr(sweep, "run_logged", trial)
+    config = {"method": "grid", "program": "x.py", "metric": {"name": "val/mIoU"},
+              "parameters": {"x": {"values": [1, 2]}}}
+    sweep.run_local(config, "toy", None, [], tmp_path / "toy-20250101")
+    assert [(env["WANDB_RUN_GROUP"], env["WANDB_TAGS"]) for env in envs] == [
+        ("toy-20250101", "toy")] * 2
+    out = capsys.readouterr().out
+    assert (f"wandb sync {tmp_path}/run1/wandb/offline-run-x "
+            f"{tmp_path}/run2/wandb/offline-run-x") in out
+
+
 OBJECTIVE = """\
 import json, os, sys
 x = float(sys.argv[1].split("=", 1)[1])
