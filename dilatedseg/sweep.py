@@ -300,7 +300,8 @@ def run_local(config: dict, name: str, count: int | None, extra: list[str],
         warnings.simplefilter("ignore")
         from sweeps import RunState, SweepConfig, SweepRun, next_run
     if count is None and config["method"] != "grid":
-        raise SweepError(f"a {config['method']} sweep has no natural end: pass --count N")
+        raise SweepError(f"a {config['method']} sweep has no natural end: say how many trials "
+                         f"to run with --count N (make sweep COUNT=N)")
     engine_config = SweepConfig(config)
     metric = (config.get("metric") or {}).get("name")
     goal = (config.get("metric") or {}).get("goal", "minimize")

@@ -177,6 +177,26 @@ def test_trials_form_a_wandb_group_and_the_sync_command_is_printed(tmp_path, mon
             f"{tmp_path}/run2/wandb/offline-run-x") in out
 
 
+def test_make_sweep_runs_a_whole_grid_unless_count_is_given():
+    import subprocess
+
+    def make(*options):
+        done = subprocess.run(["make", "-n", "sweep", *options], cwd=REPO, capture_output=True,
+                              text=True, check=True)
+        return done.stdout
+
+    assert "--count" not in make("SWEEP=context_variant")
+    assert "--local --count 3 --x=1" in make("SWEEP=lr_bayes", "COUNT=3", "ARGS=--x=1")
+
+
+def test_bayes_without_count_asks_for_one(monkeypatch):
+    from dilatedseg.sweep import run_local
+
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SweepError, match=r"--count N \(make sweep COUNT=N\)"):
+        run_local(load_sweep("sweeps/lr_bayes.yaml"), "lr_bayes", None, [])
+
+
 OBJECTIVE = """\
 import json, os, sys
 x = float(sys.argv[1].split("=", 1)[1])
