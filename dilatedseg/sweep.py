@@ -354,6 +354,12 @@ def run_local(config: dict, name: str, count: int | None, extra: list[str],
         run = SweepRun(name=f"trial-{index:03d}", config=proposal.config, state=state,
                        summary_metrics=summary.get("metrics") or {},
                        history=summary.get("history") or [])
+        logged = {key for row in [run.summary_metrics, *run.history] for key in row}
+        if state == RunState.finished and metric and metric not in logged:
+            shown = ", ".join(sorted(key for key in logged if not key.startswith("_")))
+            raise SweepError(f"trial {index} finished without logging the sweep's metric "
+                             f"'{metric}': correct metric.name in the sweep config; the trial "
+                             f"logged: {shown or 'nothing'} (log {log})")
         runs.append(run)
         score = best_value(run, metric, goal)
         rows.append({"trial": index, "state": state.value, metric or "metric": score,

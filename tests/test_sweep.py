@@ -380,3 +380,18 @@ def test_a_clash_is_refused_even_when_the_first_proposal_has_the_same_value(tmp_
         sweep.run_local(config, "cv", None, ["--model.lr=0.01", f"--runs_dir={tmp_path}"],
                   tmp_path / "out")
     assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_a_misspelt_metric_stops_after_the_first_trial(tmp_path):
+    """Not a table of None: one error naming the metrics the trial did log."""
+    from dilatedseg.sweep import run_local
+
+    program = tmp_path / "objective.py"
+    program.write_text(OBJECTIVE)
+    config = {"method": "grid", "program": str(program),
+              "parameters": {"x": {"values": [0.1, 0.2]}},
+              "metric": {"name": "val/miou", "goal": "maximize"}}
+    with pytest.raises(SweepError, match=r"trial 0 finished without logging the sweep's metric "
+                                         r"'val/miou': correct metric.name .* logged: val/mIoU"):
+        run_local(config, "toy", None, [], tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out").glob("*.log")] == ["trial-000.log"]
