@@ -75,6 +75,14 @@ def test_dilation_sweep_covers_the_paper_and_the_presets():
     assert "--model.dilations=[1, 1, 2]" in argv  # the agent's rendering of a list
 
 
+def test_dilation_sweep_changes_only_the_schedule(monkeypatch):
+    """upsample: auto would switch the Dilation10 trial to deconv upsampling."""
+    monkeypatch.chdir(REPO)
+    config = load_sweep("sweeps/dilations.yaml")
+    parsed = parse_trial(trial_argv(config, {"model.dilations": {"value": "dilation10"}}))
+    assert parsed["model"]["upsample"] == "bilinear"
+
+
 def test_argv_is_what_wandb_agent_builds():
     from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
