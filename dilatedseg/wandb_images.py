@@ -69,13 +69,14 @@ class WandbImages(Callback):
         if not self.active(trainer):
             return
         logger = self.wandb_logger(trainer)
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step of val/mIoU & co.
         class_labels = dict(enumerate(pl_module.class_names))
         class_labels[IGNORE_INDEX] = "ignore"
         if self.samples:
             logger.log_image(
                 key=self.key,
                 images=[image for image, *_ in self.samples],
-                step=trainer.global_step,
+                step=step,
                 caption=[name for *_, name in self.samples],
                 masks=[{"prediction": {"mask_data": pred, "class_labels": class_labels},
                         "ground_truth": {"mask_data": label, "class_labels": class_labels}}
@@ -88,5 +89,5 @@ class WandbImages(Callback):
                 value = metrics.get(f"val/IoU/{name}")
                 rows.append([name, None if value is None else round(float(value), 4)])
             logger.log_table(key="val/IoU_table", columns=["class", "IoU"], data=rows,
-                             step=trainer.global_step)
+                             step=step)
         self.samples = []

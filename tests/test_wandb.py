@@ -106,6 +106,8 @@ def test_offline_run_holds_config_metrics_images_and_table(wandb_run):
         assert (files / mask["path"]).is_file()
 
     [table_row] = [r for r in rows if "val/IoU_table/path" in r]
+    step = metrics[0]["trainer/global_step"]  # all at the step of the validation's metrics
+    assert images["trainer/global_step"] == table_row["trainer/global_step"] == step
     table = json.loads((files / table_row["val/IoU_table/path"]).read_text())
     assert table["columns"] == ["class", "IoU"]
     assert [row[0] for row in table["data"]] == [
@@ -212,7 +214,9 @@ def test_images_callback_logs_masks_and_table_on_rank_zero(cached):
         batch["image"] = torch.rand(3, 3, 64, 64) * 255
     logger = mock.MagicMock(spec=WandbLogger)
     trainer = SimpleNamespace(is_global_zero=True, sanity_checking=False, loggers=[logger],
-                              global_step=7, callback_metrics={"val/IoU/a": torch.tensor(12.5)})
+                              global_step=7, callback_metrics={"val/IoU/a": torch.tensor(12.5)},
+                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(
+                                  _batches_that_stepped=6)))  # Lightning logs val/* at 6
     callback = WandbImages(count=2)
     callback.on_validation_start(trainer, module)
     module.log = lambda *args, **kwargs: None  # no trainer to log val/loss to
@@ -223,7 +227,7 @@ def test_images_callback_logs_masks_and_table_on_rank_zero(cached):
     callback.on_validation_end(trainer, module)
 
     kwargs = logger.log_image.call_args.kwargs
-    assert kwargs["key"] == "val/examples" and kwargs["step"] == 7
+    assert kwargs["key"] == "val/examples" and kwargs["step"] == 6
     assert kwargs["caption"] == ["x0", "x1"] and len(kwargs["images"]) == 2
     assert kwargs["images"][0].shape == (64, 64, 3) and kwargs["images"][0].dtype.name == "uint8"
     mask = kwargs["masks"][0]
@@ -233,6 +237,7 @@ def test_images_callback_logs_masks_and_table_on_rank_zero(cached):
     assert mask["prediction"]["class_labels"] == {0: "bg", 1: "a", 2: "b", 3: "c", 255: "ignore"}
     table = logger.log_table.call_args.kwargs
     assert table["key"] == "val/IoU_table" and table["columns"] == ["class", "IoU"]
+    assert table["step"] == 6
     assert table["data"] == [["bg", None], ["a", 12.5], ["b", None], ["c", None]]
 
     logger.reset_mock()  # other ranks and the sanity check log nothing
