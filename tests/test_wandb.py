@@ -7,6 +7,7 @@ import json
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO, run_cli, shapes_args
 
@@ -190,6 +191,19 @@ def test_images_callback_is_configurable():
         WandbImages(count=-1)
 
 
+class Source:
+    """A validation dataset (name / load by index), as the feature cache's source."""
+
+    def __len__(self) -> int:
+        return 3
+
+    def name(self, index: int) -> str:
+        return f"x{index}"
+
+    def load(self, index: int):
+        return np.full((60, 50, 3), 10 * index + 5, np.uint8), None
+
+
 @pytest.mark.parametrize("cached", [False, True], ids=["images", "feature-cache"])
 def test_images_callback_logs_masks_and_table_on_rank_zero(cached):
     """Stub trainer / logger: what the callback hands to WandbLogger, with and without images."""
@@ -199,6 +213,7 @@ def test_images_callback_logs_masks_and_table_on_rank_zero(cached):
     import torch
     from lightning.pytorch.loggers import WandbLogger
 
+    from dilatedseg.features import CachedLogitsDataset
     from dilatedseg.module import SegmentationModule
     from dilatedseg.wandb_images import WandbImages
 
@@ -217,6 +232,8 @@ def test_images_callback_logs_masks_and_table_on_rank_zero(cached):
                               global_step=7, callback_metrics={"val/IoU/a": torch.tensor(12.5)},
                               fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(
                                   _batches_that_stepped=6)))  # Lightning logs val/* at 6
+    if cached:  # the images come from the dataset the validation cache was computed from
+        trainer.datamodule = SimpleNamespace(datasets={"val": CachedLogitsDataset(Source())})
     callback = WandbImages(count=2)
     callback.on_validation_start(trainer, module)
     module.log = lambda *args, **kwargs: None  # no trainer to log val/loss to
@@ -230,6 +247,9 @@ def test_images_callback_logs_masks_and_table_on_rank_zero(cached):
     assert kwargs["key"] == "val/examples" and kwargs["step"] == 6
     assert kwargs["caption"] == ["x0", "x1"] and len(kwargs["images"]) == 2
     assert kwargs["images"][0].shape == (64, 64, 3) and kwargs["images"][0].dtype.name == "uint8"
+    if cached:  # image x1 (60 x 50 px) at the top left of the label's (padded) extent
+        image = kwargs["images"][1]
+        assert (image[:60, :50] == 15).all() and (image[60:] == 128).all()
     mask = kwargs["masks"][0]
     assert mask["ground_truth"]["mask_data"][0, 0] == 255
     assert (mask["ground_truth"]["mask_data"][4:] == label[0, 4:].numpy()).all()
