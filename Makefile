@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 DATASET ?= shapes
 STAGE ?= all
 SWEEP ?= dilations
-COUNT ?= 4
+COUNT ?=
 INIT ?=
 ARGS ?=
 # The CLI of the PYTHON make installed into, activated or not.
@@ -58,8 +58,8 @@ else
 	$(DILATEDSEG) fit $(call stage_configs,$(STAGE)) $(if $(INIT),--model.init_from=$(INIT)) $(ARGS)
 endif
 
-sweep:  ## run sweeps/<SWEEP>.yaml locally (no W&B server), COUNT trials
-	$(DILATEDSEG) sweep sweeps/$(SWEEP).yaml --local --count $(COUNT) $(ARGS)
+sweep:  ## run sweeps/<SWEEP>.yaml locally (no W&B server): a whole grid, or COUNT trials
+	$(DILATEDSEG) sweep sweeps/$(SWEEP).yaml --local $(if $(COUNT),--count $(COUNT)) $(ARGS)
 
 # Runs go to runs/report/ (apart from yours); ARGS go to every run, e.g. ARGS=--quick for a smoke test.
 report:  ## reproduce the paper's ablations on DATASET: reports/<dataset>/report.md + figures

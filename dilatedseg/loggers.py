@@ -5,6 +5,7 @@ it; offline when W&B has no account here)."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from dilatedseg.runs import is_global_rank_zero
@@ -25,6 +26,11 @@ def configure_logger(logger, run_dir: Path, dataset: str, stage: str,
         disabled = os.environ.get("WANDB_MODE") == "disabled"  # honoured: nothing logged
         if not args.get("offline") and not wandb_logged_in() and not disabled:
             args.offline = True  # no account or network: log locally, `wandb sync` later
+            if args.get("log_model"):  # WandbLogger refuses it offline
+                args.log_model = False
+                if is_global_rank_zero():
+                    print("W&B logs offline (not logged in): log_model is off, checkpoints stay "
+                          "in the run directory", file=sys.stderr)
     elif name in ("CSVLogger", "TensorBoardLogger"):
         args.save_dir, args.name, args.version = str(attempt or run_dir), "", ""
 

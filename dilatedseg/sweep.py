@@ -13,8 +13,9 @@ shrink trials). Trials log to W&B offline; each trial's metrics come back from i
 trials sorted by the sweep's metric, also written as trials.csv under
 ``<runs_dir>/sweeps/<name>-<time>/`` beside each trial's log.
 
-A context-stage sweep starts from a trained front-end (``init_from: auto``): when none exists,
-the local runner first trains one, as ``make train STAGE=frontend`` would.
+A context-stage sweep starts from a trained front-end (``init_from: auto``): the local runner
+resolves it once, before the first trial (training one first when none exists, as ``make train
+STAGE=frontend`` would), and passes it to every trial as ``--model.init_from``.
 """
 
 from __future__ import annotations
@@ -165,7 +166,10 @@ def parse_trial(argv: list[str]) -> dict | None:
 
     out, err = io.StringIO(), io.StringIO()
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                warnings.catch_warnings():
+            # Lightning warns when args= is given while sys.argv holds the sweep's own arguments.
+            warnings.filterwarnings("ignore", message=".*not recommended to provide both args")
             DilatedSegCLI(args=argv[verb:] + ["--print_config"])
     except SystemExit as exit_:
         if exit_.code not in (0, None):
@@ -196,19 +200,29 @@ def overridden(parsed: dict, params: dict) -> list[str]:
     return names
 
 
+def probes(engine_config) -> list[dict]:
+    """Two sets of parameters in which every swept parameter with more than one value takes two
+    different ones (its 25th and 75th percentiles: two of its values, or two points of its
+    range), so that :func:`overridden` finds an argument that sets it again, whatever it sets."""
+    from sweeps.params import HyperParameterSet
+
+    params = HyperParameterSet.from_config(engine_config["parameters"])
+    return [{param.name: {"value": plain(param.ppf(q))} for param in params} for q in (0.25, 0.75)]
+
+
 # ---- the local runner -------------------------------------------------------------------------
-def ensure_previous_stage(parsed: dict, extra: list[str], out_dir: Path) -> None:
-    """Train the front-end when a trial starts from `init_from: auto` and none exists yet."""
+def ensure_previous_stage(parsed: dict, extra: list[str], out_dir: Path) -> Path | None:
+    """The checkpoint that `init_from: auto` names for the trials (None when they set
+    init_from themselves), after training the front-end when none exists yet."""
     from dilatedseg.cli import import_class, stage_configs
 
     model = parsed.get("model") or {}
     if model.get("init_from") != "auto":
-        return
+        return None
     dataset = import_class(parsed["data"]["class_path"]).name
     runs_dir, stage = parsed.get("runs_dir", "runs"), model.get("stage")
     try:
-        find_previous_checkpoint(runs_dir, dataset, stage)
-        return
+        return find_previous_checkpoint(runs_dir, dataset, stage)
     except RunError as error:
         conf = Path("conf")
         if "frontend" not in PREVIOUS_STAGES.get(stage, ()) or not (
@@ -229,18 +243,27 @@ def ensure_previous_stage(parsed: dict, extra: list[str], out_dir: Path) -> None
     if code != 0:
         raise SweepError(f"training the front-end failed (exit {code}); see {log}:\n"
                          f"{tail(log)}")
+    try:
+        return find_previous_checkpoint(runs_dir, dataset, stage)
+    except RunError as error:
+        raise SweepError(f"the front-end trained but saved no checkpoint: {error}") from None
 
 
-def trial_env(summary_path: Path | None) -> dict[str, str]:
+def trial_env(summary_path: Path | None, sweep_dir: Path | None = None,
+              name: str | None = None) -> dict[str, str]:
+    """A trial's environment: its own run, reporting to summary_path; a sweep's trials form
+    one W&B group (the sweep directory's name), tagged with the sweep's name."""
     env = dict(os.environ)
     env.setdefault("WANDB_MODE", "offline")  # no server: `wandb sync` the runs later
     # Each trial is a run of its own: no inherited run directory, W&B run or SLURM job id
     # (which would name one run directory for every trial of a sweep inside a batch job).
-    for name in (RUN_DIR_ENV, "WANDB_RUN_ID", "WANDB_SWEEP_ID", "WANDB_SWEEP_PARAM_PATH",
+    for variable in (RUN_DIR_ENV, "WANDB_RUN_ID", "WANDB_SWEEP_ID", "WANDB_SWEEP_PARAM_PATH",
                  "SLURM_JOB_ID", "SLURM_NTASKS"):
-        env.pop(name, None)
+        env.pop(variable, None)
     if summary_path is not None:
         env[SUMMARY_PATH_ENV] = str(summary_path)
+    if sweep_dir is not None:  # read by configure_logger (group) and by wandb itself (tags)
+        env["WANDB_RUN_GROUP"], env["WANDB_TAGS"] = sweep_dir.name, name or sweep_dir.name
     return env
 
 
@@ -277,7 +300,8 @@ def run_local(config: dict, name: str, count: int | None, extra: list[str],
         warnings.simplefilter("ignore")
         from sweeps import RunState, SweepConfig, SweepRun, next_run
     if count is None and config["method"] != "grid":
-        raise SweepError(f"a {config['method']} sweep has no natural end: pass --count N")
+        raise SweepError(f"a {config['method']} sweep has no natural end: say how many trials "
+                         f"to run with --count N (make sweep COUNT=N)")
     engine_config = SweepConfig(config)
     metric = (config.get("metric") or {}).get("name")
     goal = (config.get("metric") or {}).get("goal", "minimize")
@@ -285,8 +309,10 @@ def run_local(config: dict, name: str, count: int | None, extra: list[str],
     first = next_run(engine_config, [])
     if first is None:
         raise SweepError("the sweep proposes no trials")
-    parsed = parse_trial(trial_argv(config, first.config, extra))
-    clash = overridden(parsed, first.config) if parsed else []
+    parsed, clash = None, []
+    for probe in probes(engine_config):  # whichever values the proposals will take
+        parsed = parse_trial(trial_argv(config, probe, extra))
+        clash += overridden(parsed, probe) if parsed else []
     if clash:
         raise SweepError(
             f"the arguments after the sweep file set swept parameters again: {'; '.join(clash)}."
@@ -296,8 +322,13 @@ def run_local(config: dict, name: str, count: int | None, extra: list[str],
     out_dir = out_dir or runs_dir / "sweeps" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "sweep.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    if parsed:
-        ensure_previous_stage(parsed, extra, out_dir)
+    # One starting checkpoint for every trial (not each trial's own `auto`, which a front-end
+    # trained meanwhile, by this sweep or another, would change).
+    start_from = ensure_previous_stage(parsed, extra, out_dir) if parsed else None
+    if start_from is not None:
+        print(f"init_from: auto -> {start_from}: every trial starts from it", flush=True)
+        extra = [*extra, f"--model.init_from={start_from}"]
+    init_from = start_from or ((parsed or {}).get("model") or {}).get("init_from")  # trials.csv
 
     runs, rows, proposal, interrupted = [], [], first, False
     while proposal is not None and (count is None or len(rows) < count):
@@ -313,7 +344,7 @@ def run_local(config: dict, name: str, count: int | None, extra: list[str],
               flush=True)
         log, start = out_dir / f"trial-{index:03d}.log", time.time()
         try:
-            code = run_logged(argv, log, trial_env(summary_path))
+            code = run_logged(argv, log, trial_env(summary_path, out_dir, name))
         except KeyboardInterrupt:  # the trial is killed; keep what finished
             print("  interrupted", flush=True)
             interrupted = True
@@ -323,10 +354,17 @@ def run_local(config: dict, name: str, count: int | None, extra: list[str],
         run = SweepRun(name=f"trial-{index:03d}", config=proposal.config, state=state,
                        summary_metrics=summary.get("metrics") or {},
                        history=summary.get("history") or [])
+        logged = {key for row in [run.summary_metrics, *run.history] for key in row}
+        if state == RunState.finished and metric and metric not in logged:
+            shown = ", ".join(sorted(key for key in logged if not key.startswith("_")))
+            raise SweepError(f"trial {index} finished without logging the sweep's metric "
+                             f"'{metric}': correct metric.name in the sweep config; the trial "
+                             f"logged: {shown or 'nothing'} (log {log})")
         runs.append(run)
         score = best_value(run, metric, goal)
         rows.append({"trial": index, "state": state.value, metric or "metric": score,
                      **{k: json.dumps(v) if isinstance(v, list) else v for k, v in values.items()},
+                     **({"init_from": init_from and str(init_from)} if parsed else {}),
                      "seconds": round(time.time() - start, 1), "run": summary.get("run", ""),
                      "log": str(log)})
         if state == RunState.failed:
@@ -339,6 +377,10 @@ def run_local(config: dict, name: str, count: int | None, extra: list[str],
     rows = sort_rows(rows, metric or "metric", goal)
     write_csv(rows, out_dir / "trials.csv")
     print(f"\n{format_rows(rows)}\n\ntrials: {out_dir / 'trials.csv'}")
+    offline = [str(path) for row in rows if row["run"]
+               for path in sorted(Path(row["run"]).glob("wandb/offline-run-*"))]
+    if offline:
+        print(f"upload the trials' offline W&B runs: {shlex.join(['wandb', 'sync', *offline])}")
     if interrupted:
         raise SystemExit(130)
     if rows and all(row["state"] != "finished" for row in rows):
@@ -371,7 +413,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def format_rows(rows: list[dict]) -> str:
-    columns = [c for c in dict.fromkeys(k for row in rows for k in row) if c != "log"]
+    columns = [c for c in dict.fromkeys(k for row in rows for k in row)
+               if c not in ("log", "init_from")]  # printed before the first trial
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join("-" if row.get(c) is None else str(row.get(c))
@@ -409,8 +452,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--count", type=int, default=None,
                         help="number of trials (default: all of a grid; required otherwise "
                              "with --local)")
-    parser.add_argument("--project", default=os.environ.get("WANDB_PROJECT", "dilatedseg"))
-    parser.add_argument("--entity", default=os.environ.get("WANDB_ENTITY"))
+    parser.add_argument("--project", help="W&B project (default: WANDB_PROJECT, else the "
+                        "config's project, else dilatedseg)")
+    parser.add_argument("--entity", help="W&B entity (default: WANDB_ENTITY, else the "
+                        "config's entity, else your default entity)")
     parser.add_argument("--out", default=None,
                         help="--local: folder for logs and trials.csv "
                              "(default <runs_dir>/sweeps/<name>-<time>)")
@@ -422,5 +467,8 @@ def main(argv: list[str]) -> None:
     name = config.get("name") or Path(args.config).stem
     if args.local:
         run_local(config, name, args.count, extra, Path(args.out) if args.out else None)
-    else:
-        run_server(config, args.count, extra, args.project, args.entity)
+    else:  # in the order `wandb sweep` takes them
+        project = (args.project or os.environ.get("WANDB_PROJECT") or config.get("project")
+                   or "dilatedseg")
+        entity = args.entity or os.environ.get("WANDB_ENTITY") or config.get("entity")
+        run_server(config, args.count, extra, project, entity)

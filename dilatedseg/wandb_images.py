@@ -7,7 +7,8 @@ has a WandbLogger, and works on global rank 0 only: the images are the first ``c
 0's share of the validation set, the same ones every epoch (validation is not shuffled), with
 the predictions ``validation_step`` returns (nothing is computed again). Class names come from
 ``pl_module.class_names``, which the CLI links from the data module. With the context stage's
-feature cache, batches carry no image: the masks are shown on a grey canvas.
+feature cache, batches carry logits, not images: the images are read by name from the
+validation dataset the cache was computed from (a grey canvas where there is none).
 """
 
 from __future__ import annotations
@@ -56,11 +57,11 @@ class WandbImages(Callback):
                  for k, v in batch.items()}
         prediction = outputs["prediction"][:wanted]  # validation_step's, not computed again
         labels = batch["label"].cpu().numpy().astype(np.uint8)
+        names = batch.get("name") or [str(len(self.samples) + i) for i in range(len(labels))]
         if "image" in batch:
             images = batch["image"].permute(0, 2, 3, 1).clamp(0, 255).byte().cpu().numpy()
-        else:  # feature-cache batches carry no image: the masks on a grey canvas
-            images = np.full((*labels.shape, 3), 128, np.uint8)
-        names = batch.get("name") or [str(len(self.samples) + i) for i in range(len(images))]
+        else:
+            images = cached_images(trainer, names, labels.shape)
         for image, label, pred, name in zip(images, labels, prediction.cpu().numpy(), names):
             self.samples.append((image, pred.astype(np.uint8), label, str(name)))
 
@@ -69,13 +70,14 @@ class WandbImages(Callback):
         if not self.active(trainer):
             return
         logger = self.wandb_logger(trainer)
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step of val/mIoU & co.
         class_labels = dict(enumerate(pl_module.class_names))
         class_labels[IGNORE_INDEX] = "ignore"
         if self.samples:
             logger.log_image(
                 key=self.key,
                 images=[image for image, *_ in self.samples],
-                step=trainer.global_step,
+                step=step,
                 caption=[name for *_, name in self.samples],
                 masks=[{"prediction": {"mask_data": pred, "class_labels": class_labels},
                         "ground_truth": {"mask_data": label, "class_labels": class_labels}}
@@ -88,5 +90,22 @@ class WandbImages(Callback):
                 value = metrics.get(f"val/IoU/{name}")
                 rows.append([name, None if value is None else round(float(value), 4)])
             logger.log_table(key="val/IoU_table", columns=["class", "IoU"], data=rows,
-                             step=trainer.global_step)
+                             step=step)
         self.samples = []
+
+
+def cached_images(trainer, names: list[str], shape: tuple[int, ...]) -> np.ndarray:
+    """The images of a feature-cache batch (logits, no images), read by name from the dataset
+    the validation cache was computed from, at the top left of the (padded) label's shape;
+    a grey canvas where there is none."""
+    images = np.full((*shape, 3), 128, np.uint8)
+    datasets = getattr(getattr(trainer, "datamodule", None), "datasets", None) or {}
+    source = getattr(datasets.get("val"), "source", None)
+    if source is None:
+        return images
+    index = {source.name(i): i for i in range(len(source))}
+    for canvas, name in zip(images, names):
+        if name in index:
+            image = source.load(index[name])[0]
+            canvas[:image.shape[0], :image.shape[1]] = image[:canvas.shape[0], :canvas.shape[1]]
+    return images

@@ -46,6 +46,9 @@ def test_sweep_config_is_valid_and_its_trials_parse(path, monkeypatch):
     config = load_sweep(path)
     assert sweeps.schema_violations_from_proposed_config(config) == []
     assert config["metric"] == {"name": "val/mIoU", "goal": "maximize"}
+    # Inside a sweep W&B files runs under the sweep's project, not wandb.init's.
+    base = yaml.safe_load((REPO / "conf/base.yaml").read_text())
+    assert config["project"] == base["trainer"]["logger"]["init_args"]["project"]
     assert "${args}" in config["command"]
     trials = proposals(config, limit=3 if config["method"] == "bayes" else 8)
     assert trials
@@ -70,6 +73,14 @@ def test_dilation_sweep_covers_the_paper_and_the_presets():
     argv = trial_argv(load_sweep(REPO / "sweeps/dilations.yaml"),
                       {"model.dilations": {"value": [1, 1, 2]}})
     assert "--model.dilations=[1, 1, 2]" in argv  # the agent's rendering of a list
+
+
+def test_dilation_sweep_changes_only_the_schedule(monkeypatch):
+    """upsample: auto would switch the Dilation10 trial to deconv upsampling."""
+    monkeypatch.chdir(REPO)
+    config = load_sweep("sweeps/dilations.yaml")
+    parsed = parse_trial(trial_argv(config, {"model.dilations": {"value": "dilation10"}}))
+    assert parsed["model"]["upsample"] == "bilinear"
 
 
 def test_argv_is_what_wandb_agent_builds():
@@ -127,6 +138,73 @@ def test_without_local_error_message(monkeypatch, capsys):
     assert "wandb login" in capsys.readouterr().err
 
 
+def test_server_sweep_goes_to_the_configs_project(tmp_path, monkeypatch):
+    """As `wandb sweep`: --project, else WANDB_PROJECT, else the config's project."""
+    import wandb
+
+    import dilatedseg.loggers
+    from dilatedseg.sweep import main
+
+    calls = []
+    monkeypatch.setattr(dilatedseg.loggers, "wandb_logged_in", lambda: True)
+    monkeypatch.setattr(wandb, "sweep", lambda config, **kw: calls.append(kw) or "abc123")
+    monkeypatch.setattr(wandb, "agent", lambda *args, **kw: None)
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    monkeypatch.delenv("WANDB_ENTITY", raising=False)
+    sweep = write_sweep(tmp_path / "s.yaml", project="elsewhere", entity="team",
+                        method="grid", parameters={"x": {"values": [1, 2]}},
+                        command=["dilatedseg", "fit", "${args}"])
+    main([str(sweep)])
+    main([str(sweep), "--project", "mine"])
+    assert calls == [{"project": "elsewhere", "entity": "team"},
+                     {"project": "mine", "entity": "team"}]
+
+
+def test_trials_form_a_wandb_group_and_the_sync_command_is_printed(tmp_path, monkeypatch,
+                                                                  capsys):
+    import dilatedseg.sweep as sweep
+
+    envs = []
+
+    def trial(argv, log, env):  # a trial whose W&B run logged offline
+        envs.append(env)
+        run = tmp_path / f"run{len(envs)}"
+        (run / "wandb" / "offline-run-x").mkdir(parents=True)
+        summary = {"run": str(run), "metrics": {"val/mIoU": 1.0}, "history": []}
+        Path(env["DILATEDSEG_SUMMARY_PATH"]).write_text(json.dumps(summary))
+        return 0
+
+    monkeypatch.setattr(sweep, "run_logged", trial)
+    config = {"method": "grid", "program": "x.py", "metric": {"name": "val/mIoU"},
+              "parameters": {"x": {"values": [1, 2]}}}
+    sweep.run_local(config, "toy", None, [], tmp_path / "toy-20250101")
+    assert [(env["WANDB_RUN_GROUP"], env["WANDB_TAGS"]) for env in envs] == [
+        ("toy-20250101", "toy")] * 2
+    out = capsys.readouterr().out
+    assert (f"wandb sync {tmp_path}/run1/wandb/offline-run-x "
+            f"{tmp_path}/run2/wandb/offline-run-x") in out
+
+
+def test_make_sweep_runs_a_whole_grid_unless_count_is_given():
+    import subprocess
+
+    def make(*options):
+        done = subprocess.run(["make", "-n", "sweep", *options], cwd=REPO, capture_output=True,
+                              text=True, check=True)
+        return done.stdout
+
+    assert "--count" not in make("SWEEP=context_variant")
+    assert "--local --count 3 --x=1" in make("SWEEP=lr_bayes", "COUNT=3", "ARGS=--x=1")
+
+
+def test_bayes_without_count_asks_for_one(monkeypatch):
+    from dilatedseg.sweep import run_local
+
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SweepError, match=r"--count N \(make sweep COUNT=N\)"):
+        run_local(load_sweep("sweeps/lr_bayes.yaml"), "lr_bayes", None, [])
+
+
 OBJECTIVE = """\
 import json, os, sys
 x = float(sys.argv[1].split("=", 1)[1])
@@ -167,20 +245,60 @@ def test_missing_front_end_is_trained_first(tmp_path, monkeypatch):
 
     monkeypatch.chdir(REPO)
     calls = []
-    monkeypatch.setattr(sweep, "run_logged", lambda argv, log, env: calls.append(argv) or 0)
     runs = tmp_path / "runs"
+
+    def train(argv, log, env):  # as the front-end's fit would, it saves a best checkpoint
+        calls.append(argv)
+        return 0 if save_checkpoint(runs / "shapes/frontend/version_0") else 1
+
+    monkeypatch.setattr(sweep, "run_logged", train)
     # runs_dir and the data root as the trials see them (here fixed by the sweep's command,
     # not by the extra arguments), then the extra arguments, which win.
     parsed = {"runs_dir": str(runs), "data": {"class_path": "dilatedseg.data.ShapesDataModule",
                                               "init_args": {"root": "elsewhere/shapes"}},
               "model": {"stage": "context", "init_from": "auto"}}
-    sweep.ensure_previous_stage(parsed, ["--trainer.max_epochs=1"], tmp_path)
+    start = sweep.ensure_previous_stage(parsed, ["--trainer.max_epochs=1"], tmp_path)
+    assert start == runs / "shapes/frontend/version_0/checkpoints/best.ckpt"
     assert calls == [["dilatedseg", "fit", "--config", "conf/shapes.yaml", "--config",
                       "conf/stage/frontend.yaml", f"--runs_dir={runs}",
                       "--data.init_args.root=elsewhere/shapes", "--trainer.max_epochs=1"]]
     parsed["model"]["init_from"] = "some.ckpt"  # named weights: nothing to train
-    sweep.ensure_previous_stage(parsed, [], tmp_path)
+    assert sweep.ensure_previous_stage(parsed, [], tmp_path) is None
     assert len(calls) == 1
+
+
+def save_checkpoint(run_dir: Path) -> Path:
+    path = run_dir / "checkpoints" / "best.ckpt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("weights")
+    return path
+
+
+def test_every_trial_starts_from_the_front_end_found_at_sweep_start(tmp_path, monkeypatch):
+    """init_from: auto is resolved once: a front-end trained during the sweep (by it or by
+    another) does not change what later trials start from; trials.csv records it."""
+    import dilatedseg.sweep as sweep
+
+    monkeypatch.chdir(REPO)
+    runs = tmp_path / "runs"
+    first = save_checkpoint(runs / "shapes/frontend/version_0")
+    calls = []
+
+    def trial(argv, log, env):
+        calls.append(argv)
+        save_checkpoint(runs / f"shapes/frontend/version_{len(calls)}")  # a newer front-end
+        summary = {"run": "r", "metrics": {"val/mIoU": 50.0}, "history": []}
+        Path(env["DILATEDSEG_SUMMARY_PATH"]).write_text(json.dumps(summary))
+        return 0
+
+    monkeypatch.setattr(sweep, "run_logged", trial)
+    rows = sweep.run_local(load_sweep("sweeps/dilations.yaml"), "dilations", 2,
+                           [f"--runs_dir={runs}"], tmp_path / "out")
+    assert len(calls) == 2
+    assert all(argv[-1] == f"--model.init_from={first}" for argv in calls)
+    assert [row["init_from"] for row in rows] == [str(first)] * 2
+    with open(tmp_path / "out" / "trials.csv") as stream:
+        assert [row["init_from"] for row in csv.DictReader(stream)] == [str(first)] * 2
 
 
 def test_local_grid_sweep_end_to_end(tiny_shapes, tmp_path, monkeypatch):
@@ -241,3 +359,47 @@ def test_extra_arguments_that_override_a_swept_parameter_are_refused(tmp_path, m
         run_local(config, "lr", 1, ["--config", "conf/shapes/context.yaml",
                                     f"--runs_dir={tmp_path}"], tmp_path / "out")
     assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_parse_errors_carry_no_lightning_args_warning(monkeypatch):
+    """Under `dilatedseg sweep ...` sys.argv holds the sweep's arguments: Lightning's warning
+    about args= and command-line arguments together is not part of the error."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["dilatedseg", "sweep", "sweeps/dilations.yaml"])
+    with warnings.catch_warnings(record=True) as shown, pytest.raises(SweepError) as error:
+        warnings.simplefilter("always")  # outside pytest, a warning prints into the error
+        parse_trial(["dilatedseg", "fit", "--config", "conf/shapes.yaml", "--model.bogus=1"])
+    assert "--model.bogus=1" in str(error.value)
+    assert not [w for w in shown if "not recommended" in str(w.message)]
+
+
+def test_a_clash_is_refused_even_when_the_first_proposal_has_the_same_value(tmp_path,
+                                                                            monkeypatch):
+    """context_variant's first trial proposes lr 0.01: --model.lr=0.01 would pass a check of
+    that trial alone, then run 0.01 where the next trials propose 0.001."""
+    import dilatedseg.sweep as sweep
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sweep, "run_logged", lambda *args: pytest.fail("nothing may run"))
+    config = load_sweep("sweeps/context_variant.yaml")
+    assert proposals(config, limit=1)[0]["model.lr"]["value"] == 0.01
+    with pytest.raises(SweepError, match=r"set swept parameters again: model.lr \(proposed "
+                                         r"0.001, would run 0.01\)"):
+        sweep.run_local(config, "cv", None, ["--model.lr=0.01", f"--runs_dir={tmp_path}"],
+                  tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_a_misspelt_metric_stops_after_the_first_trial(tmp_path):
+    """Not a table of None: one error naming the metrics the trial did log."""
+    from dilatedseg.sweep import run_local
+
+    program = tmp_path / "objective.py"
+    program.write_text(OBJECTIVE)
+    config = {"method": "grid", "program": str(program),
+              "parameters": {"x": {"values": [0.1, 0.2]}},
+              "metric": {"name": "val/miou", "goal": "maximize"}}
+    with pytest.raises(SweepError, match=r"trial 0 finished without logging the sweep's metric "
+                                         r"'val/miou': correct metric.name .* logged: val/mIoU"):
+        run_local(config, "toy", None, [], tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out").glob("*.log")] == ["trial-000.log"]

@@ -7,6 +7,7 @@ import json
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO, run_cli, shapes_args
 
@@ -106,6 +107,8 @@ def test_offline_run_holds_config_metrics_images_and_table(wandb_run):
         assert (files / mask["path"]).is_file()
 
     [table_row] = [r for r in rows if "val/IoU_table/path" in r]
+    step = metrics[0]["trainer/global_step"]  # all at the step of the validation's metrics
+    assert images["trainer/global_step"] == table_row["trainer/global_step"] == step
     table = json.loads((files / table_row["val/IoU_table/path"]).read_text())
     assert table["columns"] == ["class", "IoU"]
     assert [row[0] for row in table["data"]] == [
@@ -141,6 +144,23 @@ def test_configure_logger_offline_and_agent_ids(tmp_path, monkeypatch):
     assert (tmp_path / "other" / "wandb_id.txt").read_text() == "agentrun123"
 
 
+def test_offline_turns_log_model_off(tmp_path, monkeypatch, capsys):
+    """WandbLogger refuses log_model offline (advising offline=False): forced offline, the
+    run logs no model and says so, in one line."""
+    from jsonargparse import Namespace
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = Namespace(class_path="lightning.pytorch.loggers.WandbLogger",
+                       init_args=Namespace(offline=False, log_model=True, project="p"))
+    configure_logger(logger, tmp_path, "shapes", "context")
+    assert logger.init_args.offline is True and logger.init_args.log_model is False
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "W&B logs offline (not logged in): log_model is off, checkpoints stay in the run "
+        "directory"]
+    WandbLogger(**logger.init_args.as_dict())  # accepted
+
+
 def test_wandb_mode_disabled_is_left_alone(tmp_path, monkeypatch):
     """offline=True would make Lightning set WANDB_MODE=dryrun over the user's 'disabled'."""
     from jsonargparse import Namespace
@@ -171,6 +191,19 @@ def test_images_callback_is_configurable():
         WandbImages(count=-1)
 
 
+class Source:
+    """A validation dataset (name / load by index), as the feature cache's source."""
+
+    def __len__(self) -> int:
+        return 3
+
+    def name(self, index: int) -> str:
+        return f"x{index}"
+
+    def load(self, index: int):
+        return np.full((60, 50, 3), 10 * index + 5, np.uint8), None
+
+
 @pytest.mark.parametrize("cached", [False, True], ids=["images", "feature-cache"])
 def test_images_callback_logs_masks_and_table_on_rank_zero(cached):
     """Stub trainer / logger: what the callback hands to WandbLogger, with and without images."""
@@ -180,6 +213,7 @@ def test_images_callback_logs_masks_and_table_on_rank_zero(cached):
     import torch
     from lightning.pytorch.loggers import WandbLogger
 
+    from dilatedseg.features import CachedLogitsDataset
     from dilatedseg.module import SegmentationModule
     from dilatedseg.wandb_images import WandbImages
 
@@ -195,7 +229,11 @@ def test_images_callback_logs_masks_and_table_on_rank_zero(cached):
         batch["image"] = torch.rand(3, 3, 64, 64) * 255
     logger = mock.MagicMock(spec=WandbLogger)
     trainer = SimpleNamespace(is_global_zero=True, sanity_checking=False, loggers=[logger],
-                              global_step=7, callback_metrics={"val/IoU/a": torch.tensor(12.5)})
+                              global_step=7, callback_metrics={"val/IoU/a": torch.tensor(12.5)},
+                              fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(
+                                  _batches_that_stepped=6)))  # Lightning logs val/* at 6
+    if cached:  # the images come from the dataset the validation cache was computed from
+        trainer.datamodule = SimpleNamespace(datasets={"val": CachedLogitsDataset(Source())})
     callback = WandbImages(count=2)
     callback.on_validation_start(trainer, module)
     module.log = lambda *args, **kwargs: None  # no trainer to log val/loss to
@@ -206,9 +244,12 @@ def test_images_callback_logs_masks_and_table_on_rank_zero(cached):
     callback.on_validation_end(trainer, module)
 
     kwargs = logger.log_image.call_args.kwargs
-    assert kwargs["key"] == "val/examples" and kwargs["step"] == 7
+    assert kwargs["key"] == "val/examples" and kwargs["step"] == 6
     assert kwargs["caption"] == ["x0", "x1"] and len(kwargs["images"]) == 2
     assert kwargs["images"][0].shape == (64, 64, 3) and kwargs["images"][0].dtype.name == "uint8"
+    if cached:  # image x1 (60 x 50 px) at the top left of the label's (padded) extent
+        image = kwargs["images"][1]
+        assert (image[:60, :50] == 15).all() and (image[60:] == 128).all()
     mask = kwargs["masks"][0]
     assert mask["ground_truth"]["mask_data"][0, 0] == 255
     assert (mask["ground_truth"]["mask_data"][4:] == label[0, 4:].numpy()).all()
@@ -216,6 +257,7 @@ def test_images_callback_logs_masks_and_table_on_rank_zero(cached):
     assert mask["prediction"]["class_labels"] == {0: "bg", 1: "a", 2: "b", 3: "c", 255: "ignore"}
     table = logger.log_table.call_args.kwargs
     assert table["key"] == "val/IoU_table" and table["columns"] == ["class", "IoU"]
+    assert table["step"] == 6
     assert table["data"] == [["bg", None], ["a", 12.5], ["b", None], ["c", None]]
 
     logger.reset_mock()  # other ranks and the sanity check log nothing
