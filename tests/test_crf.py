@@ -142,6 +142,25 @@ def test_trainable_update_is_crf_rnn():
     torch.testing.assert_close(out[0].reshape(3, -1), expected)
 
 
+def test_loads_checkpoints_with_scalar_kernel_weights():
+    """A CRF-RNN saved with scalar kernel weights w loads them as w * I, same outputs."""
+    logits, image, _ = blob_scene(16, 20, classes=3)
+    compat = -torch.eye(3) + 0.2 * torch.randn(3, 3, generator=torch.Generator().manual_seed(1))
+    old = {"spatial_weight": torch.tensor(2.5), "bilateral_weight": torch.tensor(4.0),
+           "compatibility": compat}
+    crf = DenseCRF(3, iterations=2, trainable=True).train()
+    crf.load_state_dict(old)
+    torch.testing.assert_close(crf.spatial_weight.detach(), 2.5 * torch.eye(3))
+    torch.testing.assert_close(crf.bilateral_weight.detach(), 4.0 * torch.eye(3))
+    expected = scalar_mean_field(crf, logits, image, 2.5, 4.0, compat, 2)
+    assert torch.equal(crf(logits, image).detach(), expected)
+    # nested, as in a LightningModule's checkpoint, and in float64
+    model = torch.nn.Sequential(DenseCRF(3, trainable=True)).double()
+    model.load_state_dict({f"0.{k}": v.double() for k, v in old.items()})
+    assert model[0].spatial_weight.dtype == torch.float64
+    torch.testing.assert_close(model[0].bilateral_weight.detach(), 4.0 * torch.eye(3).double())
+
+
 def test_frozen_trainable_crf_runs():
     logits, image, _ = two_regions(10, 12)
     crf = DenseCRF(2, trainable=True).eval()
