@@ -85,14 +85,88 @@ def test_bad_input_raises():
 def test_trainable_parameters_get_gradients():
     logits, image, labels = two_regions(12, 16)
     logits.requires_grad_(True)
-    crf = DenseCRF(2, iterations=3, trainable=True).train()
+    crf = DenseCRF(2, iterations=3, trainable=True, spatial_weight=2.0).train()
     names = {name for name, _ in crf.named_parameters()}
     assert names == {"spatial_weight", "bilateral_weight", "compatibility"}
+    # CRF-RNN's C x C kernel weights, initialised to w * I
+    torch.testing.assert_close(crf.spatial_weight.detach(), 2.0 * torch.eye(2))
+    torch.testing.assert_close(crf.bilateral_weight.detach(), 5.0 * torch.eye(2))
     loss = F.cross_entropy(crf(logits, image), labels)
     loss.backward()
     for p in [logits, *crf.parameters()]:
         assert p.grad is not None and torch.isfinite(p.grad).all()
         assert p.grad.abs().sum() > 0
+    off_diagonal = ~torch.eye(2, dtype=torch.bool)
+    assert (crf.spatial_weight.grad[off_diagonal] != 0).all()
+    assert (crf.bilateral_weight.grad[off_diagonal] != 0).all()
+
+
+def scalar_mean_field(crf, logits, image, ws, wb, compat, iterations):
+    """The trainable CRF's update before its kernel weights became matrices (batch of one)."""
+    c, h, w = logits.shape[1:]
+    unary = logits[0].reshape(c, h * w).t().contiguous()
+    spatial, bilateral = crf.lattices(image[0])
+    ms, mb = -ws * compat.t(), -wb * compat.t()
+    x = unary
+    for _ in range(iterations):
+        q = torch.softmax(x, 1)
+        x = torch.addmm(unary, spatial.filter(q, normalize=True), ms).addmm_(
+            bilateral.filter(q, normalize=True), mb)
+    return x.t().reshape(1, c, h, w)
+
+
+def test_trainable_crf_at_initialisation_is_the_scalar_crf():
+    logits, image, _ = blob_scene(20, 30, classes=4)
+    crf = DenseCRF(4, iterations=3, trainable=True, spatial_weight=2.5).train()
+    expected = scalar_mean_field(crf, logits, image, 2.5, 5.0, -torch.eye(4), 3)
+    assert torch.equal(crf(logits, image).detach(), expected)
+
+
+def test_trainable_update_is_crf_rnn():
+    """logits <- U - mu (W_s K_s Q + W_b K_b Q) with (C, C) matrices (crfasrnn's
+    MeanfieldIteration: kernel weights, then compatibility, subtracted from the unary)."""
+    torch.manual_seed(0)
+    logits, image, _ = blob_scene(12, 16, classes=3)
+    crf = DenseCRF(3, iterations=1, trainable=True).train()
+    ws, wb, mu = torch.randn(3, 3), torch.randn(3, 3), torch.randn(3, 3)
+    with torch.no_grad():
+        crf.spatial_weight.copy_(ws)
+        crf.bilateral_weight.copy_(wb)
+        crf.compatibility.copy_(mu)
+        out = crf(logits, image)
+    spatial, bilateral = crf.lattices(image[0])
+    q = torch.softmax(logits[0].reshape(3, -1), 0)
+    ks_q = spatial.filter(q.t().contiguous(), normalize=True).t()
+    kb_q = bilateral.filter(q.t().contiguous(), normalize=True).t()
+    expected = logits[0].reshape(3, -1) - mu @ (ws @ ks_q + wb @ kb_q)
+    torch.testing.assert_close(out[0].reshape(3, -1), expected)
+
+
+def test_loads_checkpoints_with_scalar_kernel_weights():
+    """A CRF-RNN saved with scalar kernel weights w loads them as w * I, same outputs."""
+    logits, image, _ = blob_scene(16, 20, classes=3)
+    compat = -torch.eye(3) + 0.2 * torch.randn(3, 3, generator=torch.Generator().manual_seed(1))
+    old = {"spatial_weight": torch.tensor(2.5), "bilateral_weight": torch.tensor(4.0),
+           "compatibility": compat}
+    crf = DenseCRF(3, iterations=2, trainable=True).train()
+    crf.load_state_dict(old)
+    torch.testing.assert_close(crf.spatial_weight.detach(), 2.5 * torch.eye(3))
+    torch.testing.assert_close(crf.bilateral_weight.detach(), 4.0 * torch.eye(3))
+    expected = scalar_mean_field(crf, logits, image, 2.5, 4.0, compat, 2)
+    assert torch.equal(crf(logits, image).detach(), expected)
+    # nested, as in a LightningModule's checkpoint, and in float64
+    model = torch.nn.Sequential(DenseCRF(3, trainable=True)).double()
+    model.load_state_dict({f"0.{k}": v.double() for k, v in old.items()})
+    assert model[0].spatial_weight.dtype == torch.float64
+    torch.testing.assert_close(model[0].bilateral_weight.detach(), 4.0 * torch.eye(3).double())
+
+
+def test_frozen_trainable_crf_runs():
+    logits, image, _ = two_regions(10, 12)
+    crf = DenseCRF(2, trainable=True).eval()
+    expected = crf(logits, image).detach()
+    crf.requires_grad_(False)
+    torch.testing.assert_close(crf(logits, image), expected)
 
 
 def test_fixed_potts_shortcut_matches_general_path():
@@ -115,12 +189,14 @@ def test_fixed_crf_has_no_parameters_but_moves_with_module():
 
 def test_gradcheck_through_mean_field():
     torch.manual_seed(0)
-    logits = torch.randn(1, 2, 4, 5, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(1, 3, 4, 5, dtype=torch.float64, requires_grad=True)
     image = (torch.rand(1, 3, 4, 5) * 255).round().double()
-    crf = DenseCRF(2, iterations=2, trainable=True, theta_alpha=3.0, theta_beta=30.0).double()
+    crf = DenseCRF(3, iterations=2, trainable=True, theta_alpha=3.0, theta_beta=30.0).double()
     assert torch.autograd.gradcheck(lambda u: crf(u, image), (logits,))
+    # w.r.t. the (C, C) kernel weights and compatibility, away from their diagonal start
     names = ("spatial_weight", "bilateral_weight", "compatibility")
-    params = tuple(getattr(crf, n).detach().clone().requires_grad_(True) for n in names)
+    params = tuple((getattr(crf, n).detach() + 0.3 * torch.randn(3, 3, dtype=torch.float64))
+                   .requires_grad_(True) for n in names)
 
     def with_params(*values):
         return torch.func.functional_call(crf, dict(zip(names, values)), (logits.detach(), image))

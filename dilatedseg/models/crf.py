@@ -6,8 +6,10 @@ mean-field iterations unrolled as layers with gradients to the logits and the CR
 
 Conventions (those of both reference implementations): the kernels include the self-term, each
 is normalised by its response to a constant image, and with compatibility matrix mu one
-iteration is  logits <- U - mu @ (w_s * K_s Q + w_b * K_b Q),  Q = softmax(logits). The Potts
-model is mu = -I, so a positive weight pulls a pixel towards the labels of similar pixels.
+iteration is  logits <- U - mu @ (W_s K_s Q + W_b K_b Q),  Q = softmax(logits), with (C, C)
+kernel weights W_s, W_b (CRF-RNN's spatial_ker_weights and bilateral_ker_weights, learned from
+w_s * I and w_b * I) or scalars w_s, w_b (the fixed CRF). The Potts model is mu = -I, so a
+positive weight pulls a pixel towards the labels of similar pixels.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ class DenseCRF(nn.Module):
     (B, C, H, W), the unnormalised log-marginals of the last iteration. Kernel widths are in
     pixels of the given image (theta_alpha, theta_beta: bilateral position and colour widths;
     theta_gamma: spatial width). `iterations` are used in training mode, `test_iterations` in
-    eval mode. With `trainable=True` the kernel weights and the C x C compatibility matrix are
-    parameters (CRF-RNN); otherwise they are buffers.
+    eval mode. With `trainable=True` the C x C kernel weights (initialised to spatial_weight * I
+    and bilateral_weight * I) and the C x C compatibility matrix are parameters (CRF-RNN);
+    otherwise the kernel weights are scalars and all three are buffers.
     """
 
     def __init__(
@@ -70,9 +73,13 @@ class DenseCRF(nn.Module):
                     f"compatibility must be ({num_classes}, {num_classes}), "
                     f"got {tuple(compat.shape)}"
                 )
+
+        def kernel_weight(w: float) -> Tensor:  # CRF-RNN learns a C x C matrix from w * I
+            return float(w) * torch.eye(num_classes) if trainable else torch.tensor(float(w))
+
         weights = {
-            "spatial_weight": torch.tensor(float(spatial_weight)),
-            "bilateral_weight": torch.tensor(float(bilateral_weight)),
+            "spatial_weight": kernel_weight(spatial_weight),
+            "bilateral_weight": kernel_weight(bilateral_weight),
             "compatibility": compat,
         }
         for name, value in weights.items():
@@ -80,6 +87,15 @@ class DenseCRF(nn.Module):
                 self.register_parameter(name, nn.Parameter(value))
             else:  # fixed: set by the constructor's arguments, not saved in checkpoints
                 self.register_buffer(name, value, persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the kernel weights became matrices hold scalars w: w * I.
+        for name in ("spatial_weight", "bilateral_weight"):
+            value = state_dict.get(prefix + name)
+            if self.trainable and value is not None and value.dim() == 0:
+                state_dict[prefix + name] = value * torch.eye(
+                    self.num_classes, dtype=value.dtype, device=value.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (
@@ -147,12 +163,17 @@ class DenseCRF(nn.Module):
         return PermutohedralLattice(spatial), PermutohedralLattice(bilateral)
 
     def _fixed_potts(self) -> bool:
-        """Potts compatibility and weights that need no gradient (post-processing)."""
+        """Potts compatibility and scalar weights that need no gradient (post-processing)."""
         params = (self.spatial_weight, self.bilateral_weight, self.compatibility)
-        if any(p.requires_grad for p in params):
+        if self.trainable or any(p.requires_grad for p in params):
             return False
         potts = -torch.eye(self.num_classes, dtype=params[2].dtype, device=params[2].device)
         return torch.equal(self.compatibility, potts)
+
+    def _message_matrix(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
+        """-(mu W)^T for a (C, C) kernel weight W, or -(w mu)^T for a scalar w."""
+        mu, weight = self.compatibility.to(dtype), weight.to(dtype)
+        return -(mu @ weight if weight.dim() else weight * mu).t()
 
     def _mean_field(self, logits: Tensor, image: Tensor, iterations: int) -> Tensor:
         c, h, w = logits.shape
@@ -167,10 +188,10 @@ class DenseCRF(nn.Module):
             def update(fs: Tensor, fb: Tensor) -> Tensor:
                 return torch.add(unary, fs, alpha=ws).add_(fb, alpha=wb)
         else:
-            # U - mu (w_s K_s Q + w_b K_b Q) as two fused multiply-adds with (C, C) matrices.
-            compat_t = self.compatibility.to(unary.dtype).t()
-            ms = -self.spatial_weight.to(unary.dtype) * compat_t
-            mb = -self.bilateral_weight.to(unary.dtype) * compat_t
+            # U - mu (W_s K_s Q + W_b K_b Q) as two fused multiply-adds; the rows here are
+            # pixels, so each kernel's (C, C) matrix is -(mu W)^T.
+            ms = self._message_matrix(self.spatial_weight, unary.dtype)
+            mb = self._message_matrix(self.bilateral_weight, unary.dtype)
 
             def update(fs: Tensor, fb: Tensor) -> Tensor:
                 return torch.addmm(unary, fs, ms).addmm_(fb, mb)
