@@ -248,7 +248,9 @@ class SegmentationModule(L.LightningModule):
         checkpoint = read_checkpoint(path)
         source = checkpoint.get("state_dict", checkpoint)
         own = self.state_dict()
-        matched = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+        # (a CRF-RNN's scalar kernel weights, from before they became C x C, load as w * I)
+        matched = {k: v for k, v in source.items() if k in own and (
+            own[k].shape == v.shape or (k.startswith("model.crf.") and v.dim() == 0))}
         missing_frontend = [k for k in own if k.startswith("model.frontend.") and k not in matched]
         if missing_frontend:
             raise RunError(

@@ -161,6 +161,20 @@ def test_loads_checkpoints_with_scalar_kernel_weights():
     torch.testing.assert_close(model[0].bilateral_weight.detach(), 4.0 * torch.eye(3).double())
 
 
+def test_init_from_an_old_crf_checkpoint_keeps_its_kernel_weights(tmp_path):
+    from dilatedseg.module import SegmentationModule
+
+    def crf_stage():
+        return SegmentationModule(3, stage="crf", arch="tiny", padding="same", crf="rnn")
+
+    state = crf_stage().state_dict()
+    state["model.crf.spatial_weight"] = torch.tensor(2.5)  # saved before they became C x C
+    torch.save({"state_dict": state}, tmp_path / "old.ckpt")
+    module = crf_stage()
+    module.load_weights(str(tmp_path / "old.ckpt"))
+    torch.testing.assert_close(module.model.crf.spatial_weight.detach(), 2.5 * torch.eye(3))
+
+
 def test_frozen_trainable_crf_runs():
     logits, image, _ = two_regions(10, 12)
     crf = DenseCRF(2, trainable=True).eval()
