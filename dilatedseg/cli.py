@@ -29,6 +29,7 @@ from lightning.pytorch.cli import (
 )
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from wandb.errors import CommError
 
 from dilatedseg.checkpoints import check_classes, check_resume_dir, checkpoint_hparams
 from dilatedseg.data import SegmentationDataModule
@@ -381,6 +382,12 @@ def main(argv: list[str] | None = None) -> None:
     except (DataError, RunError) as error:
         discard_unused_run_dirs()
         sys.stderr.write(f"error: {clean_message(error)}\n")
+        raise SystemExit(2) from None
+    except CommError as error:  # logged in to W&B, but its server cannot be reached
+        discard_unused_run_dirs()
+        sys.stderr.write(f"error: W&B server unreachable ({clean_message(error)}). On a machine "
+                         "without network (a cluster's compute nodes) export WANDB_MODE=offline "
+                         "and `wandb sync` the run later from one with network\n")
         raise SystemExit(2) from None
 
 

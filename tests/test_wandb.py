@@ -117,6 +117,30 @@ def test_offline_run_holds_config_metrics_images_and_table(wandb_run):
     assert background == pytest.approx(metrics[0]["val/IoU/background"], abs=1e-3)
 
 
+def test_unreachable_wandb_server_is_one_clear_error(tiny_shapes, tmp_path, monkeypatch,
+                                                    capsys):
+    """Logged in on a compute node without network: wandb gives up after ~90 s with a
+    CommError traceback; the run stops with one line naming WANDB_MODE=offline."""
+    import functools
+
+    import wandb
+    from wandb.errors import CommError
+
+    @functools.wraps(wandb.init)  # (the CLI reads the logger's options from its signature)
+    def unreachable(*args, **kwargs):
+        raise CommError("Timed out while retrying")
+
+    monkeypatch.setattr(wandb, "init", unreachable)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        run_fit(wandb_args(tiny_shapes, tmp_path / "runs", "--trainer.max_epochs=1"),
+                monkeypatch)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: W&B server unreachable (Timed out while retrying)" in err
+    assert "export WANDB_MODE=offline" in err and "Traceback" not in err
+
+
 def test_resume_continues_the_same_run(wandb_run):
     run_dir, [first] = wandb_run
     assert [p.name for p in (run_dir.parent).iterdir()] == [run_dir.name]  # no new version
