@@ -174,6 +174,7 @@ class SegmentationModule(L.LightningModule):
         self.test_confusion = ConfusionMatrix(num_classes, IGNORE_INDEX)
         # Weighted by images and summed over processes: exact under DDP with uneven shares.
         self.val_loss = MeanMetric()
+        self.class_iou: dict[str, list[float]] = {}  # see log_iou
         # The checkpoint a run resumes or evaluates (the CLI sets it from --ckpt_path): its
         # weights are the starting ones, see load_initial_weights.
         self.checkpoint_path: str | None = None
@@ -375,7 +376,12 @@ class SegmentationModule(L.LightningModule):
     def log_iou(self, prefix: str, confusion: ConfusionMatrix) -> None:
         matrix = confusion.compute()  # summed over processes under DDP
         self.log(f"{prefix}/mIoU", mean_iou(matrix).float() * 100, prog_bar=True)
-        for name, iou in zip(self.class_names, iou_from_confusion(matrix).tolist()):
+        ious = iou_from_confusion(matrix).tolist()
+        # This evaluation's IoU per class in % (NaN: absent), e.g. for the W&B table; the
+        # trainer's callback_metrics would still hold an earlier epoch's value for a class
+        # absent from this one.
+        self.class_iou[prefix] = [iou * 100 for iou in ious]
+        for name, iou in zip(self.class_names, ious):
             if iou == iou:  # skip classes absent from ground truth and prediction
                 self.log(f"{prefix}/IoU/{name}", iou * 100)
         if self.hparams.get("categories"):

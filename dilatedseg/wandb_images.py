@@ -66,7 +66,7 @@ class WandbImages(Callback):
             self.samples.append((image, pred.astype(np.uint8), label, str(name)))
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        # After the epoch's metrics are computed: callback_metrics hold this epoch's IoUs.
+        # After the epoch's metrics are computed: pl_module.class_iou holds this epoch's IoUs.
         if not self.active(trainer):
             return
         logger = self.wandb_logger(trainer)
@@ -84,11 +84,9 @@ class WandbImages(Callback):
                        for _, pred, label, _ in self.samples],
             )
         if self.table:
-            metrics = trainer.callback_metrics  # the validation's per-class IoU, whatever key
-            rows = []
-            for name in pl_module.class_names:
-                value = metrics.get(f"val/IoU/{name}")
-                rows.append([name, None if value is None else round(float(value), 4)])
+            ious = getattr(pl_module, "class_iou", {}).get("val", [])
+            rows = [[name, round(iou, 4) if iou == iou else None]  # (NaN: absent)
+                    for name, iou in zip(pl_module.class_names, ious)]
             logger.log_table(key="val/IoU_table", columns=["class", "IoU"], data=rows,
                              step=step)
         self.samples = []
