@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -38,6 +39,8 @@ class Row:
     tflops: float | None = None  # achieved
     mfu: float | None = None
     note: str = ""
+    median_ms: float | None = None  # median of the timed runs, where ``ms`` is their best
+    runs: int | None = None  # how many timed runs ``ms`` (best) and ``median_ms`` are of
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -88,9 +91,34 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> float:
-    """Best wall-clock seconds of ``fn`` over ``reps`` calls, after ``warmup`` calls (other load
-    on the machine only ever adds time)."""
+class Timing(float):
+    """Seconds per call: the best of ``runs`` timed calls (the float's value: other load on the
+    machine only ever adds time), with their ``median`` beside it."""
+
+    median: float
+    runs: int
+
+    def __new__(cls, times: list[float]) -> Timing:
+        timing = super().__new__(cls, min(times))
+        timing.median, timing.runs = statistics.median(times), len(times)
+        return timing
+
+    def scaled(self, factor: float) -> Timing:
+        """The same runs, each multiplied by ``factor`` (e.g. per item of a call)."""
+        timing = float.__new__(Timing, float(self) * factor)
+        timing.median, timing.runs = self.median * factor, self.runs
+        return timing
+
+    def describe(self) -> str:
+        """'best of N, median X ms' (or '1 run')."""
+        if self.runs == 1:
+            return "1 run"
+        return f"best of {self.runs}, median {self.median * 1e3:.1f} ms"
+
+
+def timed(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> Timing:
+    """Wall-clock seconds of ``fn`` over ``reps`` calls, after ``warmup`` calls: the best (the
+    value; other load on the machine only ever adds time), with the median as ``.median``."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -100,7 +128,7 @@ def timed(fn: Callable[[], object], device: torch.device, reps: int, warmup: int
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    return min(times)
+    return Timing(times)
 
 
 def backward_step(module: torch.nn.Module, inputs: torch.Tensor, autocast) -> None:
@@ -115,14 +143,23 @@ def backward_step(module: torch.nn.Module, inputs: torch.Tensor, autocast) -> No
 
 def compute_row(bench: str, case: str, device: torch.device, precision: str, batch: int,
                 seconds: float, macs: int, peak: float | None, note: str = "") -> Row:
-    """A measured row: throughput, achieved TFLOP/s and MFU from analytic ``macs`` per item."""
+    """A measured row: throughput, achieved TFLOP/s and MFU from analytic ``macs`` per item.
+    ``seconds`` from :func:`timed` is the best run: time, throughput and MFU are of that run,
+    and the note says so, with the median run's time and MFU."""
     tflop = 2 * macs * batch / 1e12
     achieved = tflop / seconds
     if device.type == "cuda" and precision == "fp32" and torch.backends.cudnn.allow_tf32:
         precision = "fp32 (TF32 convs)"  # what cuDNN computes, and the peak MFU is taken of
+    median = runs = None
+    if isinstance(seconds, Timing):
+        median, runs = seconds.median * 1e3, seconds.runs
+        spread = seconds.describe()
+        if peak and runs > 1:
+            spread += f" ({tflop / seconds.median / peak:.1%} MFU)"
+        note = "; ".join(x for x in (spread, note) if x)
     return Row(bench, case, device_label(device), precision, batch, seconds * 1e3,
                batch / seconds, "img/s", tflop, achieved,
-               achieved / peak if peak else None, note)
+               achieved / peak if peak else None, note, median, runs)
 
 
 def not_measured(bench: str, case: str, precision: str, batch: int, macs: int,

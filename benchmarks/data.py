@@ -23,7 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from common import H100_BF16_TFLOPS, Row, markdown, timed
+from common import H100_BF16_TFLOPS, Row, Timing, markdown, timed
 from PIL import Image
 
 from dilatedseg.data.base import SegmentationDataset, check_label, read_image, read_index_png
@@ -83,9 +83,11 @@ def make_files(tmp: Path) -> dict[str, tuple[Path, Path, str]]:
     return files
 
 
-def rate_row(case: str, seconds: float, note: str) -> Row:
+def rate_row(case: str, seconds: Timing, note: str) -> Row:
+    """Time and rate of the best run (see :func:`common.timed`); the median in the note."""
     return Row("data, 1 worker", case, "CPU, 1 thread", "-", 1, seconds * 1e3, 1 / seconds,
-               note=note)
+               note=f"{note}; {seconds.describe()}", median_ms=seconds.median * 1e3,
+               runs=seconds.runs)
 
 
 def workers_needed(name: str, crop: int, per_worker: float) -> Row:
@@ -142,7 +144,7 @@ def run(device: torch.device | None = None, quick: bool = False,
                 if name == "Cityscapes PNG":  # the decode-bound case
                     several = SegmentationDataset([(image_path, label_path)], classes,
                                                   read_index_png, transform, crops=CROPS)
-                    seconds = timed(lambda d=several: d[0], cpu, reps) / CROPS
+                    seconds = timed(lambda d=several: d[0], cpu, reps).scaled(1 / CROPS)
                     full[f"{name}, crops_per_image={CROPS}"] = (crop, 1 / seconds)
                     rows.append(rate_row(f"sample {name}, {CROPS} crops per decoded image",
                                          seconds, f"crops_per_image={CROPS}: per crop"))

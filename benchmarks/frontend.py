@@ -8,12 +8,26 @@ at 1024x2048; fp32 (TF32) in NCHW as the baseline and the fast path (bf16 autoca
 last, space-to-batch fc6 in training), and the bf16 target once more with cuDNN's dilated fc6.
 CPU: batch 1, one or two repetitions; the 1024x2048 rows take about a minute each on 2 cores
 and are skipped by ``--quick``. fwd+bwd backpropagates a mean-square
-loss of the logits (the loss itself costs nothing next to the network).
+loss of the logits (the loss itself costs nothing next to the network): the network alone.
+
+``training step`` (GPU, next to the 512x1024 fwd+bwd row): a whole step of the framework's
+front-end stage, outside Lightning's Trainer but as it runs one (:func:`train_step_row`): the
+Cityscapes recipe's :class:`~dilatedseg.module.SegmentationModule` (VGG-16 valid, 19 classes,
+dropout 0.5, deconvolution upsampling, channels_last, space-to-batch fc6, SGD with momentum and
+weight decay from its ``configure_optimizers``) on a batch of uint8 image crops carrying the
+186 px context margin, 884x1396 around 512x1024 uint8 labels, copied from pinned memory to the
+GPU, then ``training_step`` under bf16 autocast (forward, x8 deconvolution to full resolution,
+float32 cross-entropy), backward, ``optimizer.step()`` and ``zero_grad``. On the CPU the same
+code runs once with the tiny front-end on small crops, as a check of the path only.
+
+Times are the best of N calls, with the median in the note (``common.timed``); MFU is of the
+best call, the note also gives the median call's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from common import (
@@ -30,6 +44,7 @@ from common import (
 from dilatedseg.flops import frontend_macs, segmenter_macs
 from dilatedseg.inference import predict_logits
 from dilatedseg.models import ContextModule, FrontEnd, Segmenter
+from dilatedseg.module import SegmentationModule
 
 CLASSES = 19  # Cityscapes
 TILE = (1024, 1024)
@@ -98,6 +113,69 @@ def frontend_row(device, precision, mode, size, batch, reps, peak, space_to_batc
                        note.strip("; "))
 
 
+def train_step_row(device, precision, size, batch, reps, peak, arch="vgg16") -> Row:
+    """One whole training step of the front-end stage as the framework runs it (see the module
+    docstring), outside Lightning's Trainer: the batch's host-to-device copy, the module's own
+    ``training_step`` (its ``self.log`` is a no-op without a Trainer), backward, SGD step and
+    ``zero_grad``. ``size`` is the labelled crop; the image crop adds the context margin on
+    every side (884x1396 for 512x1024 labels with VGG-16).
+
+    FLOPs: the front-end's analytic forward + backward on the image crop with its margin,
+    ``frontend_macs(arch, *size, "valid")`` (which adds the margin to the labelled size), the
+    same count as the mean-square fwd+bwd row's, whose 512x1024 images the front-end
+    reflect-pads to the same 884x1396; the deconvolution (0.002 % of it), the loss and the
+    optimiser are not counted, so their time lowers the MFU.
+    """
+    torch.manual_seed(0)
+    # The Cityscapes recipe (conf/cityscapes.yaml) with stage frontend; no pretrained weights
+    # (the same work). channels_last applies on CUDA only, as in apply_fast_path.
+    module = SegmentationModule(CLASSES, stage="frontend", arch=arch, padding="valid",
+                                dropout=0.5, upsample="deconv", optimizer="sgd", lr=1e-4,
+                                momentum=0.99, weight_decay=5e-4, lr_schedule="constant",
+                                channels_last=True, fc6_space_to_batch=None)
+    module.to(device)
+    module.apply_fast_path(device)  # what setup() does: channels_last weights on CUDA
+    module.train()
+    optimizer = module.configure_optimizers()  # constant schedule: the SGD optimiser alone
+    margin = module.model.frontend.margin
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (batch, 3, size[0] + 2 * margin, size[1] + 2 * margin),
+                          generator=generator, dtype=torch.uint8)
+    label = torch.randint(0, CLASSES, (batch, *size), generator=generator, dtype=torch.uint8)
+    label[:, :, : size[1] // 10] = 255  # some ignored pixels, as real labels have
+    if device.type == "cuda":  # the loaders' pin_memory
+        image, label = image.pin_memory(), label.pin_memory()
+    autocast = precision_context(device, precision)
+
+    def step():
+        batch_on_device = {"image": image.to(device, non_blocking=True),
+                           "label": label.to(device, non_blocking=True)}
+        with autocast:
+            loss = module.training_step(batch_on_device, 0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*self.log.*")
+        seconds = timed(step, device, reps, warmup=0 if device.type == "cpu" else 3)
+    work = frontend_macs(arch, *size, "valid", CLASSES).training()
+    case = (f"training step {size[0]}x{size[1]} labels, "
+            f"{size[0] + 2 * margin}x{size[1] + 2 * margin} image crops"
+            + ("" if arch == "vgg16" else f", {arch} front-end"))
+    note = ("SegmentationModule.training_step (deconv x8, float32 cross-entropy on uint8 "
+            "labels) + backward + SGD step + zero_grad; no Trainer")
+    if device.type == "cuda":
+        note += "; batch copied from pinned memory"
+    if device.type == "cuda" and precision == "bf16":
+        note += "; channels_last"
+    if arch == "vgg16" and size == (512, 1024) and precision == "bf16":
+        note += f"; target >= {TRAIN_MFU_TARGET:.0%} MFU"
+    if device.type == "cpu":
+        note += "; CPU: a check of the code path, not a figure"
+    return compute_row("front-end", case, device, precision, batch, seconds, work, peak, note)
+
+
 def segmenter_row(device, precision, reps, peak, tile=TILE, space_to_batch=None) -> Row:
     torch.manual_seed(0)
     segmenter = Segmenter(FrontEnd(CLASSES, arch="vgg16", fc6_space_to_batch=space_to_batch),
@@ -131,6 +209,7 @@ def run(device: torch.device, quick: bool = False, peak: float | None = None) ->
         # is measured, then the rest, the fp32 (TF32) baseline, and last cuDNN's dilated fc6 in
         # training (on the H200 a batch of 8 did not finish 6 steps in ~2 minutes).
         add_row(rows, frontend_row(device, "bf16", "fwd+bwd", (512, 1024), 8, reps, bf16))
+        add_row(rows, train_step_row(device, "bf16", (512, 1024), 8, reps, bf16))
         add_row(rows, segmenter_row(device, "bf16", reps, bf16))
         add_row(rows, segmenter_row(device, "bf16", reps, bf16, space_to_batch=False))
         add_row(rows, segmenter_row(device, "bf16", reps, bf16, tile=None))
@@ -168,6 +247,11 @@ def run(device: torch.device, quick: bool = False, peak: float | None = None) ->
     train = frontend_macs("vgg16", 512, 1024, "valid", CLASSES).training()
     rows.append(not_measured("front-end", "fwd+bwd 512x1024", "bf16", 8, train,
                              f"target >= {TRAIN_MFU_TARGET:.0%} MFU"))
+    rows.append(not_measured("front-end", "training step 512x1024 labels, 884x1396 image "
+                             "crops", "bf16", 8, train, "the whole step (see the module "
+                             f"docstring); target >= {TRAIN_MFU_TARGET:.0%} MFU"))
+    # The whole step's code path, cheaply: tiny front-end, 64x128 labels in 110x174 crops.
+    rows.append(train_step_row(device, "fp32", (64, 128), 2, 1, p, arch="tiny"))
     infer = segmenter_macs("vgg16", 1024, 2048, CLASSES, tile=TILE).total
     rows.append(not_measured("Segmenter inference", "Cityscapes 1024x2048, 1024x1024 tiles",
                              "bf16", 1, infer, f"target <= {INFERENCE_TARGET_MS:.0f} ms"))

@@ -3,14 +3,20 @@
 # lent GPU machine. Steps run in order of importance (the targets first), each under its own
 # time limit and all under one deadline, so a slot that runs short loses the least important:
 #   gpu        nvidia-smi, versions, a bf16 matrix-product ceiling
-#   frontend   `benchmarks/run.py --only frontend`: the MFU and inference targets
-#   cache      `--only cache`: the cached context-stage target
+#   frontend   `benchmarks/run.py --only frontend`: the MFU target twice (the network's
+#              fwd+bwd with a mean-square loss, then the whole training step of the module:
+#              deconv, cross-entropy, SGD) and the inference target
+#   cache      `--only cache`: the cached context-stage target in Cityscapes geometry (32
+#              synthetic 1024x2048 images, Dilation10 + deconv, whole images; estimated ~1 min), then
+#              the shapes case
 #   conv       benchmarks/conv_variants.py: fc6 / conv5 as dilated, space-to-batch, im2col
 #   tests      the CUDA tests (tests/test_cuda.py, the CRF / lattice CUDA tests)
 #   fc6        benchmarks/profile_fc6.py at 1024x2048: fc6's kernels, three ways
 #   whole      profile_fc6.py --whole at 512x1024, batch 8: where a training step's time goes
 #   crf_data   `--only crf data`
 #   context    `--only context` (torch.compile rows: the slowest to start)
+# Budget of `bash benchmarks/gpu_check.sh 480` (limits; unused time flows on): gpu 40 s,
+# frontend 210 s, cache 150 s, then conv and the rest in what is left (~80 s at most).
 # Each step's output goes to $RESULTS/<step>.txt (JSON beside the bench steps) and, after every
 # step, into $OUT/results.tar, so what finished comes back even if the slot ends early.
 #
@@ -66,8 +72,8 @@ end.record()
 torch.cuda.synchronize()
 print(f\"bf16 8192^3 matrix product: {2 * 8192**3 * 10 / start.elapsed_time(end) / 1e9:.0f} TFLOP/s\")
 "'
-TAIL=20 bench frontend 200 frontend
-TAIL=8 bench cache 100 cache
+TAIL=22 bench frontend 210 frontend
+TAIL=10 bench cache 150 cache
 TAIL=13 step conv 120 python3 benchmarks/conv_variants.py --deadline 110 --per-case 20
 step tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_crf.py \
     tests/test_lattice.py

@@ -8,7 +8,8 @@
 Sections: ``frontend`` (dilated VGG-16 forward / forward+backward, whole-Segmenter inference on
 a Cityscapes image; benchmarks/frontend.py), ``context`` (context modules;
 benchmarks/context.py), ``data`` (decoding and augmentation per worker; benchmarks/data.py),
-``cache`` (context-stage epoch with / without the feature cache; benchmarks/context_cache.py),
+``cache`` (context-stage epoch with / without the feature cache, in Cityscapes geometry, the
+target's, and on the shapes set; benchmarks/context_cache.py),
 ``crf`` (dense CRF; benchmarks/crf.py). FLOPs are analytic (:mod:`dilatedseg.flops`); MFU =
 achieved FLOP/s over the device's dense peak (known GPUs, or ``--peak-tflops``). Rows that
 need a GPU say "not measured (no CUDA device)" on a machine without one. The table is also
@@ -29,7 +30,15 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import NO_CUDA, Row, bench_device, device_label, machine, markdown  # noqa: E402
+from common import (  # noqa: E402
+    NO_CUDA,
+    Row,
+    add_row,
+    bench_device,
+    device_label,
+    machine,
+    markdown,
+)
 
 SECTIONS = ("frontend", "context", "data", "cache", "crf")
 CACHE_TARGET = 20.0
@@ -58,35 +67,80 @@ def data_rows(device, args) -> list[Row]:
 
 
 def cache_rows(device, args) -> list[Row]:
+    """The Cityscapes-geometry case first (the target's: see benchmarks/context_cache.py), then
+    the shapes case(s). Each row is printed as it is measured."""
     import context_cache
 
     if device.type == "cuda":
+        cityscapes = dict(size=(1024, 2048), images=32, batch_size=4, epochs=3, arch="vgg16")
         settings = [dict(sizes=(256,), images=64, batch_size=16, epochs=3, arch="vgg16")]
-    elif args.quick:
+    elif args.quick:  # the Cityscapes code path at a small size: seconds
+        cityscapes = dict(size=(128, 256), images=8, batch_size=2, epochs=2, arch="tiny")
         settings = [dict(sizes=(128,), images=32, batch_size=16, epochs=2, arch="tiny")]
     else:  # the real front-end too, on small images: ~2 minutes on 2 cores
+        cityscapes = dict(size=(128, 256), images=16, batch_size=4, epochs=3, arch="tiny")
         settings = [dict(sizes=(128, 256), images=64, batch_size=16, epochs=3, arch="tiny"),
                     dict(sizes=(64,), images=8, batch_size=4, epochs=3, arch="vgg16")]
-    rows = []
+    rows: list[Row] = []
     label = device_label(device)
-    results = [r for setting in settings for r in context_cache.run(**setting)]
-    for r in results:
-        case = f"{r['arch']} front-end, shapes {r['size']}x{r['size']}, {r['images']} images"
-        rows.append(Row("context-stage epoch", case + ", front-end every step", label,
-                        batch=r["batch_size"], ms=r["epoch_s"] * 1e3,
-                        throughput=r["images"] / r["epoch_s"],
-                        note=f"cache build once: {r['cache_build_s']:.1f} s"))
-        verdict = "meets" if r["speedup"] >= CACHE_TARGET else "below"
-        rows.append(Row("context-stage epoch", case + ", cached logits", label,
-                        batch=r["batch_size"], ms=r["epoch_cached_s"] * 1e3,
-                        throughput=r["images"] / r["epoch_cached_s"],
-                        note=f"{r['speedup']:.1f}x faster per epoch ({verdict} the "
-                             f">= {CACHE_TARGET:.0f}x target)"))
+    try:
+        city = cityscapes_cache_rows(context_cache.run_cityscapes(**cityscapes), label)
+    except Exception as error:  # noqa: BLE001 - the shapes rows still run
+        traceback.print_exc()
+        city = [Row("context-stage epoch", "Cityscapes geometry: failed", label,
+                    note=f"{type(error).__name__}: {error}"[:200])]
+    for row in city:
+        if device.type != "cuda":
+            row.note = "CPU, small images: a check of the code path, not the target; " + row.note
+        add_row(rows, row)
+    for setting in settings:
+        for r in context_cache.run(**setting):
+            case = f"{r['arch']} front-end, shapes {r['size']}x{r['size']}, {r['images']} images"
+            add_row(rows, Row("context-stage epoch", case + ", front-end every step", label,
+                              batch=r["batch_size"], ms=r["epoch_s"] * 1e3,
+                              throughput=r["images"] / r["epoch_s"],
+                              note=f"cache build once: {r['cache_build_s']:.1f} s"))
+            verdict = "meets" if r["speedup"] >= CACHE_TARGET else "below"
+            add_row(rows, Row("context-stage epoch", case + ", cached logits", label,
+                              batch=r["batch_size"], ms=r["epoch_cached_s"] * 1e3,
+                              throughput=r["images"] / r["epoch_cached_s"],
+                              note=f"{r['speedup']:.1f}x faster per epoch ({verdict} the "
+                                   f">= {CACHE_TARGET:.0f}x target, in this geometry only: "
+                                   "not Cityscapes')"))
     if device.type != "cuda":
-        rows.append(Row("context-stage epoch", "vgg16 front-end, cached vs not", "CUDA GPU",
+        rows.append(Row("context-stage epoch", "Cityscapes geometry, vgg16 front-end, 32 "
+                        "images 1024x2048, cached vs not", "CUDA GPU", "bf16",
                         note=NO_CUDA + f"; target >= {CACHE_TARGET:.0f}x (on CPU the tiny "
                         "front-end costs little more than the context module itself)"))
     return rows
+
+
+def cityscapes_cache_rows(r: dict, label: str) -> list[Row]:
+    """The two rows of context_cache.run_cityscapes's result."""
+    h, w = r["size"]
+    case = (f"Cityscapes geometry: {r['arch']} front-end (valid), Dilation10 + deconv to "
+            f"{h}x{w}, {r['images']} synthetic {h}x{w} leftImg8bit / labelIds PNGs, whole "
+            f"images, {r['workers']} workers")
+    precision = "bf16" if r["precision"] == "bf16-mixed" else "fp32"
+    epochs = len(r["epochs_s"]) - 1 or 1
+    plain = Row("context-stage epoch", case + ", front-end every step", label, precision,
+                r["batch_size"], r["epoch_s"] * 1e3, r["images"] / r["epoch_s"],
+                note=f"fastest of the {epochs} epoch(s) after the first; its first step after "
+                     f"{r['first_step_s'] * 1e3:.0f} ms (workers decoding); one synthetic "
+                     f"image decodes in {r['image_decode_s'] * 1e3:.0f} ms "
+                     f"({r['image_kib']:.0f} KiB), its label in "
+                     f"{r['label_decode_s'] * 1e3:.0f} ms")
+    worst = min(r["speedup"], r["speedup_after_first_step"])
+    verdict = "meets" if worst >= CACHE_TARGET else "below"
+    cached = Row("context-stage epoch", case + ", cached logits", label, precision,
+                 r["batch_size"], r["epoch_cached_s"] * 1e3,
+                 r["images"] / r["epoch_cached_s"],
+                 note=f"{r['speedup']:.1f}x faster per epoch, "
+                      f"{r['speedup_after_first_step']:.1f}x after each epoch's first step "
+                      f"(first step after {r['first_step_cached_s'] * 1e3:.0f} ms): {verdict} "
+                      f"the >= {CACHE_TARGET:.0f}x target (both must meet it); cache build "
+                      f"once: {r['cache_build_s']:.1f} s")
+    return [plain, cached]
 
 
 def crf_rows(device, args) -> list[Row]:
