@@ -258,7 +258,7 @@ def trial_env(summary_path: Path | None, sweep_dir: Path | None = None,
     # Each trial is a run of its own: no inherited run directory, W&B run or SLURM job id
     # (which would name one run directory for every trial of a sweep inside a batch job).
     for variable in (RUN_DIR_ENV, "WANDB_RUN_ID", "WANDB_SWEEP_ID", "WANDB_SWEEP_PARAM_PATH",
-                 "SLURM_JOB_ID", "SLURM_NTASKS"):
+                     "SLURM_JOB_ID", "SLURM_NTASKS"):
         env.pop(variable, None)
     if summary_path is not None:
         env[SUMMARY_PATH_ENV] = str(summary_path)
