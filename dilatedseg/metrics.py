@@ -37,8 +37,9 @@ class ConfusionMatrix(Metric):
                              "differ in size")
         classes = self.num_classes
         target, preds = target.reshape(-1).long(), preds.reshape(-1).long()
-        valid = (target >= 0) & (target < classes)
-        self.invalid += ((target != self.ignore_index) & ~valid).sum()
+        labelled = target != self.ignore_index
+        valid = labelled & (target >= 0) & (target < classes)
+        self.invalid += (labelled & ~valid).sum()
         # Ignored and invalid pixels go to one extra bin, dropped below.
         index = torch.where(valid, target * classes + preds, classes * classes)
         counts = torch.zeros(classes * classes + 1, dtype=torch.long, device=index.device)

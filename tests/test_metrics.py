@@ -46,6 +46,12 @@ def test_confusion_matrix_takes_uint8_labels_and_refuses_invalid_values():
         confusion.compute()
 
 
+def test_an_ignore_index_among_the_classes_is_still_ignored():
+    confusion = ConfusionMatrix(3, ignore_index=0)
+    confusion.update(torch.tensor([[1, 1, 2]]), torch.tensor([[0, 1, 2]]))
+    assert confusion.compute().tolist() == [[0, 0, 0], [0, 1, 0], [0, 0, 1]]
+
+
 def test_category_confusion_sums_blocks():
     matrix = torch.arange(9).view(3, 3)
     grouped = category_confusion(matrix, [0, 0, 1], 2)
