@@ -144,6 +144,7 @@ def test_upsampling_runs_in_float32_under_autocast(upsample):
         full = segmenter.upsample_to(low, (45, 61))
     assert full.dtype == torch.float32 and full.shape[-2:] == (45, 61)
     torch.testing.assert_close(full, segmenter.upsample_to(low.float(), (45, 61)))
+    assert segmenter.upsample_to(low.double(), (45, 61)).dtype == torch.float64  # kept
 
 
 def test_channels_last_on_cuda_only():

@@ -113,7 +113,8 @@ class Segmenter(nn.Module):
         All three run in float32 under any autocast: bf16 full-resolution logits would tie
         classes (and so change the argmax) on ~0.5% of pixels.
         """
-        logits = logits.float()
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
         if self.upsample == "deconv":
             device = logits.device.type
             # (the meta device used for FLOP counting has no autocast to turn off)
@@ -121,7 +122,7 @@ class Segmenter(nn.Module):
                            if torch.amp.is_autocast_available(device) else contextlib.nullcontext())
             with no_autocast:
                 logits = F.conv_transpose2d(
-                    logits, self.deconv_weight.float(), stride=OUTPUT_STRIDE,
+                    logits, self.deconv_weight.to(logits.dtype), stride=OUTPUT_STRIDE,
                     padding=OUTPUT_STRIDE // 2, groups=logits.shape[1],
                 )
             return logits[..., : size[0], : size[1]]
