@@ -202,12 +202,13 @@ def overridden(parsed: dict, params: dict) -> list[str]:
 
 def probes(engine_config) -> list[dict]:
     """Two sets of parameters in which every swept parameter with more than one value takes two
-    different ones (its 25th and 75th percentiles: two of its values, or two points of its
-    range), so that :func:`overridden` finds an argument that sets it again, whatever it sets."""
+    different ones (its 1st and 99th percentiles: two of its values, even when one is far more
+    probable, or two points of its range), so that :func:`overridden` finds an argument that
+    sets it again, whatever it sets."""
     from sweeps.params import HyperParameterSet
 
     params = HyperParameterSet.from_config(engine_config["parameters"])
-    return [{param.name: {"value": plain(param.ppf(q))} for param in params} for q in (0.25, 0.75)]
+    return [{param.name: {"value": plain(param.ppf(q))} for param in params} for q in (0.01, 0.99)]
 
 
 # ---- the local runner -------------------------------------------------------------------------
@@ -357,7 +358,7 @@ def run_local(config: dict, name: str, count: int | None, extra: list[str],
         logged = {key for row in [run.summary_metrics, *run.history] for key in row}
         if state == RunState.finished and metric and metric not in logged:
             shown = ", ".join(sorted(key for key in logged if not key.startswith("_")))
-            raise SweepError(f"trial {index} finished without logging the sweep's metric "
+            raise SweepError(f"trial {index + 1} finished without logging the sweep's metric "
                              f"'{metric}': correct metric.name in the sweep config; the trial "
                              f"logged: {shown or 'nothing'} (log {log})")
         runs.append(run)

@@ -386,8 +386,24 @@ def test_a_clash_is_refused_even_when_the_first_proposal_has_the_same_value(tmp_
     with pytest.raises(SweepError, match=r"set swept parameters again: model.lr \(proposed "
                                          r"0.001, would run 0.01\)"):
         sweep.run_local(config, "cv", None, ["--model.lr=0.01", f"--runs_dir={tmp_path}"],
-                  tmp_path / "out")
+                        tmp_path / "out")
     assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_probes_give_every_swept_parameter_two_values():
+    """Also a value the engine rarely proposes (probabilities) and a quantised range."""
+    from dilatedseg.sweep import probes
+    from sweeps import SweepConfig
+
+    config = SweepConfig({"method": "random", "parameters": {
+        "model.lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2},
+        "model.context_init": {"values": ["identity", "random"], "probabilities": [0.9, 0.1]},
+        "model.dropout": {"distribution": "q_uniform", "min": 0.0, "max": 1.0, "q": 0.5},
+        "seed_everything": {"value": 3}}})
+    low, high = probes(config)
+    for name in ("model.lr", "model.context_init", "model.dropout"):
+        assert low[name]["value"] != high[name]["value"], name
+    assert low["seed_everything"] == high["seed_everything"] == {"value": 3}
 
 
 def test_a_misspelt_metric_stops_after_the_first_trial(tmp_path):
@@ -399,7 +415,7 @@ def test_a_misspelt_metric_stops_after_the_first_trial(tmp_path):
     config = {"method": "grid", "program": str(program),
               "parameters": {"x": {"values": [0.1, 0.2]}},
               "metric": {"name": "val/miou", "goal": "maximize"}}
-    with pytest.raises(SweepError, match=r"trial 0 finished without logging the sweep's metric "
+    with pytest.raises(SweepError, match=r"trial 1 finished without logging the sweep's metric "
                                          r"'val/miou': correct metric.name .* logged: val/mIoU"):
         run_local(config, "toy", None, [], tmp_path / "out")
     assert [p.name for p in (tmp_path / "out").glob("*.log")] == ["trial-000.log"]
