@@ -127,7 +127,7 @@ def build_cache(directory: Path, segmenter, dataset, device: torch.device | str 
 
 
 class CachedLogitsDataset(Dataset):
-    """Items {"frontend_logits": (C, h, w) float, "label": (H, W) long, "name"} from a cache.
+    """Items {"frontend_logits": (C, h, w) float, "label": (H, W) uint8, "name"} from a cache.
 
     ``source`` is the split's image dataset (what the cache is computed from); the dataset can
     stand in for it (same length) before the cache exists, and reads items once a cache
@@ -231,6 +231,13 @@ class FrontendLogitsCache(Callback):
         if stage != "fit":
             return
         crf = pl_module.hparams.get("crf", "none")
+        if pl_module.hparams.get("tile_whole_network") and pl_module.hparams.get("tile_size"):
+            raise RunError(
+                "--model.tile_whole_network=true runs the network per image tile, and the "
+                "cached context stage validates whole images from cached logits: train "
+                "without it and evaluate the checkpoint with `dilatedseg validate ... "
+                "--ckpt_path=... --model.tile_whole_network=true`, or train uncached "
+                "(--model.feature_cache=false)")
         if crf != "none":
             raise RunError(
                 f"--model.crf={crf} needs the images, and the cached context stage trains and "

@@ -175,16 +175,23 @@ def test_cli_context_stage_caches_under_runs(small_shapes, tmp_path):
     assert summary["epochs"] == 1 and summary["best_val_mIoU"] is not None
 
 
-def test_cached_context_stage_with_a_crf_stops_before_training(small_shapes, tmp_path, capsys):
-    """A CRF needs images, which cached batches do not carry: one message with both ways out."""
+@pytest.mark.parametrize("option, message", [
+    (["--model.crf=dense"], "--model.crf=dense needs the images"),
+    (["--model.tile_size=[64,64]", "--model.tile_whole_network=true"],
+     "--model.tile_whole_network=true runs the network per image tile"),
+], ids=["crf", "tile_whole_network"])
+def test_cached_context_stage_that_needs_images_stops_before_training(
+        small_shapes, tmp_path, capsys, option, message):
+    """A CRF or per-tile evaluation needs images, which cached batches do not carry (the
+    validation would silently score something else): one message with both ways out."""
     runs = tmp_path / "runs"
     with pytest.raises(SystemExit) as exit_info:
         run_cli("fit", *shapes_args(small_shapes, runs, "--config", "conf/stage/context.yaml"),
                 *[f"--data.init_args.{k}={v}" for k, v in SMALL.items()],
-                "--model.init_from=null", "--model.crf=dense")
+                "--model.init_from=null", *option)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "--model.crf=dense needs the images" in err and "--model.feature_cache=false" in err
+    assert message in err and "--model.feature_cache=false" in err
     assert not (runs / "shapes" / "cache").exists() and not list(runs.rglob("*.ckpt"))
 
 
