@@ -29,12 +29,11 @@ from lightning.pytorch.cli import (
 )
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from wandb.errors import CommError
 
 from dilatedseg.checkpoints import check_classes, check_resume_dir, checkpoint_hparams
 from dilatedseg.data import SegmentationDataModule
 from dilatedseg.data.base import DataError
-from dilatedseg.loggers import configure_logger
+from dilatedseg.loggers import configure_logger, wandb_server_error
 from dilatedseg.models.caffemodel import check_caffe_input
 from dilatedseg.models.frontend import check_context_margin
 from dilatedseg.models.weights import WeightsError
@@ -383,11 +382,14 @@ def main(argv: list[str] | None = None) -> None:
         discard_unused_run_dirs()
         sys.stderr.write(f"error: {clean_message(error)}\n")
         raise SystemExit(2) from None
-    except CommError as error:  # logged in to W&B, but its server cannot be reached
+    except Exception as error:
+        if not wandb_server_error(error):
+            raise
         discard_unused_run_dirs()
-        sys.stderr.write(f"error: W&B server unreachable ({clean_message(error)}). On a machine "
+        sys.stderr.write(f"error: W&B server error ({clean_message(error)}). On a machine "
                          "without network (a cluster's compute nodes) export WANDB_MODE=offline "
-                         "and `wandb sync` the run later from one with network\n")
+                         "and `wandb sync` the run later from one with network; otherwise "
+                         "check your W&B login, entity and project\n")
         raise SystemExit(2) from None
 
 

@@ -56,6 +56,14 @@ def wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
+def wandb_server_error(error: BaseException) -> bool:
+    """Whether ``error`` is wandb's failure to talk to its server (CommError: no network, or
+    the server refused the login, entity or project). Looked up only when wandb was imported
+    by the run: the CLI does not import wandb for runs that never log to it."""
+    errors = sys.modules.get("wandb.errors")
+    return errors is not None and isinstance(error, errors.CommError)
+
+
 def wandb_logged_in() -> bool:
     """True when W&B has an API key (WANDB_API_KEY or `wandb login`) and is not disabled."""
     if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):

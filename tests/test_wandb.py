@@ -137,7 +137,7 @@ def test_unreachable_wandb_server_is_one_clear_error(tiny_shapes, tmp_path, monk
                 monkeypatch)
     assert stop.value.code == 2
     err = capsys.readouterr().err
-    assert "error: W&B server unreachable (Timed out while retrying)" in err
+    assert "error: W&B server error (Timed out while retrying)" in err
     assert "export WANDB_MODE=offline" in err and "Traceback" not in err
 
 
