@@ -172,7 +172,8 @@ class SegmentationModule(L.LightningModule):
         self.strict_loading = crf != "dense"
         self.val_confusion = ConfusionMatrix(num_classes, IGNORE_INDEX)
         self.test_confusion = ConfusionMatrix(num_classes, IGNORE_INDEX)
-        # Weighted by images and summed over processes: exact under DDP with uneven shares.
+        # Weighted by labelled pixels and summed over processes: the mean over every labelled
+        # pixel, whatever the batches and the processes' shares.
         self.val_loss = MeanMetric()
         self.class_iou: dict[str, list[float]] = {}  # see log_iou
         # The checkpoint a run resumes or evaluates (the CLI sets it from --ckpt_path): its
@@ -236,6 +237,29 @@ class SegmentationModule(L.LightningModule):
             state = checkpoint.get("state_dict", {})
             for key in [k for k in state if k.startswith("model.crf.")]:
                 del state[key]
+        else:
+            self.expand_scalar_crf_optimizer_state(checkpoint)
+
+    def expand_scalar_crf_optimizer_state(self, checkpoint: dict) -> None:
+        """A CRF-RNN checkpoint from before its kernel weights became C x C holds scalar
+        weights w (the CRF loads them as w * I) and, to resume, the optimiser's scalar state
+        of them (momentum, Adam's averages): expanded the same way, times I."""
+        crf, state = self.model.crf, checkpoint.get("state_dict", {})
+        if not crf.trainable:
+            return
+        params = [p for group in self.parameter_groups() for p in group["params"]]
+        eye = torch.eye(crf.num_classes)
+        for name in ("spatial_weight", "bilateral_weight"):
+            saved = state.get(f"model.crf.{name}")
+            if not torch.is_tensor(saved) or saved.dim() != 0:
+                continue  # already C x C
+            # The optimiser's state is keyed by the parameter's place in the groups.
+            index = next((i for i, p in enumerate(params) if p is getattr(crf, name)), None)
+            for optimizer in checkpoint.get("optimizer_states", []):
+                values = optimizer.get("state", {}).get(index, {})
+                for key, value in values.items():
+                    if key != "step" and torch.is_tensor(value) and value.dim() == 0:
+                        values[key] = value * eye.to(value)
 
     def load_weights(self, path: str) -> None:
         """Copy matching weights from a checkpoint of any stage (weights only, no state), or
@@ -361,7 +385,8 @@ class SegmentationModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> dict:
         """The batch's predicted label maps go to the callbacks (W&B images) as ``outputs``."""
         logits, prediction = self.evaluate(batch, self.val_confusion)
-        self.val_loss.update(segmentation_loss(logits, batch["label"]), weight=len(logits))
+        labelled = (batch["label"] != IGNORE_INDEX).sum()  # the batch's mean is over these
+        self.val_loss.update(segmentation_loss(logits, batch["label"]), weight=labelled)
         self.log("val/loss", self.val_loss, batch_size=len(logits))
         return {"prediction": prediction}
 

@@ -175,6 +175,41 @@ def test_init_from_an_old_crf_checkpoint_keeps_its_kernel_weights(tmp_path):
     torch.testing.assert_close(module.model.crf.spatial_weight.detach(), 2.5 * torch.eye(3))
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_resuming_an_old_crf_checkpoint_expands_its_optimizer_state(optimizer):
+    """Resuming a CRF-RNN run saved with scalar kernel weights: the optimiser's scalar
+    momentum / averages of them become C x C too (else the first step fails)."""
+    from dilatedseg.module import SegmentationModule
+
+    def crf_stage():
+        return SegmentationModule(3, stage="crf", arch="tiny", padding="same", crf="rnn",
+                                  optimizer=optimizer, lr_schedule="constant")
+
+    def optimiser(module):
+        kind = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
+        extra = {"momentum": 0.9} if optimizer == "sgd" else {}
+        return kind(module.parameter_groups(), lr=0.01, **extra)
+
+    # An old run's checkpoint: scalar weights, the optimiser's state of scalars.
+    old = crf_stage()
+    with torch.no_grad():
+        for name in ("spatial_weight", "bilateral_weight"):
+            setattr(old.model.crf, name, torch.nn.Parameter(torch.tensor(2.0)))
+    old_optimiser = optimiser(old)
+    sum(p.sum() for p in old.parameters()).backward()
+    old_optimiser.step()
+    checkpoint = {"state_dict": old.state_dict(),
+                  "optimizer_states": [old_optimiser.state_dict()]}
+    module = crf_stage()
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"])
+    resumed = optimiser(module)
+    resumed.load_state_dict(checkpoint["optimizer_states"][0])
+    sum(p.sum() for p in module.parameters()).backward()
+    resumed.step()  # failed with "output with shape [] doesn't match the broadcast shape"
+    assert module.model.crf.spatial_weight.shape == (3, 3)
+
+
 def test_frozen_trainable_crf_runs():
     logits, image, _ = two_regions(10, 12)
     crf = DenseCRF(2, trainable=True).eval()
