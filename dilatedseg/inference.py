@@ -22,20 +22,12 @@ input, 1024 x 1024 output). What follows the front-end runs in one of two ways:
   context module or the upsampling reaches across a seam. Softmax is per pixel, so taking it per
   tile (as the authors did) or after stitching is the same.
 
-Tiles start at multiples of the tile size from the top-left; the last row and column take what
-is left. For Cityscapes (1024 x 2048 in 1024 x 1024 tiles: exactly 1 x 2) there are no partial
-tiles, and ``tile_whole_network`` computes what the authors' tiles computed. A partial tile
-(an image size that is not a multiple of the tile size) runs here at its own, smaller size, its
-context module zero-padded at the image's edge as in whole-image inference. The authors' ``test.py``
-instead reflect-pads a partial tile's input up to the full deploy size (its context module then
-also sees mirrored image past the image's edge) and crops the output, so near the right and
-bottom edges of such an image the two differ. An image no larger than one tile is one
-whole-image pass in both modes (``test.py`` pads such an image up to the deploy size as well, so
-the same difference near the right and bottom edges applies to its VOC / CamVid / KITTI runs,
-whose images each fit in one deploy tile). With ``upsample: zoom`` the per-tile mode
-interpolates each tile's probabilities on its own (repeating a tile's last cell up to the seam);
-``test.py`` interpolates the stitched map, but those models' images never needed more than one
-tile.
+Tiles start at the top left; the last row and column take what is left and run at their own
+size (the authors' ``test.py`` instead reflect-pads a partial tile, or an image smaller than one
+tile, up to the full deploy size, so near the right and bottom edges of such images the two
+differ; Cityscapes' 1024 x 2048 is exactly 1 x 2 tiles). An image no larger than one tile is one
+whole-image pass in both modes. With ``upsample: zoom`` the per-tile mode interpolates each
+tile on its own.
 """
 
 from __future__ import annotations
