@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import run_cli, shapes_args, untrained_checkpoint
 from fixtures_datasets import logged_metrics, make_cityscapes, tiny_args
 from PIL import Image
 from test_metrics import official_evaluation
@@ -62,3 +62,33 @@ def test_predict_folder_and_split_for_the_official_server(tmp_path, monkeypatch)
     assert sorted(p.relative_to(written / "labelIds").as_posix()
                   for p in (written / "labelIds").rglob("*.png")) == [
         "nested/street.png", "other/street.png"]
+
+
+def test_predict_writes_in_the_background_and_a_failed_write_stops_it(tiny_shapes, tmp_path,
+                                                                      monkeypatch):
+    """The files are encoded on writer threads; every image is written, and a write that fails
+    (a full disk, say) stops predict with its error instead of being lost on its thread."""
+    import threading
+
+    from dilatedseg import viz
+
+    weights = untrained_checkpoint(tmp_path / "model.ckpt", 4, padding="same")
+    args = shapes_args(tiny_shapes, tmp_path / "runs", f"--model.init_from={weights}")
+    threads, colourise = set(), viz.colourise
+
+    def recording(label, palette):
+        threads.add(threading.current_thread().name)
+        return colourise(label, palette)
+
+    monkeypatch.setattr(viz, "colourise", recording)
+    run_cli("predict", *args, f"--output={tmp_path / 'out'}")
+    for folder in ("index", "colour", "overlay"):
+        assert len(list((tmp_path / "out" / folder).iterdir())) == 8  # the 8 val images
+    assert threads and all(name.startswith("predict-writer") for name in threads)
+
+    def failing(*args):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(viz, "overlay", failing)
+    with pytest.raises(OSError, match="No space left on device"):
+        run_cli("predict", *args, f"--output={tmp_path / 'full'}")
