@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import lightning as L
@@ -400,7 +401,10 @@ class SegmentationModule(L.LightningModule):
 
     def log_iou(self, prefix: str, confusion: ConfusionMatrix) -> None:
         matrix = confusion.compute()  # summed over processes under DDP
-        self.log(f"{prefix}/mIoU", mean_iou(matrix).float() * 100, prog_bar=True)
+        # Every process holds these same values (from the summed matrix): the MAX "sync" keeps
+        # them exactly and tells Lightning they are synced (it warns on unsynced epoch values).
+        log = functools.partial(self.log, sync_dist=True, reduce_fx="max")
+        log(f"{prefix}/mIoU", mean_iou(matrix).float() * 100, prog_bar=True)
         ious = iou_from_confusion(matrix).tolist()
         # This evaluation's IoU per class in % (NaN: absent), e.g. for the W&B table; the
         # trainer's callback_metrics would still hold an earlier epoch's value for a class
@@ -408,15 +412,15 @@ class SegmentationModule(L.LightningModule):
         self.class_iou[prefix] = [iou * 100 for iou in ious]
         for name, iou in zip(self.class_names, ious):
             if iou == iou:  # skip classes absent from ground truth and prediction
-                self.log(f"{prefix}/IoU/{name}", iou * 100)
+                log(f"{prefix}/IoU/{name}", iou * 100)
         if self.hparams.get("categories"):
             scores = category_iou(matrix, list(self.hparams.categories))
             present = [iou for iou in scores.values() if iou == iou]
             if present:
-                self.log(f"{prefix}/mIoU_category", sum(present) / len(present) * 100)
+                log(f"{prefix}/mIoU_category", sum(present) / len(present) * 100)
             for name, iou in scores.items():
                 if iou == iou:
-                    self.log(f"{prefix}/catIoU/{name}", iou * 100)
+                    log(f"{prefix}/catIoU/{name}", iou * 100)
         confusion.reset()
 
     def on_validation_epoch_end(self) -> None:

@@ -113,12 +113,16 @@ def _blob(data: memoryview) -> np.ndarray:
     return values.reshape(shape)
 
 
+def missing_caffemodel(path: str | Path) -> WeightsError:
+    return WeightsError(f"Caffe model {path} does not exist: download it with fyu/dilation's "
+                        "pretrained/download_<dataset>.sh and pass its path")
+
+
 def read_caffemodel(path: str | Path) -> list[tuple[str, str, list[np.ndarray]]]:
     """(name, type, blobs) of every layer of a .caffemodel, in network order."""
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"Caffe model {path} does not exist: download it with fyu/dilation's "
-                           "pretrained/download_<dataset>.sh and pass its path")
+        raise missing_caffemodel(path)
     data = memoryview(path.read_bytes())
     layers = []
     try:
@@ -193,7 +197,7 @@ def caffe_state_dict(layers: list[tuple[str, str, list[np.ndarray]]], segmenter:
 def check_caffe_input(path: str | Path, pixel_std) -> None:
     """The authors' models take mean-subtracted 0-255 input without scaling (std 1)."""
     if not Path(path).is_file():
-        raise WeightsError(f"Caffe model {path} does not exist")
+        raise missing_caffemodel(path)
     if [float(s) for s in pixel_std] != [1.0, 1.0, 1.0]:
         raise WeightsError(f"{path} is one of the authors' Caffe models, which take 0-255 "
                            "input without scaling: set --model.pixel_std=[1,1,1]")
