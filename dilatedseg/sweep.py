@@ -178,10 +178,11 @@ def parse_trial(argv: list[str]) -> dict | None:
     return yaml.safe_load(out.getvalue())
 
 
-def overridden(parsed: dict, params: dict) -> list[str]:
-    """Swept parameters whose proposed value is not what the trial would run: something after
-    ``${args}`` (an extra --config or option) sets them again, so every trial would be alike."""
-    names = []
+def overridden(parsed: dict, params: dict) -> dict[str, str]:
+    """Swept parameters whose proposed value is not what the trial would run (name -> what it
+    would run): something after ``${args}`` (an extra --config or option) sets them again, so
+    every trial would be alike."""
+    names = {}
     for name, spec in params.items():
         value, node, found = plain(spec["value"]), parsed, True
         for key in name.split("."):
@@ -196,7 +197,7 @@ def overridden(parsed: dict, params: dict) -> list[str]:
         else:
             same = node == value or (isinstance(value, list) and node == list(value))
         if not same:
-            names.append(f"{name} (proposed {value!r}, would run {node!r})")
+            names[name] = f"{name} (proposed {value!r}, would run {node!r})"
     return names
 
 
@@ -310,13 +311,14 @@ def run_local(config: dict, name: str, count: int | None, extra: list[str],
     first = next_run(engine_config, [])
     if first is None:
         raise SweepError("the sweep proposes no trials")
-    parsed, clash = None, []
+    parsed, clash = None, {}
     for probe in probes(engine_config):  # whichever values the proposals will take
         parsed = parse_trial(trial_argv(config, probe, extra))
-        clash += overridden(parsed, probe) if parsed else []
+        clash = {**(overridden(parsed, probe) if parsed else {}), **clash}  # each name once
     if clash:
         raise SweepError(
-            f"the arguments after the sweep file set swept parameters again: {'; '.join(clash)}."
+            "the arguments after the sweep file set swept parameters again: "
+            f"{'; '.join(clash.values())}."
             " Every trial would run the same value: leave them out of the extra arguments "
             "(e.g. a --config that sets them)")
     runs_dir = Path(parsed.get("runs_dir") or "runs") if parsed else Path("runs")

@@ -388,6 +388,10 @@ def test_a_clash_is_refused_even_when_the_first_proposal_has_the_same_value(tmp_
         sweep.run_local(config, "cv", None, ["--model.lr=0.01", f"--runs_dir={tmp_path}"],
                         tmp_path / "out")
     assert not (tmp_path / "out").exists()  # refused before anything ran
+    with pytest.raises(SweepError) as error:  # both probes clash: named once
+        sweep.run_local(config, "cv", None, ["--model.lr=0.05", f"--runs_dir={tmp_path}"],
+                        tmp_path / "out")
+    assert str(error.value).count("model.lr (") == 1
 
 
 def test_probes_give_every_swept_parameter_two_values():
