@@ -91,23 +91,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class Timing(float):
-    """Seconds per call: the best of ``runs`` timed calls (the float's value: other load on the
-    machine only ever adds time), with their ``median`` beside it."""
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call over ``runs`` timed calls: the ``best`` (other load on the machine only
+    ever adds time) and the ``median``."""
 
+    best: float
     median: float
     runs: int
 
-    def __new__(cls, times: list[float]) -> Timing:
-        timing = super().__new__(cls, min(times))
-        timing.median, timing.runs = statistics.median(times), len(times)
-        return timing
-
     def scaled(self, factor: float) -> Timing:
         """The same runs, each multiplied by ``factor`` (e.g. per item of a call)."""
-        timing = float.__new__(Timing, float(self) * factor)
-        timing.median, timing.runs = self.median * factor, self.runs
-        return timing
+        return Timing(self.best * factor, self.median * factor, self.runs)
 
     def describe(self) -> str:
         """'best of N, median X ms' (or '1 run')."""
@@ -117,8 +112,7 @@ class Timing(float):
 
 
 def timed(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> Timing:
-    """Wall-clock seconds of ``fn`` over ``reps`` calls, after ``warmup`` calls: the best (the
-    value; other load on the machine only ever adds time), with the median as ``.median``."""
+    """Wall-clock seconds of ``fn`` over ``reps`` calls, after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -128,7 +122,7 @@ def timed(fn: Callable[[], object], device: torch.device, reps: int, warmup: int
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    return Timing(times)
+    return Timing(min(times), statistics.median(times), len(times))
 
 
 def backward_step(module: torch.nn.Module, inputs: torch.Tensor, autocast) -> None:
@@ -142,24 +136,20 @@ def backward_step(module: torch.nn.Module, inputs: torch.Tensor, autocast) -> No
 
 
 def compute_row(bench: str, case: str, device: torch.device, precision: str, batch: int,
-                seconds: float, macs: int, peak: float | None, note: str = "") -> Row:
-    """A measured row: throughput, achieved TFLOP/s and MFU from analytic ``macs`` per item.
-    ``seconds`` from :func:`timed` is the best run: time, throughput and MFU are of that run,
-    and the note says so, with the median run's time and MFU."""
+                timing: Timing, macs: int, peak: float | None, note: str = "") -> Row:
+    """A measured row: throughput, achieved TFLOP/s and MFU from analytic ``macs`` per item,
+    of the best run; the note says so, with the median run's time and MFU."""
     tflop = 2 * macs * batch / 1e12
-    achieved = tflop / seconds
+    achieved = tflop / timing.best
     if device.type == "cuda" and precision == "fp32" and torch.backends.cudnn.allow_tf32:
         precision = "fp32 (TF32 convs)"  # what cuDNN computes, and the peak MFU is taken of
-    median = runs = None
-    if isinstance(seconds, Timing):
-        median, runs = seconds.median * 1e3, seconds.runs
-        spread = seconds.describe()
-        if peak and runs > 1:
-            spread += f" ({tflop / seconds.median / peak:.1%} MFU)"
-        note = "; ".join(x for x in (spread, note) if x)
-    return Row(bench, case, device_label(device), precision, batch, seconds * 1e3,
-               batch / seconds, "img/s", tflop, achieved,
-               achieved / peak if peak else None, note, median, runs)
+    spread = timing.describe()
+    if peak and timing.runs > 1:
+        spread += f" ({tflop / timing.median / peak:.1%} MFU)"
+    note = "; ".join(x for x in (spread, note) if x)
+    return Row(bench, case, device_label(device), precision, batch, timing.best * 1e3,
+               batch / timing.best, "img/s", tflop, achieved,
+               achieved / peak if peak else None, note, timing.median * 1e3, timing.runs)
 
 
 def not_measured(bench: str, case: str, precision: str, batch: int, macs: int,
