@@ -273,10 +273,10 @@ class SegmentationModule(L.LightningModule):
             return
         checkpoint = read_checkpoint(path)
         source = checkpoint.get("state_dict", checkpoint)
+        if self.model.crf is not None:  # before the shapes are compared
+            self.model.crf.upgrade_state_dict(source, "model.crf.")
         own = self.state_dict()
-        # (a CRF-RNN's scalar kernel weights, from before they became C x C, load as w * I)
-        matched = {k: v for k, v in source.items() if k in own and (
-            own[k].shape == v.shape or (k.startswith("model.crf.") and v.dim() == 0))}
+        matched = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
         missing_frontend = [k for k in own if k.startswith("model.frontend.") and k not in matched]
         if missing_frontend:
             raise RunError(
@@ -334,7 +334,11 @@ class SegmentationModule(L.LightningModule):
         """Full-resolution logits of a batch of images, or of cached ``frontend_logits``."""
         if "frontend_logits" in batch:
             return self.cached_batch_logits(batch, use_crf)
-        return predict_logits(self.model, batch["image"], self.hparams.get("tile_size"),
+        return self.image_logits(batch["image"])
+
+    def image_logits(self, image: torch.Tensor) -> torch.Tensor:
+        """Full-resolution logits of images, whole or in the configured tiles."""
+        return predict_logits(self.model, image, self.hparams.get("tile_size"),
                               self.hparams.get("tile_whole_network", False))
 
     def cached_batch_logits(self, batch: dict, use_crf: bool) -> torch.Tensor:
@@ -395,8 +399,7 @@ class SegmentationModule(L.LightningModule):
         self.evaluate(batch, self.test_confusion)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        logits = predict_logits(self.model, batch["image"], self.hparams.get("tile_size"),
-                                self.hparams.get("tile_whole_network", False))
+        logits = self.image_logits(batch["image"])
         return {"name": batch["name"], "prediction": logits.argmax(1).to(torch.uint8)}
 
     def log_iou(self, prefix: str, confusion: ConfusionMatrix) -> None:

@@ -88,13 +88,17 @@ class DenseCRF(nn.Module):
             else:  # fixed: set by the constructor's arguments, not saved in checkpoints
                 self.register_buffer(name, value, persistent=False)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Checkpoints written before the kernel weights became matrices hold scalars w: w * I.
+    def upgrade_state_dict(self, state_dict: dict, prefix: str = "") -> None:
+        """In place: checkpoints written before the CRF-RNN's kernel weights became matrices
+        hold scalars w, which become w * I."""
         for name in ("spatial_weight", "bilateral_weight"):
             value = state_dict.get(prefix + name)
             if self.trainable and value is not None and value.dim() == 0:
                 state_dict[prefix + name] = value * torch.eye(
                     self.num_classes, dtype=value.dtype, device=value.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.upgrade_state_dict(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
