@@ -12,12 +12,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 # A script run as `python3 benchmarks/x.py` has only benchmarks/ on its path: every script
 # imports this module first, so the checkout's package is found, installed or not.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dilatedseg.cli import stage_configs  # noqa: E402
 from dilatedseg.flops import gpu_peak_tflops  # noqa: E402
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
 
 NO_CUDA = "not measured (no CUDA device)"
 H100_BF16_TFLOPS = 989.0
@@ -44,6 +48,20 @@ class Row:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def recipe_model_args(dataset: str, stage: str, **overrides) -> dict:
+    """The ``model`` options of ``make train STAGE=<stage> DATASET=<dataset>``: conf/base.yaml,
+    then the stage's config files in :func:`~dilatedseg.cli.stage_configs`' order (later files
+    win, key by key), then ``overrides``; without the weights to start from (``pretrained``,
+    ``init_from``: a benchmark times the work, not the weights)."""
+    files = [CONF / "base.yaml", *map(Path, stage_configs(CONF, dataset, stage)[1::2])]
+    model = {}
+    for path in files:
+        model.update((yaml.safe_load(path.read_text()) or {}).get("model") or {})
+    model.pop("init_from", None)
+    model["pretrained"] = None
+    return {**model, **overrides}
 
 
 def cpu_model() -> str:

@@ -12,15 +12,15 @@ Adam, float32, no dataloader workers).
 Cityscapes case (:func:`run_cityscapes`, ``--cityscapes H W``): the geometry the >= 20x target
 is about. A synthetic dataset in the real Cityscapes layout and formats
 (``leftImg8bit/train/<city>/*_leftImg8bit.png`` RGB and ``gtFine/train/<city>/
-*_gtFine_labelIds.png`` holding valid label ids, mapped to the 19 train ids as they load) at
-H x W (1024x2048 on a GPU), read through :class:`~dilatedseg.data.CityscapesDataModule`, and the
-Cityscapes context recipe's module (conf/cityscapes.yaml + conf/stage/context.yaml +
-conf/cityscapes/context.yaml): VGG-16 in valid geometry, Dilation10, the frozen deconvolution
-upsampling to full resolution, float32 cross-entropy on full-resolution labels, SGD lr 1e-4
-momentum 0.99, tile_size 1024 for the cache build, bf16-mixed on a GPU, the recipe's
-automatic dataloader workers (pinned memory, persistent workers), whole images. Both runs
-train on whole images with random mirroring (the recipe's ``crop_size: null``: the cached run
-cannot crop, so the uncached one must not either, or it would do less work per image); they
+*_gtFine_labelIds.png`` holding valid label ids, mapped to the 19 train ids as they load) at H x
+W (1024x2048 on a GPU), read through :class:`~dilatedseg.data.CityscapesDataModule`, and the
+Cityscapes context recipe's module, read from its files (conf/base.yaml, conf/cityscapes.yaml,
+conf/stage/context.yaml, conf/cityscapes/context.yaml): VGG-16 in valid geometry, Dilation10,
+the frozen deconvolution upsampling to full resolution, float32 cross-entropy on full-resolution
+labels, SGD lr 1e-4 momentum 0.99, tile_size 1024 for the cache build, bf16-mixed on a GPU, the
+recipe's automatic dataloader workers (pinned memory, persistent workers), whole images. Both
+runs train on whole images with random mirroring (the recipe's ``crop_size: null``: the cached
+run cannot crop, so the uncached one must not either, or it would do less work per image); they
 differ only in where the front-end logits come from.
 
 Per run: the one-off cache build, the epoch time of each way (the fastest epoch after the first,
@@ -44,7 +44,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import lightning as L  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import sync  # noqa: E402
+from common import recipe_model_args, sync  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dilatedseg.data import CityscapesDataModule, ShapesDataModule  # noqa: E402
@@ -181,17 +181,15 @@ def make_cityscapes(root: Path, images: int, size: tuple[int, int], distinct: in
 def cityscapes_once(root: Path, args, cached: bool, cache_dir: Path, cuda: bool) -> Timer:
     """One context-stage run of the Cityscapes recipe (see the module docstring)."""
     L.seed_everything(0, verbose=False)
-    padding = "valid"
+    recipe = recipe_model_args("cityscapes", "context", arch=args.arch,
+                               class_names=list(CityscapesDataModule.classes),
+                               pixel_mean=CityscapesDataModule.mean_rgb,
+                               feature_cache=cached, feature_cache_dir=str(cache_dir))
     data = CityscapesDataModule(root=str(root), batch_size=args.batch_size,
                                 crop_size=None,  # whole images both ways (see the docstring)
-                                context_margin=context_margin(args.arch, padding),
+                                context_margin=context_margin(args.arch, recipe["padding"]),
                                 val_batch_size=1, num_workers=args.num_workers)
-    module = SegmentationModule(
-        19, class_names=list(CityscapesDataModule.classes), stage="context", arch=args.arch,
-        padding=padding, dropout=0.5, context_variant="basic", context_padding="same",
-        dilations="dilation10", upsample="deconv", pixel_mean=CityscapesDataModule.mean_rgb,
-        optimizer="sgd", lr=1e-4, momentum=0.99, weight_decay=5e-4, lr_schedule="constant",
-        tile_size=(1024, 1024), feature_cache=cached, feature_cache_dir=str(cache_dir))
+    module = SegmentationModule(19, **recipe)
     return fit(data, module, args.epochs, cache_dir, "bf16-mixed" if cuda else "32-true")
 
 

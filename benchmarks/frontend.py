@@ -37,6 +37,7 @@ from common import (
     compute_row,
     not_measured,
     peak_tflops,
+    recipe_model_args,
     script_main,
     timed,
 )
@@ -127,12 +128,10 @@ def train_step_row(device, precision, size, batch, reps, peak, arch="vgg16") -> 
     optimiser are not counted, so their time lowers the MFU.
     """
     torch.manual_seed(0)
-    # The Cityscapes recipe (conf/cityscapes.yaml) with stage frontend; no pretrained weights
-    # (the same work). channels_last applies on CUDA only, as in apply_fast_path.
-    module = SegmentationModule(CLASSES, stage="frontend", arch=arch, padding="valid",
-                                dropout=0.5, upsample="deconv", optimizer="sgd", lr=1e-4,
-                                momentum=0.99, weight_decay=5e-4, lr_schedule="constant",
-                                channels_last=True, fc6_space_to_batch=None)
+    # The Cityscapes front-end recipe, without pretrained weights (the same work).
+    # channels_last applies on CUDA only, as in apply_fast_path.
+    module = SegmentationModule(CLASSES, **recipe_model_args(
+        "cityscapes", "frontend", arch=arch, channels_last=True, fc6_space_to_batch=None))
     module.to(device)
     module.apply_fast_path(device)  # what setup() does: channels_last weights on CUDA
     module.train()

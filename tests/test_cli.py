@@ -48,6 +48,25 @@ def test_every_dataset_and_stage_config_parses():
             assert f"stage: {stage.removesuffix('.yaml')}" in out
 
 
+@pytest.mark.parametrize("stage", ["frontend", "context"])
+def test_benchmarks_build_the_module_the_recipe_resolves_to(stage, monkeypatch):
+    """benchmarks/ read the Cityscapes recipe's model options from conf/ (no copied literals):
+    each equals what `dilatedseg fit` resolves for `make train DATASET=cityscapes`."""
+    import yaml
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # as when run as a script
+    from common import recipe_model_args
+
+    recipe = recipe_model_args("cityscapes", stage)
+    configs = ["conf/cityscapes.yaml", f"conf/stage/{stage}.yaml"]
+    if (REPO / "conf/cityscapes" / f"{stage}.yaml").is_file():
+        configs.append(f"conf/cityscapes/{stage}.yaml")
+    resolved = yaml.safe_load(print_config(*configs))["model"]
+    assert recipe["stage"] == stage and recipe["dilations"] == "dilation10"
+    assert recipe.pop("pretrained") is None and "init_from" not in recipe
+    assert {key: resolved[key] for key in recipe} == recipe
+
+
 def test_debug_config_parses():
     out = print_config("conf/shapes.yaml", "conf/debug.yaml")
     assert "limit_train_batches: 2" in out and "CSVLogger" in out
