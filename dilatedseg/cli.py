@@ -48,6 +48,7 @@ from dilatedseg.runs import (
     find_previous_checkpoint,
     forget_earlier_runs,
     is_global_rank_zero,
+    lock_run_dir,
     resolve_checkpoint_alias,
     resolve_run_dir,
 )
@@ -207,6 +208,8 @@ class DilatedSegCLI(LightningCLI):
             config.trainer.precision = default_precision(config.trainer.get("accelerator"))
         run_dir = resolve_run_dir(config.runs_dir, dataset, stage, self.subcommand,
                                   config.get("ckpt_path"), shlex.join(self.command_line))
+        if self.subcommand == "fit" and is_global_rank_zero():
+            lock_run_dir(run_dir)  # one training at a time in a run directory
         config.trainer.default_root_dir = str(run_dir)
         config.checkpoint.dirpath = str(run_dir / "checkpoints")
         attempt = attempt_dir(run_dir)  # config.yaml and CSV logs of this start

@@ -25,14 +25,18 @@ RUN_DIR_ENV = "DILATEDSEG_RUN_DIR"
 COMMAND_FILE = "command.txt"
 # `dilatedseg sweep --local` sets this: rank 0 also writes the run's summary there.
 SUMMARY_PATH_ENV = "DILATEDSEG_SUMMARY_PATH"
+# Held (flock) by the process that trains in a run directory, while it trains.
+LOCK_FILE = ".lock"
 # What a run directory holds before the run has written anything.
-UNUSED_RUN_FILES = {"wandb_id.txt"}
+UNUSED_RUN_FILES = {"wandb_id.txt", LOCK_FILE}
 # The run directory this process made, then the parents that making it created, innermost
 # first (so a failed start can take back what it made, and only that).
 _created_run_dirs: list[Path] = []
 # Set once the run has worked through a batch (not a sanity check): from then on what it
 # wrote (logs, W&B history) is kept even if it fails.
 _run_started = False
+# The open lock file of the run directory this process trains in (see lock_run_dir).
+_run_lock = None
 
 
 class RunError(Exception):
@@ -131,10 +135,46 @@ def attempt_dir(run_dir: Path) -> Path:
 
 def forget_earlier_runs() -> None:
     """A new command in this process (tests, the report and sweeps run several): a failed
-    start takes back only what this command makes, never an earlier run's directories."""
+    start takes back only what this command makes, never an earlier run's directories, and
+    the earlier command's run is no longer locked."""
     global _run_started
     _run_started = False
     _created_run_dirs.clear()
+    release_run_lock()
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Lock ``run_dir`` while this process trains in it, so that a second fit into the same
+    run (resuming a run that is still training, say with --ckpt_path=last) stops before it
+    starts instead of writing its checkpoints and summary over the first's. The kernel
+    releases the lock when the process ends, however it ends (a crash, kill -9, a requeued
+    job), so no stale lock is left behind. Rank 0 only; a filesystem without locks skips it."""
+    global _run_lock
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return
+    release_run_lock()
+    handle = open(run_dir / LOCK_FILE, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RunError(
+            f"the run {run_dir} is still training in another process (it holds "
+            f"{run_dir / LOCK_FILE}): wait for it to finish, or stop it, before resuming it; "
+            "to train meanwhile, start a new run (without --ckpt_path)") from None
+    except OSError:  # no locks on this filesystem
+        handle.close()
+        return
+    _run_lock = handle
+
+
+def release_run_lock() -> None:
+    global _run_lock
+    if _run_lock is not None:
+        _run_lock.close()  # closing the file releases its lock
+        _run_lock = None
 
 
 def make_directories(path: Path) -> list[Path]:

@@ -454,3 +454,22 @@ def test_a_failed_start_takes_back_only_its_own_directories(tmp_path):
     resolve_run_dir(str(runs), "shapes", "context", "fit")  # alone on its branch: all goes
     assert discard_unused_run_dirs() == [runs / "shapes/context/version_0",
                                          runs / "shapes/context"]
+
+
+def test_resuming_a_run_that_is_still_training_is_refused(tiny_shapes, tmp_path, capsys):
+    """--ckpt_path=last while the run it names still trains (another terminal holds its lock):
+    stopped before anything runs, not a second training writing into the same directory."""
+    import fcntl
+
+    from dilatedseg.runs import LOCK_FILE
+
+    run = tmp_path / "shapes" / "frontend" / "version_0"
+    untrained_checkpoint(run / "checkpoints" / "last.ckpt", 4, padding="same")
+    with open(run / LOCK_FILE, "a") as other:  # the training process's lock
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli("fit", *shapes_args(tiny_shapes, tmp_path, "--ckpt_path=last"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"the run {run} is still training in another process" in err
+    assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE, "checkpoints"]  # no resume_0
