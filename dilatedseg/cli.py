@@ -243,9 +243,8 @@ class DilatedSegCLI(LightningCLI):
                 f"{self.subcommand} needs trained weights: pass --ckpt_path=runs/<dataset>/"
                 "<stage>/<version>/checkpoints/best-....ckpt (or --model.init_from=PATH)")
         output = config.get("output")
-        if self.subcommand == "predict" and output and Path(output).exists() and \
-                not Path(output).is_dir():
-            raise RunError(f"--output={output} is a file: name a folder for the predictions")
+        if self.subcommand == "predict" and output:
+            check_predict_output(Path(output))
 
     def check_data(self, config) -> SegmentationDataModule:
         """Missing data fails here, before the model fetches weights or the trainer starts a
@@ -288,6 +287,22 @@ class DilatedSegCLI(LightningCLI):
             output = config.get("output") or Path(trainer.default_root_dir) / "predictions"
             trainer.callbacks.append(PredictionWriter(output))
         return trainer
+
+
+def check_predict_output(output: Path) -> None:
+    """predict --output must be a folder that holds no earlier predictions (they would be
+    overwritten, or mixed with these)."""
+    from dilatedseg.predict_writer import earlier_predictions
+
+    if output.exists() and not output.is_dir():
+        raise RunError(f"--output={output} is a file: name a folder for the predictions")
+    earlier = earlier_predictions(output)
+    if earlier:
+        folders = ", ".join(f"{folder.name}/" for folder in earlier)
+        raise RunError(
+            f"--output={output} already holds predictions ({folders}): they would be "
+            "overwritten or mixed with these. Name a new folder, or move or delete that one "
+            "first")
 
 
 def typed_options(command_line: list[str]) -> set[str]:

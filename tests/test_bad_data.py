@@ -336,6 +336,21 @@ def test_runs_dir_or_predict_output_that_is_a_file(voc, tmp_path, capsys):
     assert blocker.read_text() == "x" and not (tmp_path / "runs").exists()
 
 
+def test_predict_output_holding_earlier_predictions_is_refused(voc, tmp_path, capsys):
+    """A second predict into the same --output (another checkpoint, other images) would
+    overwrite the first one's files and mix the rest in: refused before the run."""
+    output = tmp_path / "predictions"
+    (output / "index").mkdir(parents=True)
+    (output / "index" / "b1.png").write_bytes(b"an earlier prediction")
+    (output / "notes.txt").write_text("mine")
+    checkpoint = fake_checkpoint(tmp_path / "model.ckpt", classes=[str(i) for i in range(21)])
+    err = fails(capsys, "predict", *voc_fit(voc, tmp_path)[1:], f"--ckpt_path={checkpoint}",
+                f"--output={output}")
+    assert f"--output={output} already holds predictions (index/)" in err
+    assert (output / "index" / "b1.png").read_bytes() == b"an earlier prediction"
+    assert not (tmp_path / "runs").exists()
+
+
 def test_image_over_pils_pixel_limit_is_a_data_error(tmp_path, monkeypatch):
     from dilatedseg.data.base import DataError, image_size, read_image, read_index_png
 
