@@ -30,7 +30,12 @@ from lightning.pytorch.cli import (
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from dilatedseg.checkpoints import check_classes, check_resume_dir, checkpoint_hparams
+from dilatedseg.checkpoints import (
+    check_classes,
+    check_frontend,
+    check_resume_dir,
+    checkpoint_hparams,
+)
 from dilatedseg.data import SegmentationDataModule
 from dilatedseg.data.base import DataError
 from dilatedseg.loggers import configure_logger, wandb_server_error
@@ -232,7 +237,9 @@ class DilatedSegCLI(LightningCLI):
             else:  # evaluating it: its weights replace ImageNet's, which need not be read
                 config.model.pretrained = None
         elif init_from and not str(init_from).endswith(".caffemodel"):
-            check_classes(init_from, checkpoint_hparams(init_from), datamodule)
+            hparams = checkpoint_hparams(init_from)
+            check_classes(init_from, hparams, datamodule)
+            check_frontend(init_from, hparams, config.model.arch, config.model.padding)
         elif init_from:  # the authors' model: its shapes are checked as it loads
             try:
                 check_caffe_input(init_from, config.model.pixel_std)

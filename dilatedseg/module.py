@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
-from dilatedseg.checkpoints import read_checkpoint
+from dilatedseg.checkpoints import check_frontend, read_checkpoint
 from dilatedseg.inference import predict_logits
 from dilatedseg.labels import IGNORE_INDEX
 from dilatedseg.metrics import ConfusionMatrix, category_iou, iou_from_confusion, mean_iou
@@ -272,6 +272,8 @@ class SegmentationModule(L.LightningModule):
             self.load_caffemodel(path)
             return
         checkpoint = read_checkpoint(path)
+        hparams = checkpoint.get("hyper_parameters", {})
+        check_frontend(path, hparams, self.hparams.arch, self.hparams.padding)
         source = checkpoint.get("state_dict", checkpoint)
         if self.model.crf is not None:  # before the shapes are compared
             self.model.crf.upgrade_state_dict(source, "model.crf.")
@@ -282,7 +284,7 @@ class SegmentationModule(L.LightningModule):
             raise RunError(
                 f"{path} does not fit this model: front-end weights {missing_frontend[:3]} are "
                 "missing or differ in shape (same arch and num_classes?)")
-        unfit = self.context_misfit(source, checkpoint.get("hyper_parameters", {}))
+        unfit = self.context_misfit(source, hparams)
         if unfit:
             rank_zero_warn(f"{path}: its context module does not fit this one ({unfit}): only "
                            "the front-end is loaded, the context module keeps its "

@@ -262,6 +262,18 @@ def test_init_from_a_checkpoint_with_other_classes(voc, tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def test_init_from_a_front_end_of_the_other_padding(voc, tmp_path, capsys):
+    """Same weight shapes, other geometry: it would load, then compute other logits (frozen,
+    in the context stage). Stopped before anything runs, with the options to set."""
+    same = untrained_checkpoint(tmp_path / "same.ckpt", 21, padding="same")
+    err = fails(capsys, *voc_fit(voc, tmp_path, "--config", "conf/stage/context.yaml",
+                                 f"--model.init_from={same}"))
+    assert f"{same} holds a front-end trained with padding=same, but this model has " \
+           "padding=valid: set --model.padding=same" in err
+    assert "--data.init_args.context_margin=0" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_misspelled_crf_option_is_a_configuration_error(voc, tmp_path, capsys):
     err = fails(capsys, *voc_fit(voc, tmp_path, "--model.crf=dense",
                                  "--model.crf_options={theta_alpa: 80}"))
