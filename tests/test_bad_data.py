@@ -274,6 +274,18 @@ def test_init_from_a_front_end_of_the_other_padding(voc, tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def test_evaluating_init_from_without_weights_for_the_context_module(voc, tmp_path, capsys):
+    """validate with a front-end checkpoint as init_from in the context stage would score an
+    untrained (identity) context module: refused, naming --ckpt_path, which rebuilds the model
+    the checkpoint was trained as."""
+    frontend = untrained_checkpoint(tmp_path / "frontend.ckpt", 21, padding="valid")
+    err = fails(capsys, "validate", *voc_fit(voc, tmp_path, "--config", "conf/stage/context.yaml",
+                                             f"--model.init_from={frontend}")[1:])
+    assert f"{frontend} holds no weights that fit this model's context module (the " \
+           "checkpoint has none)" in err and f"--ckpt_path={frontend}" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_misspelled_crf_option_is_a_configuration_error(voc, tmp_path, capsys):
     err = fails(capsys, *voc_fit(voc, tmp_path, "--model.crf=dense",
                                  "--model.crf_options={theta_alpa: 80}"))
