@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import signal
 import sys
+import textwrap
 import typing
 from pathlib import Path
 
@@ -114,10 +116,36 @@ class ConciseParser(LightningArgumentParser):
             content = " ".join(message.split(":", 1)[1].split())[:60]
             message = ("a --config file holds no options: it is empty, only comments, or not "
                        f"a YAML mapping of options ({content or 'empty'})")
+        message, help_option = subclass_problem(message) or (message, "--help")
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
-        sys.stderr.write(f"error: {message}\n(the options: {prog} --help)\n")
+        sys.stderr.write(f"error: {message}\n(the options: {prog} {help_option})\n")
         sys.exit(2)
+
+
+# jsonargparse's error for an option of a class given by class_path (the data module): each
+# type the option may have, and inside, under this line, the class's own problem.
+CLASS_PROBLEM = re.compile(r"^( *)- Problem with given class_path '([^']+)':\n((?:\1 .*(?:\n|$))+)",
+                           re.MULTILINE)
+
+
+def subclass_problem(message: str) -> tuple[str, str] | None:
+    """The problem of an option of the data module (``--data.init_args.crop_sise=64``, a value
+    of the wrong type, a class_path that does not import), alone and named by its full option,
+    and the --help option that lists the class's options; None for other messages."""
+    key, problem = re.match(r'Parser key "([^"]+)":', message), CLASS_PROBLEM.search(message)
+    if key is None or problem is None:
+        return None
+    key, class_path = key.group(1), problem.group(2)
+    inner = textwrap.dedent(problem.group(3)).strip()
+    name = class_path.rsplit(".", 1)[-1]
+    if inner.startswith("Parser key "):  # a value of the wrong type
+        inner = inner.replace('Parser key "', f'Parser key "{key}.init_args.', 1)
+    elif unknown := re.match(r"Option '([^']+)' is not accepted", inner):
+        inner = f"{name} has no option --{key}.init_args.{unknown.group(1)}"
+    else:  # the class itself
+        return f"--{key}.class_path={class_path}: {inner}", "--help"
+    return inner, f"--{key}.help {name}"
 
 
 class DilatedSegCLI(LightningCLI):

@@ -200,6 +200,21 @@ def test_parse_error_is_the_message_not_the_usage(voc, tmp_path, capsys, option,
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("option,message", [
+    ("--data.init_args.crop_sise=64", "VOCDataModule has no option --data.init_args.crop_sise"),
+    ("--data.init_args.batch_size=abc", 'Parser key "data.init_args.batch_size":'),
+])
+def test_data_option_parse_error_is_the_data_modules_problem(voc, tmp_path, capsys, option,
+                                                             message):
+    """A data option is one of a class given by class_path: jsonargparse's message lists every
+    type --data could have, the problem buried inside. The problem alone comes out, with the
+    --help that lists the data module's options."""
+    err = fails(capsys, *voc_fit(voc, tmp_path, option))
+    assert err.splitlines()[0] == f"error: {message}"
+    assert err.strip().endswith("(the options: dilatedseg fit --data.help VOCDataModule)")
+    assert "Union" not in err and len(err.splitlines()) <= 3
+
+
 def test_context_margin_that_does_not_fit_the_front_end(voc, tmp_path, capsys):
     """The VGG-16 recipe's margin (186) with the tiny front-end (23): named, with the fix,
     before training."""
