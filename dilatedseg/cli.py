@@ -47,7 +47,6 @@ from dilatedseg.models.weights import WeightsError
 from dilatedseg.module import SegmentationModule
 from dilatedseg.runs import (
     COMMAND_FILE,
-    RUN_DIR_ENV,
     RunError,
     RunSummary,
     attempt_dir,
@@ -58,6 +57,9 @@ from dilatedseg.runs import (
     lock_run_dir,
     resolve_checkpoint_alias,
     resolve_run_dir,
+    resume_advice,
+    run_interrupted,
+    run_started,
 )
 from dilatedseg.wandb_images import WandbImages
 
@@ -423,17 +425,23 @@ def main(argv: list[str] | None = None) -> None:
             return summary_main(rest)
         DilatedSegCLI(args=argv)
     except SIGTERMException:  # Lightning stopped cleanly, but the run did not finish
-        last = Path(os.environ.get(RUN_DIR_ENV, ".")) / "checkpoints" / "last.ckpt"
-        advice = ""
-        if verb == "fit" and last.is_file():
-            advice = f"; resume it with --ckpt_path={last}"
-        elif verb == "fit":
-            advice = "; it saved no checkpoint yet: start it again"
-        sys.stderr.write(f"error: interrupted by SIGTERM{advice}\n")
+        advice = resume_advice(verb)
+        sys.stderr.write(f"error: interrupted by SIGTERM{'; ' + advice if advice else ''}\n")
         raise SystemExit(128 + signal.SIGTERM) from None
+    except SystemExit as exit_:  # Lightning exits 1 after Ctrl-C, saying only that
+        if exit_.code != 1 or not run_interrupted():
+            raise
+        advice = resume_advice(verb)
+        sys.stderr.write(f"error: interrupted (Ctrl-C){'; ' + advice if advice else ''}\n")
+        raise SystemExit(128 + signal.SIGINT) from None
     except (DataError, RunError) as error:
+        # Found while training (a damaged file among those not read before): the run stays.
+        advice = resume_advice(verb) if run_started() else ""
         discard_unused_run_dirs()
         sys.stderr.write(f"error: {clean_message(error)}\n")
+        if advice:
+            sys.stderr.write(f"(the run stopped after it had started; once that is fixed, "
+                             f"{advice})\n")
         raise SystemExit(2) from None
     except Exception as error:
         if not wandb_server_error(error):

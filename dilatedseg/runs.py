@@ -35,6 +35,8 @@ _created_run_dirs: list[Path] = []
 # Set once the run has worked through a batch (not a sanity check): from then on what it
 # wrote (logs, W&B history) is kept even if it fails.
 _run_started = False
+# Set when Ctrl-C stopped the run (Lightning then exits 1 after its graceful shutdown).
+_interrupted = False
 # The open lock file of the run directory this process trains in (see lock_run_dir).
 _run_lock = None
 
@@ -137,10 +139,30 @@ def forget_earlier_runs() -> None:
     """A new command in this process (tests, the report and sweeps run several): a failed
     start takes back only what this command makes, never an earlier run's directories, and
     the earlier command's run is no longer locked."""
-    global _run_started
-    _run_started = False
+    global _run_started, _interrupted
+    _run_started = _interrupted = False
     _created_run_dirs.clear()
     release_run_lock()
+
+
+def run_started() -> bool:
+    """Whether this command's run has worked through a batch (see RunSummary)."""
+    return _run_started
+
+
+def run_interrupted() -> bool:
+    """Whether Ctrl-C stopped this command's run."""
+    return _interrupted
+
+
+def resume_advice(subcommand: str) -> str:
+    """For a fit that stopped before its end: how to go on (its last.ckpt, or start again)."""
+    if subcommand != "fit":
+        return ""
+    last = Path(os.environ.get(RUN_DIR_ENV, ".")) / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return f"resume it with --ckpt_path={last}"
+    return "it saved no checkpoint yet: start it again"
 
 
 def lock_run_dir(run_dir: Path) -> None:
@@ -356,6 +378,8 @@ class RunSummary(Callback):
             self.write(trainer, pl_module)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
+        global _interrupted
+        _interrupted = isinstance(exception, KeyboardInterrupt)
         if getattr(self, "history", None) and _run_started:  # not a start that failed
             self.write(trainer, pl_module)
 

@@ -473,3 +473,34 @@ def test_resuming_a_run_that_is_still_training_is_refused(tiny_shapes, tmp_path,
     err = capsys.readouterr().err
     assert f"the run {run} is still training in another process" in err
     assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE, "checkpoints"]  # no resume_0
+
+
+@pytest.mark.parametrize("stop,code,message", [
+    ("ctrl-c", 130, "error: interrupted (Ctrl-C); resume it with --ckpt_path="),
+    ("damaged file", 2, "(the run stopped after it had started; once that is fixed, resume it "
+                        "with --ckpt_path="),
+])
+def test_a_run_stopped_midway_names_the_checkpoint_to_resume_from(tiny_shapes, tmp_path,
+                                                                   monkeypatch, capsys, stop,
+                                                                   code, message):
+    """Ctrl-C (Lightning exits 1, saying only 'attempting graceful shutdown') and a damaged
+    file found in the second epoch: like SIGTERM, the message says how to go on."""
+    from dilatedseg.data import DataError
+    from dilatedseg.module import SegmentationModule
+
+    training_step = SegmentationModule.training_step
+
+    def stopping(self, batch, batch_idx):
+        if self.current_epoch == 1:
+            if stop == "ctrl-c":
+                raise KeyboardInterrupt
+            raise DataError("cannot read image x.png: truncated. Re-download or remove it.")
+        return training_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(SegmentationModule, "training_step", stopping)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", *shapes_args(tiny_shapes, tmp_path, "--trainer.max_epochs=2"))
+    assert exit_info.value.code == code
+    last = only_run(tmp_path / "shapes" / "frontend") / "checkpoints" / "last.ckpt"
+    assert f"{message}{last}" in capsys.readouterr().err
+    assert torch.load(last, weights_only=True)["epoch"] == 0  # kept: the first epoch's
