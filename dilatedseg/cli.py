@@ -229,6 +229,8 @@ class DilatedSegCLI(LightningCLI):
         checkpoints), then resolves init_from, precision and the run directory."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         datamodule = self.check_data(config)
+        if self.subcommand == "fit":
+            check_trains_something(config.trainer)
         dataset, stage = datamodule.name, config.model.stage
         if datamodule.crop_size is not None and self.subcommand == "fit":
             with configuration_errors():
@@ -324,6 +326,18 @@ class DilatedSegCLI(LightningCLI):
             output = config.get("output") or Path(trainer.default_root_dir) / "predictions"
             trainer.callbacks.append(PredictionWriter(output))
         return trainer
+
+
+def check_trains_something(trainer) -> None:
+    """A fit whose length is 0 (epochs, steps or training batches) stops at once, leaving an
+    empty run, and exits 0 as if it had trained."""
+    fixes = {"max_epochs": "-1: no epoch limit", "max_steps": "-1: no step limit",
+             "limit_train_batches": "1.0: all of them; to score a checkpoint without training, "
+                                    "use dilatedseg validate"}
+    for key, fix in fixes.items():
+        if trainer.get(key) == 0:
+            raise RunError(f"bad configuration: --trainer.{key}=0 trains nothing: give it at "
+                           f"least 1 ({fix})")
 
 
 def check_predict_output(output: Path) -> None:

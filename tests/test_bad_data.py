@@ -328,6 +328,8 @@ def test_empty_predict_dir_stops_before_the_run(voc, tmp_path, capsys):
     ("--model.lr=-1", "need lr > 0, 0 <= momentum < 1"),
     ("--model.momentum=1.5", "need lr > 0, 0 <= momentum < 1"),
     ("--model.pixel_std=[0,0,0]", "pixel_mean and pixel_std take 3 values"),  # was: NaN
+    ("--trainer.max_epochs=0", "--trainer.max_epochs=0 trains nothing"),  # was: an empty run
+    ("--trainer.limit_train_batches=0", "--trainer.limit_train_batches=0 trains nothing"),
 ])
 def test_sizes_that_cannot_work_are_configuration_errors(voc, tmp_path, capsys, option,
                                                          message):
