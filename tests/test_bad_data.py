@@ -43,6 +43,15 @@ def test_missing_root(tmp_path, capsys):
     assert "Download: http://host.robots.ox.ac.uk/pascal/VOC/voc2012/" in err  # where from
 
 
+@pytest.mark.parametrize("root", [".", "voc/VOCdevkit", "voc/VOCdevkit/VOC2012"])
+def test_root_one_level_off_names_the_root_that_holds_the_tree(voc, tmp_path, capsys, root):
+    """Not only "prepare it there" (which would fail too): the folder that holds the tree."""
+    err = fails(capsys, *voc_fit(tmp_path / root, tmp_path))
+    assert err.splitlines()[-1].endswith(f"is missing, but {voc} holds the voc tree: pass "
+                                         f"--data.init_args.root={voc}")
+    assert len(err.splitlines()) == 1
+
+
 def test_missing_split_list(voc, tmp_path, capsys):
     (voc / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").unlink()
     err = fails(capsys, *voc_fit(voc, tmp_path))

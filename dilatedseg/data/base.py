@@ -7,6 +7,7 @@ labels need mapping, ``read_label(path)`` returns a uint8 index map (255 = ignor
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -399,7 +400,15 @@ class SegmentationDataModule(L.LightningDataModule):
             raise self.missing(f"dataset root {self.root} is a file, not the dataset's folder")
         if not self.root.is_dir():
             raise self.missing(f"dataset root {self.root} does not exist")
-        pairs = self.pairs(split)
+        try:
+            pairs = self.pairs(split)
+        except DataError as error:
+            found = self.nearby_root(split)
+            if found is None:
+                raise
+            problem = str(error).splitlines()[0].rstrip(".")
+            raise DataError(f"{problem}, but {found} holds the {self.name} tree: pass "
+                            f"--data.init_args.root={found}") from None
         if not pairs:
             raise self.missing(f"no images found for split '{split}'")
         if labelled and all(label is None for _, label in pairs):
@@ -413,6 +422,22 @@ class SegmentationDataModule(L.LightningDataModule):
             if label is not None and not label.is_file():
                 raise self.missing(f"image {image} has no label file {label}")
         return pairs
+
+    def nearby_root(self, split: str, limit: int = 100) -> Path | None:
+        """A folder whose files ``split`` would be read from, one or two levels above the root
+        (a root given too low, say VOCdevkit/VOC2012) or one below it (given too high), else
+        None."""
+        below = sorted(p for p in self.root.iterdir() if p.is_dir())[:limit]
+        for candidate in [*self.root.parents[:2], *below]:
+            other = copy.copy(self)
+            other.root = candidate
+            try:
+                pairs = other.pairs(split)
+            except (DataError, OSError):
+                continue
+            if pairs and pairs[0][0].is_file():
+                return candidate
+        return None
 
     def stage_splits(self, stage: str) -> list[str]:
         """The splits ``setup(stage)`` reads."""
