@@ -52,6 +52,14 @@ def test_root_one_level_off_names_the_root_that_holds_the_tree(voc, tmp_path, ca
     assert len(err.splitlines()) == 1
 
 
+def test_tree_of_the_other_layout_names_the_layout(tmp_path, capsys):
+    root = make_camvid_segnet(tmp_path / "camvid")
+    err = fails(capsys, "fit", *tiny_args("camvid", root, tmp_path / "runs",
+                                          "--data.init_args.layout=original"))
+    assert err.strip().endswith(f"but {root} holds the camvid tree of layout segnet: pass "
+                                "--data.init_args.layout=segnet")
+
+
 def test_missing_split_list(voc, tmp_path, capsys):
     (voc / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").unlink()
     err = fails(capsys, *voc_fit(voc, tmp_path))

@@ -403,12 +403,16 @@ class SegmentationDataModule(L.LightningDataModule):
         try:
             pairs = self.pairs(split)
         except DataError as error:
-            found = self.nearby_root(split)
+            found = self.nearby_tree(split)
             if found is None:
                 raise
+            root, layout = found
+            options = [f"--data.init_args.{key}={value}" for key, value, ours in (
+                ("root", root, self.root), ("layout", layout, self.layout_name)) if value != ours]
             problem = str(error).splitlines()[0].rstrip(".")
-            raise DataError(f"{problem}, but {found} holds the {self.name} tree: pass "
-                            f"--data.init_args.root={found}") from None
+            raise DataError(f"{problem}, but {root} holds the {self.name} tree"
+                            f"{f' of layout {layout}' if layout != self.layout_name else ''}: "
+                            f"pass {' '.join(options)}") from None
         if not pairs:
             raise self.missing(f"no images found for split '{split}'")
         if labelled and all(label is None for _, label in pairs):
@@ -423,20 +427,23 @@ class SegmentationDataModule(L.LightningDataModule):
                 raise self.missing(f"image {image} has no label file {label}")
         return pairs
 
-    def nearby_root(self, split: str, limit: int = 100) -> Path | None:
-        """A folder whose files ``split`` would be read from, one or two levels above the root
-        (a root given too low, say VOCdevkit/VOC2012) or one below it (given too high), else
-        None."""
+    def nearby_tree(self, split: str, limit: int = 100) -> tuple[Path, str | None] | None:
+        """(root, layout) of the files ``split`` would be read from when the root or layout is
+        off: the root's files in another of ``layouts``, or this layout one or two levels above
+        the root (a root given too low, say VOCdevkit/VOC2012) or one below it (given too
+        high); None when there are none."""
         below = sorted(p for p in self.root.iterdir() if p.is_dir())[:limit]
-        for candidate in [*self.root.parents[:2], *below]:
+        candidates = [(self.root, layout) for layout in self.layouts if layout != self.layout_name]
+        candidates += [(root, self.layout_name) for root in [*self.root.parents[:2], *below]]
+        for root, layout in candidates:
             other = copy.copy(self)
-            other.root = candidate
+            other.root, other.layout_name = root, layout
             try:
                 pairs = other.pairs(split)
             except (DataError, OSError):
                 continue
             if pairs and pairs[0][0].is_file():
-                return candidate
+                return root, layout
         return None
 
     def stage_splits(self, stage: str) -> list[str]:
