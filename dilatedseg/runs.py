@@ -192,6 +192,24 @@ def lock_run_dir(run_dir: Path) -> None:
     _run_lock = handle
 
 
+def run_in_progress(run_dir: Path) -> bool:
+    """Whether a process trains in ``run_dir`` now (holds its lock, see lock_run_dir)."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    if not (run_dir / LOCK_FILE).is_file():
+        return False
+    with open(run_dir / LOCK_FILE) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:  # no locks on this filesystem
+            return False
+    return False
+
+
 def release_run_lock() -> None:
     global _run_lock
     if _run_lock is not None:
@@ -324,6 +342,11 @@ def find_previous_checkpoint(runs_dir: str, dataset: str, stage: str) -> Path:
     for candidate in previous:
         for which in ("best", "last"):
             checkpoint = latest_checkpoint(runs_dir, dataset, candidate, which)
+            if checkpoint is not None and run_in_progress(checkpoint.parent.parent):
+                raise RunError(
+                    f"init_from: auto found {checkpoint}, but its '{candidate}' run is still "
+                    "training: wait for it to finish, or name the weights yourself with "
+                    "--model.init_from=PATH (make train ... INIT=PATH)")
             if checkpoint is not None:
                 return checkpoint
     where = ", ".join(f"{runs_dir}/{dataset}/{s}/" for s in previous)

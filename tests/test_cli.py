@@ -504,3 +504,20 @@ def test_a_run_stopped_midway_names_the_checkpoint_to_resume_from(tiny_shapes, t
     last = only_run(tmp_path / "shapes" / "frontend") / "checkpoints" / "last.ckpt"
     assert f"{message}{last}" in capsys.readouterr().err
     assert torch.load(last, weights_only=True)["epoch"] == 0  # kept: the first epoch's
+
+
+def test_init_from_auto_does_not_start_from_a_run_that_is_still_training(tmp_path):
+    """The front-end's best checkpoint so far, of a run still training, is not a finished
+    front-end: the context stage stops and says so, rather than start from it silently."""
+    import fcntl
+
+    from dilatedseg.runs import LOCK_FILE, RunError, find_previous_checkpoint
+
+    run = tmp_path / "shapes" / "frontend" / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best-epoch000-miou40.00.ckpt").write_bytes(b"weights")
+    with open(run / LOCK_FILE, "a") as training:
+        fcntl.flock(training, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RunError, match=r"its 'frontend' run is still training: wait"):
+            find_previous_checkpoint(str(tmp_path), "shapes", "context")
+    assert find_previous_checkpoint(str(tmp_path), "shapes", "context").parent.parent == run
