@@ -68,6 +68,17 @@ def test_missing_split_list(voc, tmp_path, capsys):
     assert "train_aug.txt (SBD's list, written by prepare) is missing" in err
 
 
+def test_empty_split_names_the_empty_list_or_folder(voc, tmp_path, capsys):
+    """Was "no images found for split 'val'", which named neither."""
+    listing = voc / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt"
+    listing.write_text("\n")
+    err = fails(capsys, *voc_fit(voc, tmp_path))
+    assert f"voc: split list {listing} is empty" in err
+    root = make_camvid_segnet(tmp_path / "camvid", counts={"train": 2, "val": 0})
+    err = fails(capsys, "fit", *tiny_args("camvid", root, tmp_path / "runs"))
+    assert f"camvid: image folder {root / 'val'} holds no *.png images" in err
+
+
 def test_image_without_label(voc, tmp_path, capsys):
     (voc / "VOCdevkit/VOC2012/SegmentationClass/a2.png").unlink()
     err = fails(capsys, *voc_fit(voc, tmp_path))

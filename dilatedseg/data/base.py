@@ -383,16 +383,24 @@ class SegmentationDataModule(L.LightningDataModule):
                          f"Prepare it with: {self.prepare_command}")
 
     def images_in(self, folder: Path, pattern: str = "*.png") -> list[Path]:
-        """The images matching ``pattern`` under ``folder``, sorted; a missing folder stops."""
+        """The images matching ``pattern`` under ``folder``, sorted; a missing folder, or one
+        without such images, stops."""
         if not folder.is_dir():
             raise self.missing(f"image folder {folder} is missing")
-        return sorted(folder.glob(pattern))
+        images = sorted(folder.glob(pattern))
+        if not images:
+            raise self.missing(f"image folder {folder} holds no {pattern} images")
+        return images
 
     def listed_names(self, listing: Path, hint: str = "") -> list[str]:
-        """The image names of a split list (see :func:`list_names`); a missing list stops."""
+        """The image names of a split list (see :func:`list_names`); a missing or empty list
+        stops."""
         if not listing.is_file():
             raise self.missing(f"split list {listing}{hint} is missing")
-        return list_names(listing)
+        names = list_names(listing)
+        if not names:
+            raise self.missing(f"split list {listing}{hint} is empty")
+        return names
 
     def checked_pairs(self, split: str, labelled: bool = False) -> list[tuple[Path, Path | None]]:
         """``pairs(split)`` with every listed file present (and labels, if ``labelled``)."""
