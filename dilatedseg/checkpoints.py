@@ -61,6 +61,26 @@ def check_classes(path: str, hparams: dict, datamodule) -> None:
             f"{datamodule.num_classes}: use a checkpoint trained on {datamodule.name}")
 
 
+def check_frontend(path: str, hparams: dict, arch: str, padding: str) -> None:
+    """A checkpoint's front-end must be of the model's arch and geometry: one trained with
+    the other padding has the same weight shapes, so it would load, and then compute other
+    logits than it was trained to (a frozen front-end in the context stage never adapts)."""
+    ours = {"arch": arch, "padding": padding}
+    theirs = {key: hparams[key] for key in ours if hparams.get(key) is not None}
+    differ = [key for key in theirs if theirs[key] != ours[key]]
+    if differ:
+        from dilatedseg.models.frontend import context_margin
+
+        trained = ", ".join(f"{key}={theirs[key]}" for key in differ)
+        options = " ".join(f"--model.{key}={theirs[key]}" for key in differ)
+        margin = context_margin(theirs.get("arch", arch), theirs.get("padding", padding))
+        raise RunError(
+            f"{path} holds a front-end trained with {trained}, but this model has "
+            f"{', '.join(f'{key}={ours[key]}' for key in differ)}: set {options} (training "
+            f"crops then carry --data.init_args.context_margin={margin}), or start from a "
+            "checkpoint of this front-end")
+
+
 def check_resume_dir(ckpt_path: str, dataset: str, stage: str) -> None:
     """Resuming continues in the checkpoint's run directory: it must be a run of this dataset
     and stage, or the run would write into (and mix up) another one."""

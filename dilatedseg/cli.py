@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import signal
 import sys
+import textwrap
 import typing
 from pathlib import Path
 
@@ -30,7 +32,12 @@ from lightning.pytorch.cli import (
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from dilatedseg.checkpoints import check_classes, check_resume_dir, checkpoint_hparams
+from dilatedseg.checkpoints import (
+    check_classes,
+    check_frontend,
+    check_resume_dir,
+    checkpoint_hparams,
+)
 from dilatedseg.data import SegmentationDataModule
 from dilatedseg.data.base import DataError
 from dilatedseg.loggers import configure_logger, wandb_server_error
@@ -40,7 +47,6 @@ from dilatedseg.models.weights import WeightsError
 from dilatedseg.module import SegmentationModule
 from dilatedseg.runs import (
     COMMAND_FILE,
-    RUN_DIR_ENV,
     RunError,
     RunSummary,
     attempt_dir,
@@ -48,8 +54,12 @@ from dilatedseg.runs import (
     find_previous_checkpoint,
     forget_earlier_runs,
     is_global_rank_zero,
+    lock_run_dir,
     resolve_checkpoint_alias,
     resolve_run_dir,
+    resume_advice,
+    run_interrupted,
+    run_started,
 )
 from dilatedseg.wandb_images import WandbImages
 
@@ -108,10 +118,36 @@ class ConciseParser(LightningArgumentParser):
             content = " ".join(message.split(":", 1)[1].split())[:60]
             message = ("a --config file holds no options: it is empty, only comments, or not "
                        f"a YAML mapping of options ({content or 'empty'})")
+        message, help_option = subclass_problem(message) or (message, "--help")
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
-        sys.stderr.write(f"error: {message}\n(the options: {prog} --help)\n")
+        sys.stderr.write(f"error: {message}\n(the options: {prog} {help_option})\n")
         sys.exit(2)
+
+
+# jsonargparse's error for an option of a class given by class_path (the data module): each
+# type the option may have, and inside, under this line, the class's own problem.
+CLASS_PROBLEM = re.compile(r"^( *)- Problem with given class_path '([^']+)':\n((?:\1 .*(?:\n|$))+)",
+                           re.MULTILINE)
+
+
+def subclass_problem(message: str) -> tuple[str, str] | None:
+    """The problem of an option of the data module (``--data.init_args.crop_sise=64``, a value
+    of the wrong type, a class_path that does not import), alone and named by its full option,
+    and the --help option that lists the class's options; None for other messages."""
+    key, problem = re.match(r'Parser key "([^"]+)":', message), CLASS_PROBLEM.search(message)
+    if key is None or problem is None:
+        return None
+    key, class_path = key.group(1), problem.group(2)
+    inner = textwrap.dedent(problem.group(3)).strip()
+    name = class_path.rsplit(".", 1)[-1]
+    if inner.startswith("Parser key "):  # a value of the wrong type
+        inner = inner.replace('Parser key "', f'Parser key "{key}.init_args.', 1)
+    elif unknown := re.match(r"Option '([^']+)' is not accepted", inner):
+        inner = f"{name} has no option --{key}.init_args.{unknown.group(1)}"
+    else:  # the class itself
+        return f"--{key}.class_path={class_path}: {inner}", "--help"
+    return inner, f"--{key}.help {name}"
 
 
 class DilatedSegCLI(LightningCLI):
@@ -193,6 +229,8 @@ class DilatedSegCLI(LightningCLI):
         checkpoints), then resolves init_from, precision and the run directory."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         datamodule = self.check_data(config)
+        if self.subcommand == "fit":
+            check_trains_something(config.trainer)
         dataset, stage = datamodule.name, config.model.stage
         if datamodule.crop_size is not None and self.subcommand == "fit":
             with configuration_errors():
@@ -207,6 +245,8 @@ class DilatedSegCLI(LightningCLI):
             config.trainer.precision = default_precision(config.trainer.get("accelerator"))
         run_dir = resolve_run_dir(config.runs_dir, dataset, stage, self.subcommand,
                                   config.get("ckpt_path"), shlex.join(self.command_line))
+        if self.subcommand == "fit" and is_global_rank_zero():
+            lock_run_dir(run_dir)  # one training at a time in a run directory
         config.trainer.default_root_dir = str(run_dir)
         config.checkpoint.dirpath = str(run_dir / "checkpoints")
         attempt = attempt_dir(run_dir)  # config.yaml and CSV logs of this start
@@ -229,7 +269,9 @@ class DilatedSegCLI(LightningCLI):
             else:  # evaluating it: its weights replace ImageNet's, which need not be read
                 config.model.pretrained = None
         elif init_from and not str(init_from).endswith(".caffemodel"):
-            check_classes(init_from, checkpoint_hparams(init_from), datamodule)
+            hparams = checkpoint_hparams(init_from)
+            check_classes(init_from, hparams, datamodule)
+            check_frontend(init_from, hparams, config.model.arch, config.model.padding)
         elif init_from:  # the authors' model: its shapes are checked as it loads
             try:
                 check_caffe_input(init_from, config.model.pixel_std)
@@ -240,9 +282,8 @@ class DilatedSegCLI(LightningCLI):
                 f"{self.subcommand} needs trained weights: pass --ckpt_path=runs/<dataset>/"
                 "<stage>/<version>/checkpoints/best-....ckpt (or --model.init_from=PATH)")
         output = config.get("output")
-        if self.subcommand == "predict" and output and Path(output).exists() and \
-                not Path(output).is_dir():
-            raise RunError(f"--output={output} is a file: name a folder for the predictions")
+        if self.subcommand == "predict" and output:
+            check_predict_output(Path(output))
 
     def check_data(self, config) -> SegmentationDataModule:
         """Missing data fails here, before the model fetches weights or the trainer starts a
@@ -285,6 +326,34 @@ class DilatedSegCLI(LightningCLI):
             output = config.get("output") or Path(trainer.default_root_dir) / "predictions"
             trainer.callbacks.append(PredictionWriter(output))
         return trainer
+
+
+def check_trains_something(trainer) -> None:
+    """A fit whose length is 0 (epochs, steps or training batches) stops at once, leaving an
+    empty run, and exits 0 as if it had trained."""
+    fixes = {"max_epochs": "-1: no epoch limit", "max_steps": "-1: no step limit",
+             "limit_train_batches": "1.0: all of them; to score a checkpoint without training, "
+                                    "use dilatedseg validate"}
+    for key, fix in fixes.items():
+        if trainer.get(key) == 0:
+            raise RunError(f"bad configuration: --trainer.{key}=0 trains nothing: give it at "
+                           f"least 1 ({fix})")
+
+
+def check_predict_output(output: Path) -> None:
+    """predict --output must be a folder that holds no earlier predictions (they would be
+    overwritten, or mixed with these)."""
+    from dilatedseg.predict_writer import earlier_predictions
+
+    if output.exists() and not output.is_dir():
+        raise RunError(f"--output={output} is a file: name a folder for the predictions")
+    earlier = earlier_predictions(output)
+    if earlier:
+        folders = ", ".join(f"{folder.name}/" for folder in earlier)
+        raise RunError(
+            f"--output={output} already holds predictions ({folders}): they would be "
+            "overwritten or mixed with these. Name a new folder, or move or delete that one "
+            "first")
 
 
 def typed_options(command_line: list[str]) -> set[str]:
@@ -370,17 +439,23 @@ def main(argv: list[str] | None = None) -> None:
             return summary_main(rest)
         DilatedSegCLI(args=argv)
     except SIGTERMException:  # Lightning stopped cleanly, but the run did not finish
-        last = Path(os.environ.get(RUN_DIR_ENV, ".")) / "checkpoints" / "last.ckpt"
-        advice = ""
-        if verb == "fit" and last.is_file():
-            advice = f"; resume it with --ckpt_path={last}"
-        elif verb == "fit":
-            advice = "; it saved no checkpoint yet: start it again"
-        sys.stderr.write(f"error: interrupted by SIGTERM{advice}\n")
+        advice = resume_advice(verb)
+        sys.stderr.write(f"error: interrupted by SIGTERM{'; ' + advice if advice else ''}\n")
         raise SystemExit(128 + signal.SIGTERM) from None
+    except SystemExit as exit_:  # Lightning exits 1 after Ctrl-C, saying only that
+        if exit_.code != 1 or not run_interrupted():
+            raise
+        advice = resume_advice(verb)
+        sys.stderr.write(f"error: interrupted (Ctrl-C){'; ' + advice if advice else ''}\n")
+        raise SystemExit(128 + signal.SIGINT) from None
     except (DataError, RunError) as error:
+        # Found while training (a damaged file among those not read before): the run stays.
+        advice = resume_advice(verb) if run_started() else ""
         discard_unused_run_dirs()
         sys.stderr.write(f"error: {clean_message(error)}\n")
+        if advice:
+            sys.stderr.write(f"(the run stopped after it had started; once that is fixed, "
+                             f"{advice})\n")
         raise SystemExit(2) from None
     except Exception as error:
         if not wandb_server_error(error):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
-from dilatedseg.checkpoints import read_checkpoint
+from dilatedseg.checkpoints import check_frontend, read_checkpoint
 from dilatedseg.inference import predict_logits
 from dilatedseg.labels import IGNORE_INDEX
 from dilatedseg.metrics import ConfusionMatrix, category_iou, iou_from_confusion, mean_iou
@@ -190,7 +190,7 @@ class SegmentationModule(L.LightningModule):
             raise RunError("stage 'crf' trains a CRF-RNN: set --model.crf=rnn")
         # Runs before Lightning restores a ckpt_path, so resuming still wins over init_from;
         # evaluating without a checkpoint evaluates init_from's weights.
-        self.load_initial_weights()
+        self.load_initial_weights(evaluating=stage != "fit")
         self.apply_fast_path(self.trainer.strategy.root_device)
 
     def check_context_margin(self, margin: int) -> None:
@@ -218,16 +218,18 @@ class SegmentationModule(L.LightningModule):
                     part.compile()  # in place: parameter names and checkpoints unchanged
             self.compiled = True
 
-    def load_initial_weights(self) -> None:
+    def load_initial_weights(self, evaluating: bool = False) -> None:
         """Load the starting weights once, before ``setup`` ends (the feature cache needs
         them): those of ``checkpoint_path`` when set (the CLI sets it to --ckpt_path, whose
         weights Lightning restores only after setup: resuming, or evaluating a checkpoint;
-        init_from is not read then, it may be gone), else ``init_from``'s."""
+        init_from is not read then, it may be gone), else ``init_from``'s. ``evaluating``:
+        for validate / test / predict, where weights must not be left untrained (see
+        :meth:`load_weights`)."""
         if self.initial_weights_loaded:
             return
         source = self.checkpoint_path or self.hparams.init_from
         if source:
-            self.load_weights(source)
+            self.load_weights(source, evaluating)
         self.initial_weights_loaded = True
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -262,9 +264,11 @@ class SegmentationModule(L.LightningModule):
                     if key != "step" and torch.is_tensor(value) and value.dim() == 0:
                         values[key] = value * eye.to(value)
 
-    def load_weights(self, path: str) -> None:
+    def load_weights(self, path: str, evaluating: bool = False) -> None:
         """Copy matching weights from a checkpoint of any stage (weights only, no state), or
-        from one of the authors' published .caffemodel files."""
+        from one of the authors' published .caffemodel files. A context module the checkpoint
+        does not fill keeps its initialisation when training (with a warning); when
+        ``evaluating`` it is an error: the scores would be an untrained module's."""
         if not Path(path).is_file():
             raise RunError(f"init_from checkpoint {path} does not exist: pass the path of an "
                            "earlier stage's .ckpt, or init_from: auto to find it under runs/")
@@ -272,6 +276,8 @@ class SegmentationModule(L.LightningModule):
             self.load_caffemodel(path)
             return
         checkpoint = read_checkpoint(path)
+        hparams = checkpoint.get("hyper_parameters", {})
+        check_frontend(path, hparams, self.hparams.arch, self.hparams.padding)
         source = checkpoint.get("state_dict", checkpoint)
         if self.model.crf is not None:  # before the shapes are compared
             self.model.crf.upgrade_state_dict(source, "model.crf.")
@@ -282,7 +288,15 @@ class SegmentationModule(L.LightningModule):
             raise RunError(
                 f"{path} does not fit this model: front-end weights {missing_frontend[:3]} are "
                 "missing or differ in shape (same arch and num_classes?)")
-        unfit = self.context_misfit(source, checkpoint.get("hyper_parameters", {}))
+        unfit = self.context_misfit(source, hparams)
+        if evaluating and self.model.context is not None and (unfit or not any(
+                key.startswith("model.context.") for key in matched)):
+            raise RunError(
+                f"{path} holds no weights that fit this model's context module "
+                f"({unfit or 'the checkpoint has none'}), so the scores would be those of an "
+                f"untrained one: evaluate the checkpoint as it was trained with "
+                f"--ckpt_path={path} (its saved options rebuild its model), or pass the "
+                "options it was trained with")
         if unfit:
             rank_zero_warn(f"{path}: its context module does not fit this one ({unfit}): only "
                            "the front-end is loaded, the context module keeps its "

@@ -27,6 +27,16 @@ from PIL import Image
 
 from dilatedseg import viz
 
+# The folders a prediction's files go to (labelIds/ only for datasets with submission ids).
+FOLDERS = ("index", "colour", "overlay", "labelIds")
+
+
+def earlier_predictions(output_dir: str | Path) -> list[Path]:
+    """The prediction folders under ``output_dir`` that already hold files (an earlier
+    predict's): predicting into them would overwrite some and mix in the rest."""
+    folders = [Path(output_dir) / folder for folder in FOLDERS]
+    return [folder for folder in folders if folder.is_dir() and any(folder.iterdir())]
+
 
 class PredictionWriter(BasePredictionWriter):
     """Lightning callback writing each predicted batch (see the module docstring)."""

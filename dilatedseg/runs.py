@@ -25,14 +25,20 @@ RUN_DIR_ENV = "DILATEDSEG_RUN_DIR"
 COMMAND_FILE = "command.txt"
 # `dilatedseg sweep --local` sets this: rank 0 also writes the run's summary there.
 SUMMARY_PATH_ENV = "DILATEDSEG_SUMMARY_PATH"
+# Held (flock) by the process that trains in a run directory, while it trains.
+LOCK_FILE = ".lock"
 # What a run directory holds before the run has written anything.
-UNUSED_RUN_FILES = {"wandb_id.txt"}
+UNUSED_RUN_FILES = {"wandb_id.txt", LOCK_FILE}
 # The run directory this process made, then the parents that making it created, innermost
 # first (so a failed start can take back what it made, and only that).
 _created_run_dirs: list[Path] = []
 # Set once the run has worked through a batch (not a sanity check): from then on what it
 # wrote (logs, W&B history) is kept even if it fails.
 _run_started = False
+# Set when Ctrl-C stopped the run (Lightning then exits 1 after its graceful shutdown).
+_interrupted = False
+# The open lock file of the run directory this process trains in (see lock_run_dir).
+_run_lock = None
 
 
 class RunError(Exception):
@@ -131,10 +137,84 @@ def attempt_dir(run_dir: Path) -> Path:
 
 def forget_earlier_runs() -> None:
     """A new command in this process (tests, the report and sweeps run several): a failed
-    start takes back only what this command makes, never an earlier run's directories."""
-    global _run_started
-    _run_started = False
+    start takes back only what this command makes, never an earlier run's directories, and
+    the earlier command's run is no longer locked."""
+    global _run_started, _interrupted
+    _run_started = _interrupted = False
     _created_run_dirs.clear()
+    release_run_lock()
+
+
+def run_started() -> bool:
+    """Whether this command's run has worked through a batch (see RunSummary)."""
+    return _run_started
+
+
+def run_interrupted() -> bool:
+    """Whether Ctrl-C stopped this command's run."""
+    return _interrupted
+
+
+def resume_advice(subcommand: str) -> str:
+    """For a fit that stopped before its end: how to go on (its last.ckpt, or start again)."""
+    if subcommand != "fit":
+        return ""
+    last = Path(os.environ.get(RUN_DIR_ENV, ".")) / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return f"resume it with --ckpt_path={last}"
+    return "it saved no checkpoint yet: start it again"
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Lock ``run_dir`` while this process trains in it, so that a second fit into the same
+    run (resuming a run that is still training, say with --ckpt_path=last) stops before it
+    starts instead of writing its checkpoints and summary over the first's. The kernel
+    releases the lock when the process ends, however it ends (a crash, kill -9, a requeued
+    job), so no stale lock is left behind. Rank 0 only; a filesystem without locks skips it."""
+    global _run_lock
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return
+    release_run_lock()
+    handle = open(run_dir / LOCK_FILE, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RunError(
+            f"the run {run_dir} is still training in another process (it holds "
+            f"{run_dir / LOCK_FILE}): wait for it to finish, or stop it, before resuming it; "
+            "to train meanwhile, start a new run (without --ckpt_path)") from None
+    except OSError:  # no locks on this filesystem
+        handle.close()
+        return
+    _run_lock = handle
+
+
+def run_in_progress(run_dir: Path) -> bool:
+    """Whether a process trains in ``run_dir`` now (holds its lock, see lock_run_dir)."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    if not (run_dir / LOCK_FILE).is_file():
+        return False
+    with open(run_dir / LOCK_FILE) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:  # no locks on this filesystem
+            return False
+    return False
+
+
+def release_run_lock() -> None:
+    global _run_lock
+    if _run_lock is not None:
+        _run_lock.close()  # closing the file releases its lock
+        _run_lock = None
 
 
 def make_directories(path: Path) -> list[Path]:
@@ -262,6 +342,11 @@ def find_previous_checkpoint(runs_dir: str, dataset: str, stage: str) -> Path:
     for candidate in previous:
         for which in ("best", "last"):
             checkpoint = latest_checkpoint(runs_dir, dataset, candidate, which)
+            if checkpoint is not None and run_in_progress(checkpoint.parent.parent):
+                raise RunError(
+                    f"init_from: auto found {checkpoint}, but its '{candidate}' run is still "
+                    "training: wait for it to finish, or name the weights yourself with "
+                    "--model.init_from=PATH (make train ... INIT=PATH)")
             if checkpoint is not None:
                 return checkpoint
     where = ", ".join(f"{runs_dir}/{dataset}/{s}/" for s in previous)
@@ -316,6 +401,8 @@ class RunSummary(Callback):
             self.write(trainer, pl_module)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
+        global _interrupted
+        _interrupted = isinstance(exception, KeyboardInterrupt)
         if getattr(self, "history", None) and _run_started:  # not a start that failed
             self.write(trainer, pl_module)
 

@@ -202,14 +202,19 @@ def overridden(parsed: dict, params: dict) -> dict[str, str]:
 
 
 def probes(engine_config) -> list[dict]:
-    """Two sets of parameters in which every swept parameter with more than one value takes two
-    different ones (its 1st and 99th percentiles: two of its values, even when one is far more
-    probable, or two points of its range), so that :func:`overridden` finds an argument that
-    sets it again, whatever it sets."""
+    """Sets of parameters, parsed before the first trial, in which every value a list offers
+    appears (a typo in any of them stops the sweep before it trains anything, not when its
+    trial comes) and every swept parameter takes two different values in the first two (a
+    range its 1st and 99th percentiles), so that :func:`overridden` finds an argument that sets
+    it again, whatever it sets."""
     from sweeps.params import HyperParameterSet
 
     params = HyperParameterSet.from_config(engine_config["parameters"])
-    return [{param.name: {"value": plain(param.ppf(q))} for param in params} for q in (0.01, 0.99)]
+    choices = {param.name: param.config.get("values") or [param.ppf(0.01), param.ppf(0.99)]
+               for param in params}
+    count = max([2, *map(len, choices.values())])
+    return [{name: {"value": plain(values[k % len(values)])} for name, values in choices.items()}
+            for k in range(count)]
 
 
 # ---- the local runner -------------------------------------------------------------------------

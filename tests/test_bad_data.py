@@ -43,12 +43,40 @@ def test_missing_root(tmp_path, capsys):
     assert "Download: http://host.robots.ox.ac.uk/pascal/VOC/voc2012/" in err  # where from
 
 
+@pytest.mark.parametrize("root", [".", "voc/VOCdevkit", "voc/VOCdevkit/VOC2012"])
+def test_root_one_level_off_names_the_root_that_holds_the_tree(voc, tmp_path, capsys, root):
+    """Not only "prepare it there" (which would fail too): the folder that holds the tree."""
+    err = fails(capsys, *voc_fit(tmp_path / root, tmp_path))
+    assert err.splitlines()[-1].endswith(f"is missing, but {voc} holds the voc tree: pass "
+                                         f"--data.init_args.root={voc}")
+    assert len(err.splitlines()) == 1
+
+
+def test_tree_of_the_other_layout_names_the_layout(tmp_path, capsys):
+    root = make_camvid_segnet(tmp_path / "camvid")
+    err = fails(capsys, "fit", *tiny_args("camvid", root, tmp_path / "runs",
+                                          "--data.init_args.layout=original"))
+    assert err.strip().endswith(f"but {root} holds the camvid tree of layout segnet: pass "
+                                "--data.init_args.layout=segnet")
+
+
 def test_missing_split_list(voc, tmp_path, capsys):
     (voc / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").unlink()
     err = fails(capsys, *voc_fit(voc, tmp_path))
     assert "ImageSets/Segmentation/val.txt is missing" in err and "Prepare it with" in err
     err = fails(capsys, "fit", *tiny_args("voc", voc, tmp_path / "runs"))  # no train_aug yet
     assert "train_aug.txt (SBD's list, written by prepare) is missing" in err
+
+
+def test_empty_split_names_the_empty_list_or_folder(voc, tmp_path, capsys):
+    """Was "no images found for split 'val'", which named neither."""
+    listing = voc / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt"
+    listing.write_text("\n")
+    err = fails(capsys, *voc_fit(voc, tmp_path))
+    assert f"voc: split list {listing} is empty" in err
+    root = make_camvid_segnet(tmp_path / "camvid", counts={"train": 2, "val": 0})
+    err = fails(capsys, "fit", *tiny_args("camvid", root, tmp_path / "runs"))
+    assert f"camvid: image folder {root / 'val'} holds no *.png images" in err
 
 
 def test_image_without_label(voc, tmp_path, capsys):
@@ -200,6 +228,21 @@ def test_parse_error_is_the_message_not_the_usage(voc, tmp_path, capsys, option,
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("option,message", [
+    ("--data.init_args.crop_sise=64", "VOCDataModule has no option --data.init_args.crop_sise"),
+    ("--data.init_args.batch_size=abc", 'Parser key "data.init_args.batch_size":'),
+])
+def test_data_option_parse_error_is_the_data_modules_problem(voc, tmp_path, capsys, option,
+                                                             message):
+    """A data option is one of a class given by class_path: jsonargparse's message lists every
+    type --data could have, the problem buried inside. The problem alone comes out, with the
+    --help that lists the data module's options."""
+    err = fails(capsys, *voc_fit(voc, tmp_path, option))
+    assert err.splitlines()[0] == f"error: {message}"
+    assert err.strip().endswith("(the options: dilatedseg fit --data.help VOCDataModule)")
+    assert "Union" not in err and len(err.splitlines()) <= 3
+
+
 def test_context_margin_that_does_not_fit_the_front_end(voc, tmp_path, capsys):
     """The VGG-16 recipe's margin (186) with the tiny front-end (23): named, with the fix,
     before training."""
@@ -262,6 +305,30 @@ def test_init_from_a_checkpoint_with_other_classes(voc, tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def test_init_from_a_front_end_of_the_other_padding(voc, tmp_path, capsys):
+    """Same weight shapes, other geometry: it would load, then compute other logits (frozen,
+    in the context stage). Stopped before anything runs, with the options to set."""
+    same = untrained_checkpoint(tmp_path / "same.ckpt", 21, padding="same")
+    err = fails(capsys, *voc_fit(voc, tmp_path, "--config", "conf/stage/context.yaml",
+                                 f"--model.init_from={same}"))
+    assert f"{same} holds a front-end trained with padding=same, but this model has " \
+           "padding=valid: set --model.padding=same" in err
+    assert "--data.init_args.context_margin=0" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_evaluating_init_from_without_weights_for_the_context_module(voc, tmp_path, capsys):
+    """validate with a front-end checkpoint as init_from in the context stage would score an
+    untrained (identity) context module: refused, naming --ckpt_path, which rebuilds the model
+    the checkpoint was trained as."""
+    frontend = untrained_checkpoint(tmp_path / "frontend.ckpt", 21, padding="valid")
+    err = fails(capsys, "validate", *voc_fit(voc, tmp_path, "--config", "conf/stage/context.yaml",
+                                             f"--model.init_from={frontend}")[1:])
+    assert f"{frontend} holds no weights that fit this model's context module (the " \
+           "checkpoint has none)" in err and f"--ckpt_path={frontend}" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_misspelled_crf_option_is_a_configuration_error(voc, tmp_path, capsys):
     err = fails(capsys, *voc_fit(voc, tmp_path, "--model.crf=dense",
                                  "--model.crf_options={theta_alpa: 80}"))
@@ -289,6 +356,8 @@ def test_empty_predict_dir_stops_before_the_run(voc, tmp_path, capsys):
     ("--model.lr=-1", "need lr > 0, 0 <= momentum < 1"),
     ("--model.momentum=1.5", "need lr > 0, 0 <= momentum < 1"),
     ("--model.pixel_std=[0,0,0]", "pixel_mean and pixel_std take 3 values"),  # was: NaN
+    ("--trainer.max_epochs=0", "--trainer.max_epochs=0 trains nothing"),  # was: an empty run
+    ("--trainer.limit_train_batches=0", "--trainer.limit_train_batches=0 trains nothing"),
 ])
 def test_sizes_that_cannot_work_are_configuration_errors(voc, tmp_path, capsys, option,
                                                          message):
@@ -334,6 +403,21 @@ def test_runs_dir_or_predict_output_that_is_a_file(voc, tmp_path, capsys):
                 f"--output={blocker}")
     assert f"--output={blocker} is a file" in err
     assert blocker.read_text() == "x" and not (tmp_path / "runs").exists()
+
+
+def test_predict_output_holding_earlier_predictions_is_refused(voc, tmp_path, capsys):
+    """A second predict into the same --output (another checkpoint, other images) would
+    overwrite the first one's files and mix the rest in: refused before the run."""
+    output = tmp_path / "predictions"
+    (output / "index").mkdir(parents=True)
+    (output / "index" / "b1.png").write_bytes(b"an earlier prediction")
+    (output / "notes.txt").write_text("mine")
+    checkpoint = fake_checkpoint(tmp_path / "model.ckpt", classes=[str(i) for i in range(21)])
+    err = fails(capsys, "predict", *voc_fit(voc, tmp_path)[1:], f"--ckpt_path={checkpoint}",
+                f"--output={output}")
+    assert f"--output={output} already holds predictions (index/)" in err
+    assert (output / "index" / "b1.png").read_bytes() == b"an earlier prediction"
+    assert not (tmp_path / "runs").exists()
 
 
 def test_image_over_pils_pixel_limit_is_a_data_error(tmp_path, monkeypatch):

@@ -454,3 +454,70 @@ def test_a_failed_start_takes_back_only_its_own_directories(tmp_path):
     resolve_run_dir(str(runs), "shapes", "context", "fit")  # alone on its branch: all goes
     assert discard_unused_run_dirs() == [runs / "shapes/context/version_0",
                                          runs / "shapes/context"]
+
+
+def test_resuming_a_run_that_is_still_training_is_refused(tiny_shapes, tmp_path, capsys):
+    """--ckpt_path=last while the run it names still trains (another terminal holds its lock):
+    stopped before anything runs, not a second training writing into the same directory."""
+    import fcntl
+
+    from dilatedseg.runs import LOCK_FILE
+
+    run = tmp_path / "shapes" / "frontend" / "version_0"
+    untrained_checkpoint(run / "checkpoints" / "last.ckpt", 4, padding="same")
+    with open(run / LOCK_FILE, "a") as other:  # the training process's lock
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli("fit", *shapes_args(tiny_shapes, tmp_path, "--ckpt_path=last"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"the run {run} is still training in another process" in err
+    assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE, "checkpoints"]  # no resume_0
+
+
+@pytest.mark.parametrize("stop,code,message", [
+    ("ctrl-c", 130, "error: interrupted (Ctrl-C); resume it with --ckpt_path="),
+    ("damaged file", 2, "(the run stopped after it had started; once that is fixed, resume it "
+                        "with --ckpt_path="),
+])
+def test_a_run_stopped_midway_names_the_checkpoint_to_resume_from(tiny_shapes, tmp_path,
+                                                                   monkeypatch, capsys, stop,
+                                                                   code, message):
+    """Ctrl-C (Lightning exits 1, saying only 'attempting graceful shutdown') and a damaged
+    file found in the second epoch: like SIGTERM, the message says how to go on."""
+    from dilatedseg.data import DataError
+    from dilatedseg.module import SegmentationModule
+
+    training_step = SegmentationModule.training_step
+
+    def stopping(self, batch, batch_idx):
+        if self.current_epoch == 1:
+            if stop == "ctrl-c":
+                raise KeyboardInterrupt
+            raise DataError("cannot read image x.png: truncated. Re-download or remove it.")
+        return training_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(SegmentationModule, "training_step", stopping)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", *shapes_args(tiny_shapes, tmp_path, "--trainer.max_epochs=2"))
+    assert exit_info.value.code == code
+    last = only_run(tmp_path / "shapes" / "frontend") / "checkpoints" / "last.ckpt"
+    assert f"{message}{last}" in capsys.readouterr().err
+    assert torch.load(last, weights_only=True)["epoch"] == 0  # kept: the first epoch's
+
+
+def test_init_from_auto_does_not_start_from_a_run_that_is_still_training(tmp_path):
+    """The front-end's best checkpoint so far, of a run still training, is not a finished
+    front-end: the context stage stops and says so, rather than start from it silently."""
+    import fcntl
+
+    from dilatedseg.runs import LOCK_FILE, RunError, find_previous_checkpoint
+
+    run = tmp_path / "shapes" / "frontend" / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best-epoch000-miou40.00.ckpt").write_bytes(b"weights")
+    with open(run / LOCK_FILE, "a") as training:
+        fcntl.flock(training, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RunError, match=r"its 'frontend' run is still training: wait"):
+            find_previous_checkpoint(str(tmp_path), "shapes", "context")
+    assert find_previous_checkpoint(str(tmp_path), "shapes", "context").parent.parent == run

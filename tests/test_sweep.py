@@ -361,6 +361,22 @@ def test_extra_arguments_that_override_a_swept_parameter_are_refused(tmp_path, m
     assert not (tmp_path / "out").exists()  # refused before anything ran
 
 
+def test_a_typo_in_any_value_of_a_list_stops_the_sweep_before_the_first_trial(
+        tiny_shapes, tmp_path, monkeypatch):
+    """Not only the first and last values are parsed up front: a typo in the middle one was
+    found only when its trial came, after the trials before it had trained."""
+    from dilatedseg.sweep import run_local
+
+    monkeypatch.chdir(REPO)
+    config = {"method": "grid", "metric": {"name": "val/mIoU", "goal": "maximize"},
+              "parameters": {"model.lr": {"values": [0.01, "0.0x1", 0.02]}},
+              "command": ["dilatedseg", "fit", "--config", "conf/shapes.yaml", "${args}"]}
+    with pytest.raises(SweepError, match=r"does not parse:\n.*--model.lr=0.0x1(.|\n)*"
+                                         r"Got value: 0.0x1"):
+        run_local(config, "lr", None, shapes_args(tiny_shapes, tmp_path)[2:], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # before any trial
+
+
 def test_parse_errors_carry_no_lightning_args_warning(monkeypatch):
     """Under `dilatedseg sweep ...` sys.argv holds the sweep's arguments: Lightning's warning
     about args= and command-line arguments together is not part of the error."""
@@ -404,7 +420,8 @@ def test_probes_give_every_swept_parameter_two_values():
         "model.context_init": {"values": ["identity", "random"], "probabilities": [0.9, 0.1]},
         "model.dropout": {"distribution": "q_uniform", "min": 0.0, "max": 1.0, "q": 0.5},
         "seed_everything": {"value": 3}}})
-    low, high = probes(config)
+    low, high, *rest = probes(config)
+    assert not rest  # no list longer than two values
     for name in ("model.lr", "model.context_init", "model.dropout"):
         assert low[name]["value"] != high[name]["value"], name
     assert low["seed_everything"] == high["seed_everything"] == {"value": 3}

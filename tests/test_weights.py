@@ -154,6 +154,28 @@ def test_a_schedule_of_the_same_depth_is_not_loaded_silently(tmp_path):
                                trained.model.context.state_dict())
 
 
+def test_evaluating_a_context_module_that_does_not_fit_is_an_error(tmp_path):
+    """Training keeps the context module's initialisation (warned); evaluating with it would
+    score an untrained module, so it stops."""
+    trained = SegmentationModule(4, arch="tiny", stage="context", dilations=[1, 2])
+    torch.save({"state_dict": trained.state_dict(), "hyper_parameters": dict(trained.hparams)},
+               tmp_path / "context.ckpt")
+    other = SegmentationModule(4, arch="tiny", stage="context", dilations=[1, 4])
+    with pytest.raises(RunError, match=r"no weights that fit this model's context module "
+                                       r"\(dilations \(1, 2\) vs \(1, 4\)\)"):
+        other.load_weights(str(tmp_path / "context.ckpt"), evaluating=True)
+
+
+def test_a_front_end_of_the_other_padding_is_not_loaded(tmp_path):
+    trained = SegmentationModule(4, arch="tiny", padding="same")
+    torch.save({"state_dict": trained.state_dict(), "hyper_parameters": dict(trained.hparams)},
+               tmp_path / "same.ckpt")
+    valid = SegmentationModule(4, arch="tiny", padding="valid", stage="context")
+    with pytest.raises(RunError, match="trained with padding=same, but this model has "
+                                       "padding=valid: set --model.padding=same"):
+        valid.load_weights(str(tmp_path / "same.ckpt"))
+
+
 def test_legacy_format_checkpoints_load(tmp_path):
     """torch.save(..., _use_new_zipfile_serialization=False) files cannot be memory-mapped."""
     trained = SegmentationModule(4, arch="tiny", stage="context", dilations=[1, 2])

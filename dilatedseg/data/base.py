@@ -7,6 +7,7 @@ labels need mapping, ``read_label(path)`` returns a uint8 index map (255 = ignor
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -382,16 +383,24 @@ class SegmentationDataModule(L.LightningDataModule):
                          f"Prepare it with: {self.prepare_command}")
 
     def images_in(self, folder: Path, pattern: str = "*.png") -> list[Path]:
-        """The images matching ``pattern`` under ``folder``, sorted; a missing folder stops."""
+        """The images matching ``pattern`` under ``folder``, sorted; a missing folder, or one
+        without such images, stops."""
         if not folder.is_dir():
             raise self.missing(f"image folder {folder} is missing")
-        return sorted(folder.glob(pattern))
+        images = sorted(folder.glob(pattern))
+        if not images:
+            raise self.missing(f"image folder {folder} holds no {pattern} images")
+        return images
 
     def listed_names(self, listing: Path, hint: str = "") -> list[str]:
-        """The image names of a split list (see :func:`list_names`); a missing list stops."""
+        """The image names of a split list (see :func:`list_names`); a missing or empty list
+        stops."""
         if not listing.is_file():
             raise self.missing(f"split list {listing}{hint} is missing")
-        return list_names(listing)
+        names = list_names(listing)
+        if not names:
+            raise self.missing(f"split list {listing}{hint} is empty")
+        return names
 
     def checked_pairs(self, split: str, labelled: bool = False) -> list[tuple[Path, Path | None]]:
         """``pairs(split)`` with every listed file present (and labels, if ``labelled``)."""
@@ -399,7 +408,19 @@ class SegmentationDataModule(L.LightningDataModule):
             raise self.missing(f"dataset root {self.root} is a file, not the dataset's folder")
         if not self.root.is_dir():
             raise self.missing(f"dataset root {self.root} does not exist")
-        pairs = self.pairs(split)
+        try:
+            pairs = self.pairs(split)
+        except DataError as error:
+            found = self.nearby_tree(split)
+            if found is None:
+                raise
+            root, layout = found
+            options = [f"--data.init_args.{key}={value}" for key, value, ours in (
+                ("root", root, self.root), ("layout", layout, self.layout_name)) if value != ours]
+            problem = str(error).splitlines()[0].rstrip(".")
+            raise DataError(f"{problem}, but {root} holds the {self.name} tree"
+                            f"{f' of layout {layout}' if layout != self.layout_name else ''}: "
+                            f"pass {' '.join(options)}") from None
         if not pairs:
             raise self.missing(f"no images found for split '{split}'")
         if labelled and all(label is None for _, label in pairs):
@@ -413,6 +434,25 @@ class SegmentationDataModule(L.LightningDataModule):
             if label is not None and not label.is_file():
                 raise self.missing(f"image {image} has no label file {label}")
         return pairs
+
+    def nearby_tree(self, split: str, limit: int = 100) -> tuple[Path, str | None] | None:
+        """(root, layout) of the files ``split`` would be read from when the root or layout is
+        off: the root's files in another of ``layouts``, or this layout one or two levels above
+        the root (a root given too low, say VOCdevkit/VOC2012) or one below it (given too
+        high); None when there are none."""
+        below = sorted(p for p in self.root.iterdir() if p.is_dir())[:limit]
+        candidates = [(self.root, layout) for layout in self.layouts if layout != self.layout_name]
+        candidates += [(root, self.layout_name) for root in [*self.root.parents[:2], *below]]
+        for root, layout in candidates:
+            other = copy.copy(self)
+            other.root, other.layout_name = root, layout
+            try:
+                pairs = other.pairs(split)
+            except (DataError, OSError):
+                continue
+            if pairs and pairs[0][0].is_file():
+                return root, layout
+        return None
 
     def stage_splits(self, stage: str) -> list[str]:
         """The splits ``setup(stage)`` reads."""
