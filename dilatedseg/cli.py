@@ -55,6 +55,7 @@ from dilatedseg.runs import (
     forget_earlier_runs,
     is_global_rank_zero,
     lock_run_dir,
+    release_run_lock,
     resolve_checkpoint_alias,
     resolve_run_dir,
     resume_advice,
@@ -466,6 +467,8 @@ def main(argv: list[str] | None = None) -> None:
                          "and `wandb sync` the run later from one with network; otherwise "
                          "check your W&B login, entity and project\n")
         raise SystemExit(2) from None
+    finally:
+        release_run_lock()  # the run is over (a later command in this process may read it)
 
 
 def clean_message(error: Exception) -> str:
