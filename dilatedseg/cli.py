@@ -19,6 +19,12 @@ import sys
 import typing
 from pathlib import Path
 
+# Idle OpenMP threads sleep at once instead of spinning: libgomp's default keeps a thread
+# spinning for milliseconds after each parallel region, on a core that the dataloader workers,
+# the other intra-op thread (every region waits for the slowest) or other jobs need. libgomp
+# reads this once, as torch loads it: so before importing torch (hence E402 in pyproject).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint

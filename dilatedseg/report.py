@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see dilatedseg/cli.py
+
 import numpy as np
 import torch
 import yaml
