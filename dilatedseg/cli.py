@@ -19,11 +19,15 @@ import sys
 import typing
 from pathlib import Path
 
-# Idle OpenMP threads sleep at once instead of spinning: libgomp's default keeps a thread
-# spinning for milliseconds after each parallel region, on a core that the dataloader workers,
-# the other intra-op thread (every region waits for the slowest) or other jobs need. libgomp
-# reads this once, as torch loads it: so before importing torch (hence E402 in pyproject).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# An idle OpenMP thread spins 3000 times (~0.1 ms on a 2-core EPYC) before it sleeps, not
+# libgomp's default 300000 (~5 ms) after every parallel region: training shares the cores with
+# dataloader workers (and often other jobs), and a spinning thread holds a core that its
+# partner thread (each region waits for the slower one) or a worker needs. 3000 still spans
+# the gaps between the small back-to-back ops of the context module and the CRF (a wait policy
+# of PASSIVE, no spinning, made the CRF 2x slower on free cores). libgomp reads this once, as
+# torch loads it: so before importing torch (hence E402 in pyproject). A user's setting wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
 import torch
 import yaml

@@ -31,7 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see dilatedseg/cli.py
+if "OMP_WAIT_POLICY" not in os.environ:  # before torch: see dilatedseg/cli.py
+    os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
 import numpy as np
 import torch
