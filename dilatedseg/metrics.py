@@ -13,6 +13,14 @@ from torchmetrics import Metric
 from dilatedseg.labels import IGNORE_INDEX
 
 
+def argmax_classes(scores: torch.Tensor) -> torch.Tensor:
+    """``scores.argmax(1)``: the first maximal class of (B, C, ...) scores (NaN counts as
+    maximal), computed as ``max(1).indices``, which returns the same indices: on the CPU,
+    argmax over the class dimension of an NCHW tensor is a slow strided reduction (20 x 4 x 128
+    x 128 logits: 33 ms against 3 ms; 2 x 19 x 512 x 1024: 164 ms against 40 ms, 2 threads)."""
+    return scores.max(1).indices
+
+
 class ConfusionMatrix(Metric):
     """Accumulates a C x C confusion matrix (rows: ground truth, columns: prediction)."""
 
@@ -31,7 +39,7 @@ class ConfusionMatrix(Metric):
         """preds: (B, H, W) class indices or (B, C, H, W) scores; target: (B, H, W), any
         integer type (uint8 labels need no conversion)."""
         if preds.ndim == target.ndim + 1:
-            preds = preds.argmax(1)
+            preds = argmax_classes(preds)
         if preds.shape != target.shape:
             raise ValueError(f"prediction {tuple(preds.shape)} and target {tuple(target.shape)} "
                              "differ in size")

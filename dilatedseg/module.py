@@ -14,7 +14,13 @@ from torchmetrics import MeanMetric
 from dilatedseg.checkpoints import check_frontend, read_checkpoint
 from dilatedseg.inference import predict_logits
 from dilatedseg.labels import IGNORE_INDEX
-from dilatedseg.metrics import ConfusionMatrix, category_iou, iou_from_confusion, mean_iou
+from dilatedseg.metrics import (
+    ConfusionMatrix,
+    argmax_classes,
+    category_iou,
+    iou_from_confusion,
+    mean_iou,
+)
 from dilatedseg.models import ContextModule, DenseCRF, FrontEnd, Segmenter
 from dilatedseg.models.caffemodel import check_caffe_input, load_caffemodel
 from dilatedseg.models.context import resolve_dilations
@@ -397,7 +403,7 @@ class SegmentationModule(L.LightningModule):
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's logits and predicted label maps, counted in ``confusion``."""
         logits = self.batch_logits(batch)
-        prediction = logits.argmax(1)
+        prediction = argmax_classes(logits)
         confusion.update(prediction, batch["label"])
         return logits, prediction
 
@@ -414,7 +420,7 @@ class SegmentationModule(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         logits = self.image_logits(batch["image"])
-        return {"name": batch["name"], "prediction": logits.argmax(1).to(torch.uint8)}
+        return {"name": batch["name"], "prediction": argmax_classes(logits).to(torch.uint8)}
 
     def log_iou(self, prefix: str, confusion: ConfusionMatrix) -> None:
         matrix = confusion.compute()  # summed over processes under DDP

@@ -31,6 +31,9 @@ import sys
 import time
 from pathlib import Path
 
+if "OMP_WAIT_POLICY" not in os.environ:  # before torch: see dilatedseg/cli.py
+    os.environ.setdefault("GOMP_SPINCOUNT", "3000")
+
 import numpy as np
 import torch
 import yaml
@@ -39,6 +42,7 @@ from dilatedseg import cli
 from dilatedseg.cli import PACKAGE_CONF, import_class
 from dilatedseg.cli import main as cli_main
 from dilatedseg.data.base import DataError
+from dilatedseg.metrics import argmax_classes
 from dilatedseg.models.context import ContextModule, receptive_field, resolve_dilations
 from dilatedseg.models.frontend import OUTPUT_STRIDE
 from dilatedseg.models.frontend import receptive_field as frontend_receptive_field
@@ -172,7 +176,7 @@ def predict(module, images: torch.Tensor) -> np.ndarray:
     from dilatedseg.inference import predict_logits
 
     logits = predict_logits(module.model, images, module.hparams.get("tile_size"))
-    return logits.argmax(1).to(torch.uint8).numpy()
+    return argmax_classes(logits).to(torch.uint8).numpy()
 
 
 # ---- receptive fields ----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from PIL import Image
 from dilatedseg.data.cityscapes import CATEGORIES, LABELS, label_id_lookup, train_id_lookup
 from dilatedseg.metrics import (
     ConfusionMatrix,
+    argmax_classes,
     category_confusion,
     category_iou,
     iou_from_confusion,
@@ -20,6 +21,18 @@ from dilatedseg.metrics import (
 )
 
 REALDATA = Path("/work/shared/realdata/cityscapes/gtFine/val/frankfurt")
+
+
+def test_argmax_classes_equals_argmax_with_ties_and_nan():
+    """The faster max(1).indices picks argmax's class: the first maximal one, NaN maximal."""
+    for classes in (2, 4, 21):
+        scores = torch.randint(0, 3, (3, classes, 17, 19)).float()  # many ties
+        scores[0, 1, 0, 0] = float("nan")
+        scores[1, :, 2, 2] = float("nan")
+        scores[2, classes - 1, 5, 5] = float("inf")
+        for layout in (torch.contiguous_format, torch.channels_last):
+            scores = scores.contiguous(memory_format=layout)
+            assert torch.equal(argmax_classes(scores), scores.argmax(1))
 
 
 def test_mean_iou_leaves_out_classes_absent_from_prediction_and_ground_truth():

@@ -1,5 +1,6 @@
 """The package's import surface: public names, and models that need torch alone."""
 
+import os
 import subprocess
 import sys
 
@@ -35,3 +36,22 @@ def test_models_flops_and_inference_import_without_lightning_or_data_stack():
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True).stdout.strip()
     assert loaded == "", f"importing the models loaded {loaded}"
+
+
+def test_cli_shortens_openmp_spinning_before_torch_loads():
+    """libgomp reads GOMP_SPINCOUNT once, as torch loads it: the CLI sets it (unless the user
+    chose a spin count or wait policy) before its first import of torch."""
+    code = """if True:
+        import os, sys
+        seen = []
+        class Watch:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" and not seen:
+                    seen.append(os.environ.get("GOMP_SPINCOUNT"))
+        sys.meta_path.insert(0, Watch())
+        import dilatedseg.cli
+        print(seen[0])"""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=env).stdout.strip()
+    assert out == "3000"
