@@ -145,6 +145,9 @@ def test_unreadable_image(voc, tmp_path, capsys):
     (voc / "VOCdevkit/VOC2012/JPEGImages/a1.jpg").write_bytes(b"not a jpeg")
     err = fails(capsys, *voc_fit(voc, tmp_path))
     assert "cannot read image" in err and "a1.jpg" in err
+    # VOC's splits are lists of names: deleting the file alone would only trade this error for
+    # "listed but missing", so the advice names the list too
+    assert "re-download it" in err and "its line in the split list" in err
 
 
 def test_crf_stage_without_a_crf_rnn_stops_before_training(voc, tmp_path, capsys):

@@ -35,13 +35,21 @@ class DataError(Exception):
 UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)
 
 
+def unreadable(kind: str, path: Path, error: Exception) -> DataError:
+    """The error for an image or label file that cannot be read, and the two ways out."""
+    return DataError(
+        f"cannot read {kind} {path}: {error}. Replace it with an intact copy (re-download it, "
+        "or re-run the dataset's prepare command), or drop the example: delete its image and "
+        "label, and its line in the split list where the dataset has one.")
+
+
 def read_image(path: Path) -> np.ndarray:
     """Image file -> (H, W, 3) uint8 RGB."""
     try:
         with Image.open(path) as image:
             return np.array(image.convert("RGB"))
     except UNREADABLE as error:
-        raise DataError(f"cannot read image {path}: {error}. Re-download or remove it.") from None
+        raise unreadable("image", path, error) from None
 
 
 def read_index_png(path: Path) -> np.ndarray:
@@ -56,7 +64,7 @@ def read_index_png(path: Path) -> np.ndarray:
                     "reads)")
             values = np.asarray(label)
     except UNREADABLE as error:
-        raise DataError(f"cannot read label {path}: {error}. Re-download or remove it.") from None
+        raise unreadable("label", path, error) from None
     if values.dtype != np.uint8 and values.size and (values.min() < 0 or values.max() > 255):
         raise DataError(
             f"label {path} is a {values.dtype} PNG holding values up to {values.max()}; class "
@@ -133,7 +141,7 @@ def image_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as image:
             return image.size
     except UNREADABLE as error:
-        raise DataError(f"cannot read image {path}: {error}. Re-download or remove it.") from None
+        raise unreadable("image", path, error) from None
 
 
 def folder_images(folder: Path) -> list[tuple[Path, None]]:

@@ -17,7 +17,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dilatedseg.data.base import DataError, SegmentationDataModule, read_index_png
+from dilatedseg.data.base import (
+    UNREADABLE,
+    DataError,
+    SegmentationDataModule,
+    read_index_png,
+    unreadable,
+)
 from dilatedseg.labels import IGNORE_INDEX
 
 CLASSES = ("building", "tree", "sky", "car", "sign", "road", "pedestrian", "fence", "pole",
@@ -93,8 +99,8 @@ def decode_colour_label(path: Path, colours: dict[tuple[int, int, int], int]) ->
     try:
         with Image.open(path) as image:
             rgb = np.asarray(image.convert("RGB")).astype(np.int32)
-    except OSError as error:
-        raise DataError(f"cannot read label {path}: {error}. Re-download or remove it.") from None
+    except UNREADABLE as error:
+        raise unreadable("label", path, error) from None
     code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
     keys = np.array([(r << 16) | (g << 8) | b for r, g, b in colours], np.int64)
     values = np.array(list(colours.values()), np.uint8)
