@@ -129,7 +129,8 @@ class ConciseParser(LightningArgumentParser):
             content = " ".join(message.split(":", 1)[1].split())[:60]
             message = ("a --config file holds no options: it is empty, only comments, or not "
                        f"a YAML mapping of options ({content or 'empty'})")
-        message, help_option = subclass_problem(message) or (message, "--help")
+        message, help_option = (data_class_problem(message) or subclass_problem(message)
+                                or (message, "--help"))
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
         sys.stderr.write(f"error: {message}\n(the options: {prog} {help_option})\n")
@@ -140,6 +141,24 @@ class ConciseParser(LightningArgumentParser):
 # type the option may have, and inside, under this line, the class's own problem.
 CLASS_PROBLEM = re.compile(r"^( *)- Problem with given class_path '([^']+)':\n((?:\1 .*(?:\n|$))+)",
                            re.MULTILINE)
+
+
+def data_class_problem(message: str) -> tuple[str, str] | None:
+    """``--data=voc``: a dataset's name where the data module's class goes (jsonargparse lists
+    each type --data could have); the class to pass, or the list of them. None otherwise."""
+    given = re.search(r"Expected a dot import path string: (\S+)", message)
+    if not message.startswith('Parser key "data":') or given is None:
+        return None
+    from dilatedseg import data
+
+    classes = {module.name: module.__name__ for module in (
+        data.ShapesDataModule, data.VOCDataModule, data.CamVidDataModule, data.KITTIDataModule,
+        data.CityscapesDataModule)}
+    value = given.group(1)
+    name = value.lower().removesuffix("datamodule")
+    fix = (f"--data={classes[name]}, or the dataset's recipe: --config conf/{name}.yaml"
+           if name in classes else "one of " + ", ".join(classes.values()))
+    return f"--data={value} is not a data module class: pass {fix}", "--help"
 
 
 def subclass_problem(message: str) -> tuple[str, str] | None:

@@ -246,6 +246,19 @@ def test_data_option_parse_error_is_the_data_modules_problem(voc, tmp_path, caps
     assert "Union" not in err and len(err.splitlines()) <= 3
 
 
+@pytest.mark.parametrize("value,fix", [
+    ("voc", "pass --data=VOCDataModule, or the dataset's recipe: --config conf/voc.yaml"),
+    ("pascal", "pass one of ShapesDataModule, VOCDataModule, CamVidDataModule, KITTIDataModule"),
+])
+def test_dataset_name_given_for_the_data_class(voc, tmp_path, capsys, value, fix):
+    """--data takes the data module's class: a dataset's name there is named with the class
+    (and recipe) to pass, not jsonargparse's report on each type --data could have."""
+    err = fails(capsys, *voc_fit(voc, tmp_path, f"--data={value}"))
+    assert err.startswith(f"error: --data={value} is not a data module class: {fix}")
+    assert "Union" not in err and len(err.splitlines()) == 2
+    assert not (tmp_path / "runs").exists()
+
+
 def test_context_margin_that_does_not_fit_the_front_end(voc, tmp_path, capsys):
     """The VGG-16 recipe's margin (186) with the tiny front-end (23): named, with the fix,
     before training."""
