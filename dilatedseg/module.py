@@ -188,6 +188,7 @@ class SegmentationModule(L.LightningModule):
         self.checkpoint_path: str | None = None
         self.initial_weights_loaded = False
         self.compiled = False
+        self.context_padding_checked = False  # see warn_padded_context
 
     # ---- weights ----------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -384,6 +385,29 @@ class SegmentationModule(L.LightningModule):
         if self.hparams.stage == "context":
             self.model.frontend.eval()  # frozen: no dropout, fixed outputs
 
+    # A class map grows this many times in area under padding="valid" before the context
+    # module warns: the published VOC model (Dilation8, margin 33) grows a 63 x 47 map ~5x.
+    MAX_PADDED_CONTEXT_GROWTH = 8
+
+    def warn_padded_context(self, label_size: tuple[int, int]) -> None:
+        """Once per run: with ``context_padding="valid"`` the context module pads each class map
+        by the schedule's sum of dilations on every side, so a long schedule (a sweep's) on
+        small maps multiplies its activations' memory (Dilation10 on VOC: ~33x, tens of GB at
+        the recipe's batch) with no other sign until the device runs out."""
+        context = self.model.context
+        if self.context_padding_checked or context is None or not context.margin:
+            return
+        self.context_padding_checked = True
+        h, w = (-(-size // OUTPUT_STRIDE) for size in label_size)
+        growth = (h + 2 * context.margin) * (w + 2 * context.margin) / (h * w)
+        if growth > self.MAX_PADDED_CONTEXT_GROWTH:
+            rank_zero_warn(
+                f"context_padding=valid pads each {h}x{w} class map by {context.margin} (the sum "
+                f"of the dilations {list(context.dilations)}) to {h + 2 * context.margin}x"
+                f"{w + 2 * context.margin}: the context module's activations take {growth:.0f}x "
+                "their unpadded memory. For long schedules, --model.context_padding=same pads "
+                "each layer instead (the urban models' geometry).")
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if "frontend_logits" in batch:
             logits = self.batch_logits(batch, use_crf=self.hparams.get("crf") == "rnn")
@@ -393,6 +417,7 @@ class SegmentationModule(L.LightningModule):
             self.check_context_margin(margin)
             logits = self.model(image, use_crf=self.hparams.get("crf") == "rnn",
                                 context_included=margin > 0)
+        self.warn_padded_context(batch["label"].shape[-2:])
         loss = segmentation_loss(logits, batch["label"])
         # Not in the progress bar: showing it reads the value back every step (a host-device
         # sync); the loggers read it every log_every_n_steps.

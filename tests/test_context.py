@@ -151,3 +151,22 @@ def test_poly_schedule_reads_the_run_length_at_the_first_step():
         scheduler.step()
         assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * (1 - step / 10) ** 0.9)
     assert Trainer.asked == 1
+
+
+def test_long_schedule_in_valid_padding_warns_of_its_memory(recwarn):
+    """A VOC image (500 x 375: a 63 x 47 class map) under Dilation10 in valid geometry is padded
+    by 129 on every side, 33x the map's area: warned once, with the padding that avoids it.
+    The published VOC model (Dilation8, ~5x) and same padding are not warned about."""
+    def warnings_for(dilations, padding, calls=1):
+        module = SegmentationModule(21, stage="context", arch="tiny", padding="same",
+                                    context_padding=padding, dilations=dilations)
+        recwarn.clear()
+        for _ in range(calls):
+            module.warn_padded_context((500, 375))
+        return [str(w.message) for w in recwarn if "context_padding" in str(w.message)]
+
+    (message,) = warnings_for("dilation10", "valid", calls=2)
+    assert "63x47 class map by 129" in message and "to 321x305" in message
+    assert "33x their unpadded memory" in message and "--model.context_padding=same" in message
+    assert warnings_for("dilation8", "valid") == []
+    assert warnings_for("dilation10", "same") == []
