@@ -59,6 +59,12 @@ def test_tree_of_the_other_layout_names_the_layout(tmp_path, capsys):
     assert err.strip().endswith(f"but {root} holds the camvid tree of layout segnet: pass "
                                 "--data.init_args.layout=segnet")
 
+    # both off: the root one level too high and the other layout
+    err = fails(capsys, "fit", *tiny_args("camvid", tmp_path, tmp_path / "runs",
+                                          "--data.init_args.layout=original"))
+    assert err.strip().endswith(f"but {root} holds the camvid tree of layout segnet: pass "
+                                f"--data.init_args.root={root} --data.init_args.layout=segnet")
+
 
 def test_missing_split_list(voc, tmp_path, capsys):
     (voc / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").unlink()

@@ -447,10 +447,13 @@ class SegmentationDataModule(L.LightningDataModule):
         """(root, layout) of the files ``split`` would be read from when the root or layout is
         off: the root's files in another of ``layouts``, or this layout one or two levels above
         the root (a root given too low, say VOCdevkit/VOC2012) or one below it (given too
-        high); None when there are none."""
+        high), or, failing those, another layout there too; None when there are none."""
         below = sorted(p for p in self.root.iterdir() if p.is_dir())[:limit]
-        candidates = [(self.root, layout) for layout in self.layouts if layout != self.layout_name]
-        candidates += [(root, self.layout_name) for root in [*self.root.parents[:2], *below]]
+        roots = [self.root, *self.root.parents[:2], *below]
+        candidates = sorted(  # one option off before both
+            ((root, layout) for root in roots for layout in self.layouts or [self.layout_name]
+             if (root, layout) != (self.root, self.layout_name)),
+            key=lambda found: (found[0] != self.root) + (found[1] != self.layout_name))
         for root, layout in candidates:
             other = copy.copy(self)
             other.root, other.layout_name = root, layout
