@@ -172,11 +172,8 @@ def validate(summary: dict, crf: str | None = None, crf_options: dict | None = N
 
 @torch.no_grad()
 def predict(module, images: torch.Tensor) -> np.ndarray:
-    """(N, H, W) uint8 predictions of a module on 0-255 RGB images."""
-    from dilatedseg.inference import predict_logits
-
-    logits = predict_logits(module.model, images, module.hparams.get("tile_size"))
-    return argmax_classes(logits).to(torch.uint8).numpy()
+    """(N, H, W) uint8 predictions of a module on 0-255 RGB images (tiled as it evaluates)."""
+    return argmax_classes(module.image_logits(images)).to(torch.uint8).numpy()
 
 
 # ---- receptive fields ----------------------------------------------------------------------------

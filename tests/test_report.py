@@ -29,6 +29,22 @@ def test_context_gradient_extent_is_the_receptive_field(dilations, init):
     assert rows[0] + rows[-1] == size - 1
 
 
+def test_predictions_are_tiled_as_the_module_evaluates():
+    from dilatedseg.inference import predict_logits
+    from dilatedseg.module import SegmentationModule
+
+    torch.manual_seed(0)
+    module = SegmentationModule(4, stage="context", arch="tiny", padding="same",
+                                context_init="random", tile_size=16,
+                                tile_whole_network=True).eval()
+    images = torch.rand(1, 3, 48, 48) * 255
+    with torch.no_grad():
+        whole_network = predict_logits(module.model, images, 16, True).argmax(1)
+        frontend_only = predict_logits(module.model, images, 16, False).argmax(1)
+    assert not torch.equal(whole_network, frontend_only)  # the option matters here
+    assert np.array_equal(report.predict(module, images), whole_network.numpy())
+
+
 def test_schedule_label_reads_sweep_values():
     assert report.schedule_label("[1, 1, 2]") == ("1,1,2", (1, 1, 2))
     label, dilations = report.schedule_label("dilation7")
