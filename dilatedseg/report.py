@@ -225,7 +225,8 @@ def schedule_label(value) -> tuple[str, tuple[int, ...]]:
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+        names = [line.split(":", 1)[1].strip()
+                 for line in Path("/proc/cpuinfo").read_text().splitlines()
                  if line.startswith("model name")]
         cpu = names[0] if names else cpu
     except OSError:

@@ -45,6 +45,17 @@ def test_predictions_are_tiled_as_the_module_evaluates():
     assert np.array_equal(report.predict(module, images), whole_network.numpy())
 
 
+def test_machine_closes_cpuinfo():
+    import gc
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert "cores" in report.machine()
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
 def test_schedule_label_reads_sweep_values():
     assert report.schedule_label("[1, 1, 2]") == ("1,1,2", (1, 1, 2))
     label, dilations = report.schedule_label("dilation7")
