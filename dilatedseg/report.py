@@ -203,15 +203,6 @@ def context_gradient(context: torch.nn.Module, size: int | None = None,
     return inputs.grad[0].abs().sum(0).numpy()
 
 
-def gradient_extent(gradient: np.ndarray) -> tuple[int, int]:
-    """Height and width of the smallest box holding every non-zero gradient."""
-    rows = np.flatnonzero(gradient.any(axis=1))
-    cols = np.flatnonzero(gradient.any(axis=0))
-    if not rows.size:
-        return 0, 0
-    return int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
-
-
 def schedule_label(value) -> tuple[str, tuple[int, ...]]:
     """A sweep row's model.dilations (preset name or JSON list) -> (label, dilations)."""
     if isinstance(value, str) and value.strip().startswith("["):

@@ -22,11 +22,11 @@ def test_context_gradient_extent_is_the_receptive_field(dilations, init):
     context = ContextModule(4, dilations=dilations, init=init)
     gradient = report.context_gradient(context)
     field = receptive_field(dilations)
-    assert report.gradient_extent(gradient) == (field, field)
-    # Centred on the output cell, and nothing reaches past the field.
-    size = gradient.shape[0]
     rows = np.flatnonzero(gradient.any(axis=1))
-    assert rows[0] + rows[-1] == size - 1
+    cols = np.flatnonzero(gradient.any(axis=0))
+    assert (rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1) == (field, field)
+    # Centred on the output cell, and nothing reaches past the field.
+    assert rows[0] + rows[-1] == gradient.shape[0] - 1
 
 
 def test_predictions_are_tiled_as_the_module_evaluates():
