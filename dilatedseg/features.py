@@ -116,11 +116,9 @@ def build_cache(directory: Path, segmenter, dataset, device: torch.device | str 
                 label_offset += label.size
         (partial / "index.json").write_text(json.dumps({"version": CACHE_VERSION,
                                                         "items": index}))
-        if directory.exists():  # built meanwhile by another process: keep that one
-            shutil.rmtree(partial)
-        else:
+        if not directory.exists():  # else built meanwhile by another process: keep that one
             os.replace(partial, directory)
-    finally:
+    finally:  # (an unused or interrupted build goes)
         frontend.train(was_training)
         shutil.rmtree(partial, ignore_errors=True)
     return directory
