@@ -255,6 +255,18 @@ def sweep_points(trials: list[dict], field_fe: int) -> list[dict]:
     return points
 
 
+def val_examples(datamodule, count: int) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """The first ``count`` val images (N, 3, h, w) and their labels, cut at the top left to
+    the smallest size among them, so they batch (VOC's or KITTI's images differ in size)."""
+    datamodule.setup("validate")
+    val = datamodule.datasets["val"]
+    items = [val[i] for i in range(min(len(val), count))]
+    height = min(item["image"].shape[-2] for item in items)
+    width = min(item["image"].shape[-1] for item in items)
+    images = torch.stack([item["image"][..., :height, :width] for item in items])
+    return images, [item["label"][:height, :width].numpy() for item in items]
+
+
 def draw_figures(out: Path, frontend: dict, context: dict, models: dict, rnn: dict,
                  points: list[dict], field_fe: int, crf_options: dict | None) -> None:
     """The four figures: training curves by initialisation, mIoU against receptive field,
@@ -268,12 +280,8 @@ def draw_figures(out: Path, frontend: dict, context: dict, models: dict, rnn: di
     figures.miou_vs_receptive_field(points, frontend["best_val_mIoU"], field_fe,
                                     out / "dilation_sweep.png")
     datamodule = datamodule_of(frontend)
-    datamodule.setup("validate")
-    val = datamodule.datasets["val"]
-    count_images = min(len(val), max(VIEW_IMAGES, GRADIENT_IMAGES))
-    items = [val[i] for i in range(count_images)]
-    images = torch.stack([item["image"] for item in items])
-    truths = [item["label"].numpy() for item in items[:VIEW_IMAGES]]
+    images, truths = val_examples(datamodule, max(VIEW_IMAGES, GRADIENT_IMAGES))
+    truths = truths[:VIEW_IMAGES]
 
     cell = (images.shape[-2] // OUTPUT_STRIDE // 2, images.shape[-1] // OUTPUT_STRIDE // 2)
     centre = tuple(OUTPUT_STRIDE * c + (OUTPUT_STRIDE - 1) / 2 for c in cell)
@@ -290,7 +298,7 @@ def draw_figures(out: Path, frontend: dict, context: dict, models: dict, rnn: di
                         "image_map": image_gradient(trained, images[:GRADIENT_IMAGES], cell),
                         "context_map": context_gradient(identity),
                         "field_cells": point["field_cells"]})
-    figures.receptive_fields(columns, items[0]["image"].permute(1, 2, 0).numpy() / 255,
+    figures.receptive_fields(columns, images[0].permute(1, 2, 0).numpy() / 255,
                              out / "receptive_fields.png")
 
     shown = images[:VIEW_IMAGES]

@@ -56,6 +56,19 @@ def test_machine_closes_cpuinfo():
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
 
 
+def test_val_examples_of_different_sizes_batch():
+    class Data:  # a data module whose val images differ in size, as VOC's
+        def setup(self, stage):
+            self.datasets = {"val": [
+                {"image": torch.full((3, h, w), i, dtype=torch.uint8),
+                 "label": torch.full((h, w), i, dtype=torch.uint8)}
+                for i, (h, w) in enumerate([(40, 56), (48, 32), (36, 64)])]}
+
+    images, labels = report.val_examples(Data(), 8)
+    assert images.shape == (3, 3, 36, 32) and [label.shape for label in labels] == [(36, 32)] * 3
+    assert [int(image[0, 0, 0]) for image in images] == [int(label[0, 0]) for label in labels]
+
+
 def test_schedule_label_reads_sweep_values():
     assert report.schedule_label("[1, 1, 2]") == ("1,1,2", (1, 1, 2))
     label, dilations = report.schedule_label("dilation7")
