@@ -187,17 +187,15 @@ def image_gradient(segmenter, images: torch.Tensor, cell: tuple[int, int]) -> np
     return images.grad.abs().sum(1).mean(0).numpy()
 
 
-def context_gradient(context: torch.nn.Module, size: int | None = None,
-                     seed: int = 0) -> np.ndarray:
-    """|d output / d input| (size, size) of a context module's centre output cell, summed over
-    channels, on positive random input (float64, so no tap underflows to zero)."""
-    dilations = getattr(context, "dilations", None)
-    size = size or receptive_field(dilations) + 4
+def context_gradient(context: ContextModule) -> np.ndarray:
+    """|d output / d input| of a context module's centre output cell on a map 2 cells wider
+    than its receptive field on every side, summed over channels, on positive random input
+    (float64, so no tap underflows to zero)."""
+    size = receptive_field(context.dilations) + 4
     context = context.double()
-    generator = torch.Generator().manual_seed(seed)
-    channels = context.num_classes
-    inputs = (torch.rand(1, channels, size, size, generator=generator, dtype=torch.float64)
-              + 0.5).requires_grad_(True)
+    generator = torch.Generator().manual_seed(0)
+    inputs = (torch.rand(1, context.num_classes, size, size, generator=generator,
+                         dtype=torch.float64) + 0.5).requires_grad_(True)
     output = context(inputs)
     output[0, :, size // 2, size // 2].sum().backward()
     return inputs.grad[0].abs().sum(0).numpy()
