@@ -72,6 +72,8 @@ def test_module_evaluates_with_tiles():
         out = module.predict_step(batch, 0)
         assert out["prediction"].shape == (1, 40, 56)
         assert out["prediction"].equal(module(image).argmax(1).to(torch.uint8))
+    with pytest.raises(ValueError, match=r"tile_size .* got \[16\]"):  # (was: an IndexError
+        SegmentationModule(4, arch="tiny", tile_size=[16])  # at the first evaluated batch)
 
 
 def test_upsampling_modes_interpolate_logits_or_the_authors_probabilities():
