@@ -227,8 +227,9 @@ class DilatedSegCLI(LightningCLI):
         if subcommand in ("validate", "test", "predict"):
             model = self.config[subcommand].model
             typed = typed_options(self.command_line)
+            # Set: typed, or other than its default (none, null, false: the checkpoint's stays).
             asked = {key: model.get(key) for key in EVALUATION_OPTIONS
-                     if key in typed or model.get(key) not in (None, "none")}
+                     if key in typed or model.get(key) not in (None, "none", False)}
         super()._parse_ckpt_path()
         for key, value in asked.items():
             self.config[subcommand].model[key] = value

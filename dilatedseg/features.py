@@ -17,11 +17,11 @@ complete, so an interrupted build is never used. Under DDP rank 0 builds it whil
 ranks wait at a barrier.
 
 Augmentation: the cache holds whole, un-augmented images, so random crops and scaling are not
-available (``crop_size`` is ignored: training is on whole images, as the authors' Cityscapes
-context stage). Random horizontal mirroring is kept, applied to the logits and the label
-together, about the logits' extent (8 px per logit: when the width is not a multiple of 8 the
-mirrored label gains 255 columns on the left); it equals mirroring the image up to the
-front-end's own left-right asymmetry.
+available (``crop_size`` and ``crops_per_image`` are ignored: training is on whole images, as
+the authors' Cityscapes context stage). Random horizontal mirroring is kept, applied to the
+logits and the label together, about the logits' extent (8 px per logit: when the width is not
+a multiple of 8 the mirrored label gains 255 columns on the left); it equals mirroring the image
+up to the front-end's own left-right asymmetry.
 Images of different sizes are zero-padded (logits) / 255-padded (labels) at the bottom and
 right to the split's largest size, so they batch; items then carry their own ``logits_size``, and
 the module runs each size's items at that size (so padding never reaches the context module
@@ -116,11 +116,9 @@ def build_cache(directory: Path, segmenter, dataset, device: torch.device | str 
                 label_offset += label.size
         (partial / "index.json").write_text(json.dumps({"version": CACHE_VERSION,
                                                         "items": index}))
-        if directory.exists():  # built meanwhile by another process: keep that one
-            shutil.rmtree(partial)
-        else:
+        if not directory.exists():  # else built meanwhile by another process: keep that one
             os.replace(partial, directory)
-    finally:
+    finally:  # (an unused or interrupted build goes)
         frontend.train(was_training)
         shutil.rmtree(partial, ignore_errors=True)
     return directory
@@ -256,7 +254,7 @@ class FrontendLogitsCache(Callback):
             if dataset is None or isinstance(dataset, CachedLogitsDataset):
                 continue
             plain = copy.copy(dataset)
-            plain.transform = None  # whole, un-augmented images
+            plain.transform, plain.crops = None, 1  # whole, un-augmented images, one per item
             items = limited_items(trainer, datamodule, split)
             if items == 0:
                 continue  # never read (limit_val_batches=0): nothing to cache

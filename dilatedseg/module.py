@@ -147,9 +147,9 @@ class SegmentationModule(L.LightningModule):
             raise ValueError(f"need lr > 0, 0 <= momentum < 1 and weight_decay >= 0, got lr={lr}, "
                              f"momentum={momentum}, weight_decay={weight_decay}")
         tiles = (tile_size, tile_size) if isinstance(tile_size, int) else tile_size
-        if tiles is not None and min(tiles) < OUTPUT_STRIDE:
+        if tiles is not None and (len(tiles) != 2 or min(tiles) < OUTPUT_STRIDE):
             raise ValueError(f"tile_size must be at least {OUTPUT_STRIDE} px (the output stride), "
-                             f"got {tile_size}")
+                             f"got {tile_size}: [height, width] in px, or one size")
         if feature_cache and stage != "context":
             raise ValueError("feature_cache needs the frozen front-end of stage 'context', not "
                              f"{stage!r}: set --model.feature_cache=false")

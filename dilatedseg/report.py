@@ -172,11 +172,8 @@ def validate(summary: dict, crf: str | None = None, crf_options: dict | None = N
 
 @torch.no_grad()
 def predict(module, images: torch.Tensor) -> np.ndarray:
-    """(N, H, W) uint8 predictions of a module on 0-255 RGB images."""
-    from dilatedseg.inference import predict_logits
-
-    logits = predict_logits(module.model, images, module.hparams.get("tile_size"))
-    return argmax_classes(logits).to(torch.uint8).numpy()
+    """(N, H, W) uint8 predictions of a module on 0-255 RGB images (tiled as it evaluates)."""
+    return argmax_classes(module.image_logits(images)).to(torch.uint8).numpy()
 
 
 # ---- receptive fields ----------------------------------------------------------------------------
@@ -190,29 +187,18 @@ def image_gradient(segmenter, images: torch.Tensor, cell: tuple[int, int]) -> np
     return images.grad.abs().sum(1).mean(0).numpy()
 
 
-def context_gradient(context: torch.nn.Module, size: int | None = None,
-                     seed: int = 0) -> np.ndarray:
-    """|d output / d input| (size, size) of a context module's centre output cell, summed over
-    channels, on positive random input (float64, so no tap underflows to zero)."""
-    dilations = getattr(context, "dilations", None)
-    size = size or receptive_field(dilations) + 4
+def context_gradient(context: ContextModule) -> np.ndarray:
+    """|d output / d input| of a context module's centre output cell on a map 2 cells wider
+    than its receptive field on every side, summed over channels, on positive random input
+    (float64, so no tap underflows to zero)."""
+    size = receptive_field(context.dilations) + 4
     context = context.double()
-    generator = torch.Generator().manual_seed(seed)
-    channels = context.num_classes
-    inputs = (torch.rand(1, channels, size, size, generator=generator, dtype=torch.float64)
-              + 0.5).requires_grad_(True)
+    generator = torch.Generator().manual_seed(0)
+    inputs = (torch.rand(1, context.num_classes, size, size, generator=generator,
+                         dtype=torch.float64) + 0.5).requires_grad_(True)
     output = context(inputs)
     output[0, :, size // 2, size // 2].sum().backward()
     return inputs.grad[0].abs().sum(0).numpy()
-
-
-def gradient_extent(gradient: np.ndarray) -> tuple[int, int]:
-    """Height and width of the smallest box holding every non-zero gradient."""
-    rows = np.flatnonzero(gradient.any(axis=1))
-    cols = np.flatnonzero(gradient.any(axis=0))
-    if not rows.size:
-        return 0, 0
-    return int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
 
 
 def schedule_label(value) -> tuple[str, tuple[int, ...]]:
@@ -228,7 +214,8 @@ def schedule_label(value) -> tuple[str, tuple[int, ...]]:
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+        names = [line.split(":", 1)[1].strip()
+                 for line in Path("/proc/cpuinfo").read_text().splitlines()
                  if line.startswith("model name")]
         cpu = names[0] if names else cpu
     except OSError:
@@ -266,6 +253,18 @@ def sweep_points(trials: list[dict], field_fe: int) -> list[dict]:
     return points
 
 
+def val_examples(datamodule, count: int) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """The first ``count`` val images (N, 3, h, w) and their labels, cut at the top left to
+    the smallest size among them, so they batch (VOC's or KITTI's images differ in size)."""
+    datamodule.setup("validate")
+    val = datamodule.datasets["val"]
+    items = [val[i] for i in range(min(len(val), count))]
+    height = min(item["image"].shape[-2] for item in items)
+    width = min(item["image"].shape[-1] for item in items)
+    images = torch.stack([item["image"][..., :height, :width] for item in items])
+    return images, [item["label"][:height, :width].numpy() for item in items]
+
+
 def draw_figures(out: Path, frontend: dict, context: dict, models: dict, rnn: dict,
                  points: list[dict], field_fe: int, crf_options: dict | None) -> None:
     """The four figures: training curves by initialisation, mIoU against receptive field,
@@ -279,12 +278,8 @@ def draw_figures(out: Path, frontend: dict, context: dict, models: dict, rnn: di
     figures.miou_vs_receptive_field(points, frontend["best_val_mIoU"], field_fe,
                                     out / "dilation_sweep.png")
     datamodule = datamodule_of(frontend)
-    datamodule.setup("validate")
-    val = datamodule.datasets["val"]
-    count_images = min(len(val), max(VIEW_IMAGES, GRADIENT_IMAGES))
-    items = [val[i] for i in range(count_images)]
-    images = torch.stack([item["image"] for item in items])
-    truths = [item["label"].numpy() for item in items[:VIEW_IMAGES]]
+    images, truths = val_examples(datamodule, max(VIEW_IMAGES, GRADIENT_IMAGES))
+    truths = truths[:VIEW_IMAGES]
 
     cell = (images.shape[-2] // OUTPUT_STRIDE // 2, images.shape[-1] // OUTPUT_STRIDE // 2)
     centre = tuple(OUTPUT_STRIDE * c + (OUTPUT_STRIDE - 1) / 2 for c in cell)
@@ -301,7 +296,7 @@ def draw_figures(out: Path, frontend: dict, context: dict, models: dict, rnn: di
                         "image_map": image_gradient(trained, images[:GRADIENT_IMAGES], cell),
                         "context_map": context_gradient(identity),
                         "field_cells": point["field_cells"]})
-    figures.receptive_fields(columns, items[0]["image"].permute(1, 2, 0).numpy() / 255,
+    figures.receptive_fields(columns, images[0].permute(1, 2, 0).numpy() / 255,
                              out / "receptive_fields.png")
 
     shown = images[:VIEW_IMAGES]

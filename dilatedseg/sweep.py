@@ -195,7 +195,7 @@ def overridden(parsed: dict, params: dict) -> dict[str, str]:
         if isinstance(value, float) and isinstance(node, int | float):
             same = abs(node - value) <= 1e-9 * max(abs(value), 1e-30)
         else:
-            same = node == value or (isinstance(value, list) and node == list(value))
+            same = node == value
         if not same:
             names[name] = f"{name} (proposed {value!r}, would run {node!r})"
     return names

@@ -123,6 +123,8 @@ def test_several_crops_per_decoded_image(tmp_path):
         CityscapesDataModule(root=str(root), crop_size=32, batch_size=4, crops_per_image=3)
     with pytest.raises(ValueError, match="scale_range without a crop_size .* do not batch"):
         CityscapesDataModule(root=str(root), batch_size=4, scale_range=(0.75, 1.25))
+    with pytest.raises(ValueError, match=r"crop_size must be positive, got \[32\]"):
+        CityscapesDataModule(root=str(root), crop_size=[32])  # (was: a TypeError in setup)
 
 
 @pytest.mark.skipif(not REALDATA.is_dir(), reason="no real Cityscapes files here")

@@ -35,10 +35,10 @@ def small_shapes(tmp_path_factory):
     return root
 
 
-def context_epoch(root, tmp_path, feature_cache: bool):
+def context_epoch(root, tmp_path, feature_cache: bool, **data_args):
     L.seed_everything(0)
     data = ShapesDataModule(root=str(root), **SMALL, batch_size=4, val_batch_size=4,
-                            num_workers=0, mirror=False)
+                            num_workers=0, mirror=False, **data_args)
     module = SegmentationModule(4, stage="context", arch="tiny", padding="same", dropout=0.0,
                                 dilations=[1, 1, 2, 4, 8, 1], optimizer="sgd", lr=0.01,
                                 feature_cache=feature_cache,
@@ -64,6 +64,12 @@ def test_cached_epoch_equals_uncached(small_shapes, tmp_path):
                                plain_module.model.context.state_dict(), rtol=1e-4, atol=1e-5)
     caches = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir())
     assert caches == ["train", "val"]
+
+
+def test_cache_holds_one_whole_image_per_item_with_crops_per_image(small_shapes, tmp_path):
+    # (crops_per_image stacked several whole images into one item: the cache build crashed)
+    losses, _, _ = context_epoch(small_shapes, tmp_path, True, crop_size=64, crops_per_image=2)
+    assert losses.cached and len(losses.values) == 4  # 16 whole images / batch 4
 
 
 def small_dataset(root):

@@ -72,6 +72,8 @@ def test_module_evaluates_with_tiles():
         out = module.predict_step(batch, 0)
         assert out["prediction"].shape == (1, 40, 56)
         assert out["prediction"].equal(module(image).argmax(1).to(torch.uint8))
+    with pytest.raises(ValueError, match=r"tile_size .* got \[16\]"):  # (was: an IndexError
+        SegmentationModule(4, arch="tiny", tile_size=[16])  # at the first evaluated batch)
 
 
 def test_upsampling_modes_interpolate_logits_or_the_authors_probabilities():
@@ -217,4 +219,29 @@ def test_cli_option_reaches_validate(tiny_shapes, tmp_path, monkeypatch, checkpo
                                      "--trainer.limit_val_batches=1",
                                      "--model.tile_size=[16,16]",
                                      "--model.tile_whole_network=true"))
+    assert seen and all(args == ([16, 16], True) for args in seen), seen
+
+
+def test_checkpoint_tiling_stays_when_validate_does_not_set_it(tiny_shapes, tmp_path,
+                                                               monkeypatch):
+    """A checkpoint saved with tile_size and tile_whole_network evaluates tiled as saved when
+    the command sets neither (the default false of tile_whole_network is not the user's)."""
+    import lightning
+    from conftest import run_cli, shapes_args, untrained_checkpoint
+
+    import dilatedseg.module
+
+    seen = []
+
+    def recording(segmenter, image, tile=None, tile_whole_network=False):
+        seen.append((tile, tile_whole_network))
+        return predict_logits(segmenter, image, tile, tile_whole_network)
+
+    monkeypatch.setattr(dilatedseg.module, "predict_logits", recording)
+    weights = untrained_checkpoint(tmp_path / "model.ckpt", 4, padding="same",
+                                   tile_size=[16, 16], tile_whole_network=True)
+    saved = torch.load(weights, weights_only=False)
+    torch.save({**saved, "pytorch-lightning_version": lightning.__version__}, weights)
+    run_cli("validate", *shapes_args(tiny_shapes, tmp_path / "runs", f"--ckpt_path={weights}",
+                                     "--trainer.limit_val_batches=1"))
     assert seen and all(args == ([16, 16], True) for args in seen), seen

@@ -22,11 +22,51 @@ def test_context_gradient_extent_is_the_receptive_field(dilations, init):
     context = ContextModule(4, dilations=dilations, init=init)
     gradient = report.context_gradient(context)
     field = receptive_field(dilations)
-    assert report.gradient_extent(gradient) == (field, field)
-    # Centred on the output cell, and nothing reaches past the field.
-    size = gradient.shape[0]
     rows = np.flatnonzero(gradient.any(axis=1))
-    assert rows[0] + rows[-1] == size - 1
+    cols = np.flatnonzero(gradient.any(axis=0))
+    assert (rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1) == (field, field)
+    # Centred on the output cell, and nothing reaches past the field.
+    assert rows[0] + rows[-1] == gradient.shape[0] - 1
+
+
+def test_predictions_are_tiled_as_the_module_evaluates():
+    from dilatedseg.inference import predict_logits
+    from dilatedseg.module import SegmentationModule
+
+    torch.manual_seed(0)
+    module = SegmentationModule(4, stage="context", arch="tiny", padding="same",
+                                context_init="random", tile_size=16,
+                                tile_whole_network=True).eval()
+    images = torch.rand(1, 3, 48, 48) * 255
+    with torch.no_grad():
+        whole_network = predict_logits(module.model, images, 16, True).argmax(1)
+        frontend_only = predict_logits(module.model, images, 16, False).argmax(1)
+    assert not torch.equal(whole_network, frontend_only)  # the option matters here
+    assert np.array_equal(report.predict(module, images), whole_network.numpy())
+
+
+def test_machine_closes_cpuinfo():
+    import gc
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert "cores" in report.machine()
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+def test_val_examples_of_different_sizes_batch():
+    class Data:  # a data module whose val images differ in size, as VOC's
+        def setup(self, stage):
+            self.datasets = {"val": [
+                {"image": torch.full((3, h, w), i, dtype=torch.uint8),
+                 "label": torch.full((h, w), i, dtype=torch.uint8)}
+                for i, (h, w) in enumerate([(40, 56), (48, 32), (36, 64)])]}
+
+    images, labels = report.val_examples(Data(), 8)
+    assert images.shape == (3, 3, 36, 32) and [label.shape for label in labels] == [(36, 32)] * 3
+    assert [int(image[0, 0, 0]) for image in images] == [int(label[0, 0]) for label in labels]
 
 
 def test_schedule_label_reads_sweep_values():

@@ -87,6 +87,11 @@ def test_unreachable_or_missing_weights_say_what_to_do(tmp_path, monkeypatch):
         FrontEnd(4, arch="tiny", pretrained="http://127.0.0.1:9/vgg16-397923af.pth")
     with pytest.raises(WeightsError, match="do not exist"):
         FrontEnd(4, arch="tiny", pretrained=str(tmp_path / "nope.pth"))
+    for name, content in (("text.pth", b"not weights"), ("empty.pth", b""),
+                          ("cut.pth", b"PK\x03\x04cut short")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(WeightsError, match=f"{name} cannot be read"):
+            FrontEnd(4, arch="tiny", pretrained=str(tmp_path / name))
     with pytest.raises(RunError, match="--model.pretrained"):  # the CLI prints it, no traceback
         SegmentationModule(4, arch="tiny", pretrained="http://127.0.0.1:9/vgg16-397923af.pth")
 

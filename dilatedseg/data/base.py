@@ -323,8 +323,9 @@ class SegmentationDataModule(L.LightningDataModule):
                              f"val_batch_size={val_batch_size}")
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
         self.crop_size = (crop_size, crop_size) if isinstance(crop_size, int) else crop_size
-        if self.crop_size is not None and min(self.crop_size) < 1:
-            raise ValueError(f"crop_size must be positive, got {crop_size}")
+        if self.crop_size is not None and (len(self.crop_size) != 2 or min(self.crop_size) < 1):
+            raise ValueError(f"crop_size must be positive, got {crop_size}: [height, width] in "
+                             "px, or one size")
         if num_workers is not None and num_workers < 0:
             raise ValueError(f"num_workers must be >= 0 (0: load in the main process) or null "
                              f"(one per CPU core), got {num_workers}")

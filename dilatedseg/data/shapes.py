@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from dilatedseg.data.base import SegmentationDataModule
+from dilatedseg.viz import palette_png
 
 CLASSES = ("background", "team_red", "team_green", "team_blue")
 PALETTE = ((0, 0, 0), (220, 40, 40), (40, 200, 60), (50, 90, 230))
@@ -67,13 +68,6 @@ def draw_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nda
     return np.clip(image, 0, 255).astype(np.uint8), label
 
 
-def palette_png(label: np.ndarray) -> Image.Image:
-    image = Image.fromarray(label, mode="P")
-    flat = [value for colour in PALETTE for value in colour]
-    image.putpalette(flat + [0] * (768 - len(flat)))
-    return image
-
-
 def generate(root: Path, seed: int, sizes: dict[str, int], image_size: int) -> None:
     """Write images/<split>/*.png, labels/<split>/*.png and <split>.txt under ``root``."""
     for split, count in sizes.items():
@@ -84,7 +78,7 @@ def generate(root: Path, seed: int, sizes: dict[str, int], image_size: int) -> N
         for name in names:
             image, label = draw_sample(rng, image_size)
             Image.fromarray(image).save(root / "images" / split / f"{name}.png")
-            palette_png(label).save(root / "labels" / split / f"{name}.png")
+            palette_png(label, PALETTE).save(root / "labels" / split / f"{name}.png")
         (root / f"{split}.txt").write_text("\n".join(names) + "\n")
 
 

@@ -13,6 +13,7 @@ them (the mean may be the dataset's, a small shift the fine-tuning absorbs).
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,7 +38,12 @@ def fetch_state_dict(source: str | Path, model_dir: str | None = None) -> dict[s
             raise WeightsError(
                 f"pretrained weights {path} do not exist. Pass the path of torchvision's VGG-16 "
                 f"state dict (download it from {VGG16_IMAGENET_URL}) or the URL itself.")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, EOFError, RuntimeError) as error:
+            raise WeightsError(
+                f"pretrained weights {path} cannot be read ({type(error).__name__}): the file is "
+                f"damaged or not a saved state dict; download {VGG16_IMAGENET_URL} again") from None
     try:
         return torch.hub.load_state_dict_from_url(
             source, model_dir=model_dir, map_location="cpu", check_hash=True, weights_only=True)
