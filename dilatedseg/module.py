@@ -27,9 +27,8 @@ from dilatedseg.models.context import resolve_dilations
 from dilatedseg.models.frontend import OUTPUT_STRIDE, check_context_margin
 from dilatedseg.models.segmenter import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB
 from dilatedseg.models.weights import WeightsError
-from dilatedseg.runs import RunError
+from dilatedseg.runs import STAGE_ORDER, RunError
 
-STAGES = ("frontend", "context", "joint", "crf")
 CRF_MODES = ("none", "dense", "rnn")
 
 
@@ -134,8 +133,8 @@ class SegmentationModule(L.LightningModule):
         fc6_space_to_batch: bool | None = None,
     ):
         super().__init__()
-        if stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        if stage not in STAGE_ORDER:
+            raise ValueError(f"stage must be one of {STAGE_ORDER}, got {stage!r}")
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
         if lr_schedule not in ("poly", "step", "constant"):
