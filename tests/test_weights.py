@@ -104,6 +104,9 @@ def test_wrong_state_dicts_are_rejected(tmp_path):
     state["features.3.weight"] = torch.zeros(8, 16, 3, 3)
     with pytest.raises(WeightsError, match="conv2_1"):
         load_vgg16_imagenet(tiny, state)
+    weights_only = {k: v for k, v in torchvision_style(tiny).items() if k.endswith(".weight")}
+    with pytest.raises(WeightsError, match="torchvision's VGG"):  # was a KeyError
+        load_vgg16_imagenet(tiny, weights_only)
 
 
 def test_default_normalisation_is_torchvisions():

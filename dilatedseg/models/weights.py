@@ -66,7 +66,8 @@ def vgg16_to_frontend(state: Mapping[str, torch.Tensor], frontend: nn.Module
     source_convs = sorted(int(m.group(1)) for k in state if (m := _FEATURE_KEY.match(k)))
     pairs = [(f"features.{i}", name, m) for i, (name, m) in zip(source_convs, hidden)]
     pairs += [(f"classifier.{i}", name, m) for i, (name, m) in zip((0, 3), fcs)]
-    if len(source_convs) != len(hidden) or any(f"{src}.weight" not in state for src, _, _ in pairs):
+    if len(source_convs) != len(hidden) or any(f"{src}.{kind}" not in state for src, _, _ in pairs
+                                               for kind in ("weight", "bias")):
         raise WeightsError(
             f"the pretrained state dict does not look like torchvision's VGG for this front-end: "
             f"it has {len(source_convs)} 'features.<i>' convolutions (this front-end has "
