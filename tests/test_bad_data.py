@@ -138,6 +138,9 @@ def test_16_bit_label_values_above_255_are_named_not_wrapped(tmp_path):
         read_index_png(path)
     Image.fromarray(np.array([[0, 3], [7, 255]], np.uint16)).save(path)
     assert read_index_png(path).tolist() == [[0, 3], [7, 255]]  # in range: read as is
+    big_endian = tmp_path / "label.tif"  # (a 16-bit TIFF opens as mode I;16B)
+    Image.frombytes("I;16B", (2, 2), np.array([[0, 3], [7, 255]], ">u2").tobytes()).save(big_endian)
+    assert read_index_png(big_endian).tolist() == [[0, 3], [7, 255]]
 
 def test_colour_label_names_the_conversion(tmp_path):
     path = tmp_path / "label.png"

@@ -56,7 +56,7 @@ def read_index_png(path: Path) -> np.ndarray:
     """Index / palette PNG -> (H, W) uint8 label map (palette indices are the class ids)."""
     try:
         with Image.open(path) as label:
-            if label.mode not in ("P", "L", "I", "I;16"):
+            if label.mode not in ("P", "L", "I", "I;16", "I;16B", "I;16L"):
                 raise DataError(
                     f"label {path} is a {label.mode} image; expected a single-channel index PNG "
                     "(class ids as pixel values, 255 = ignore): convert colour-coded labels to "
