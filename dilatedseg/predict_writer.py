@@ -66,6 +66,9 @@ class PredictionWriter(BasePredictionWriter):
         for name, image, label in zip(prediction["name"], images, labels):
             self.pending.append(self.writers.submit(self.write, name, image, label, palette,
                                                     submission))
+        for write in [write for write in self.pending if write.done()]:  # a failure stops now
+            self.pending.remove(write)
+            self.finish(write)
         while len(self.pending) > 4 * self.threads:  # bounded: images wait in memory
             self.finish(self.pending.pop(0))
 

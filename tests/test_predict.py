@@ -92,3 +92,35 @@ def test_predict_writes_in_the_background_and_a_failed_write_stops_it(tiny_shape
     monkeypatch.setattr(viz, "overlay", failing)
     with pytest.raises(OSError, match="No space left on device"):
         run_cli("predict", *args, f"--output={tmp_path / 'full'}")
+
+
+def test_a_failed_write_stops_predict_at_the_next_batch(tmp_path, monkeypatch):
+    """Not only once the bounded queue of writes reaches it (up to 4 writes per thread later,
+    all of them predicted for nothing)."""
+    import threading
+    from concurrent.futures import wait
+    from types import SimpleNamespace
+
+    import torch
+
+    from dilatedseg import viz
+    from dilatedseg.predict_writer import PredictionWriter
+
+    first_batch_returned = threading.Event()
+
+    def failing(*args):
+        first_batch_returned.wait(timeout=30)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(viz, "overlay", failing)
+    writer = PredictionWriter(tmp_path / "out")
+    writer.on_predict_start(None, None)
+    trainer = SimpleNamespace(datamodule=None)
+    batch = {"image": torch.zeros(1, 3, 4, 4)}
+    prediction = {"name": ["a"], "prediction": torch.zeros(1, 4, 4, dtype=torch.uint8)}
+    writer.write_on_batch_end(trainer, None, prediction, None, batch, 0, 0)
+    first_batch_returned.set()
+    wait(writer.pending)
+    with pytest.raises(OSError, match="No space left on device"):
+        writer.write_on_batch_end(trainer, None, prediction, None, batch, 1, 0)
+    writer.writers.shutdown()
