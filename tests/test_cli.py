@@ -108,6 +108,19 @@ def test_fast_dev_run_on_shapes(tiny_shapes, tmp_path):
         run / "checkpoints" / "last.ckpt")
 
 
+def test_init_from_auto_without_a_previous_run_says_where_to_train_it(tmp_path):
+    """`make train` alone writes under runs/: for another runs_dir (conf/debug.yaml's
+    runs/debug, --runs_dir) the advice says the run must go where this one looks."""
+    from dilatedseg.runs import RunError, find_previous_checkpoint
+
+    with pytest.raises(RunError) as default:
+        find_previous_checkpoint("runs", "nodata", "context")
+    assert "Train it first: make train STAGE=frontend DATASET=nodata\n" in str(default.value)
+    with pytest.raises(RunError) as debug:
+        find_previous_checkpoint(str(tmp_path / "debug"), "shapes", "context")
+    assert f"--runs_dir options that put this run under {tmp_path / 'debug'}/" in str(debug.value)
+
+
 @pytest.mark.parametrize("accelerator,cuda,native_bf16,expected", [
     ("auto", True, True, "bf16-mixed"),   # an Ampere / Hopper GPU
     ("gpu", True, False, "32-true"),      # a V100 / T4: bf16 only emulated, slow
