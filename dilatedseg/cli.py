@@ -19,6 +19,7 @@ import signal
 import sys
 import textwrap
 import typing
+import warnings
 from pathlib import Path
 
 # An idle OpenMP thread spins 3000 times (~0.1 ms on a 2-core EPYC) before it sleeps, not
@@ -322,6 +323,11 @@ class DilatedSegCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(RunSummary())
+        if self.subcommand != "fit":
+            # An evaluation saves no checkpoint: Lightning's advice to add the callbacks that
+            # wrote the --ckpt_path file, and its note that their dirpath changed, do not apply.
+            for message in ("Be aware that when using `ckpt_path`", "The dirpath has changed"):
+                warnings.filterwarnings("ignore", message=re.escape(message))
         if self.subcommand == "fit":
             # checkpoints/last.ckpt after every validation (every epoch without validation), to
             # resume from: since Lightning 2.6 the best checkpoint's save_last writes it only

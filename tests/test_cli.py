@@ -165,7 +165,13 @@ def test_stage_chaining_frontend_then_context(tiny_shapes, tmp_path, capsys):
     assert best.parent == frontend_run / "checkpoints" and best.name.startswith("best")
     assert (frontend_run / "checkpoints" / "last.ckpt").is_file()
     # --ckpt_path=best: the best checkpoint of the latest run of the dataset and stage.
-    run_cli("validate", *shapes_args(tiny_shapes, tmp_path, "--ckpt_path=best"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_cli("validate", *shapes_args(tiny_shapes, tmp_path, "--ckpt_path=best"))
+    # Lightning's "please add the following callbacks" / "dirpath has changed": not for an
+    # evaluation, which saves no checkpoint.
+    assert not [w for w in caught if "callbacks used to create the checkpoint" in str(w.message)
+                or "dirpath has changed" in str(w.message)]
     validated = logged_metrics(tmp_path / "shapes" / "frontend" / "validate_0")
     assert validated["val/mIoU"] == pytest.approx(summary["best_val_mIoU"], abs=1e-3)
 
