@@ -119,6 +119,10 @@ class RunConfigSaver(SaveConfigCallback):
                 logger.log_hyperparams(self.config.as_dict())
 
 
+# The verbs of `dilatedseg`: LightningCLI's subcommands, then this package's own.
+VERBS = ("fit", "validate", "test", "predict", "prepare", "sweep", "summary")
+
+
 class ConciseParser(LightningArgumentParser):
     """A parse error (misspelt option, bad value, missing config file) is the message and a
     pointer to --help, not the ~100-line usage that jsonargparse prints first for fit."""
@@ -130,6 +134,9 @@ class ConciseParser(LightningArgumentParser):
             content = " ".join(message.split(":", 1)[1].split())[:60]
             message = ("a --config file holds no options: it is empty, only comments, or not "
                        f"a YAML mapping of options ({content or 'empty'})")
+        if message.startswith("argument subcommand: invalid choice"):  # a misspelt verb: all
+            message = re.sub(r"\(choose from [^)]*\)", "(choose from " + ", ".join(VERBS) + ")",
+                             message)  # of them, not only LightningCLI's four
         message, help_option = subclass_problem(message) or (message, "--help")
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")

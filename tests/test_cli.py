@@ -369,6 +369,15 @@ def test_help_lists_every_verb(capsys):
     assert all(verb in out for verb in ("prepare <dataset>", "sweep sweeps/", "summary", "fit"))
 
 
+def test_misspelt_verb_lists_every_verb(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("sumary", "--dataset", "shapes")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'sumary'" in err
+    assert "fit, validate, test, predict, prepare, sweep, summary" in err
+
+
 def test_make_train_names_the_datasets_and_stages_there_are():
     import subprocess
 
