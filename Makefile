@@ -61,7 +61,8 @@ endif
 sweep:  ## run sweeps/<SWEEP>.yaml locally (no W&B server): a whole grid, or COUNT trials
 	$(DILATEDSEG) sweep sweeps/$(SWEEP).yaml --local $(if $(COUNT),--count $(COUNT)) $(ARGS)
 
-# Runs go to runs/report/ (apart from yours); ARGS go to every run, e.g. ARGS=--quick for a smoke test.
+# Runs go to runs/report/ (apart from yours); ARGS: the report's options (--quick: a smoke test,
+# --count N) and any CLI option for every run, e.g. ARGS=--data.init_args.root=...
 report:  ## reproduce the paper's ablations on DATASET: reports/<dataset>/report.md + figures
 	$(PYTHON) -m dilatedseg.report --dataset $(DATASET) --out reports/$(DATASET) $(ARGS)
 

@@ -19,6 +19,7 @@ import signal
 import sys
 import textwrap
 import typing
+import warnings
 from pathlib import Path
 
 # An idle OpenMP thread spins 3000 times (~0.1 ms on a 2-core EPYC) before it sleeps, not
@@ -118,6 +119,10 @@ class RunConfigSaver(SaveConfigCallback):
                 logger.log_hyperparams(self.config.as_dict())
 
 
+# The verbs of `dilatedseg`: LightningCLI's subcommands, then this package's own.
+VERBS = (*SUBCOMMANDS, "prepare", "sweep", "summary")
+
+
 class ConciseParser(LightningArgumentParser):
     """A parse error (misspelt option, bad value, missing config file) is the message and a
     pointer to --help, not the ~100-line usage that jsonargparse prints first for fit."""
@@ -129,6 +134,9 @@ class ConciseParser(LightningArgumentParser):
             content = " ".join(message.split(":", 1)[1].split())[:60]
             message = ("a --config file holds no options: it is empty, only comments, or not "
                        f"a YAML mapping of options ({content or 'empty'})")
+        if message.startswith("argument subcommand: invalid choice"):  # a misspelt verb: all
+            message = re.sub(r"\(choose from [^)]*\)", "(choose from " + ", ".join(VERBS) + ")",
+                             message)  # of them, not only LightningCLI's four
         message, help_option = (data_class_problem(message) or subclass_problem(message)
                                 or (message, "--help"))
         parser = getattr(ex, "subcommand_parser", None) or self
@@ -342,6 +350,11 @@ class DilatedSegCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(RunSummary())
+        if self.subcommand != "fit":
+            # An evaluation saves no checkpoint: Lightning's advice to add the callbacks that
+            # wrote the --ckpt_path file, and its note that their dirpath changed, do not apply.
+            for message in ("Be aware that when using `ckpt_path`", "The dirpath has changed"):
+                warnings.filterwarnings("ignore", message=re.escape(message))
         if self.subcommand == "fit":
             # checkpoints/last.ckpt after every validation (every epoch without validation), to
             # resume from: since Lightning 2.6 the best checkpoint's save_last writes it only

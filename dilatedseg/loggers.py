@@ -5,7 +5,9 @@ it; offline when W&B has no account here)."""
 from __future__ import annotations
 
 import os
+import re
 import sys
+import warnings
 from pathlib import Path
 
 from dilatedseg.runs import is_global_rank_zero
@@ -33,6 +35,12 @@ def configure_logger(logger, run_dir: Path, dataset: str, stage: str,
                           "in the run directory", file=sys.stderr)
     elif name in ("CSVLogger", "TensorBoardLogger"):
         args.save_dir, args.name, args.version = str(attempt or run_dir), "", ""
+        if name == "CSVLogger" and not (Path(args.save_dir) / "metrics.csv").exists():
+            # The directory holds only this start's config.yaml and command.txt (a resumed run
+            # logs into its own resume_<k>/): Lightning's "exists and is not empty. Previous
+            # log files in this directory will be deleted" would be a false alarm.
+            warnings.filterwarnings(
+                "ignore", message=f"Experiment logs directory {re.escape(args.save_dir)}")
 
 
 def wandb_run_id(run_dir: Path) -> str:

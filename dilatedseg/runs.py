@@ -350,9 +350,13 @@ def find_previous_checkpoint(runs_dir: str, dataset: str, stage: str) -> Path:
             if checkpoint is not None:
                 return checkpoint
     where = ", ".join(f"{runs_dir}/{dataset}/{s}/" for s in previous)
+    train = f"make train STAGE={previous[0]} DATASET={dataset}"
+    if Path(runs_dir) != Path("runs"):  # make train alone writes under runs/, not found here
+        train += (f' ARGS="..." with the --config / --runs_dir options that put this run '
+                  f"under {runs_dir}/")
     raise RunError(
         f"stage '{stage}' starts from a trained '{previous[0]}' stage, but no checkpoint was "
-        f"found under {where}.\nTrain it first: make train STAGE={previous[0]} DATASET={dataset}"
+        f"found under {where}.\nTrain it first: {train}"
         f"\nor name the weights yourself: --model.init_from=PATH (make train ... INIT=PATH)")
 
 

@@ -185,6 +185,8 @@ def test_error_inside_a_dataloader_worker(voc, tmp_path, capsys):
     err = fails(capsys, "predict", *tiny_args("voc", voc, tmp_path / "runs",
                                               f"--data.init_args.predict_dir={folder}"))
     assert "cannot read image" in err and "notes.png" in err
+    # a predict_dir's images have no label, split list or prepare command: the way out is theirs
+    assert f"move it out of predict_dir {folder}" in err and "split list" not in err
     assert not (tmp_path / "runs").exists()
     (folder / "notes.png").unlink()
     rng = np.random.default_rng(0)
@@ -197,6 +199,7 @@ def test_error_inside_a_dataloader_worker(voc, tmp_path, capsys):
                                               "--data.init_args.num_workers=1",
                                               f"--model.init_from={weights}"))
     assert err.startswith("error: cannot read image") and "broken.png" in err
+    assert "move it out of predict_dir" in err and "split list" not in err
     assert "DataLoader worker" not in err
 
 

@@ -7,6 +7,7 @@ import contextlib
 import csv
 import io
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,13 @@ def test_debug_config_parses():
 
 
 def test_debug_run_writes_what_a_run_writes(tiny_shapes, tmp_path):
-    run_cli("fit", *shapes_args(tiny_shapes, tmp_path, "--config", str(REPO / "conf/debug.yaml")))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_cli("fit", *shapes_args(tiny_shapes, tmp_path, "--config",
+                                    str(REPO / "conf/debug.yaml")))
+    # A new run's directory holds its config.yaml before the CSV logger starts: no false alarm
+    # that "previous log files in this directory will be deleted".
+    assert not [w for w in caught if "will be deleted" in str(w.message)]
     run = tmp_path / "shapes" / "frontend" / "version_0"
     assert {"config.yaml", "metrics.csv", "summary.json"} <= {p.name for p in run.iterdir()}
     assert (run / "checkpoints" / "last.ckpt").is_file()
@@ -99,6 +106,19 @@ def test_fast_dev_run_on_shapes(tiny_shapes, tmp_path):
 
     assert find_previous_checkpoint(str(tmp_path), "shapes", "context") == (
         run / "checkpoints" / "last.ckpt")
+
+
+def test_init_from_auto_without_a_previous_run_says_where_to_train_it(tmp_path):
+    """`make train` alone writes under runs/: for another runs_dir (conf/debug.yaml's
+    runs/debug, --runs_dir) the advice says the run must go where this one looks."""
+    from dilatedseg.runs import RunError, find_previous_checkpoint
+
+    with pytest.raises(RunError) as default:
+        find_previous_checkpoint("runs", "nodata", "context")
+    assert "Train it first: make train STAGE=frontend DATASET=nodata\n" in str(default.value)
+    with pytest.raises(RunError) as debug:
+        find_previous_checkpoint(str(tmp_path / "debug"), "shapes", "context")
+    assert f"--runs_dir options that put this run under {tmp_path / 'debug'}/" in str(debug.value)
 
 
 @pytest.mark.parametrize("accelerator,cuda,native_bf16,expected", [
@@ -145,7 +165,13 @@ def test_stage_chaining_frontend_then_context(tiny_shapes, tmp_path, capsys):
     assert best.parent == frontend_run / "checkpoints" and best.name.startswith("best")
     assert (frontend_run / "checkpoints" / "last.ckpt").is_file()
     # --ckpt_path=best: the best checkpoint of the latest run of the dataset and stage.
-    run_cli("validate", *shapes_args(tiny_shapes, tmp_path, "--ckpt_path=best"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_cli("validate", *shapes_args(tiny_shapes, tmp_path, "--ckpt_path=best"))
+    # Lightning's "please add the following callbacks" / "dirpath has changed": not for an
+    # evaluation, which saves no checkpoint.
+    assert not [w for w in caught if "callbacks used to create the checkpoint" in str(w.message)
+                or "dirpath has changed" in str(w.message)]
     validated = logged_metrics(tmp_path / "shapes" / "frontend" / "validate_0")
     assert validated["val/mIoU"] == pytest.approx(summary["best_val_mIoU"], abs=1e-3)
 
@@ -341,6 +367,15 @@ def test_help_lists_every_verb(capsys):
     assert exit_info.value.code in (0, None)
     out = capsys.readouterr().out
     assert all(verb in out for verb in ("prepare <dataset>", "sweep sweeps/", "summary", "fit"))
+
+
+def test_misspelt_verb_lists_every_verb(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("sumary", "--dataset", "shapes")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'sumary'" in err
+    assert "fit, validate, test, predict, prepare, sweep, summary" in err
 
 
 def test_make_train_names_the_datasets_and_stages_there_are():

@@ -63,6 +63,24 @@ def test_unreadable_sbd_mat_is_one_clear_error(tmp_path, content, capsys):
     assert f"cannot read SBD label {bad}" in err and "Traceback" not in err
     assert not list(root.rglob("*.partial.png"))
 
+def test_voc_test_split_is_the_test_release_when_there(tmp_path):
+    """Without the test release, `test` scores val; with it (test.txt and its JPEGs), `test` is
+    those unlabelled images: predict_split=test predicts them and `dilatedseg test` stops."""
+    from dilatedseg.data import DataError
+
+    root = make_voc(tmp_path / "voc")
+    module = VOCDataModule(root=str(root))
+    assert module.checked_pairs("test", labelled=True) == module.checked_pairs("val")
+    voc = root / "VOCdevkit/VOC2012"
+    for name in ("2009_000001", "2009_000002"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(voc / f"JPEGImages/{name}.jpg")
+    (voc / "ImageSets/Segmentation/test.txt").write_text("2009_000001\n2009_000002\n")
+    assert module.checked_pairs("test") == [(voc / f"JPEGImages/2009_00000{i}.jpg", None)
+                                            for i in (1, 2)]
+    with pytest.raises(DataError, match="split 'test' has no labels"):
+        module.checked_pairs("test", labelled=True)
+
+
 def test_voc_train_split_without_sbd(voc_root):
     module = VOCDataModule(root=str(voc_root), train_split="train")
     assert [i.stem for i, _ in module.checked_pairs("train")] == [

@@ -35,21 +35,26 @@ class DataError(Exception):
 UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)
 
 
-def unreadable(kind: str, path: Path, error: Exception) -> DataError:
-    """The error for an image or label file that cannot be read, and the two ways out."""
+def unreadable(kind: str, path: Path, error: Exception, folder: Path | None = None) -> DataError:
+    """The error for an image or label file that cannot be read, and the two ways out (for an
+    image of a predict_dir ``folder``: no label, split list or prepare command to name)."""
+    if folder is not None:
+        return DataError(
+            f"cannot read {kind} {path}: {error}. Replace it with an intact copy, or move it "
+            f"out of predict_dir {folder}.")
     return DataError(
         f"cannot read {kind} {path}: {error}. Replace it with an intact copy (re-download it, "
         "or re-run the dataset's prepare command), or drop the example: delete its image and "
         "label, and its line in the split list where the dataset has one.")
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Image file -> (H, W, 3) uint8 RGB."""
+def read_image(path: Path, folder: Path | None = None) -> np.ndarray:
+    """Image file -> (H, W, 3) uint8 RGB (``folder``: the predict_dir it comes from)."""
     try:
         with Image.open(path) as image:
             return np.array(image.convert("RGB"))
     except UNREADABLE as error:
-        raise unreadable("image", path, error) from None
+        raise unreadable("image", path, error, folder) from None
 
 
 def read_index_png(path: Path) -> np.ndarray:
@@ -135,13 +140,13 @@ def seed_worker(worker_id: int) -> None:
         transforms.seed(transform, augmentation_seed())
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) of an image file, from its header."""
+def image_size(path: Path, folder: Path | None = None) -> tuple[int, int]:
+    """(width, height) of an image file, from its header (``folder``: its predict_dir)."""
     try:
         with Image.open(path) as image:
             return image.size
     except UNREADABLE as error:
-        raise unreadable("image", path, error) from None
+        raise unreadable("image", path, error, folder) from None
 
 
 def folder_images(folder: Path) -> list[tuple[Path, None]]:
@@ -205,7 +210,7 @@ class SegmentationDataset(Dataset):
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
         image_path, label_path = self.pairs[index]
-        image = read_image(image_path)
+        image = read_image(image_path, self.names_under)
         label = None if label_path is None else self.read_label(label_path)
         if label is not None:
             if label.shape != image.shape[:2]:
@@ -477,7 +482,7 @@ class SegmentationDataModule(L.LightningDataModule):
         reads is missing or incomplete; label values are checked later, in ``setup``."""
         if stage == "predict" and self.predict_dir is not None:
             for image, _ in folder_images(self.predict_dir):
-                image_size(image)  # the header: a file that is no image stops here
+                image_size(image, self.predict_dir)  # a file that is no image stops here
         for split in self.stage_splits(stage):
             self.checked_pairs(split, labelled=stage != "predict")
 

@@ -33,8 +33,10 @@ class VOCDataModule(SegmentationDataModule):
         train_split: "train_aug" (VOC train + SBD minus VOC val, the paper's) or "train".
         **kwargs: see :class:`SegmentationDataModule`.
 
-    VOC's test labels are not public: ``test`` evaluates on val; submit test predictions
-    (``dilatedseg predict``) to the evaluation server instead.
+    VOC's test labels are not public. With the test release (VOC2012test.tar, extracted into
+    the same root: its JPEGs and ``ImageSets/Segmentation/test.txt``) the ``test`` split is
+    those images, unlabelled: ``predict_split: test`` predicts them for the evaluation server
+    and ``dilatedseg test`` stops. Without it, ``test`` is the val split.
     """
 
     name = "voc"
@@ -48,6 +50,7 @@ class VOCDataModule(SegmentationDataModule):
         VOCdevkit/VOC2012/JPEGImages/<name>.jpg
         VOCdevkit/VOC2012/SegmentationClass/<name>.png      palette PNG, values 0-20, 255 borders
         VOCdevkit/VOC2012/ImageSets/Segmentation/{train,val}.txt
+        VOCdevkit/VOC2012/ImageSets/Segmentation/test.txt   VOC2012test.tar, optional (no labels)
         benchmark_RELEASE/dataset/cls/<name>.mat            SBD (GTcls.Segmentation), optional
         benchmark_RELEASE/dataset/{train,val}.txt
         -- written by prepare:
@@ -62,10 +65,13 @@ class VOCDataModule(SegmentationDataModule):
         self.train_split = train_split
 
     def pairs(self, split: str) -> list[tuple[Path, Path | None]]:
+        voc = self.root / VOC_DIR
+        if split == "test" and (self.root / LISTS / "test.txt").is_file():  # VOC2012test.tar
+            names = self.listed_names(self.root / LISTS / "test.txt", "")
+            return [(voc / "JPEGImages" / f"{name}.jpg", None) for name in names]
         list_name = self.train_split if split == "train" else "val" if split == "test" else split
         hint = " (SBD's list, written by prepare)" if list_name == "train_aug" else ""
         names = self.listed_names(self.root / LISTS / f"{list_name}.txt", hint)
-        voc = self.root / VOC_DIR
         pairs = []
         for name in names:  # also DeepLab's train_aug.txt of image and label paths
             label = voc / "SegmentationClass" / f"{name}.png"

@@ -6,8 +6,9 @@
     dilatedseg prepare kitti --root data/kitti [--layout semantics]
     dilatedseg prepare cityscapes --root data/cityscapes  labelIds -> labelTrainIds
 
-Each verb ends by reading every image and label of the splits it finds (the data module's own
-checks: files present, sizes equal, label values in range), so a missing or malformed file is
+Each verb ends by reading every image and label of the train and val splits (and CamVid's
+and KITTI semantics' test split; a missing split stops it) with the data module's own checks
+(files present, sizes equal, label values in range), so a missing or malformed file is
 reported here rather than when training starts.
 """
 
