@@ -128,6 +128,34 @@ def test_optimiser_groups_follow_caffe():
     assert isinstance(module.model.context.layers[-1], nn.Conv2d)  # no ReLU at the end
 
 
+def test_epoch_step_and_constant_schedules_and_adam():
+    """step without lr_step_iters: x lr_gamma every lr_step_epochs epochs (Lightning's default
+    epoch interval); constant: no scheduler at all; adam keeps the Caffe parameter groups."""
+    def configured(**kwargs):
+        module = SegmentationModule(3, stage="context", arch="tiny", padding="same", lr=0.01,
+                                    **kwargs)
+        return module.configure_optimizers()
+
+    config = configured(lr_schedule="step", lr_step_epochs=3, lr_gamma=0.5)
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]
+    assert isinstance(scheduler, torch.optim.lr_scheduler.StepLR)  # stepped once per epoch
+    rates = []
+    for _ in range(7):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([0.01] * 3 + [0.005] * 3 + [0.0025])
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(2 * 0.0025)  # biases: 2x
+    constant = configured(lr_schedule="constant")
+    assert isinstance(constant, torch.optim.SGD) and constant.defaults["momentum"] == 0.9
+    adam = configured(optimizer="adam", lr_schedule="constant", weight_decay=1e-4)
+    assert isinstance(adam, torch.optim.Adam)
+    assert [(g["lr"], g["weight_decay"]) for g in adam.param_groups] == [(0.01, 1e-4),
+                                                                         (0.02, 0.0)]
+    with pytest.raises(ValueError, match="lr_schedule"):
+        SegmentationModule(3, arch="tiny", lr_schedule="cosine")
+
+
 def test_poly_schedule_reads_the_run_length_at_the_first_step():
     """(1 - step / total)^0.9 over the run; configuring it does not ask Lightning for the run
     length (that would start the training loader's workers before the feature cache is in)."""
