@@ -53,7 +53,14 @@ def test_kitti_fit_through_cli_both_layouts(tmp_path):
                               "--data.init_args.layout=semantics"), )
     metrics = logged_metrics(runs / "kitti/frontend/version_1")
     assert_scored(metrics, cityscapes.CLASSES)
-    assert 0 <= metrics["val/mIoU_category"] <= 100  # Cityscapes categories linked in
+    # Cityscapes categories linked in: their mean is the mean of the categories logged
+    categories = [value for key, value in metrics.items() if key.startswith("val/catIoU/")]
+    assert categories and {key.split("/")[2] for key in metrics
+                           if key.startswith("val/catIoU/")} <= set(cityscapes.CATEGORIES)
+    assert metrics["val/mIoU_category"] == pytest.approx(sum(categories) / len(categories),
+                                                         abs=1e-3)
+    assert not any(key.startswith("val/catIoU/") for key in logged_metrics(
+        runs / "kitti/frontend/version_0"))  # CamVid's classes have no categories
 
 
 def test_missing_data_names_the_prepare_command_for_the_layout(tmp_path):
