@@ -30,6 +30,12 @@ def test_ros_colour_labels_decode_to_camvid_classes(tmp_path):
     assert (label[(colours == 0).all(-1)] == 255).all()
 
 
+def test_mean_pixel_is_the_papers_in_rgb_order():
+    """REFERENCE sec. 3: BGR 96.19 95.55 91.35, whichever layout; the model takes RGB."""
+    assert KITTIDataModule.mean_rgb == (91.35, 95.55, 96.19)
+    assert KITTIDataModule(layout="semantics").mean_rgb == (91.35, 95.55, 96.19)
+
+
 def test_semantics_layout_uses_cityscapes_train_ids(tmp_path):
     root = make_kitti_semantics(tmp_path / "kitti")
     module = KITTIDataModule(root=str(root), layout="semantics", val_every=5)
