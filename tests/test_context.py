@@ -198,3 +198,34 @@ def test_long_schedule_in_valid_padding_warns_of_its_memory(recwarn):
     assert "33x their unpadded memory" in message and "--model.context_padding=same" in message
     assert warnings_for("dilation8", "valid") == []
     assert warnings_for("dilation10", "same") == []
+
+
+def test_context_stage_trains_with_the_frozen_front_end_in_eval_mode(tiny_shapes):
+    """No dropout in the frozen front-end (its logits are fixed), also after a validation in
+    the middle of an epoch (which puts the module back in training mode); the context module
+    trains; in the joint stage the front-end trains too."""
+    import lightning as L
+
+    from dilatedseg.data import ShapesDataModule
+
+    def modes(stage: str) -> set[tuple[bool, bool]]:
+        seen = set()
+
+        class Modes(L.Callback):
+            def on_train_batch_start(self, trainer, module, batch, batch_idx):
+                model = module.model
+                seen.add((model.frontend.training, model.context.training))
+
+        data = ShapesDataModule(root=str(tiny_shapes), train_size=32, val_size=8, test_size=8,
+                                num_workers=0, batch_size=8, val_batch_size=8)
+        module = SegmentationModule(4, stage=stage, arch="tiny", padding="same",
+                                    dilations=[1, 2, 1])
+        trainer = L.Trainer(max_epochs=1, val_check_interval=2, limit_val_batches=1,
+                            num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[Modes()])
+        trainer.fit(module, datamodule=data)
+        return seen
+
+    assert modes("context") == {(False, True)}
+    assert modes("joint") == {(True, True)}
