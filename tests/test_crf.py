@@ -76,9 +76,9 @@ def test_bad_input_raises():
         crf(logits, image[:, :1])
     with pytest.raises(ValueError, match="batch"):
         crf(logits, image.expand(2, -1, -1, -1))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"expected logits \(B, C, H, W\)"):
         crf(logits[0], image[0])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"compatibility must be \(3, 3\), got \(2, 2\)"):
         DenseCRF(3, compatibility=torch.eye(2))
 
 
