@@ -85,7 +85,12 @@ def test_debug_run_writes_what_a_run_writes(tiny_shapes, tmp_path):
     run = tmp_path / "shapes" / "frontend" / "version_0"
     assert {"config.yaml", "metrics.csv", "summary.json"} <= {p.name for p in run.iterdir()}
     assert (run / "checkpoints" / "last.ckpt").is_file()
-    assert json.loads((run / "summary.json").read_text())["best_val_mIoU"] is not None
+    summary = json.loads((run / "summary.json").read_text())
+    # one epoch: its validation is the best, as metrics.csv logged it, and its checkpoint kept
+    assert summary["best_val_mIoU"] == pytest.approx(logged_metrics(run)["val/mIoU"], abs=1e-3)
+    assert [row["epoch"] for row in summary["history"]] == [0]
+    assert Path(summary["best_checkpoint"]).parent == run / "checkpoints"
+    assert Path(summary["best_checkpoint"]).is_file()
 
 
 def test_batch_limits_keep_integers_integers():

@@ -128,6 +128,34 @@ def test_optimiser_groups_follow_caffe():
     assert isinstance(module.model.context.layers[-1], nn.Conv2d)  # no ReLU at the end
 
 
+def test_epoch_step_and_constant_schedules_and_adam():
+    """step without lr_step_iters: x lr_gamma every lr_step_epochs epochs (Lightning's default
+    epoch interval); constant: no scheduler at all; adam keeps the Caffe parameter groups."""
+    def configured(**kwargs):
+        module = SegmentationModule(3, stage="context", arch="tiny", padding="same", lr=0.01,
+                                    **kwargs)
+        return module.configure_optimizers()
+
+    config = configured(lr_schedule="step", lr_step_epochs=3, lr_gamma=0.5)
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]
+    assert isinstance(scheduler, torch.optim.lr_scheduler.StepLR)  # stepped once per epoch
+    rates = []
+    for _ in range(7):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([0.01] * 3 + [0.005] * 3 + [0.0025])
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(2 * 0.0025)  # biases: 2x
+    constant = configured(lr_schedule="constant")
+    assert isinstance(constant, torch.optim.SGD) and constant.defaults["momentum"] == 0.9
+    adam = configured(optimizer="adam", lr_schedule="constant", weight_decay=1e-4)
+    assert isinstance(adam, torch.optim.Adam)
+    assert [(g["lr"], g["weight_decay"]) for g in adam.param_groups] == [(0.01, 1e-4),
+                                                                         (0.02, 0.0)]
+    with pytest.raises(ValueError, match="lr_schedule"):
+        SegmentationModule(3, arch="tiny", lr_schedule="cosine")
+
+
 def test_poly_schedule_reads_the_run_length_at_the_first_step():
     """(1 - step / total)^0.9 over the run; configuring it does not ask Lightning for the run
     length (that would start the training loader's workers before the feature cache is in)."""
@@ -170,3 +198,34 @@ def test_long_schedule_in_valid_padding_warns_of_its_memory(recwarn):
     assert "33x their unpadded memory" in message and "--model.context_padding=same" in message
     assert warnings_for("dilation8", "valid") == []
     assert warnings_for("dilation10", "same") == []
+
+
+def test_context_stage_trains_with_the_frozen_front_end_in_eval_mode(tiny_shapes):
+    """No dropout in the frozen front-end (its logits are fixed), also after a validation in
+    the middle of an epoch (which puts the module back in training mode); the context module
+    trains; in the joint stage the front-end trains too."""
+    import lightning as L
+
+    from dilatedseg.data import ShapesDataModule
+
+    def modes(stage: str) -> set[tuple[bool, bool]]:
+        seen = set()
+
+        class Modes(L.Callback):
+            def on_train_batch_start(self, trainer, module, batch, batch_idx):
+                model = module.model
+                seen.add((model.frontend.training, model.context.training))
+
+        data = ShapesDataModule(root=str(tiny_shapes), train_size=32, val_size=8, test_size=8,
+                                num_workers=0, batch_size=8, val_batch_size=8)
+        module = SegmentationModule(4, stage=stage, arch="tiny", padding="same",
+                                    dilations=[1, 2, 1])
+        trainer = L.Trainer(max_epochs=1, val_check_interval=2, limit_val_batches=1,
+                            num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[Modes()])
+        trainer.fit(module, datamodule=data)
+        return seen
+
+    assert modes("context") == {(False, True)}
+    assert modes("joint") == {(True, True)}

@@ -76,9 +76,9 @@ def test_bad_input_raises():
         crf(logits, image[:, :1])
     with pytest.raises(ValueError, match="batch"):
         crf(logits, image.expand(2, -1, -1, -1))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"expected logits \(B, C, H, W\)"):
         crf(logits[0], image[0])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"compatibility must be \(3, 3\), got \(2, 2\)"):
         DenseCRF(3, compatibility=torch.eye(2))
 
 
@@ -271,6 +271,47 @@ def test_autocast_computes_in_float32():
         out = crf(logits.bfloat16(), image)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, crf(logits.bfloat16().float(), image))
+
+
+def dense_mean_field(logits, image, theta_alpha, theta_beta, theta_gamma, ws, wb, iterations):
+    """Krähenbühl & Koltun's mean field with exact (O(N^2)) Gaussian kernels, each with its
+    self-term and normalised by its row sum, Potts compatibility; batch of one, float64."""
+    c, h, w = logits.shape[1:]
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64),
+                            torch.arange(w, dtype=torch.float64), indexing="ij")
+    position = torch.stack([xs.flatten(), ys.flatten()], 1)
+    colour = image[0].double().reshape(3, -1).t()
+
+    def kernel(features):
+        k = torch.exp(-0.5 * torch.cdist(features, features) ** 2)
+        return k / k.sum(1, keepdim=True)
+
+    spatial = kernel(position / theta_gamma)
+    bilateral = kernel(torch.cat([position / theta_alpha, colour / theta_beta], 1))
+    unary = logits[0].double().reshape(c, -1).t()
+    x = unary
+    for _ in range(iterations):
+        q = x.softmax(1)
+        x = unary + ws * spatial @ q + wb * bilateral @ q
+    return x.t().reshape(1, c, h, w)
+
+
+def test_fixed_crf_equals_dense_mean_field_with_its_kernel_widths_and_weights():
+    """Each theta and weight in its place (no pydensecrf needed): swapping the spatial and
+    bilateral position widths, or the two weights, triples the error or worse; what remains is
+    the lattice's approximation of the Gaussians."""
+    g = torch.Generator().manual_seed(0)
+    ys, xs = torch.meshgrid(torch.arange(20.0), torch.arange(24.0), indexing="ij")
+    image = torch.stack([xs * 10, ys * 12, 120 + 100 * torch.sin(xs / 3 + ys / 5)])[None].round()
+    logits = 2 * torch.randn(1, 3, 20, 24, generator=g)
+    expected = dense_mean_field(logits, image, 10.0, 40.0, 1.5, 1.0, 6.0, iterations=2)
+    crf = DenseCRF(3, test_iterations=2, theta_alpha=10.0, theta_beta=40.0, theta_gamma=1.5,
+                   spatial_weight=1.0, bilateral_weight=6.0).eval()
+    with torch.no_grad():
+        refined = crf(logits, image).double()
+    message = (expected - logits).abs()  # what the CRF adds to the unary
+    error = (refined - expected).abs()
+    assert error.mean() < 0.03 * message.mean() and error.max() < 0.15 * message.max()
 
 
 def test_agrees_with_pydensecrf():

@@ -42,6 +42,11 @@ def test_label_table_matches_cityscapesscripts():
     assert (label_id_lookup()[train_id_lookup()[[7, 8, 11, 33]]] == [7, 8, 11, 33]).all()
 
 
+def test_mean_pixel_is_the_papers_in_rgb_order():
+    """REFERENCE sec. 3: BGR 72.39 82.91 73.16; the model takes RGB."""
+    assert CityscapesDataModule.mean_rgb == (73.16, 82.91, 72.39)
+
+
 def test_prepare_names_a_source_label_with_undefined_ids(tmp_path):
     root = make_cityscapes(tmp_path / "cityscapes")
     source = sorted(root.glob("gtFine/train/*/*_gtFine_labelIds.png"))[0]

@@ -30,6 +30,12 @@ def test_ros_colour_labels_decode_to_camvid_classes(tmp_path):
     assert (label[(colours == 0).all(-1)] == 255).all()
 
 
+def test_mean_pixel_is_the_papers_in_rgb_order():
+    """REFERENCE sec. 3: BGR 96.19 95.55 91.35, whichever layout; the model takes RGB."""
+    assert KITTIDataModule.mean_rgb == (91.35, 95.55, 96.19)
+    assert KITTIDataModule(layout="semantics").mean_rgb == (91.35, 95.55, 96.19)
+
+
 def test_semantics_layout_uses_cityscapes_train_ids(tmp_path):
     root = make_kitti_semantics(tmp_path / "kitti")
     module = KITTIDataModule(root=str(root), layout="semantics", val_every=5)
@@ -53,7 +59,14 @@ def test_kitti_fit_through_cli_both_layouts(tmp_path):
                               "--data.init_args.layout=semantics"), )
     metrics = logged_metrics(runs / "kitti/frontend/version_1")
     assert_scored(metrics, cityscapes.CLASSES)
-    assert 0 <= metrics["val/mIoU_category"] <= 100  # Cityscapes categories linked in
+    # Cityscapes categories linked in: their mean is the mean of the categories logged
+    categories = [value for key, value in metrics.items() if key.startswith("val/catIoU/")]
+    assert categories and {key.split("/")[2] for key in metrics
+                           if key.startswith("val/catIoU/")} <= set(cityscapes.CATEGORIES)
+    assert metrics["val/mIoU_category"] == pytest.approx(sum(categories) / len(categories),
+                                                         abs=1e-3)
+    assert not any(key.startswith("val/catIoU/") for key in logged_metrics(
+        runs / "kitti/frontend/version_0"))  # CamVid's classes have no categories
 
 
 def test_missing_data_names_the_prepare_command_for_the_layout(tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
+import torch
 from conftest import run_cli
 from fixtures_datasets import REPO, assert_scored, logged_metrics, make_voc, tiny_args
 from PIL import Image
@@ -48,6 +49,11 @@ def test_prepare_converts_sbd_and_writes_train_aug(voc_root):
     values = set(np.unique(sample["label"].numpy()).tolist())
     assert 255 in values and values - {255} <= set(range(21))  # 255 borders kept as ignore
 
+
+
+def test_mean_pixel_is_the_papers_in_rgb_order():
+    """REFERENCE sec. 3: VOC's mean pixel is BGR 102.93 111.36 116.52; the model takes RGB."""
+    assert VOCDataModule.mean_rgb == (116.52, 111.36, 102.93)
 
 
 @pytest.mark.parametrize("content", [b"", b"MATLAB 7.3 MAT-file" + bytes(200), b"garbage"])
@@ -110,6 +116,9 @@ def test_voc_fit_and_validate_through_cli(voc_root, tmp_path):
     validated = logged_metrics(runs / "voc/frontend/validate_0")
     assert_scored(validated, CLASSES)
     assert validated["val/mIoU"] == pytest.approx(metrics["val/mIoU"], abs=1e-3)  # same weights
+    # The data module's mean pixel reaches the model (the CLI links it), so it is saved too.
+    saved = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)
+    assert tuple(saved["hyper_parameters"]["pixel_mean"]) == (116.52, 111.36, 102.93)
     # The paper's context stage on top: Large module, cached front-end logits, batch from the
     # overlay shrunk back to a tiny run.
     run_cli("fit", *tiny_args("voc", voc_root, runs,

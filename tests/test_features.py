@@ -178,7 +178,9 @@ def test_cli_context_stage_caches_under_runs(small_shapes, tmp_path):
     caches = sorted(p.name.split("-")[0] for p in (runs / "shapes" / "cache").iterdir())
     assert caches == ["train", "val"]
     summary = json.loads((runs / "shapes/context/version_0/summary.json").read_text())
-    assert summary["epochs"] == 1 and summary["best_val_mIoU"] is not None
+    assert summary["epochs"] == 1 and [row["epoch"] for row in summary["history"]] == [0]
+    assert summary["best_val_mIoU"] == pytest.approx(summary["history"][0]["val/mIoU"],
+                                                     abs=1e-3)
 
 
 @pytest.mark.parametrize("option, message", [

@@ -43,6 +43,24 @@ def test_any_input_size_gives_ceil_h8(padding, size):
     assert (out < 0).all()  # no ReLU after the classifier
 
 
+def test_dropout_after_fc6_and_fc7_only_in_training():
+    """VGG-16's dropout layers (p = dropout) after fc6 and fc7, active in training only."""
+    torch.manual_seed(0)
+    net = FrontEnd(3, arch="tiny", padding="same", dropout=0.5)
+    names = [name for name, _ in net.features.named_children()]
+    drops = [(name, m.p) for name, m in net.features.named_children()
+             if isinstance(m, nn.Dropout)]
+    assert drops == [("fc6_drop", 0.5), ("fc7_drop", 0.5)]
+    assert names.index("fc6_drop") == names.index("fc6_relu") + 1
+    assert names.index("fc7_drop") == names.index("fc7_relu") + 1 == len(names) - 1
+    image = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.equal(net.train()(image), net(image))  # random masks
+        assert torch.equal(net.eval()(image), net(image))
+    assert not any(isinstance(m, nn.Dropout) for m in FrontEnd(3, arch="tiny", dropout=0.0)
+                   .features.children())
+
+
 def test_final_layer_init():
     net = FrontEnd(5, arch="tiny")
     assert abs(net.final.weight.std().item() - 1e-3) < 3e-4

@@ -120,12 +120,12 @@ def test_lattice_reused_across_calls_and_channels():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"features must be \(N, d\)"):
         PermutohedralLattice(torch.rand(10))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="features must be finite"):
         PermutohedralLattice(torch.tensor([[0.0, float("nan")]]))
     lattice = PermutohedralLattice(torch.rand(10, 2))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"values must be \(N=10, C\), got \(9, 2\)"):
         lattice.filter(torch.rand(9, 2))
 
 

@@ -126,3 +126,26 @@ def test_class_and_category_iou_equal_the_official_cityscapes_evaluation(tmp_pat
     present = [v for v in scores.values() if v == v]
     assert sum(present) / len(present) == pytest.approx(official["averageScoreCategories"],
                                                         abs=1e-6)
+
+
+def test_epoch_end_logs_percent_iou_per_present_class_and_category():
+    """log_iou: mIoU, IoU per class and category IoU in %, classes absent from ground truth and
+    prediction left out, and the matrix reset for the next epoch. Worked by hand:
+    confusion (rows truth) [[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]."""
+    from dilatedseg.module import SegmentationModule
+
+    module = SegmentationModule(4, ["a", "b", "c", "d"], arch="tiny", padding="same",
+                                categories=["x", "x", "y", "y"])
+    logged = {}
+    module.log = lambda name, value, **kwargs: logged.update({name: float(value)})
+    target = torch.tensor([[0, 0, 1, 1, 2, 255]])
+    module.test_confusion.update(torch.tensor([[0, 1, 1, 1, 0, 3]]), target)
+    module.on_test_epoch_end()
+    expected = {"test/mIoU": 100 / 3, "test/IoU/a": 100 / 3, "test/IoU/b": 200 / 3,
+                "test/IoU/c": 0.0,  # class d: predicted on an ignored pixel only
+                # categories x = {a, b}, y = {c, d}: [[4, 0], [1, 0]]
+                "test/mIoU_category": 40.0, "test/catIoU/x": 80.0, "test/catIoU/y": 0.0}
+    assert logged == pytest.approx(expected)
+    assert module.class_iou["test"][:3] == pytest.approx([100 / 3, 200 / 3, 0.0])
+    assert np.isnan(module.class_iou["test"][3])
+    assert module.test_confusion.compute().sum() == 0  # reset: the next epoch starts afresh

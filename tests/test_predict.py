@@ -10,12 +10,17 @@ from fixtures_datasets import logged_metrics, make_cityscapes, tiny_args
 from PIL import Image
 from test_metrics import official_evaluation
 
-from dilatedseg.data.cityscapes import PALETTE
-from dilatedseg.viz import colourise, overlay, voc_palette
+from dilatedseg.data.cityscapes import PALETTE, label_id_lookup
+from dilatedseg.viz import colourise, overlay, palette_png, voc_palette
 
 
 def test_viz_helpers():
     assert voc_palette()[:3] == [(0, 0, 0), (128, 0, 0), (0, 128, 0)]
+    # Pascal VOC's published colour map: tvmonitor, person, ..., and its void colour
+    palette = voc_palette()
+    assert len(palette) == 256 and len(voc_palette(21)) == 21
+    assert [palette[i] for i in (4, 7, 8, 15, 20, 255)] == [
+        (0, 0, 128), (128, 128, 128), (64, 0, 0), (192, 128, 128), (0, 64, 128), (224, 224, 192)]
     label = np.array([[0, 1], [255, 2]], np.uint8)
     colour = colourise(label, PALETTE)
     assert colour[0, 1].tolist() == list(PALETTE[1]) and colour[1, 0].tolist() == [0, 0, 0]
@@ -23,6 +28,11 @@ def test_viz_helpers():
     blended = overlay(image, label, PALETTE, alpha=0.5)
     assert blended[1, 0].tolist() == [100, 100, 100]  # ignored pixels stay untouched
     assert blended[0, 0].tolist() == [114, 82, 114]  # halfway to road (128, 64, 128)
+    png = palette_png(label, PALETTE)  # what predict writes to index/
+    assert png.mode == "P" and np.array_equal(np.asarray(png), label)
+    colours = np.asarray(png.convert("RGB"))
+    assert colours[0, 1].tolist() == list(PALETTE[1]) and colours[1, 1].tolist() == list(PALETTE[2])
+    assert colours[1, 0].tolist() == [0, 0, 0]  # ignore
 
 
 def test_predict_folder_and_split_for_the_official_server(tmp_path, monkeypatch):
@@ -42,8 +52,14 @@ def test_predict_folder_and_split_for_the_official_server(tmp_path, monkeypatch)
         p.name.split("_gtFine")[0] for p in gt]
     for folder, suffix in (("index", "png"), ("colour", "png"), ("overlay", "jpg")):
         assert len(list((out / folder).glob(f"*.{suffix}"))) == 2
-    index = np.asarray(Image.open(next((out / "index").iterdir())))
-    assert index.shape == (48, 64) and index.max() < 19
+    # One prediction in every form: colours and label ids are those of the index PNG's classes.
+    for path in sorted((out / "index").iterdir()):
+        index = np.asarray(Image.open(path))
+        assert index.shape == (48, 64) and index.max() < 19
+        colour = np.asarray(Image.open(out / "colour" / path.name))
+        assert np.array_equal(colour, colourise(index, PALETTE))
+        label_ids = np.asarray(Image.open(out / "labelIds" / path.name))
+        assert np.array_equal(label_ids, label_id_lookup()[index])
     official = official_evaluation(predicted, gt, monkeypatch)
     assert validated["val/mIoU"] == pytest.approx(100 * official["averageScoreClasses"], abs=1e-3)
     assert validated["val/mIoU_category"] == pytest.approx(

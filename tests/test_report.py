@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,12 +88,20 @@ def test_report_quick_pipeline(tmp_path):
         "--data.init_args.val_batch_size=2",
     ])
     text = (out / "report.md").read_text()
+    results = json.loads((out / "results.json").read_text())
     number = r"(\d+\.\d)"
-    for row in ("Front end", r"\+ Basic context", r"\+ Large context"):
+    for key, row in (("frontend", "Front end"), ("basic", r"\+ Basic context"),
+                     ("large", r"\+ Large context")):
         match = re.search(rf"\| {row} \| {number} \| {number} \| {number} \|", text)
         assert match, f"no numeric Table 3 row '{row}' in report.md:\n{text}"
-        assert all(0 <= float(value) <= 100 for value in match.groups())
-    results = json.loads((out / "results.json").read_text())
+        scores = results["table"][key]
+        assert list(match.groups()) == [f"{scores[c]:.1f}" for c in ("none", "dense", "rnn")]
+        # The no-CRF and CRF-RNN columns are the best validations of the runs named.
+        for column, run in (("none", "frontend" if key == "frontend" else f"context-{key}-"
+                                                                            "identity"),
+                            ("rnn", f"crf-rnn-{key}")):
+            summary = json.loads((Path(results["runs"][run]) / "summary.json").read_text())
+            assert scores[column] == summary["best_val_mIoU"], (key, column)
     assert len(results["sweep"]) == 2 and all(p["miou"] is not None for p in results["sweep"])
     assert [p["field_cells"] for p in results["sweep"]] == [3, 7]  # the grid's first schedules
     assert set(results["init"]) == {"basic-identity", "basic-random", "large-identity",

@@ -76,6 +76,26 @@ def test_label_pixels_of_the_margin_are_ignored():
     assert np.array_equal(out["mask"][8: 8 + H, 8: 8 + W], label)
 
 
+def test_scale_jitter_scales_image_and_label_alike_labels_by_nearest():
+    """scale_range: image and label resized by one random factor in [low, high]; labels by
+    nearest neighbour, so no value appears that is not a class of the original."""
+    image, label = coordinate_image()
+    out = train_transform(None, mirror=False, scale_range=(2.0, 2.0))(image=image, mask=label)
+    assert out["image"].shape == (2 * H, 2 * W, 3) and out["mask"].shape == (2 * H, 2 * W)
+    assert np.array_equal(out["mask"], label.repeat(2, 0).repeat(2, 1))
+    shrink = train_transform(None, mirror=False, scale_range=(0.5, 0.5))(image=image, mask=label)
+    assert shrink["mask"].shape == (H // 2, W // 2)
+    assert set(np.unique(shrink["mask"])) <= set(np.unique(label))
+    transform = train_transform((16, 16), mirror=False, scale_range=(0.5, 1.5))
+    sizes = set()
+    for _ in range(20):
+        scaled = transform.transforms[0](image=image, mask=label)  # the scaling step alone
+        sizes.add(scaled["mask"].shape)
+        assert scaled["image"].shape[:2] == scaled["mask"].shape
+        assert 0.5 * H - 1 <= scaled["mask"].shape[0] <= 1.5 * H + 1
+        assert transform(image=image, mask=label)["mask"].shape == (16, 16)
+    assert len(sizes) > 1  # random factors, not one
+
 
 def crop_origins(tmp_path, seed: int, workers: int, items: int = 8) -> list[tuple[int, int, bool]]:
     """(row, column, mirrored) of each training crop the data module's loader yields, over

@@ -276,13 +276,20 @@ def test_images_callback_logs_masks_and_table_on_rank_zero(cached):
     assert kwargs["key"] == "val/examples" and kwargs["step"] == 6
     assert kwargs["caption"] == ["x0", "x1"] and len(kwargs["images"]) == 2
     assert kwargs["images"][0].shape == (64, 64, 3) and kwargs["images"][0].dtype.name == "uint8"
+    if not cached:  # the batch's own images, as 0-255 RGB bytes
+        for index in (0, 1):
+            assert (kwargs["images"][index] ==
+                    batch["image"][index].permute(1, 2, 0).byte().numpy()).all()
     if cached:  # image x1 (60 x 50 px) at the top left of the label's (padded) extent
         image = kwargs["images"][1]
         assert (image[:60, :50] == 15).all() and (image[60:] == 128).all()
     mask = kwargs["masks"][0]
     assert mask["ground_truth"]["mask_data"][0, 0] == 255
     assert (mask["ground_truth"]["mask_data"][4:] == label[0, 4:].numpy()).all()
-    assert mask["prediction"]["mask_data"].max() < 4
+    # validation_step's own predictions, image by image (not computed again, not reordered)
+    for index, masks in enumerate(kwargs["masks"]):
+        assert (masks["prediction"]["mask_data"] == outputs["prediction"][index].numpy()).all()
+        assert (masks["ground_truth"]["mask_data"] == label[index].numpy()).all()
     assert mask["prediction"]["class_labels"] == {0: "bg", 1: "a", 2: "b", 3: "c", 255: "ignore"}
     table = logger.log_table.call_args.kwargs
     assert table["key"] == "val/IoU_table" and table["columns"] == ["class", "IoU"]
