@@ -22,15 +22,9 @@ import typing
 import warnings
 from pathlib import Path
 
-# An idle OpenMP thread spins 3000 times (~0.1 ms on a 2-core EPYC) before it sleeps, not
-# libgomp's default 300000 (~5 ms) after every parallel region: training shares the cores with
-# dataloader workers (and often other jobs), and a spinning thread holds a core that its
-# partner thread (each region waits for the slower one) or a worker needs. 3000 still spans
-# the gaps between the small back-to-back ops of the context module and the CRF (a wait policy
-# of PASSIVE, no spinning, made the CRF 2x slower on free cores). libgomp reads this once, as
-# torch loads it: so before importing torch (hence E402 in pyproject). A user's setting wins.
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "3000")
+from dilatedseg.openmp import shorten_openmp_spinning
+
+shorten_openmp_spinning()  # before torch loads
 
 import torch
 import yaml

@@ -31,8 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-if "OMP_WAIT_POLICY" not in os.environ:  # before torch: see dilatedseg/cli.py
-    os.environ.setdefault("GOMP_SPINCOUNT", "3000")
+from dilatedseg.openmp import shorten_openmp_spinning
+
+shorten_openmp_spinning()  # before torch loads
 
 import numpy as np
 import torch
