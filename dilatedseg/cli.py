@@ -53,7 +53,6 @@ from dilatedseg.module import SegmentationModule
 from dilatedseg.runs import (
     COMMAND_FILE,
     RunError,
-    RunSummary,
     attempt_dir,
     discard_unused_run_dirs,
     find_previous_checkpoint,
@@ -67,6 +66,7 @@ from dilatedseg.runs import (
     run_interrupted,
     run_started,
 )
+from dilatedseg.summary import RunSummary
 from dilatedseg.wandb_images import WandbImages
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
 
             return sweep_main(rest)
         if verb == "summary":
-            from dilatedseg.runs import summary_main
+            from dilatedseg.summary import main as summary_main
 
             return summary_main(rest)
         DilatedSegCLI(args=argv)

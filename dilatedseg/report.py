@@ -47,7 +47,8 @@ from dilatedseg.metrics import argmax_classes
 from dilatedseg.models.context import ContextModule, receptive_field, resolve_dilations
 from dilatedseg.models.frontend import OUTPUT_STRIDE
 from dilatedseg.models.frontend import receptive_field as frontend_receptive_field
-from dilatedseg.runs import SUMMARY_PATH_ENV, RunError
+from dilatedseg.runs import RunError
+from dilatedseg.summary import SUMMARY_PATH_ENV
 from dilatedseg.sweep import SweepError, load_sweep, parse_trial, run_local
 
 REPORT_SWEEP = "report_dilations.yaml"

@@ -9,7 +9,7 @@ exactly the argv a ``wandb agent`` would build from the config's ``command`` (``
 ``--name=value`` per parameter, ``${env}``, ``${interpreter}``, ``${program}``,
 ``${envvar:NAME}``), followed by any EXTRA arguments (they override the sweep's values, e.g. to
 shrink trials). Trials log to W&B offline; each trial's metrics come back from its run summary
-(see :class:`dilatedseg.runs.RunSummary`) and feed the next proposal. The result is a table of
+(see :class:`dilatedseg.summary.RunSummary`) and feed the next proposal. The result is a table of
 trials sorted by the sweep's metric, also written as trials.csv under
 ``<runs_dir>/sweeps/<name>-<time>/`` beside each trial's log.
 
@@ -40,10 +40,10 @@ import yaml
 from dilatedseg.runs import (
     PREVIOUS_STAGES,
     RUN_DIR_ENV,
-    SUMMARY_PATH_ENV,
     RunError,
     find_previous_checkpoint,
 )
+from dilatedseg.summary import SUMMARY_PATH_ENV
 
 ARG_MACROS = ("args", "args_no_equals", "args_no_hyphens", "args_no_boolean_flags",
               "args_json", "args_json_file")
