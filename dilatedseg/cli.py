@@ -12,13 +12,10 @@ Every run writes to runs/<dataset>/<stage>/<version>/: the resolved config.yaml,
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import shlex
 import signal
 import sys
-import textwrap
-import typing
 import warnings
 from pathlib import Path
 
@@ -29,11 +26,7 @@ shorten_openmp_spinning()  # before torch loads
 import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import (
-    LightningArgumentParser,
-    LightningCLI,
-    SaveConfigCallback,
-)
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -43,6 +36,7 @@ from dilatedseg.checkpoints import (
     check_resume_dir,
     checkpoint_hparams,
 )
+from dilatedseg.cli_parser import SUBCOMMANDS, ConciseParser, read_ints_as_ints
 from dilatedseg.data import SegmentationDataModule
 from dilatedseg.data.base import DataError
 from dilatedseg.loggers import configure_logger, wandb_server_error
@@ -69,7 +63,6 @@ from dilatedseg.runs import (
 from dilatedseg.summary import RunSummary
 from dilatedseg.wandb_images import WandbImages
 
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # Model options that may differ between training a checkpoint and evaluating it.
 EVALUATION_OPTIONS = ("crf", "crf_options", "tile_size", "tile_whole_network")
 PACKAGE_CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -111,75 +104,6 @@ class RunConfigSaver(SaveConfigCallback):
         for logger in trainer.loggers:  # the full resolved config travels with the W&B run
             if isinstance(logger, WandbLogger):
                 logger.log_hyperparams(self.config.as_dict())
-
-
-# The verbs of `dilatedseg`: LightningCLI's subcommands, then this package's own.
-VERBS = (*SUBCOMMANDS, "prepare", "sweep", "summary")
-
-
-class ConciseParser(LightningArgumentParser):
-    """A parse error (misspelt option, bad value, missing config file) is the message and a
-    pointer to --help, not the ~100-line usage that jsonargparse prints first for fit."""
-
-    def error(self, message: str, ex: Exception | None = None) -> typing.NoReturn:
-        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
-            super().error(message, ex)  # parsing tentatively (it handles the raise), or debug
-        if message.startswith("Unexpected config:"):  # a file that is no mapping of options
-            content = " ".join(message.split(":", 1)[1].split())[:60]
-            message = ("a --config file holds no options: it is empty, only comments, or not "
-                       f"a YAML mapping of options ({content or 'empty'})")
-        if message.startswith("argument subcommand: invalid choice"):  # a misspelt verb: all
-            message = re.sub(r"\(choose from [^)]*\)", "(choose from " + ", ".join(VERBS) + ")",
-                             message)  # of them, not only LightningCLI's four
-        message, help_option = (data_class_problem(message) or subclass_problem(message)
-                                or (message, "--help"))
-        parser = getattr(ex, "subcommand_parser", None) or self
-        prog = parser.prog.replace(" [options]", "")
-        sys.stderr.write(f"error: {message}\n(the options: {prog} {help_option})\n")
-        sys.exit(2)
-
-
-# jsonargparse's error for an option of a class given by class_path (the data module): each
-# type the option may have, and inside, under this line, the class's own problem.
-CLASS_PROBLEM = re.compile(r"^( *)- Problem with given class_path '([^']+)':\n((?:\1 .*(?:\n|$))+)",
-                           re.MULTILINE)
-
-
-def data_class_problem(message: str) -> tuple[str, str] | None:
-    """``--data=voc``: a dataset's name where the data module's class goes (jsonargparse lists
-    each type --data could have); the class to pass, or the list of them. None otherwise."""
-    given = re.search(r"Expected a dot import path string: (\S+)", message)
-    if not message.startswith('Parser key "data":') or given is None:
-        return None
-    from dilatedseg import data
-
-    classes = {module.name: module.__name__ for module in (
-        data.ShapesDataModule, data.VOCDataModule, data.CamVidDataModule, data.KITTIDataModule,
-        data.CityscapesDataModule)}
-    value = given.group(1)
-    name = value.lower().removesuffix("datamodule")
-    fix = (f"--data={classes[name]}, or the dataset's recipe: --config conf/{name}.yaml"
-           if name in classes else "one of " + ", ".join(classes.values()))
-    return f"--data={value} is not a data module class: pass {fix}", "--help"
-
-
-def subclass_problem(message: str) -> tuple[str, str] | None:
-    """The problem of an option of the data module (``--data.init_args.crop_sise=64``, a value
-    of the wrong type, a class_path that does not import), alone and named by its full option,
-    and the --help option that lists the class's options; None for other messages."""
-    key, problem = re.match(r'Parser key "([^"]+)":', message), CLASS_PROBLEM.search(message)
-    if key is None or problem is None:
-        return None
-    key, class_path = key.group(1), problem.group(2)
-    inner = textwrap.dedent(problem.group(3)).strip()
-    name = class_path.rsplit(".", 1)[-1]
-    if inner.startswith("Parser key "):  # a value of the wrong type
-        inner = inner.replace('Parser key "', f'Parser key "{key}.init_args.', 1)
-    elif unknown := re.match(r"Option '([^']+)' is not accepted", inner):
-        inner = f"{name} has no option --{key}.init_args.{unknown.group(1)}"
-    else:  # the class itself
-        return f"--{key}.class_path={class_path}: {inner}", "--help"
-    return inner, f"--{key}.help {name}"
 
 
 class DilatedSegCLI(LightningCLI):
@@ -424,17 +348,6 @@ def configuration_errors():
         if "argument" not in str(error) and "`" not in str(error):
             raise
         raise RunError(f"bad configuration: {error}") from None
-
-
-def read_ints_as_ints(parser) -> None:
-    """Lightning types the batch limits ``float | int | None`` and jsonargparse tries float
-    first, so ``--trainer.limit_val_batches=1`` became 1.0: all batches, not one. Try int
-    first (1 = one batch, 0.5 = half of them), as Lightning means."""
-    for action in parser._actions:
-        hint = getattr(action, "_typehint", None)
-        args = getattr(hint, "__args__", ())
-        if typing.get_origin(hint) is typing.Union and float in args and int in args:
-            action._typehint = typing.Union[tuple(sorted(args, key=lambda t: t is not int))]  # noqa: UP007
 
 
 def default_precision(accelerator) -> str:
