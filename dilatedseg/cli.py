@@ -16,6 +16,7 @@ import re
 import shlex
 import signal
 import sys
+import typing
 import warnings
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from dilatedseg.checkpoints import (
     check_classes,
     check_frontend,
     check_resume_dir,
+    check_resume_stage,
     checkpoint_hparams,
 )
 from dilatedseg.cli_parser import SUBCOMMANDS, ConciseParser, read_ints_as_ints
@@ -142,23 +144,19 @@ class DilatedSegCLI(LightningCLI):
             print(f"ckpt_path: {config.ckpt_path} -> {ckpt_path}", file=sys.stderr)
         config.ckpt_path = ckpt_path
         self.checkpoint_hparams = checkpoint_hparams(ckpt_path)
-        trained = self.checkpoint_hparams.get("stage")
-        asked_stage = self.config[subcommand].model.stage
-        if subcommand == "fit" and trained and trained != asked_stage:
-            raise RunError(
-                f"{ckpt_path} is a checkpoint of stage '{trained}', and --ckpt_path resumes "
-                f"that run: to resume it use --config conf/stage/{trained}.yaml; to start stage "
-                f"'{asked_stage}' from its weights use --model.init_from={ckpt_path} instead")
-        asked = {}
-        if subcommand in ("validate", "test", "predict"):
-            model = self.config[subcommand].model
-            typed = typed_options(self.command_line)
-            # Set: typed, or other than its default (none, null, false: the checkpoint's stays).
-            asked = {key: model.get(key) for key in EVALUATION_OPTIONS
-                     if key in typed or model.get(key) not in (None, "none", False)}
+        if subcommand == "fit":
+            check_resume_stage(ckpt_path, self.checkpoint_hparams, config.model.stage)
+        asked = {} if subcommand == "fit" else self.evaluation_options_set(config.model)
         super()._parse_ckpt_path()
         for key, value in asked.items():
             self.config[subcommand].model[key] = value
+
+    def evaluation_options_set(self, model) -> dict:
+        """The evaluation options the user set: typed (none / null included), or other than
+        their default (none, null, false: then the checkpoint's value stays)."""
+        typed = typed_options(self.command_line)
+        return {key: model.get(key) for key in EVALUATION_OPTIONS
+                if key in typed or model.get(key) not in (None, "none", False)}
 
     def add_arguments_to_parser(self, parser) -> None:
         read_ints_as_ints(parser)
@@ -183,7 +181,8 @@ class DilatedSegCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Checks what can fail before anything is built, fetched or written (data files,
-        checkpoints), then resolves init_from, precision and the run directory."""
+        checkpoints, predict's output folder), then resolves init_from, precision and the run
+        directory."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         datamodule = self.check_data(config)
         if self.subcommand == "fit":
@@ -198,8 +197,15 @@ class DilatedSegCLI(LightningCLI):
             if is_global_rank_zero():
                 print(f"init_from: auto -> {config.model.init_from}", file=sys.stderr)
         self.check_weights(config, datamodule)
+        if self.subcommand == "predict" and config.get("output"):
+            check_predict_output(Path(config.output))
         if config.trainer.get("precision") is None:
             config.trainer.precision = default_precision(config.trainer.get("accelerator"))
+        self.set_up_run_dir(config, dataset, stage)
+
+    def set_up_run_dir(self, config, dataset: str, stage: str) -> None:
+        """Choose the run directory (and lock it for a fit), and point the checkpoints, the
+        saved config and the loggers into it."""
         run_dir = resolve_run_dir(config.runs_dir, dataset, stage, self.subcommand,
                                   config.get("ckpt_path"), shlex.join(self.command_line))
         if self.subcommand == "fit" and is_global_rank_zero():
@@ -238,9 +244,6 @@ class DilatedSegCLI(LightningCLI):
             raise RunError(
                 f"{self.subcommand} needs trained weights: pass --ckpt_path=runs/<dataset>/"
                 "<stage>/<version>/checkpoints/best-....ckpt (or --model.init_from=PATH)")
-        output = config.get("output")
-        if self.subcommand == "predict" and output:
-            check_predict_output(Path(output))
 
     def check_data(self, config) -> SegmentationDataModule:
         """Missing data fails here, before the model fetches weights or the trainer starts a
@@ -365,40 +368,27 @@ def import_class(class_path: str):
     return getattr(importlib.import_module(module), name)
 
 
+VERB_HELP = """dilatedseg: fit / validate / test / predict (LightningCLI, below), and
+  prepare <dataset> --root DIR   convert / check a dataset (prepare --help)
+  sweep sweeps/X.yaml --local    run a W&B sweep without a server
+  summary --dataset NAME         val mIoU of the latest run of each stage
+"""
+
+
 def main(argv: list[str] | None = None) -> None:
-    verb = (sys.argv[1:] if argv is None else argv)[:1]
-    verb = verb[0] if verb else ""
-    rest = (sys.argv[2:] if argv is None else argv[1:])
+    args = sys.argv[1:] if argv is None else argv
+    verb = args[0] if args else ""
     if verb in ("", "-h", "--help"):  # LightningCLI's help lists only its own subcommands
-        print("dilatedseg: fit / validate / test / predict (LightningCLI, below), and\n"
-              "  prepare <dataset> --root DIR   convert / check a dataset (prepare --help)\n"
-              "  sweep sweeps/X.yaml --local    run a W&B sweep without a server\n"
-              "  summary --dataset NAME         val mIoU of the latest run of each stage\n")
+        print(VERB_HELP)
     forget_earlier_runs()
     try:
-        if verb == "prepare":
-            from dilatedseg.prepare import main as prepare_main
-
-            return prepare_main(rest)
-        if verb == "sweep":
-            from dilatedseg.sweep import main as sweep_main
-
-            return sweep_main(rest)
-        if verb == "summary":
-            from dilatedseg.summary import main as summary_main
-
-            return summary_main(rest)
-        DilatedSegCLI(args=argv)
+        run_verb(verb, args[1:], argv)
     except SIGTERMException:  # Lightning stopped cleanly, but the run did not finish
-        advice = resume_advice(verb)
-        sys.stderr.write(f"error: interrupted by SIGTERM{'; ' + advice if advice else ''}\n")
-        raise SystemExit(128 + signal.SIGTERM) from None
+        exit_interrupted(verb, "interrupted by SIGTERM", signal.SIGTERM)
     except SystemExit as exit_:  # Lightning exits 1 after Ctrl-C, saying only that
         if exit_.code != 1 or not run_interrupted():
             raise
-        advice = resume_advice(verb)
-        sys.stderr.write(f"error: interrupted (Ctrl-C){'; ' + advice if advice else ''}\n")
-        raise SystemExit(128 + signal.SIGINT) from None
+        exit_interrupted(verb, "interrupted (Ctrl-C)", signal.SIGINT)
     except (DataError, RunError) as error:
         # Found while training (a damaged file among those not read before): the run stays.
         advice = resume_advice(verb) if run_started() else ""
@@ -419,6 +409,32 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     finally:
         release_run_lock()  # the run is over (a later command in this process may read it)
+
+
+def run_verb(verb: str, rest: list[str], argv: list[str] | None) -> None:
+    """prepare / sweep / summary with their own arguments ``rest``; else LightningCLI, which
+    parses ``argv`` (None: sys.argv) itself."""
+    if verb == "prepare":
+        from dilatedseg.prepare import main as prepare_main
+
+        prepare_main(rest)
+    elif verb == "sweep":
+        from dilatedseg.sweep import main as sweep_main
+
+        sweep_main(rest)
+    elif verb == "summary":
+        from dilatedseg.summary import main as summary_main
+
+        summary_main(rest)
+    else:
+        DilatedSegCLI(args=argv)
+
+
+def exit_interrupted(verb: str, what: str, signal_number: int) -> typing.NoReturn:
+    """Say that the run was interrupted, and how to resume it; exit 128 + the signal."""
+    advice = resume_advice(verb)
+    sys.stderr.write(f"error: {what}{'; ' + advice if advice else ''}\n")
+    raise SystemExit(128 + signal_number) from None
 
 
 def clean_message(error: Exception) -> str:
