@@ -67,15 +67,23 @@ from dilatedseg.wandb_images import WandbImages
 
 # Model options that may differ between training a checkpoint and evaluating it.
 EVALUATION_OPTIONS = ("crf", "crf_options", "tile_size", "tile_whole_network")
-PACKAGE_CONF = Path(__file__).resolve().parent.parent / "conf"
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the checkout: conf/, sweeps/
+PACKAGE_CONF = PACKAGE_ROOT / "conf"
+
+
+def project_file(relative: str) -> Path | None:
+    """``relative`` (e.g. conf/base.yaml) in the working directory if it is there, else in the
+    package checkout; None when neither has it."""
+    for root in (Path("."), PACKAGE_ROOT):
+        if (root / relative).is_file():
+            return root / relative
+    return None
 
 
 def base_config() -> list[str]:
     """conf/base.yaml of the working directory if there is one, else the package checkout's."""
-    for conf in (Path("conf"), PACKAGE_CONF):
-        if (conf / "base.yaml").is_file():
-            return [str(conf / "base.yaml")]
-    return []
+    base = project_file("conf/base.yaml")
+    return [str(base)] if base else []
 
 
 def stage_configs(conf: Path, dataset: str, stage: str) -> list[str]:

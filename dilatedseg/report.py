@@ -40,7 +40,7 @@ import torch
 import yaml
 
 from dilatedseg import cli
-from dilatedseg.cli import PACKAGE_CONF, import_class
+from dilatedseg.cli import PACKAGE_CONF, PACKAGE_ROOT, import_class, project_file
 from dilatedseg.cli import main as cli_main
 from dilatedseg.data.base import DataError
 from dilatedseg.metrics import argmax_classes
@@ -70,9 +70,9 @@ class ReportError(Exception):
 # ---- configs and runs ---------------------------------------------------------------------------
 def conf_root(dataset: str) -> Path:
     """conf/ of the working directory when it has the dataset, else the package checkout's."""
-    for root in (Path("conf"), PACKAGE_CONF):
-        if (root / f"{dataset}.yaml").is_file():
-            return root
+    config = project_file(f"conf/{dataset}.yaml")
+    if config is not None:
+        return config.parent
     known = sorted(p.stem for p in PACKAGE_CONF.glob("*.yaml") if p.stem not in ("base", "debug"))
     raise ReportError(f"no config conf/{dataset}.yaml; datasets: {', '.join(known)}")
 
@@ -84,8 +84,7 @@ def stage_configs(dataset: str, stage: str) -> list[str]:
 
 def sweep_file() -> Path:
     """sweeps/report_dilations.yaml of the working directory, else of the package checkout."""
-    local = Path("sweeps") / REPORT_SWEEP
-    return local if local.is_file() else PACKAGE_CONF.parent / "sweeps" / REPORT_SWEEP
+    return project_file(f"sweeps/{REPORT_SWEEP}") or PACKAGE_ROOT / "sweeps" / REPORT_SWEEP
 
 
 def variant_configs(dataset: str, variant: str) -> list[str]:
