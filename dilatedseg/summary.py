@@ -20,7 +20,8 @@ from dilatedseg.runs import (
     run_started,
 )
 
-# `dilatedseg sweep --local` sets this: rank 0 also writes the run's summary there.
+# `dilatedseg sweep --local` (per trial) and the report (per run) set this: rank 0 also writes
+# the run's summary there.
 SUMMARY_PATH_ENV = "DILATEDSEG_SUMMARY_PATH"
 
 
