@@ -19,7 +19,7 @@ from pathlib import Path
 
 from common import cpu_model
 
-from dilatedseg.runs import latest_summaries
+from dilatedseg.summary import latest_summaries
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("frontend", "context", "crf")

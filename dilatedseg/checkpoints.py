@@ -81,6 +81,16 @@ def check_frontend(path: str, hparams: dict, arch: str, padding: str) -> None:
             "checkpoint of this front-end")
 
 
+def check_resume_stage(ckpt_path: str, hparams: dict, stage: str) -> None:
+    """Resuming continues the checkpoint's run: it must be of the stage being trained."""
+    trained = hparams.get("stage")
+    if trained and trained != stage:
+        raise RunError(
+            f"{ckpt_path} is a checkpoint of stage '{trained}', and --ckpt_path resumes "
+            f"that run: to resume it use --config conf/stage/{trained}.yaml; to start stage "
+            f"'{stage}' from its weights use --model.init_from={ckpt_path} instead")
+
+
 def check_resume_dir(ckpt_path: str, dataset: str, stage: str) -> None:
     """Resuming continues in the checkpoint's run directory: it must be a run of this dataset
     and stage, or the run would write into (and mix up) another one."""

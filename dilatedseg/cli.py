@@ -12,34 +12,22 @@ Every run writes to runs/<dataset>/<stage>/<version>/: the resolved config.yaml,
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import shlex
 import signal
 import sys
-import textwrap
 import typing
 import warnings
 from pathlib import Path
 
-# An idle OpenMP thread spins 3000 times (~0.1 ms on a 2-core EPYC) before it sleeps, not
-# libgomp's default 300000 (~5 ms) after every parallel region: training shares the cores with
-# dataloader workers (and often other jobs), and a spinning thread holds a core that its
-# partner thread (each region waits for the slower one) or a worker needs. 3000 still spans
-# the gaps between the small back-to-back ops of the context module and the CRF (a wait policy
-# of PASSIVE, no spinning, made the CRF 2x slower on free cores). libgomp reads this once, as
-# torch loads it: so before importing torch (hence E402 in pyproject). A user's setting wins.
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "3000")
+from dilatedseg.openmp import shorten_openmp_spinning
+
+shorten_openmp_spinning()  # before torch loads
 
 import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import (
-    LightningArgumentParser,
-    LightningCLI,
-    SaveConfigCallback,
-)
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -47,8 +35,10 @@ from dilatedseg.checkpoints import (
     check_classes,
     check_frontend,
     check_resume_dir,
+    check_resume_stage,
     checkpoint_hparams,
 )
+from dilatedseg.cli_parser import SUBCOMMANDS, ConciseParser, read_ints_as_ints
 from dilatedseg.data import SegmentationDataModule
 from dilatedseg.data.base import DataError
 from dilatedseg.loggers import configure_logger, wandb_server_error
@@ -59,7 +49,6 @@ from dilatedseg.module import SegmentationModule
 from dilatedseg.runs import (
     COMMAND_FILE,
     RunError,
-    RunSummary,
     attempt_dir,
     discard_unused_run_dirs,
     find_previous_checkpoint,
@@ -73,20 +62,28 @@ from dilatedseg.runs import (
     run_interrupted,
     run_started,
 )
+from dilatedseg.summary import RunSummary
 from dilatedseg.wandb_images import WandbImages
 
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # Model options that may differ between training a checkpoint and evaluating it.
 EVALUATION_OPTIONS = ("crf", "crf_options", "tile_size", "tile_whole_network")
-PACKAGE_CONF = Path(__file__).resolve().parent.parent / "conf"
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the checkout: conf/, sweeps/
+PACKAGE_CONF = PACKAGE_ROOT / "conf"
+
+
+def project_file(relative: str) -> Path | None:
+    """``relative`` (e.g. conf/base.yaml) in the working directory if it is there, else in the
+    package checkout; None when neither has it."""
+    for root in (Path("."), PACKAGE_ROOT):
+        if (root / relative).is_file():
+            return root / relative
+    return None
 
 
 def base_config() -> list[str]:
     """conf/base.yaml of the working directory if there is one, else the package checkout's."""
-    for conf in (Path("conf"), PACKAGE_CONF):
-        if (conf / "base.yaml").is_file():
-            return [str(conf / "base.yaml")]
-    return []
+    base = project_file("conf/base.yaml")
+    return [str(base)] if base else []
 
 
 def stage_configs(conf: Path, dataset: str, stage: str) -> list[str]:
@@ -117,75 +114,6 @@ class RunConfigSaver(SaveConfigCallback):
         for logger in trainer.loggers:  # the full resolved config travels with the W&B run
             if isinstance(logger, WandbLogger):
                 logger.log_hyperparams(self.config.as_dict())
-
-
-# The verbs of `dilatedseg`: LightningCLI's subcommands, then this package's own.
-VERBS = (*SUBCOMMANDS, "prepare", "sweep", "summary")
-
-
-class ConciseParser(LightningArgumentParser):
-    """A parse error (misspelt option, bad value, missing config file) is the message and a
-    pointer to --help, not the ~100-line usage that jsonargparse prints first for fit."""
-
-    def error(self, message: str, ex: Exception | None = None) -> typing.NoReturn:
-        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
-            super().error(message, ex)  # parsing tentatively (it handles the raise), or debug
-        if message.startswith("Unexpected config:"):  # a file that is no mapping of options
-            content = " ".join(message.split(":", 1)[1].split())[:60]
-            message = ("a --config file holds no options: it is empty, only comments, or not "
-                       f"a YAML mapping of options ({content or 'empty'})")
-        if message.startswith("argument subcommand: invalid choice"):  # a misspelt verb: all
-            message = re.sub(r"\(choose from [^)]*\)", "(choose from " + ", ".join(VERBS) + ")",
-                             message)  # of them, not only LightningCLI's four
-        message, help_option = (data_class_problem(message) or subclass_problem(message)
-                                or (message, "--help"))
-        parser = getattr(ex, "subcommand_parser", None) or self
-        prog = parser.prog.replace(" [options]", "")
-        sys.stderr.write(f"error: {message}\n(the options: {prog} {help_option})\n")
-        sys.exit(2)
-
-
-# jsonargparse's error for an option of a class given by class_path (the data module): each
-# type the option may have, and inside, under this line, the class's own problem.
-CLASS_PROBLEM = re.compile(r"^( *)- Problem with given class_path '([^']+)':\n((?:\1 .*(?:\n|$))+)",
-                           re.MULTILINE)
-
-
-def data_class_problem(message: str) -> tuple[str, str] | None:
-    """``--data=voc``: a dataset's name where the data module's class goes (jsonargparse lists
-    each type --data could have); the class to pass, or the list of them. None otherwise."""
-    given = re.search(r"Expected a dot import path string: (\S+)", message)
-    if not message.startswith('Parser key "data":') or given is None:
-        return None
-    from dilatedseg import data
-
-    classes = {module.name: module.__name__ for module in (
-        data.ShapesDataModule, data.VOCDataModule, data.CamVidDataModule, data.KITTIDataModule,
-        data.CityscapesDataModule)}
-    value = given.group(1)
-    name = value.lower().removesuffix("datamodule")
-    fix = (f"--data={classes[name]}, or the dataset's recipe: --config conf/{name}.yaml"
-           if name in classes else "one of " + ", ".join(classes.values()))
-    return f"--data={value} is not a data module class: pass {fix}", "--help"
-
-
-def subclass_problem(message: str) -> tuple[str, str] | None:
-    """The problem of an option of the data module (``--data.init_args.crop_sise=64``, a value
-    of the wrong type, a class_path that does not import), alone and named by its full option,
-    and the --help option that lists the class's options; None for other messages."""
-    key, problem = re.match(r'Parser key "([^"]+)":', message), CLASS_PROBLEM.search(message)
-    if key is None or problem is None:
-        return None
-    key, class_path = key.group(1), problem.group(2)
-    inner = textwrap.dedent(problem.group(3)).strip()
-    name = class_path.rsplit(".", 1)[-1]
-    if inner.startswith("Parser key "):  # a value of the wrong type
-        inner = inner.replace('Parser key "', f'Parser key "{key}.init_args.', 1)
-    elif unknown := re.match(r"Option '([^']+)' is not accepted", inner):
-        inner = f"{name} has no option --{key}.init_args.{unknown.group(1)}"
-    else:  # the class itself
-        return f"--{key}.class_path={class_path}: {inner}", "--help"
-    return inner, f"--{key}.help {name}"
 
 
 class DilatedSegCLI(LightningCLI):
@@ -224,23 +152,19 @@ class DilatedSegCLI(LightningCLI):
             print(f"ckpt_path: {config.ckpt_path} -> {ckpt_path}", file=sys.stderr)
         config.ckpt_path = ckpt_path
         self.checkpoint_hparams = checkpoint_hparams(ckpt_path)
-        trained = self.checkpoint_hparams.get("stage")
-        asked_stage = self.config[subcommand].model.stage
-        if subcommand == "fit" and trained and trained != asked_stage:
-            raise RunError(
-                f"{ckpt_path} is a checkpoint of stage '{trained}', and --ckpt_path resumes "
-                f"that run: to resume it use --config conf/stage/{trained}.yaml; to start stage "
-                f"'{asked_stage}' from its weights use --model.init_from={ckpt_path} instead")
-        asked = {}
-        if subcommand in ("validate", "test", "predict"):
-            model = self.config[subcommand].model
-            typed = typed_options(self.command_line)
-            # Set: typed, or other than its default (none, null, false: the checkpoint's stays).
-            asked = {key: model.get(key) for key in EVALUATION_OPTIONS
-                     if key in typed or model.get(key) not in (None, "none", False)}
+        if subcommand == "fit":
+            check_resume_stage(ckpt_path, self.checkpoint_hparams, config.model.stage)
+        asked = {} if subcommand == "fit" else self.evaluation_options_set(config.model)
         super()._parse_ckpt_path()
         for key, value in asked.items():
             self.config[subcommand].model[key] = value
+
+    def evaluation_options_set(self, model) -> dict:
+        """The evaluation options the user set: typed (none / null included), or other than
+        their default (none, null, false: then the checkpoint's value stays)."""
+        typed = typed_options(self.command_line)
+        return {key: model.get(key) for key in EVALUATION_OPTIONS
+                if key in typed or model.get(key) not in (None, "none", False)}
 
     def add_arguments_to_parser(self, parser) -> None:
         read_ints_as_ints(parser)
@@ -265,7 +189,8 @@ class DilatedSegCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Checks what can fail before anything is built, fetched or written (data files,
-        checkpoints), then resolves init_from, precision and the run directory."""
+        checkpoints, predict's output folder), then resolves init_from, precision and the run
+        directory."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         datamodule = self.check_data(config)
         if self.subcommand == "fit":
@@ -280,8 +205,15 @@ class DilatedSegCLI(LightningCLI):
             if is_global_rank_zero():
                 print(f"init_from: auto -> {config.model.init_from}", file=sys.stderr)
         self.check_weights(config, datamodule)
+        if self.subcommand == "predict" and config.get("output"):
+            check_predict_output(Path(config.output))
         if config.trainer.get("precision") is None:
             config.trainer.precision = default_precision(config.trainer.get("accelerator"))
+        self.set_up_run_dir(config, dataset, stage)
+
+    def set_up_run_dir(self, config, dataset: str, stage: str) -> None:
+        """Choose the run directory (and lock it for a fit), and point the checkpoints, the
+        saved config and the loggers into it."""
         run_dir = resolve_run_dir(config.runs_dir, dataset, stage, self.subcommand,
                                   config.get("ckpt_path"), shlex.join(self.command_line))
         if self.subcommand == "fit" and is_global_rank_zero():
@@ -320,9 +252,6 @@ class DilatedSegCLI(LightningCLI):
             raise RunError(
                 f"{self.subcommand} needs trained weights: pass --ckpt_path=runs/<dataset>/"
                 "<stage>/<version>/checkpoints/best-....ckpt (or --model.init_from=PATH)")
-        output = config.get("output")
-        if self.subcommand == "predict" and output:
-            check_predict_output(Path(output))
 
     def check_data(self, config) -> SegmentationDataModule:
         """Missing data fails here, before the model fetches weights or the trainer starts a
@@ -432,17 +361,6 @@ def configuration_errors():
         raise RunError(f"bad configuration: {error}") from None
 
 
-def read_ints_as_ints(parser) -> None:
-    """Lightning types the batch limits ``float | int | None`` and jsonargparse tries float
-    first, so ``--trainer.limit_val_batches=1`` became 1.0: all batches, not one. Try int
-    first (1 = one batch, 0.5 = half of them), as Lightning means."""
-    for action in parser._actions:
-        hint = getattr(action, "_typehint", None)
-        args = getattr(hint, "__args__", ())
-        if typing.get_origin(hint) is typing.Union and float in args and int in args:
-            action._typehint = typing.Union[tuple(sorted(args, key=lambda t: t is not int))]  # noqa: UP007
-
-
 def default_precision(accelerator) -> str:
     """The trainer's precision when the config leaves it null: bf16 autocast where the run goes
     to a CUDA GPU that computes in bf16 (tensor cores: Ampere or newer), else float32."""
@@ -458,40 +376,27 @@ def import_class(class_path: str):
     return getattr(importlib.import_module(module), name)
 
 
+VERB_HELP = """dilatedseg: fit / validate / test / predict (LightningCLI, below), and
+  prepare <dataset> --root DIR   convert / check a dataset (prepare --help)
+  sweep sweeps/X.yaml --local    run a W&B sweep without a server
+  summary --dataset NAME         val mIoU of the latest run of each stage
+"""
+
+
 def main(argv: list[str] | None = None) -> None:
-    verb = (sys.argv[1:] if argv is None else argv)[:1]
-    verb = verb[0] if verb else ""
-    rest = (sys.argv[2:] if argv is None else argv[1:])
+    args = sys.argv[1:] if argv is None else argv
+    verb = args[0] if args else ""
     if verb in ("", "-h", "--help"):  # LightningCLI's help lists only its own subcommands
-        print("dilatedseg: fit / validate / test / predict (LightningCLI, below), and\n"
-              "  prepare <dataset> --root DIR   convert / check a dataset (prepare --help)\n"
-              "  sweep sweeps/X.yaml --local    run a W&B sweep without a server\n"
-              "  summary --dataset NAME         val mIoU of the latest run of each stage\n")
+        print(VERB_HELP)
     forget_earlier_runs()
     try:
-        if verb == "prepare":
-            from dilatedseg.prepare import main as prepare_main
-
-            return prepare_main(rest)
-        if verb == "sweep":
-            from dilatedseg.sweep import main as sweep_main
-
-            return sweep_main(rest)
-        if verb == "summary":
-            from dilatedseg.runs import summary_main
-
-            return summary_main(rest)
-        DilatedSegCLI(args=argv)
+        run_verb(verb, args[1:], argv)
     except SIGTERMException:  # Lightning stopped cleanly, but the run did not finish
-        advice = resume_advice(verb)
-        sys.stderr.write(f"error: interrupted by SIGTERM{'; ' + advice if advice else ''}\n")
-        raise SystemExit(128 + signal.SIGTERM) from None
+        exit_interrupted(verb, "interrupted by SIGTERM", signal.SIGTERM)
     except SystemExit as exit_:  # Lightning exits 1 after Ctrl-C, saying only that
         if exit_.code != 1 or not run_interrupted():
             raise
-        advice = resume_advice(verb)
-        sys.stderr.write(f"error: interrupted (Ctrl-C){'; ' + advice if advice else ''}\n")
-        raise SystemExit(128 + signal.SIGINT) from None
+        exit_interrupted(verb, "interrupted (Ctrl-C)", signal.SIGINT)
     except (DataError, RunError) as error:
         # Found while training (a damaged file among those not read before): the run stays.
         advice = resume_advice(verb) if run_started() else ""
@@ -512,6 +417,32 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     finally:
         release_run_lock()  # the run is over (a later command in this process may read it)
+
+
+def run_verb(verb: str, rest: list[str], argv: list[str] | None) -> None:
+    """prepare / sweep / summary with their own arguments ``rest``; else LightningCLI, which
+    parses ``argv`` (None: sys.argv) itself."""
+    if verb == "prepare":
+        from dilatedseg.prepare import main as prepare_main
+
+        prepare_main(rest)
+    elif verb == "sweep":
+        from dilatedseg.sweep import main as sweep_main
+
+        sweep_main(rest)
+    elif verb == "summary":
+        from dilatedseg.summary import main as summary_main
+
+        summary_main(rest)
+    else:
+        DilatedSegCLI(args=argv)
+
+
+def exit_interrupted(verb: str, what: str, signal_number: int) -> typing.NoReturn:
+    """Say that the run was interrupted, and how to resume it; exit 128 + the signal."""
+    advice = resume_advice(verb)
+    sys.stderr.write(f"error: {what}{'; ' + advice if advice else ''}\n")
+    raise SystemExit(128 + signal_number) from None
 
 
 def clean_message(error: Exception) -> str:

@@ -225,24 +225,10 @@ class FrontendLogitsCache(Callback):
         return run_dir / "cache"
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        datamodule = trainer.datamodule
         if stage != "fit":
             return
-        crf = pl_module.hparams.get("crf", "none")
-        if pl_module.hparams.get("tile_whole_network") and pl_module.hparams.get("tile_size"):
-            raise RunError(
-                "--model.tile_whole_network=true runs the network per image tile, and the "
-                "cached context stage validates whole images from cached logits: train "
-                "without it and evaluate the checkpoint with `dilatedseg validate ... "
-                "--ckpt_path=... --model.tile_whole_network=true`, or train uncached "
-                "(--model.feature_cache=false)")
-        if crf != "none":
-            raise RunError(
-                f"--model.crf={crf} needs the images, and the cached context stage trains and "
-                "validates on cached logits without them: train without the CRF and evaluate "
-                "the checkpoint with `dilatedseg validate ... --ckpt_path=... "
-                "--model.crf=dense`, or train uncached (--model.feature_cache=false, with a "
-                "--data.init_args.crop_size when images differ in size)")
+        check_cacheable(pl_module.hparams)
+        datamodule = trainer.datamodule
         if not isinstance(getattr(datamodule, "datasets", None), dict):
             rank_zero_warn("feature_cache needs a dilatedseg data module; training uncached.")
             return
@@ -253,17 +239,12 @@ class FrontendLogitsCache(Callback):
             dataset = datamodule.datasets.get(split)
             if dataset is None or isinstance(dataset, CachedLogitsDataset):
                 continue
-            plain = copy.copy(dataset)
-            plain.transform, plain.crops = None, 1  # whole, un-augmented images, one per item
             items = limited_items(trainer, datamodule, split)
             if items == 0:
                 continue  # never read (limit_val_batches=0): nothing to cache
-            if items is not None and items < len(plain.pairs):
-                rank_zero_info(f"feature cache: the run reads at most {items} '{split}' "
-                               f"items (batch limits), so only the first {items} are cached")
-                plain.pairs = plain.pairs[:items]
             mirror = split == "train" and bool(getattr(datamodule, "mirror", False))
-            datamodule.datasets[split] = CachedLogitsDataset(plain, mirror=mirror)
+            datamodule.datasets[split] = CachedLogitsDataset(
+                whole_images(dataset, split, items), mirror=mirror)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         # Lightning has restored a resumed checkpoint's weights by now and has not built the
@@ -294,6 +275,38 @@ class FrontendLogitsCache(Callback):
                 rank_zero_info(f"feature cache: using {directory}")
             trainer.strategy.barrier("feature_cache")
             dataset.attach(directory)
+
+
+def check_cacheable(hparams) -> None:
+    """The cached context stage trains and validates whole images from cached logits: options
+    that need the images, or the network run per tile, are a RunError that says what to do."""
+    crf = hparams.get("crf", "none")
+    if hparams.get("tile_whole_network") and hparams.get("tile_size"):
+        raise RunError(
+            "--model.tile_whole_network=true runs the network per image tile, and the "
+            "cached context stage validates whole images from cached logits: train "
+            "without it and evaluate the checkpoint with `dilatedseg validate ... "
+            "--ckpt_path=... --model.tile_whole_network=true`, or train uncached "
+            "(--model.feature_cache=false)")
+    if crf != "none":
+        raise RunError(
+            f"--model.crf={crf} needs the images, and the cached context stage trains and "
+            "validates on cached logits without them: train without the CRF and evaluate "
+            "the checkpoint with `dilatedseg validate ... --ckpt_path=... "
+            "--model.crf=dense`, or train uncached (--model.feature_cache=false, with a "
+            "--data.init_args.crop_size when images differ in size)")
+
+
+def whole_images(dataset, split: str, items: int | None):
+    """A copy of a split's dataset that yields its whole, un-augmented images, one per item
+    (what the cache holds), limited to the first ``items`` when a run reads no more."""
+    plain = copy.copy(dataset)
+    plain.transform, plain.crops = None, 1
+    if items is not None and items < len(plain.pairs):
+        rank_zero_info(f"feature cache: the run reads at most {items} '{split}' "
+                       f"items (batch limits), so only the first {items} are cached")
+        plain.pairs = plain.pairs[:items]
+    return plain
 
 
 def limited_items(trainer, datamodule, split: str) -> int | None:

@@ -40,6 +40,54 @@ def segmentation_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor
                            reduction="sum") / labelled
 
 
+def check_hyperparameters(hp) -> None:
+    """A ValueError that names the option and its allowed values, for a value the module cannot
+    train or evaluate with."""
+    if hp.stage not in STAGE_ORDER:
+        raise ValueError(f"stage must be one of {STAGE_ORDER}, got {hp.stage!r}")
+    if hp.optimizer not in ("sgd", "adam"):
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', got {hp.optimizer!r}")
+    if hp.lr_schedule not in ("poly", "step", "constant"):
+        raise ValueError(
+            f"lr_schedule must be 'poly', 'step' or 'constant', got {hp.lr_schedule!r}")
+    if hp.crf not in CRF_MODES:
+        raise ValueError(f"crf must be one of {CRF_MODES}, got {hp.crf!r}")
+    if hp.lr <= 0 or not 0 <= hp.momentum < 1 or hp.weight_decay < 0:
+        raise ValueError(f"need lr > 0, 0 <= momentum < 1 and weight_decay >= 0, got "
+                         f"lr={hp.lr}, momentum={hp.momentum}, weight_decay={hp.weight_decay}")
+    tile_size = hp.tile_size
+    tiles = (tile_size, tile_size) if isinstance(tile_size, int) else tile_size
+    if tiles is not None and (len(tiles) != 2 or min(tiles) < OUTPUT_STRIDE):
+        raise ValueError(f"tile_size must be at least {OUTPUT_STRIDE} px (the output stride), "
+                         f"got {tile_size}: [height, width] in px, or one size")
+    if hp.feature_cache and hp.stage != "context":
+        raise ValueError("feature_cache needs the frozen front-end of stage 'context', not "
+                         f"{hp.stage!r}: set --model.feature_cache=false")
+
+
+def build_segmenter(hp) -> Segmenter:
+    """The stage's :class:`Segmenter`: front-end, a context module after the front-end stage,
+    a CRF when ``crf`` asks for one."""
+    # init_from's front-end weights replace ImageNet's: don't fetch or read those.
+    pretrained = None if hp.init_from else hp.pretrained
+    try:
+        frontend = FrontEnd(hp.num_classes, arch=hp.arch, padding=hp.padding, dropout=hp.dropout,
+                            pretrained=pretrained, fc6_space_to_batch=hp.fc6_space_to_batch)
+    except WeightsError as error:
+        raise RunError(str(error)) from None
+    context = None
+    if hp.stage != "frontend":
+        context = ContextModule(hp.num_classes, variant=hp.context_variant,
+                                dilations=hp.dilations, init=hp.context_init,
+                                padding=hp.context_padding)
+    dense_crf = None
+    if hp.crf != "none":
+        dense_crf = DenseCRF(hp.num_classes, trainable=hp.crf == "rnn",
+                             **(hp.crf_options or {}))
+    return Segmenter(frontend, context, dense_crf, upsample=hp.upsample,
+                     pixel_mean=hp.pixel_mean, pixel_std=hp.pixel_std)
+
+
 class SegmentationModule(L.LightningModule):
     """Trains and evaluates a :class:`Segmenter` in one of the paper's stages.
 
@@ -133,45 +181,12 @@ class SegmentationModule(L.LightningModule):
         fc6_space_to_batch: bool | None = None,
     ):
         super().__init__()
-        if stage not in STAGE_ORDER:
-            raise ValueError(f"stage must be one of {STAGE_ORDER}, got {stage!r}")
-        if optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
-        if lr_schedule not in ("poly", "step", "constant"):
-            raise ValueError(
-                f"lr_schedule must be 'poly', 'step' or 'constant', got {lr_schedule!r}")
-        if crf not in CRF_MODES:
-            raise ValueError(f"crf must be one of {CRF_MODES}, got {crf!r}")
-        if lr <= 0 or not 0 <= momentum < 1 or weight_decay < 0:
-            raise ValueError(f"need lr > 0, 0 <= momentum < 1 and weight_decay >= 0, got lr={lr}, "
-                             f"momentum={momentum}, weight_decay={weight_decay}")
-        tiles = (tile_size, tile_size) if isinstance(tile_size, int) else tile_size
-        if tiles is not None and (len(tiles) != 2 or min(tiles) < OUTPUT_STRIDE):
-            raise ValueError(f"tile_size must be at least {OUTPUT_STRIDE} px (the output stride), "
-                             f"got {tile_size}: [height, width] in px, or one size")
-        if feature_cache and stage != "context":
-            raise ValueError("feature_cache needs the frozen front-end of stage 'context', not "
-                             f"{stage!r}: set --model.feature_cache=false")
         self.save_hyperparameters()
+        check_hyperparameters(self.hparams)
         self.class_names = list(class_names or [str(i) for i in range(num_classes)])
         if len(self.class_names) != num_classes:
             raise ValueError(f"{len(self.class_names)} class names for {num_classes} classes")
-        if init_from:  # its front-end weights replace ImageNet's: don't fetch or read those
-            pretrained = None
-        try:
-            frontend = FrontEnd(num_classes, arch=arch, padding=padding, dropout=dropout,
-                                pretrained=pretrained, fc6_space_to_batch=fc6_space_to_batch)
-        except WeightsError as error:
-            raise RunError(str(error)) from None
-        context = None
-        if stage != "frontend":
-            context = ContextModule(num_classes, variant=context_variant, dilations=dilations,
-                                    init=context_init, padding=context_padding)
-        dense_crf = None
-        if crf != "none":
-            dense_crf = DenseCRF(num_classes, trainable=crf == "rnn", **(crf_options or {}))
-        self.model = Segmenter(frontend, context, dense_crf, upsample=upsample,
-                               pixel_mean=pixel_mean, pixel_std=pixel_std)
+        self.model = build_segmenter(self.hparams)
         if stage == "context":
             self.model.frontend.requires_grad_(False)
         # A post-processing CRF may evaluate a checkpoint trained with or without a CRF-RNN.
@@ -216,9 +231,9 @@ class SegmentationModule(L.LightningModule):
         memory that costs a write of each activation; the deterministic algorithms stay on.
         """
         torch.utils.deterministic.fill_uninitialized_memory = False
-        if device.type == "cuda" and self.hparams.get("channels_last", True):
+        if device.type == "cuda" and self.hparams.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        if self.hparams.get("compile") and not self.compiled:
+        if self.hparams.compile and not self.compiled:
             for part in (self.model.context, self.model.crf):
                 if part is not None:
                     part.compile()  # in place: parameter names and checkpoints unchanged
@@ -344,11 +359,11 @@ class SegmentationModule(L.LightningModule):
         return self.model(image)
 
     def configure_callbacks(self) -> list:
-        if not self.hparams.get("feature_cache"):
+        if not self.hparams.feature_cache:
             return []
         from dilatedseg.features import FrontendLogitsCache
 
-        return [FrontendLogitsCache(self.hparams.get("feature_cache_dir"))]
+        return [FrontendLogitsCache(self.hparams.feature_cache_dir)]
 
     def batch_logits(self, batch: dict, use_crf: bool = True) -> torch.Tensor:
         """Full-resolution logits of a batch of images, or of cached ``frontend_logits``."""
@@ -358,8 +373,8 @@ class SegmentationModule(L.LightningModule):
 
     def image_logits(self, image: torch.Tensor) -> torch.Tensor:
         """Full-resolution logits of images, whole or in the configured tiles."""
-        return predict_logits(self.model, image, self.hparams.get("tile_size"),
-                              self.hparams.get("tile_whole_network", False))
+        return predict_logits(self.model, image, self.hparams.tile_size,
+                              self.hparams.tile_whole_network)
 
     def cached_batch_logits(self, batch: dict, use_crf: bool) -> torch.Tensor:
         """Cached logits padded to one size: each size's items run at their own size (the
@@ -408,14 +423,14 @@ class SegmentationModule(L.LightningModule):
                 "each layer instead (the urban models' geometry).")
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        use_crf = self.hparams.crf == "rnn"  # a fixed (post-processing) CRF takes no part
         if "frontend_logits" in batch:
-            logits = self.batch_logits(batch, use_crf=self.hparams.get("crf") == "rnn")
-        else:  # a fixed (post-processing) CRF takes no part in training
+            logits = self.batch_logits(batch, use_crf=use_crf)
+        else:
             image, label = batch["image"], batch["label"]
             margin = (image.shape[-1] - label.shape[-1]) // 2  # context around the labels
             self.check_context_margin(margin)
-            logits = self.model(image, use_crf=self.hparams.get("crf") == "rnn",
-                                context_included=margin > 0)
+            logits = self.model(image, use_crf=use_crf, context_included=margin > 0)
         self.warn_padded_context(batch["label"].shape[-2:])
         loss = segmentation_loss(logits, batch["label"])
         # Not in the progress bar: showing it reads the value back every step (a host-device
@@ -460,7 +475,7 @@ class SegmentationModule(L.LightningModule):
         for name, iou in zip(self.class_names, ious):
             if iou == iou:  # skip classes absent from ground truth and prediction
                 log(f"{prefix}/IoU/{name}", iou * 100)
-        if self.hparams.get("categories"):
+        if self.hparams.categories:
             scores = category_iou(matrix, list(self.hparams.categories))
             present = [iou for iou in scores.values() if iou == iou]
             if present:
@@ -498,7 +513,7 @@ class SegmentationModule(L.LightningModule):
             optimizer = torch.optim.Adam(groups, lr=hp.lr)
         if hp.lr_schedule == "constant":
             return optimizer
-        if hp.lr_schedule == "step" and hp.get("lr_step_iters"):
+        if hp.lr_schedule == "step" and hp.lr_step_iters:
             scheduler = torch.optim.lr_scheduler.StepLR(optimizer, hp.lr_step_iters, hp.lr_gamma)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler,
                                                              "interval": "step"}}

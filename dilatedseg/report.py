@@ -31,22 +31,24 @@ import sys
 import time
 from pathlib import Path
 
-if "OMP_WAIT_POLICY" not in os.environ:  # before torch: see dilatedseg/cli.py
-    os.environ.setdefault("GOMP_SPINCOUNT", "3000")
+from dilatedseg.openmp import shorten_openmp_spinning
+
+shorten_openmp_spinning()  # before torch loads
 
 import numpy as np
 import torch
 import yaml
 
 from dilatedseg import cli
-from dilatedseg.cli import PACKAGE_CONF, import_class
+from dilatedseg.cli import PACKAGE_CONF, PACKAGE_ROOT, import_class, project_file
 from dilatedseg.cli import main as cli_main
 from dilatedseg.data.base import DataError
 from dilatedseg.metrics import argmax_classes
 from dilatedseg.models.context import ContextModule, receptive_field, resolve_dilations
 from dilatedseg.models.frontend import OUTPUT_STRIDE
 from dilatedseg.models.frontend import receptive_field as frontend_receptive_field
-from dilatedseg.runs import SUMMARY_PATH_ENV, RunError
+from dilatedseg.runs import RunError
+from dilatedseg.summary import SUMMARY_PATH_ENV
 from dilatedseg.sweep import SweepError, load_sweep, parse_trial, run_local
 
 REPORT_SWEEP = "report_dilations.yaml"
@@ -68,9 +70,9 @@ class ReportError(Exception):
 # ---- configs and runs ---------------------------------------------------------------------------
 def conf_root(dataset: str) -> Path:
     """conf/ of the working directory when it has the dataset, else the package checkout's."""
-    for root in (Path("conf"), PACKAGE_CONF):
-        if (root / f"{dataset}.yaml").is_file():
-            return root
+    config = project_file(f"conf/{dataset}.yaml")
+    if config is not None:
+        return config.parent
     known = sorted(p.stem for p in PACKAGE_CONF.glob("*.yaml") if p.stem not in ("base", "debug"))
     raise ReportError(f"no config conf/{dataset}.yaml; datasets: {', '.join(known)}")
 
@@ -82,8 +84,7 @@ def stage_configs(dataset: str, stage: str) -> list[str]:
 
 def sweep_file() -> Path:
     """sweeps/report_dilations.yaml of the working directory, else of the package checkout."""
-    local = Path("sweeps") / REPORT_SWEEP
-    return local if local.is_file() else PACKAGE_CONF.parent / "sweeps" / REPORT_SWEEP
+    return project_file(f"sweeps/{REPORT_SWEEP}") or PACKAGE_ROOT / "sweeps" / REPORT_SWEEP
 
 
 def variant_configs(dataset: str, variant: str) -> list[str]:
@@ -105,8 +106,7 @@ def common_args(runs_dir: str, quick: bool, extra: list[str]) -> list[str]:
 def check_data(dataset: str, args: list[str]) -> None:
     """Fail before any training when the dataset is missing (its own DataError message)."""
     parsed = parse_trial(["dilatedseg", "fit", *stage_configs(dataset, "frontend"), *args])
-    data = parsed["data"]
-    datamodule = import_class(data["class_path"])(**(data.get("init_args") or {}))
+    datamodule = build_datamodule(parsed["data"])
     datamodule.prepare_data()
     for split in ("train", "val"):
         datamodule.checked_pairs(split)
@@ -152,9 +152,13 @@ def load_model(checkpoint: str, crf: str | None = None, crf_options: dict | None
     return module.eval()
 
 
-def datamodule_of(summary: dict):
-    data = run_config(summary)["data"]
+def build_datamodule(data: dict):
+    """The data module of a config's ``data`` section (class_path, init_args)."""
     return import_class(data["class_path"])(**(data.get("init_args") or {}))
+
+
+def datamodule_of(summary: dict):
+    return build_datamodule(run_config(summary)["data"])
 
 
 def validate(summary: dict, crf: str | None = None, crf_options: dict | None = None) -> float:
@@ -312,6 +316,26 @@ def draw_figures(out: Path, frontend: dict, context: dict, models: dict, rnn: di
                         panels, datamodule.palette, datamodule.classes, out / "predictions.png")
 
 
+def context_args(dataset: str, variant: str, init: str, args: list[str],
+                 start_from: str) -> list[str]:
+    """The fit arguments of a context module of ``variant`` with ``init`` initialisation on
+    the front-end's frozen logits."""
+    return (stage_configs(dataset, "context") + variant_configs(dataset, variant) + args
+            + [start_from, f"--model.context_init={init}"])
+
+
+def crf_rnn_args(dataset: str, row: str, source: dict, args: list[str],
+                 quick: bool) -> list[str]:
+    """The fit arguments of the crf stage trained end to end from a table row's model
+    (``source``: its summary)."""
+    row_args = [f"--model.init_from={source['best_checkpoint']}"]
+    row_args += (["--model.stage=frontend"] if row == "frontend"
+                 else [f"--model.context_variant={row}"])  # the crf stage's own lr
+    if quick:
+        row_args.append(f"--model.crf_options={json.dumps(QUICK_CRF)}")
+    return stage_configs(dataset, "crf") + args + row_args
+
+
 def run_report(dataset: str, out: Path, runs_dir: str, quick: bool, count: int | None,
                extra: list[str]) -> dict:
     start = time.time()
@@ -331,26 +355,17 @@ def run_report(dataset: str, out: Path, runs_dir: str, quick: bool, count: int |
     # 1-2. front-end, then context modules on its frozen logits.
     frontend = timed("front-end", fit, "frontend", stage_configs(dataset, "frontend") + args, logs)
     start_from = f"--model.init_from={frontend['best_checkpoint']}"
-    context = {}
-    for variant in ("basic", "large"):
-        for init in ("identity", "random"):
-            context[variant, init] = timed(
-                "context", fit, f"context-{variant}-{init}",
-                stage_configs(dataset, "context") + variant_configs(dataset, variant) + args
-                + [start_from, f"--model.context_init={init}"], logs)
+    context = {(variant, init): timed("context", fit, f"context-{variant}-{init}",
+                                      context_args(dataset, variant, init, args, start_from),
+                                      logs)
+               for variant in ("basic", "large") for init in ("identity", "random")}
     models = {"frontend": frontend, "basic": context["basic", "identity"],
               "large": context["large", "identity"]}
 
     # 3. CRF-RNN trained end to end from each row's model (front-end row: no context module).
-    rnn = {}
-    for row, source in models.items():
-        row_args = [f"--model.init_from={source['best_checkpoint']}"]
-        row_args += (["--model.stage=frontend"] if row == "frontend"
-                     else [f"--model.context_variant={row}"])  # the crf stage's own lr
-        if quick:
-            row_args.append(f"--model.crf_options={json.dumps(QUICK_CRF)}")
-        rnn[row] = timed("CRF-RNN", fit, f"crf-rnn-{row}",
-                         stage_configs(dataset, "crf") + args + row_args, logs)
+    rnn = {row: timed("CRF-RNN", fit, f"crf-rnn-{row}",
+                      crf_rnn_args(dataset, row, source, args, quick), logs)
+           for row, source in models.items()}
 
     # 4. Fixed dense CRF as post-processing of each row's best checkpoint.
     print("\n== dense CRF post-processing of each row's best checkpoint", flush=True)

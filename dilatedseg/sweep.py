@@ -9,7 +9,7 @@ exactly the argv a ``wandb agent`` would build from the config's ``command`` (``
 ``--name=value`` per parameter, ``${env}``, ``${interpreter}``, ``${program}``,
 ``${envvar:NAME}``), followed by any EXTRA arguments (they override the sweep's values, e.g. to
 shrink trials). Trials log to W&B offline; each trial's metrics come back from its run summary
-(see :class:`dilatedseg.runs.RunSummary`) and feed the next proposal. The result is a table of
+(see :class:`dilatedseg.summary.RunSummary`) and feed the next proposal. The result is a table of
 trials sorted by the sweep's metric, also written as trials.csv under
 ``<runs_dir>/sweeps/<name>-<time>/`` beside each trial's log.
 
@@ -40,10 +40,10 @@ import yaml
 from dilatedseg.runs import (
     PREVIOUS_STAGES,
     RUN_DIR_ENV,
-    SUMMARY_PATH_ENV,
     RunError,
     find_previous_checkpoint,
 )
+from dilatedseg.summary import SUMMARY_PATH_ENV
 
 ARG_MACROS = ("args", "args_no_equals", "args_no_hyphens", "args_no_boolean_flags",
               "args_json", "args_json_file")
@@ -305,7 +305,7 @@ def run_local(config: dict, name: str, count: int | None, extra: list[str],
     """Run the sweep here, trial by trial; returns the trial rows (also written as CSV)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from sweeps import RunState, SweepConfig, SweepRun, next_run
+        from sweeps import SweepConfig, next_run
     if count is None and config["method"] != "grid":
         raise SweepError(f"a {config['method']} sweep has no natural end: say how many trials "
                          f"to run with --count N (make sweep COUNT=N)")
@@ -316,16 +316,7 @@ def run_local(config: dict, name: str, count: int | None, extra: list[str],
     first = next_run(engine_config, [])
     if first is None:
         raise SweepError("the sweep proposes no trials")
-    parsed, clash = None, {}
-    for probe in probes(engine_config):  # whichever values the proposals will take
-        parsed = parse_trial(trial_argv(config, probe, extra))
-        clash = {**(overridden(parsed, probe) if parsed else {}), **clash}  # each name once
-    if clash:
-        raise SweepError(
-            "the arguments after the sweep file set swept parameters again: "
-            f"{'; '.join(clash.values())}."
-            " Every trial would run the same value: leave them out of the extra arguments "
-            "(e.g. a --config that sets them)")
+    parsed = parse_probes(config, engine_config, extra)
     runs_dir = Path(parsed.get("runs_dir") or "runs") if parsed else Path("runs")
     out_dir = out_dir or runs_dir / "sweeps" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -337,63 +328,98 @@ def run_local(config: dict, name: str, count: int | None, extra: list[str],
         print(f"init_from: auto -> {start_from}: every trial starts from it", flush=True)
         extra = [*extra, f"--model.init_from={start_from}"]
     init_from = start_from or ((parsed or {}).get("model") or {}).get("init_from")  # trials.csv
+    columns = {"init_from": init_from and str(init_from)} if parsed else {}
 
     runs, rows, proposal, interrupted = [], [], first, False
     while proposal is not None and (count is None or len(rows) < count):
-        index = len(rows)
-        summary_path = out_dir / f"trial-{index:03d}.json"
-        argv = trial_argv(config, proposal.config, extra, out_dir / f"trial-{index:03d}.args.json")
-        if "${args_json_file}" in (config.get("command") or []):
-            (out_dir / f"trial-{index:03d}.args.json").write_text(
-                agent_args(proposal.config)["args_json"][0])
-        values = {k: plain(v["value"]) for k, v in proposal.config.items()}
-        shown = ", ".join(f"{k}={v}" for k, v in values.items())
-        print(f"[{name}] trial {index + 1}{'' if count is None else f'/{count}'}: {shown}",
-              flush=True)
-        log, start = out_dir / f"trial-{index:03d}.log", time.time()
-        try:
-            code = run_logged(argv, log, trial_env(summary_path, out_dir, name))
-        except KeyboardInterrupt:  # the trial is killed; keep what finished
-            print("  interrupted", flush=True)
+        trial = run_trial(config, proposal.config, len(rows), extra, out_dir, columns,
+                          name=name, count=count, metric=metric, goal=goal)
+        if trial is None:  # Ctrl-C
             interrupted = True
             break
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-        state = RunState.finished if code == 0 and summary else RunState.failed
-        run = SweepRun(name=f"trial-{index:03d}", config=proposal.config, state=state,
-                       summary_metrics=summary.get("metrics") or {},
-                       history=summary.get("history") or [])
-        logged = {key for row in [run.summary_metrics, *run.history] for key in row}
-        if state == RunState.finished and metric and metric not in logged:
-            shown = ", ".join(sorted(key for key in logged if not key.startswith("_")))
-            raise SweepError(f"trial {index + 1} finished without logging the sweep's metric "
-                             f"'{metric}': correct metric.name in the sweep config; the trial "
-                             f"logged: {shown or 'nothing'} (log {log})")
+        run, row = trial
         runs.append(run)
-        score = best_value(run, metric, goal)
-        rows.append({"trial": index, "state": state.value, metric or "metric": score,
-                     **{k: json.dumps(v) if isinstance(v, list) else v for k, v in values.items()},
-                     **({"init_from": init_from and str(init_from)} if parsed else {}),
-                     "seconds": round(time.time() - start, 1), "run": summary.get("run", ""),
-                     "log": str(log)})
-        if state == RunState.failed:
-            print(f"  failed (exit {code}), log {log}:\n{tail(log)}", flush=True)
-        else:
-            print(f"  {metric} = {score}  ({rows[-1]['seconds']} s, {rows[-1]['run']})",
-                  flush=True)
+        rows.append(row)
         proposal = next_run(engine_config, runs)
 
     rows = sort_rows(rows, metric or "metric", goal)
+    show_results(rows, out_dir)
+    if interrupted:
+        raise SystemExit(130)
+    if rows and all(row["state"] != "finished" for row in rows):
+        raise SweepError(f"every trial failed; see the logs in {out_dir}")
+    return rows
+
+
+def parse_probes(config: dict, engine_config, extra: list[str]) -> dict | None:
+    """The trial command parsed with each of :func:`probes`' parameter sets (the last one's
+    config is returned); a SweepError when the extra arguments set a swept parameter again."""
+    parsed, clash = None, {}
+    for probe in probes(engine_config):  # whichever values the proposals will take
+        parsed = parse_trial(trial_argv(config, probe, extra))
+        clash = {**(overridden(parsed, probe) if parsed else {}), **clash}  # each name once
+    if clash:
+        raise SweepError(
+            "the arguments after the sweep file set swept parameters again: "
+            f"{'; '.join(clash.values())}."
+            " Every trial would run the same value: leave them out of the extra arguments "
+            "(e.g. a --config that sets them)")
+    return parsed
+
+
+def run_trial(config: dict, params: dict, index: int, extra: list[str], out_dir: Path,
+              columns: dict, *, name: str, count: int | None, metric: str | None,
+              goal: str):
+    """Run trial ``index`` with the proposed ``params``: its sweep-engine run and its row of
+    trials.csv (``columns`` added after the parameters); None when Ctrl-C stopped it."""
+    from sweeps import RunState, SweepRun
+
+    trial = f"trial-{index:03d}"
+    summary_path, log = out_dir / f"{trial}.json", out_dir / f"{trial}.log"
+    argv = trial_argv(config, params, extra, out_dir / f"{trial}.args.json")
+    if "${args_json_file}" in (config.get("command") or []):
+        (out_dir / f"{trial}.args.json").write_text(agent_args(params)["args_json"][0])
+    values = {k: plain(v["value"]) for k, v in params.items()}
+    shown = ", ".join(f"{k}={v}" for k, v in values.items())
+    print(f"[{name}] trial {index + 1}{'' if count is None else f'/{count}'}: {shown}",
+          flush=True)
+    start = time.time()
+    try:
+        code = run_logged(argv, log, trial_env(summary_path, out_dir, name))
+    except KeyboardInterrupt:  # the trial is killed; keep what finished
+        print("  interrupted", flush=True)
+        return None
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    state = RunState.finished if code == 0 and summary else RunState.failed
+    run = SweepRun(name=trial, config=params, state=state,
+                   summary_metrics=summary.get("metrics") or {},
+                   history=summary.get("history") or [])
+    logged = {key for row in [run.summary_metrics, *run.history] for key in row}
+    if state == RunState.finished and metric and metric not in logged:
+        shown = ", ".join(sorted(key for key in logged if not key.startswith("_")))
+        raise SweepError(f"trial {index + 1} finished without logging the sweep's metric "
+                         f"'{metric}': correct metric.name in the sweep config; the trial "
+                         f"logged: {shown or 'nothing'} (log {log})")
+    score = best_value(run, metric, goal)
+    row = {"trial": index, "state": state.value, metric or "metric": score,
+           **{k: json.dumps(v) if isinstance(v, list) else v for k, v in values.items()},
+           **columns, "seconds": round(time.time() - start, 1), "run": summary.get("run", ""),
+           "log": str(log)}
+    if state == RunState.failed:
+        print(f"  failed (exit {code}), log {log}:\n{tail(log)}", flush=True)
+    else:
+        print(f"  {metric} = {score}  ({row['seconds']} s, {row['run']})", flush=True)
+    return run, row
+
+
+def show_results(rows: list[dict], out_dir: Path) -> None:
+    """Write trials.csv, print the table and the command that uploads the offline W&B runs."""
     write_csv(rows, out_dir / "trials.csv")
     print(f"\n{format_rows(rows)}\n\ntrials: {out_dir / 'trials.csv'}")
     offline = [str(path) for row in rows if row["run"]
                for path in sorted(Path(row["run"]).glob("wandb/offline-run-*"))]
     if offline:
         print(f"upload the trials' offline W&B runs: {shlex.join(['wandb', 'sync', *offline])}")
-    if interrupted:
-        raise SystemExit(130)
-    if rows and all(row["state"] != "finished" for row in rows):
-        raise SweepError(f"every trial failed; see the logs in {out_dir}")
-    return rows
 
 
 def best_value(run, metric: str | None, goal: str) -> float | None:

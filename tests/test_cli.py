@@ -425,7 +425,7 @@ def test_summary_written_after_each_epoch_holds_that_epochs_best(tiny_shapes, tm
 
     from dilatedseg.data import ShapesDataModule
     from dilatedseg.module import SegmentationModule
-    from dilatedseg.runs import RunSummary
+    from dilatedseg.summary import RunSummary
 
     seen = []
 

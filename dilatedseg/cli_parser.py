@@ -1,0 +1,95 @@
+"""The argument parser of `dilatedseg fit / validate / test / predict`: jsonargparse's parse
+errors as one line that names the problem and the --help that lists the options, and batch limits
+read as Lightning means them."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import textwrap
+import typing
+
+from lightning.pytorch.cli import LightningArgumentParser
+
+# LightningCLI's subcommands, then the verbs of `dilatedseg` that this package adds.
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+VERBS = (*SUBCOMMANDS, "prepare", "sweep", "summary")
+
+
+class ConciseParser(LightningArgumentParser):
+    """A parse error (misspelt option, bad value, missing config file) is the message and a
+    pointer to --help, not the ~100-line usage that jsonargparse prints first for fit."""
+
+    def error(self, message: str, ex: Exception | None = None) -> typing.NoReturn:
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)  # parsing tentatively (it handles the raise), or debug
+        if message.startswith("Unexpected config:"):  # a file that is no mapping of options
+            content = " ".join(message.split(":", 1)[1].split())[:60]
+            message = ("a --config file holds no options: it is empty, only comments, or not "
+                       f"a YAML mapping of options ({content or 'empty'})")
+        if message.startswith("argument subcommand: invalid choice"):
+            # A misspelt verb: offer all of them, not only LightningCLI's four.
+            message = re.sub(r"\(choose from [^)]*\)", "(choose from " + ", ".join(VERBS) + ")",
+                             message)
+        message, help_option = (data_class_problem(message) or subclass_problem(message)
+                                or (message, "--help"))
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {message}\n(the options: {prog} {help_option})\n")
+        sys.exit(2)
+
+
+# jsonargparse's error for an option of a class given by class_path (the data module): each
+# type the option may have, and inside, under this line, the class's own problem.
+CLASS_PROBLEM = re.compile(r"^( *)- Problem with given class_path '([^']+)':\n((?:\1 .*(?:\n|$))+)",
+                           re.MULTILINE)
+
+
+def data_class_problem(message: str) -> tuple[str, str] | None:
+    """``--data=voc``: a dataset's name where the data module's class goes (jsonargparse lists
+    each type --data could have); the class to pass, or the list of them. None otherwise."""
+    given = re.search(r"Expected a dot import path string: (\S+)", message)
+    if not message.startswith('Parser key "data":') or given is None:
+        return None
+    from dilatedseg import data
+
+    classes = {datamodule.name: datamodule.__name__ for datamodule in (
+        data.ShapesDataModule, data.VOCDataModule, data.CamVidDataModule, data.KITTIDataModule,
+        data.CityscapesDataModule)}
+    value = given.group(1)
+    name = value.lower().removesuffix("datamodule")
+    fix = (f"--data={classes[name]}, or the dataset's recipe: --config conf/{name}.yaml"
+           if name in classes else "one of " + ", ".join(classes.values()))
+    return f"--data={value} is not a data module class: pass {fix}", "--help"
+
+
+def subclass_problem(message: str) -> tuple[str, str] | None:
+    """The problem of an option of the data module (``--data.init_args.crop_sise=64``, a value
+    of the wrong type, a class_path that does not import), alone and named by its full option,
+    and the --help option that lists the class's options; None for other messages."""
+    key, problem = re.match(r'Parser key "([^"]+)":', message), CLASS_PROBLEM.search(message)
+    if key is None or problem is None:
+        return None
+    key, class_path = key.group(1), problem.group(2)
+    inner = textwrap.dedent(problem.group(3)).strip()
+    name = class_path.rsplit(".", 1)[-1]
+    if inner.startswith("Parser key "):  # a value of the wrong type
+        inner = inner.replace('Parser key "', f'Parser key "{key}.init_args.', 1)
+    elif unknown := re.match(r"Option '([^']+)' is not accepted", inner):
+        inner = f"{name} has no option --{key}.init_args.{unknown.group(1)}"
+    else:  # the class itself
+        return f"--{key}.class_path={class_path}: {inner}", "--help"
+    return inner, f"--{key}.help {name}"
+
+
+def read_ints_as_ints(parser) -> None:
+    """Lightning types the batch limits ``float | int | None`` and jsonargparse tries float
+    first, so ``--trainer.limit_val_batches=1`` would be 1.0: all batches, not one. Try int
+    first (1 = one batch, 0.5 = half of them), as Lightning means. (jsonargparse has no public
+    way to change an added argument's type: this edits its actions' ``_typehint``.)"""
+    for action in parser._actions:
+        hint = getattr(action, "_typehint", None)
+        args = getattr(hint, "__args__", ())
+        if typing.get_origin(hint) is typing.Union and float in args and int in args:
+            action._typehint = typing.Union[tuple(sorted(args, key=lambda t: t is not int))]  # noqa: UP007
