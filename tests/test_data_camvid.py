@@ -35,6 +35,41 @@ def test_classes_and_colours_are_the_papers():
                        (192, 192, 128), (0, 0, 192), (0, 128, 192))
 
 
+# The 32 classes of the original CamVid release: name and colour as in its label_colors.txt
+# (Brostow et al. 2009), and the class each is grouped into for the 11-class benchmark, as
+# MathWorks' "Semantic Segmentation Using Deep Learning" example groups them
+# (camvidPixelLabelIDs, "following the original SegNet training methodology"; its Pavement is
+# sidewalk here, SignSymbol sign). None = void.
+CAMVID32_PUBLISHED = (
+    ("Animal", (64, 128, 64), "pedestrian"), ("Archway", (192, 0, 128), "building"),
+    ("Bicyclist", (0, 128, 192), "bicyclist"), ("Bridge", (0, 128, 64), "building"),
+    ("Building", (128, 0, 0), "building"), ("Car", (64, 0, 128), "car"),
+    ("CartLuggagePram", (64, 0, 192), "pedestrian"), ("Child", (192, 128, 64), "pedestrian"),
+    ("Column_Pole", (192, 192, 128), "pole"), ("Fence", (64, 64, 128), "fence"),
+    ("LaneMkgsDriv", (128, 0, 192), "road"), ("LaneMkgsNonDriv", (192, 0, 64), "road"),
+    ("Misc_Text", (128, 128, 64), "sign"), ("MotorcycleScooter", (192, 0, 192), "bicyclist"),
+    ("OtherMoving", (128, 64, 64), "car"), ("ParkingBlock", (64, 192, 128), "sidewalk"),
+    ("Pedestrian", (64, 64, 0), "pedestrian"), ("Road", (128, 64, 128), "road"),
+    ("RoadShoulder", (128, 128, 192), "sidewalk"), ("Sidewalk", (0, 0, 192), "sidewalk"),
+    ("SignSymbol", (192, 128, 128), "sign"), ("Sky", (128, 128, 128), "sky"),
+    ("SUVPickupTruck", (64, 128, 192), "car"), ("TrafficCone", (0, 0, 64), "pole"),
+    ("TrafficLight", (0, 64, 64), "sign"), ("Train", (192, 64, 128), "car"),
+    ("Tree", (128, 128, 0), "tree"), ("Truck_Bus", (192, 128, 192), "car"),
+    ("Tunnel", (64, 0, 64), "building"), ("VegetationMisc", (192, 192, 0), "tree"),
+    ("Void", (0, 0, 0), None), ("Wall", (64, 192, 0), "building"),
+)
+
+
+def test_all_32_original_classes_colour_and_group_are_the_published_ones(tmp_path):
+    """Every one of the 32 colours, decoded from a colour label as prepare decodes it."""
+    assert CAMVID32 == {name: (colour, group) for name, colour, group in CAMVID32_PUBLISHED}
+    colours = np.array([[colour for _, colour, _ in CAMVID32_PUBLISHED]], np.uint8)
+    Image.fromarray(colours).save(tmp_path / "all_L.png")
+    decoded = decode_colour_label(tmp_path / "all_L.png", camvid32_colours())
+    assert decoded[0].tolist() == [255 if group is None else CLASSES.index(group)
+                                   for _, _, group in CAMVID32_PUBLISHED]
+
+
 def test_mean_pixel_is_the_papers_in_rgb_order():
     """REFERENCE sec. 3: BGR 110.70 108.78 105.41; the model takes RGB."""
     assert CamVidDataModule.mean_rgb == (105.41, 108.78, 110.70)
