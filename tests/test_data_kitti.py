@@ -30,6 +30,17 @@ def test_ros_colour_labels_decode_to_camvid_classes(tmp_path):
     assert (label[(colours == 0).all(-1)] == 255).all()
 
 
+def test_ros_layout_is_the_published_kitti_semantic_tree(tmp_path):
+    """Ros et al.'s archive: Training_00/ and Validation_07/, RGB/ beside GT/ (was an invented
+    train/images, train/labels tree that no copy of the dataset has)."""
+    root = make_kitti_ros(tmp_path / "KITTI_SEMANTIC")
+    module = KITTIDataModule(root=str(root))
+    for split, folder in (("train", "Training_00"), ("val", "Validation_07")):
+        for image, label in module.checked_pairs(split):
+            assert (image.parent, label) == (root / folder / "RGB", root / folder / "GT" /
+                                             image.name)
+
+
 def test_mean_pixel_is_the_papers_in_rgb_order():
     """REFERENCE sec. 3: BGR 96.19 95.55 91.35, whichever layout; the model takes RGB."""
     assert KITTIDataModule.mean_rgb == (91.35, 95.55, 96.19)
