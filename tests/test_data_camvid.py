@@ -139,6 +139,21 @@ def test_original_release_read_as_segnet_names_the_conversion(tmp_path):
         CamVidDataModule(root=str(root)).checked_pairs("train")
 
 
+def test_labels_unzipped_without_their_folder_name_the_folder(tmp_path):
+    """LabeledApproved_full.zip holds its *_L.png without a folder (701_StillsRaw_full.zip
+    holds one), so a plain unzip leaves them in the root: was "no colour labels ..."."""
+    root, _ = make_camvid_original(tmp_path / "camvid")
+    for label in (root / "LabeledApproved_full").iterdir():
+        label.rename(root / label.name)
+    with pytest.raises(DataError, match=f"^camvid: the colour labels <name>_L.png lie in {root} "
+                                        f"itself, not in {root}/LabeledApproved_full/ "
+                                        r"\(LabeledApproved_full.zip holds no folder\): move "
+                                        f"them there, or unzip it with -d {root}/"
+                                        "LabeledApproved_full$"):
+        prepare(["camvid", "--root", str(root), "--layout", "original",
+                 "--splits", str(root / "segnet_lists")])
+
+
 def test_copy_with_colour_label_folders_names_how_to_convert_it(tmp_path):
     """The 960x720 copy with <split>_labels/<name>_L.png (Semantic-Segmentation-Suite's CamVid/)
     was "image <root>/train/x.png has no label file <root>/trainannot/x.png"."""
