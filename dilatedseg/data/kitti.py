@@ -1,8 +1,10 @@
 """KITTI road scenes, in either of two labellings.
 
-* ``layout: ros`` (default, the paper's): the 146 images labelled by Ros et al. (2015),
-  100 train / 46 test, 1226x370, colour PNG labels in CamVid's 11-class palette (black = void).
-  The paper reports on the 46 test images, so ``val`` is the test set here too.
+* ``layout: ros`` (default, the paper's): the 146 images labelled by Ros et al. (2015), as
+  their archive KITTI_SEMANTIC/ holds them: Training_00/ (100 images) and Validation_07/ (46,
+  the test set), each with RGB/ images and GT/ colour labels of the same name, in CamVid's
+  11-class palette (black = void). The paper reports on the 46 test images, so ``val`` is the
+  test set here too.
 * ``layout: semantics``: the later KITTI semantic benchmark (data_semantics/, 200 labelled
   training images) whose labels are Cityscapes label ids; they are mapped to the 19 Cityscapes
   train ids and classes. It has no official val split: every ``val_every``-th training image
@@ -38,12 +40,13 @@ class KITTIDataModule(SegmentationDataModule):
     palette = camvid.PALETTE
     mean_rgb = MEAN_BGR[::-1]
     layouts = ("ros", "semantics")
-    source = ("layout ros: KITTI images with the labels of Ros et al. (2015); layout semantics: "
-              "data_semantics.zip of the KITTI semantic segmentation benchmark (cvlibs.net)")
+    source = ("layout ros: KITTI_SEMANTIC/, the KITTI images labelled by Ros et al. (2015), "
+              "http://adas.cvc.uab.es/s2uad; layout semantics: data_semantics.zip of the KITTI "
+              "semantic segmentation benchmark (cvlibs.net)")
     layout = """\
-        layout: ros (Ros et al. labels, the paper's)
-          train/images/<name>.png  train/labels/<name>.png   colour labels, CamVid palette
-          test/images/<name>.png   test/labels/<name>.png    (black = void)
+        layout: ros (Ros et al. labels, the paper's; root = KITTI_SEMANTIC/)
+          Training_00/RGB/<name>.png    Training_00/GT/<name>.png     colour labels, CamVid
+          Validation_07/RGB/<name>.png  Validation_07/GT/<name>.png   palette (black = void)
         layout: semantics (the KITTI semantic benchmark, root = data_semantics/)
           training/image_2/<name>.png  training/semantic/<name>.png   Cityscapes label ids
           testing/image_2/<name>.png
@@ -67,9 +70,8 @@ class KITTIDataModule(SegmentationDataModule):
 
     def pairs(self, split: str) -> list[tuple[Path, Path | None]]:
         if self.layout_name == "ros":
-            folder = self.root / ("train" if split == "train" else "test")
-            return [(image, folder / "labels" / image.name)
-                    for image in self.images_in(folder / "images")]
+            folder = self.root / ("Training_00" if split == "train" else "Validation_07")
+            return [(image, folder / "GT" / image.name) for image in self.images_in(folder / "RGB")]
         if split == "test":
             return [(image, None) for image in self.images_in(self.root / "testing" / "image_2")]
         images = self.images_in(self.root / "training" / "image_2")

@@ -20,6 +20,10 @@ def convert_original(root: Path, splits: Path | None) -> None:
     module = CamVidDataModule(root=str(root), layout="original")
     colour_dir = root / "LabeledApproved_full"
     labels = sorted(colour_dir.glob("*_L.png"))
+    if not labels and any(root.glob("*_L.png")):  # LabeledApproved_full.zip has no folder
+        raise DataError(f"camvid: the colour labels <name>_L.png lie in {root} itself, not in "
+                        f"{colour_dir}/ (LabeledApproved_full.zip holds no folder): move them "
+                        f"there, or unzip it with -d {colour_dir}")
     if not labels:
         raise module.missing(f"no colour labels {colour_dir}/<name>_L.png")
     (root / "labels").mkdir(exist_ok=True)
