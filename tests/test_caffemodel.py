@@ -1,8 +1,10 @@
 """The authors' published Caffe models: .caffemodel files written by the real protobuf library
 (from BVLC caffe.proto's field numbers) load into a Segmenter exactly; "zoom" upsampling is
-their interp_map."""
+their interp_map. tests/test_published_models.py checks the four published networks."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import torch
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from dilatedseg.models import ContextModule, FrontEnd, Segmenter
-from dilatedseg.models.caffemodel import load_caffemodel, read_caffemodel
+from dilatedseg.models.caffemodel import context_layer_names, load_caffemodel, read_caffemodel
 from dilatedseg.models.weights import WeightsError
 from dilatedseg.module import SegmentationModule
 from dilatedseg.runs import RunError
@@ -26,20 +28,29 @@ CAFFE_PROTO = [
                    ("channels", 2, F.TYPE_INT32, F.LABEL_OPTIONAL, None, False),
                    ("height", 3, F.TYPE_INT32, F.LABEL_OPTIONAL, None, False),
                    ("width", 4, F.TYPE_INT32, F.LABEL_OPTIONAL, None, False)]),
+    ("ConvolutionParameter", [("num_output", 1, F.TYPE_UINT32, F.LABEL_OPTIONAL, None, False),
+                              ("pad", 3, F.TYPE_UINT32, F.LABEL_REPEATED, None, False),
+                              ("kernel_size", 4, F.TYPE_UINT32, F.LABEL_REPEATED, None, False),
+                              ("dilation", 18, F.TYPE_UINT32, F.LABEL_REPEATED, None, False)]),
     ("LayerParameter", [("name", 1, F.TYPE_STRING, F.LABEL_OPTIONAL, None, False),
                         ("type", 2, F.TYPE_STRING, F.LABEL_OPTIONAL, None, False),
                         ("blobs", 7, F.TYPE_MESSAGE, F.LABEL_REPEATED, ".caffe.BlobProto",
-                         False)]),
+                         False),
+                        ("convolution_param", 106, F.TYPE_MESSAGE, F.LABEL_OPTIONAL,
+                         ".caffe.ConvolutionParameter", False)]),
     ("V1LayerParameter", [("name", 4, F.TYPE_STRING, F.LABEL_OPTIONAL, None, False),
                           ("type", 5, F.TYPE_INT32, F.LABEL_OPTIONAL, None, False),
                           ("blobs", 6, F.TYPE_MESSAGE, F.LABEL_REPEATED, ".caffe.BlobProto",
-                           False)]),
+                           False),
+                          ("convolution_param", 10, F.TYPE_MESSAGE, F.LABEL_OPTIONAL,
+                           ".caffe.ConvolutionParameter", False)]),
     ("NetParameter", [("name", 1, F.TYPE_STRING, F.LABEL_OPTIONAL, None, False),
                       ("layers", 2, F.TYPE_MESSAGE, F.LABEL_REPEATED, ".caffe.V1LayerParameter",
                        False),
                       ("layer", 100, F.TYPE_MESSAGE, F.LABEL_REPEATED, ".caffe.LayerParameter",
                        False)]),
 ]
+V1_TYPES = {"Convolution": 4, "Deconvolution": 39, "ReLU": 18, "Softmax": 20}  # LayerType
 
 
 def net_class():
@@ -58,76 +69,139 @@ def net_class():
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("caffe.NetParameter"))
 
 
-def authors_layers(segmenter: Segmenter, prefix: str = "ctx") -> list[tuple[str, list]]:
-    """The Segmenter's weights as the authors' network holds them: their layer names, BGR
-    conv1_1, the context module's ctx_* layers and its frozen upsampling deconvolution."""
-    frontend = segmenter.frontend
-    layers = [(name, [m.weight, m.bias]) for name, m in frontend.features.named_children()
-              if isinstance(m, torch.nn.Conv2d)]
-    layers[0] = ("conv1_1", [frontend.features.conv1_1.weight.flip(1),
-                             frontend.features.conv1_1.bias])
-    layers.append(("fc-final", [frontend.final.weight, frontend.final.bias]))
-    convs = [m for m in segmenter.context.layers if isinstance(m, torch.nn.Conv2d)]
-    names = [f"{prefix}_conv{i + 1}_1" for i in range(len(convs) - 2)] + [f"{prefix}_fc1",
-                                                                          f"{prefix}_final"]
-    layers += [(name, [m.weight, m.bias]) for name, m in zip(names, convs)]
-    return layers
+def caffe_bilinear(channels: int, size: int = 16) -> np.ndarray:
+    """Caffe's bilinear filler (BVLC filler.hpp) for a grouped (channels, 1, size, size)
+    deconvolution: f = ceil(size / 2), c = (2f - 1 - f % 2) / 2f,
+    w(x, y) = (1 - |x / f - c|) (1 - |y / f - c|)."""
+    f = math.ceil(size / 2)
+    c = (2 * f - 1 - f % 2) / (2 * f)
+    ramp = 1 - np.abs(np.arange(size) / f - c)
+    return np.broadcast_to(np.outer(ramp, ramp), (channels, 1, size, size)).astype(np.float32)
 
 
-def write_caffemodel(path, layers, legacy: bool = False, deconv: int | None = None) -> None:
+def authors_layers(segmenter: Segmenter, prefix: str = "ctx") -> list[tuple]:
+    """The Segmenter as the authors' .caffemodel holds it: (name, type, blobs, convolution
+    parameters) of every layer, ReLUs included: their layer names (``prefix`` "ct": the VOC
+    model's ct_* and fc-final), BGR conv1_1, the pads and dilations, the frozen upsampling
+    deconvolution for upsample="deconv"."""
+    frontend, context = segmenter.frontend, segmenter.context
+    convs = [(name, m, m.padding[0]) for name, m in frontend.features.named_children()
+             if isinstance(m, torch.nn.Conv2d)]
+    convs.append(("fc-final" if prefix == "ct" else "final", frontend.final, 0))
+    context_convs = context.convs() if context is not None else []
+    for i, (name, m) in enumerate(zip(context_layer_names(len(context_convs) - 1),
+                                      context_convs)):
+        convs.append((f"{prefix}_{name}", m, m.padding[0] + (context.margin if i == 0 else 0)))
+    layers = []
+    for name, m, pad in convs:
+        weight = m.weight.flip(1) if name == "conv1_1" else m.weight
+        layers.append((name, "Convolution", [weight, m.bias],
+                       {"pad": [pad], "dilation": [m.dilation[0]]}))
+        if not name.endswith("final"):
+            layers.append((f"{name}_relu", "ReLU", [], {}))
+    if segmenter.upsample == "deconv":
+        kernel = caffe_bilinear(frontend.final.out_channels)
+        layers.append(("ctx_upsample", "Deconvolution", [kernel], {"pad": [4]}))
+    return layers + [("prob", "Softmax", [], {})]
+
+
+def write_caffemodel(path, layers, legacy: bool = False) -> None:
+    """``layers``: (name, type, blobs, convolution parameters) as :func:`authors_layers`;
+    ``legacy``: the pre-2015 V1 layers with num / channels / height / width blobs."""
     net = net_class()(name="dilation")
-    for name, blobs in layers:
-        layer = net.layers.add(name=name, type=4) if legacy else net.layer.add(
-            name=name, type="Convolution")
+    for name, kind, blobs, conv in layers:
+        layer = net.layers.add(name=name, type=V1_TYPES[kind]) if legacy else net.layer.add(
+            name=name, type=kind)
+        if conv:
+            layer.convolution_param.pad.extend(conv.get("pad", []))
+            layer.convolution_param.dilation.extend(conv.get("dilation", []))
         for tensor in blobs:
             blob = layer.blobs.add()
-            values = tensor.detach().numpy()
-            if legacy:  # the pre-2015 num / channels / height / width form
+            values = tensor.detach().numpy() if torch.is_tensor(tensor) else tensor
+            if legacy:
                 blob.num, blob.channels, blob.height, blob.width = (1,) * (
                     4 - values.ndim) + values.shape
             else:
                 blob.shape.dim.extend(values.shape)
             blob.data.extend(values.ravel().tolist())
-    if deconv is not None:  # Cityscapes: ctx_upsample, frozen bilinear, no bias
-        layer = net.layer.add(name="ctx_upsample", type="Deconvolution")
-        blob = layer.blobs.add()
-        blob.shape.dim.extend([deconv, 1, 16, 16])
-        blob.data.extend([0.25] * (deconv * 256))
     path.write_bytes(net.SerializeToString())
 
 
-def small_segmenter(seed: int, **context) -> Segmenter:
+def small_segmenter(seed: int, upsample: str = "bilinear", frontend_padding: str = "valid",
+                    **context) -> Segmenter:
     torch.manual_seed(seed)
-    return Segmenter(FrontEnd(5, arch="tiny"), ContextModule(5, dilations=[1, 2, 4], **context),
-                     pixel_std=(1.0, 1.0, 1.0))
+    return Segmenter(FrontEnd(5, arch="tiny", padding=frontend_padding),
+                     ContextModule(5, dilations=context.pop("dilations", [1, 2, 4]), **context),
+                     upsample=upsample, pixel_std=(1.0, 1.0, 1.0))
+
+
+def assert_same_weights(target: torch.nn.Module, source: torch.nn.Module) -> None:
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(target.state_dict()[key], value, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("legacy", [False, True])
 def test_published_layout_loads_exactly(tmp_path, legacy):
-    source, target = small_segmenter(0, init="random"), small_segmenter(1)
-    write_caffemodel(tmp_path / "model.caffemodel", authors_layers(source), legacy=legacy,
-                     deconv=None if legacy else 5)
-    names = [name for name, _, _ in read_caffemodel(tmp_path / "model.caffemodel")]
-    assert names[0] == "conv1_1" and names[-1] == ("ctx_final" if legacy else "ctx_upsample")
+    source = small_segmenter(0, upsample="deconv", init="random")
+    target = small_segmenter(1, upsample="deconv")
+    write_caffemodel(tmp_path / "model.caffemodel", authors_layers(source), legacy=legacy)
+    layers = read_caffemodel(tmp_path / "model.caffemodel")
+    assert [layer.name for layer in layers][:2] == ["conv1_1", "conv1_1_relu"]
+    assert [(layer.name, layer.kind) for layer in layers][-3:] == [
+        ("ctx_final", "4" if legacy else "Convolution"), ("ctx_upsample", "Deconvolution"),
+        ("prob", "20" if legacy else "Softmax")]
+    assert layers[-5].name == "ctx_fc1" and layers[-5].conv == {"pad": [4], "dilation": [4]}
     load_caffemodel(target, tmp_path / "model.caffemodel")
-    for key, value in source.state_dict().items():
-        torch.testing.assert_close(target.state_dict()[key], value, rtol=0, atol=0)
+    assert_same_weights(target, source)
     image = torch.rand(1, 3, 40, 48) * 255
     with torch.no_grad():
         torch.testing.assert_close(target.eval()(image), source.eval()(image))
 
 
-def test_a_model_that_does_not_fit_is_named(tmp_path):
+def test_layers_are_found_by_name_in_any_order(tmp_path):
+    """As Caffe copies trained weights: by layer name, whatever the file's order."""
+    source, target = small_segmenter(0, init="random"), small_segmenter(1)
+    layers = authors_layers(source, prefix="ct")
+    order = np.random.default_rng(0).permutation(len(layers))
+    write_caffemodel(tmp_path / "model.caffemodel", [layers[i] for i in order])
+    load_caffemodel(target, tmp_path / "model.caffemodel")
+    assert_same_weights(target, source)
+
+
+@pytest.mark.parametrize("model, error", [
+    (lambda: small_segmenter(0, dilations=[1, 4]),
+     r"has layers with weights this model lacks \(ct_conv1_2\): match its context module"),
+    (lambda: small_segmenter(0, dilations=[1, 2, 2, 4]),
+     r"has no layer ctx_conv2_1 or ct_conv2_1 for this model's context.layers.4 \(its layers "
+     r"with weights: conv1_1, .*ct_final\): match its context module"),
+    (lambda: Segmenter(FrontEnd(6, arch="tiny"), ContextModule(6, dilations=[1, 2, 4])),
+     r"layer fc-final has weights of shape \[5, \d+, 1, 1\], this model's frontend.final \[6, "),
+    (lambda: small_segmenter(0, dilations=[1, 3, 4]),  # same shapes, another schedule
+     r"layer ct_conv1_2 has dilation 2, this model's context.layers.2 3: set --model.dilations"),
+    (lambda: small_segmenter(0, frontend_padding="same"),  # same shapes, padded front-end
+     r"layer conv1_1 has pad 0, this model's frontend.features.conv1_1 1: set "
+     r"--model.padding=valid"),
+    (lambda: small_segmenter(0, padding="valid"),  # same shapes, one pad before the module
+     r"layer ct_conv1_1 has pad 1, this model's context.layers.0 7: set "
+     r"--model.context_padding=same"),
+])
+def test_a_model_that_does_not_fit_is_named(tmp_path, model, error):
     path = tmp_path / "voc.caffemodel"
     write_caffemodel(path, authors_layers(small_segmenter(0), prefix="ct"))
-    with pytest.raises(WeightsError, match=r"has 11 layers with weights .*ct_final\), this model "
-                                           r"10: match its context module"):
-        load_caffemodel(Segmenter(FrontEnd(5, arch="tiny"), ContextModule(5, dilations=[1, 2])),
-                        path)
-    with pytest.raises(WeightsError, match=r"layer fc-final has weights of shape \[5, \d+, 1, 1\]"
-                                           r", this model's frontend.final \[6, "):
-        load_caffemodel(Segmenter(FrontEnd(6, arch="tiny"),
-                                  ContextModule(6, dilations=[1, 2, 4])), path)
+    with pytest.raises(WeightsError, match=error):
+        load_caffemodel(model(), path)
+
+
+def test_an_upsampling_that_is_not_bilinear_or_a_cut_file_is_named(tmp_path):
+    path = tmp_path / "cityscapes.caffemodel"
+    layers = authors_layers(small_segmenter(0, upsample="deconv"))
+    layers = [(name, kind, [np.full((5, 1, 16, 16), 0.25, np.float32)], conv)
+              if kind == "Deconvolution" else (name, kind, blobs, conv)
+              for name, kind, blobs, conv in layers]
+    write_caffemodel(path, layers)
+    with pytest.raises(WeightsError, match=r"layer ctx_upsample \(\[5, 1, 16, 16\]\) is not the "
+                                           "fixed bilinear x8 upsampling"):
+        load_caffemodel(small_segmenter(1, upsample="deconv"), path)
     (tmp_path / "cut.caffemodel").write_bytes(path.read_bytes()[:5000])
     with pytest.raises(WeightsError, match="cannot read Caffe model .*cut short"):
         read_caffemodel(tmp_path / "cut.caffemodel")
