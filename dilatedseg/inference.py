@@ -1,33 +1,40 @@
-"""Whole-image and tiled inference.
+"""Whole-image and tiled inference, in two modes.
 
-The image is cut into non-overlapping tiles in the front-end's *output* space (1/8
-resolution); each tile's input is cut from the padded image with the front-end's full
-receptive-field margin around it, so every tile's front-end logits equal the corresponding part
-of whole-image inference. In ``valid`` geometry the margin is the same 186 px reflection
-(VGG-16) whole-image inference uses, and a tile of n x m logits reads exactly 8n + 372 by
-8m + 372 input pixels, as the authors' deploy tiles do (REFERENCE sec. 4: Cityscapes 1396 x 1396
-input, 1024 x 1024 output). What follows the front-end runs in one of two ways:
+- default (``tile_whole_network=False``): the image is cut into non-overlapping tiles in the
+  front-end's *output* space (1/8 resolution, tile sizes rounded up to multiples of 8); each
+  tile's input is cut from the padded image with the front-end's full receptive-field margin
+  around it (in ``valid`` geometry the 186 px reflection whole-image inference uses), so the
+  stitched 1/8 front-end logits equal whole-image inference, and they go through the context
+  module, the upsampling and the CRF once, on the whole image. The result equals whole-image
+  inference (up to float rounding): tiling only bounds the front-end's memory. An image no
+  larger than one tile is one whole-image pass.
+- ``tile_whole_network=True``: exactly the authors' ``test.py`` (fyu/dilation,
+  ``test_image``). The normalised image is reflect-padded (REFLECT_101) by the front-end's
+  margin m (186 px for VGG-16 ``valid``; 0 for ``same``). Tiles start at multiples of the tile
+  size (the deploy *output* size, e.g. 1024 x 1024 for Cityscapes' 1396 x 1396 deploy input),
+  ceil(image / tile) per axis; each deploy input is ``padded[top : top + tile + 2m,
+  left : left + tile + 2m]``, reflect-padded at the bottom / right up to that full size where
+  it runs past the padded image (the last row and column, or an image smaller than a tile:
+  such an image is padded to the tile too; the reflection repeats when the pad is longer than
+  the tile). The whole network (front-end, context module with its padding at the *deploy
+  input's* borders) runs on every full deploy input, and all of each tile's output cells,
+  those past the image included, are concatenated. ``upsample: zoom`` (their ``interp_map``,
+  zoom 8) then interpolates the *stitched* probabilities, so a tile's last pixels interpolate
+  with the next tile's first cell and the image's last rows / columns with cells computed from
+  the reflected padding; ``deconv`` / ``bilinear`` upsample each tile's full output as the net
+  does (zoom 1) and the stitched result is cropped to the image. The tiles' outputs sit
+  ``tile`` px apart while each tile holds ceil(tile / 8) cells, so an axis with several tiles
+  needs a tile size that is a multiple of 8 (KITTI's 1268 px wide tile covers its images in
+  one): anything else stops before the image's first tile runs. The one remaining difference:
+  where the image's last pixels fall in the stitched map's last cell (an image exactly n tiles
+  high or wide), ``interp_map`` reads one cell past its array (numba checks no bounds) and
+  ``zoom`` repeats the last cell. ``test.py`` has no CRF; here the CRF (dense or CRF-RNN) runs
+  once, on the stitched full-resolution output with the whole image, as the paper's CRFs
+  refined whole images, rather than on each tile's crop alone.
 
-- default (``tile_whole_network=False``): the stitched 1/8 front-end logits go through the
-  context module, the upsampling and the CRF once, on the whole image. The result equals
-  whole-image inference (up to float rounding): tiling only bounds the front-end's memory. This
-  is *not* what the authors computed whenever the context module's receptive field (Dilation10:
-  259 cells) reaches across a tile's border.
-- ``tile_whole_network=True``: the authors' ``test.py`` scheme, which runs the whole deploy
-  network per tile: every tile's front-end logits go through the context module (its padding at
-  the *tile's* borders), the upsampling to the tile's output size (Cityscapes: the grouped
-  deconvolution, 128 x 128 -> 1024 x 1024) and the CRF on the tile's image crop, and the tiles'
-  full-resolution outputs are stitched. Each tile's output depends on that tile's image alone
-  (plus the front-end's margin); the result differs from whole-image inference wherever the
-  context module or the upsampling reaches across a seam. Softmax is per pixel, so taking it per
-  tile (as the authors did) or after stitching is the same.
-
-Tiles start at the top left; the last row and column take what is left and run at their own
-size (the authors' ``test.py`` instead reflect-pads a partial tile, or an image smaller than one
-tile, up to the full deploy size, so near the right and bottom edges of such images the two
-differ; Cityscapes' 1024 x 2048 is exactly 1 x 2 tiles). An image no larger than one tile is one
-whole-image pass in both modes. With ``upsample: zoom`` the per-tile mode interpolates each
-tile on its own.
+Softmax is per pixel, so taking it per tile (as the authors did) or after stitching is the
+same; ``zoom`` works on log-probabilities (see :func:`~dilatedseg.models.segmenter.
+zoom_log_probabilities`).
 """
 
 from __future__ import annotations
@@ -38,8 +45,9 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from dilatedseg.models.frontend import OUTPUT_STRIDE, receptive_field
+from dilatedseg.models.frontend import OUTPUT_STRIDE, _reflect_pad, receptive_field
 from dilatedseg.models.segmenter import Segmenter
+from dilatedseg.runs import RunError
 
 
 def frontend_tiles(segmenter: Segmenter, image: torch.Tensor, tile: tuple[int, int]
@@ -98,22 +106,51 @@ def frontend_logits_tiled(segmenter: Segmenter, image: torch.Tensor,
     return _stitch(frontend_tiles(segmenter, image, tile), size)
 
 
+def check_deploy_tiles(size: tuple[int, int], tile: tuple[int, int]) -> None:
+    """Refuse an image that needs several tiles along an axis whose tile size is not a multiple
+    of 8: ``test.py`` would stitch ceil(tile / 8) cells per tile at ``tile`` px apart."""
+    for axis, length, tile_length in zip(("height", "width"), size, tile):
+        if length > tile_length and tile_length % OUTPUT_STRIDE:
+            lower = tile_length // OUTPUT_STRIDE * OUTPUT_STRIDE
+            raise RunError(
+                f"tile_whole_network: a {size[0]}x{size[1]} image needs several tiles along its "
+                f"{axis}, whose tile size {tile_length} px is not a multiple of "
+                f"{OUTPUT_STRIDE}, so the tiles' outputs would not line up: set that "
+                f"--model.tile_size entry to a multiple of {OUTPUT_STRIDE} "
+                f"({lower or OUTPUT_STRIDE} or {lower + OUTPUT_STRIDE}), or to at least "
+                f"{length} to cover the image in one tile")
+
+
 def network_tiled(segmenter: Segmenter, image: torch.Tensor,
                   tile: tuple[int, int]) -> torch.Tensor:
-    """Full-resolution logits (B, C, H, W), the whole network run per tile (the authors'
-    ``test.py``): each tile's front-end logits through
-    :meth:`Segmenter.from_frontend_logits` at the tile's output size, with its image crop."""
+    """Full-resolution logits (B, C, H, W) as the authors' ``test.py`` computed them: the whole
+    network on every full-size deploy tile, stitched, then interpolated (``zoom``) or cropped,
+    then the CRF once (see the module's docstring). ``tile``: the deploy output size."""
     height, width = image.shape[-2:]
-
-    def tiles():
-        for (top, bottom, left, right), logits in frontend_tiles(segmenter, image, tile):
-            y0, x0 = top * OUTPUT_STRIDE, left * OUTPUT_STRIDE
-            y1, x1 = min(bottom * OUTPUT_STRIDE, height), min(right * OUTPUT_STRIDE, width)
-            crop = image[..., y0:y1, x0:x1]
-            yield (y0, y1, x0, x1), segmenter.from_frontend_logits(logits, (y1 - y0, x1 - x0),
-                                                                   crop)
-
-    return _stitch(tiles(), (height, width))
+    check_deploy_tiles((height, width), tile)
+    frontend = segmenter.frontend
+    m = frontend.margin
+    input_h, input_w = tile[0] + 2 * m, tile[1] + 2 * m
+    padded = _reflect_pad(segmenter.normalise(image), (m, m, m, m))
+    rows = []
+    for top in range(0, height, tile[0]):
+        row = []
+        for left in range(0, width, tile[1]):
+            crop = padded[..., top: top + input_h, left: left + input_w]
+            crop = _reflect_pad(crop, (0, input_w - crop.shape[-1], 0, input_h - crop.shape[-2]))
+            logits = segmenter.refine(frontend.final(frontend.features(crop)))
+            if segmenter.upsample != "zoom":  # the net's own upsampling, all of it
+                cells = logits.shape[-2:]
+                logits = segmenter.upsample_to(logits, (OUTPUT_STRIDE * cells[0],
+                                                        OUTPUT_STRIDE * cells[1]))
+            row.append(logits)
+        rows.append(torch.cat(row, dim=-1))
+    stitched = torch.cat(rows, dim=-2)
+    if segmenter.upsample == "zoom":
+        logits = segmenter.upsample_to(stitched, (height, width))
+    else:
+        logits = stitched[..., :height, :width]
+    return logits if segmenter.crf is None else segmenter.crf(logits, image)
 
 
 def predict_logits(segmenter: Segmenter, image: torch.Tensor,
@@ -122,19 +159,20 @@ def predict_logits(segmenter: Segmenter, image: torch.Tensor,
     """(B, 3, H, W) 0-255 RGB image -> (B, C, H, W) logits, whole or tiled.
 
     ``tile``: None for one pass over the whole image, else the (height, width) of a tile in
-    output pixels (rounded up to multiples of 8), e.g. (1024, 1024) for Cityscapes as in the
-    paper. Images no larger than one tile take the whole-image path.
-    ``tile_whole_network``: False tiles only the front-end (equal to whole-image inference);
-    True runs context module, upsampling and CRF per tile too, as the authors' ``test.py``
-    (see the module's docstring). No effect without ``tile``.
+    output pixels, e.g. (1024, 1024) for Cityscapes as in the paper.
+    ``tile_whole_network``: False tiles only the front-end (tile sizes rounded up to multiples
+    of 8; equal to whole-image inference, and an image no larger than one tile is one
+    whole-image pass); True is the authors' ``test.py`` with ``tile`` as their deploy output
+    size (input - 372), every image padded to whole tiles (see the module's docstring). No
+    effect without ``tile``.
     """
     if tile is None:
         return segmenter(image)
     tile = (tile, tile) if isinstance(tile, int) else tuple(tile)
-    if image.shape[-2] <= tile[0] and image.shape[-1] <= tile[1]:
-        return segmenter(image)
     if tile_whole_network:
         return network_tiled(segmenter, image, tile)
+    if image.shape[-2] <= tile[0] and image.shape[-1] <= tile[1]:
+        return segmenter(image)
     return segmenter.from_frontend_logits(frontend_logits_tiled(segmenter, image, tile),
                                           image.shape[-2:], image)
 

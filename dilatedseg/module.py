@@ -120,10 +120,11 @@ class SegmentationModule(L.LightningModule):
             loaded: the checkpoint's front-end replaces it).
         tile_size: validate / test / predict in tiles of this output size (see
             :func:`dilatedseg.inference.predict_logits`); None = whole images.
-        tile_whole_network: with ``tile_size``, run context module, upsampling and CRF per
-            tile too, as the authors' test.py (to reproduce their published evaluation with
-            their weights); false (default): only the front-end is tiled and the result
-            equals whole-image inference (see :mod:`dilatedseg.inference`).
+        tile_whole_network: with ``tile_size`` (then the authors' deploy output size), compute
+            what the authors' test.py computed, the whole network per full-size tile (to
+            reproduce their published evaluation with their weights); false (default): only
+            the front-end is tiled and the result equals whole-image inference (see
+            :mod:`dilatedseg.inference`).
         categories: category of each class (linked from the data module, e.g. Cityscapes):
             then ``<prefix>/catIoU/<name>`` and ``<prefix>/mIoU_category`` are logged too.
         feature_cache: context stage only: compute the frozen front-end's logits once, cache

@@ -1,21 +1,23 @@
 """Tiled inference equals whole-image inference, in both geometries, with and without context;
-with ``tile_whole_network`` every tile runs the whole network on its own, as the authors'
-test.py."""
+with ``tile_whole_network`` it computes what the authors' test.py computed."""
 
 from __future__ import annotations
 
+import cv2
+import numpy as np
 import pytest
 import torch
 
 from dilatedseg.inference import (
     frontend_logits_tiled,
-    frontend_tiles,
     network_tiled,
     predict_logits,
     predict_probabilities,
 )
 from dilatedseg.models import ContextModule, FrontEnd, Segmenter
+from dilatedseg.models.frontend import _reflect_pad
 from dilatedseg.module import SegmentationModule
+from dilatedseg.runs import RunError
 
 
 def segmenter(padding: str, context: bool, upsample: str = "bilinear",
@@ -102,42 +104,137 @@ def test_upsampling_modes_interpolate_logits_or_the_authors_probabilities():
 WIDE = (1, 2, 4, 8, 1)
 
 
-@pytest.mark.parametrize("padding", ["valid", "same"])
-@pytest.mark.parametrize("upsample", ["deconv", "bilinear", "zoom"])
-def test_whole_network_per_tile_depends_on_its_tile_alone(padding, upsample):
-    """Every tile's output, partial edge tiles included, is the rest of the network run on that
-    tile's front-end logits alone, at the tile's output size (with its image crop)."""
-    model = segmenter(padding, True, upsample, dilations=WIDE)
-    image = torch.rand(2, 3, 61, 83) * 255
+def test_reflect_pad_repeats_as_opencv_reflect_101():
+    """The tiles' bottom / right pad: as cv2.copyMakeBorder(BORDER_REFLECT_101), also when
+    the pad is longer than the tile (the reflection repeats) and on 1 px wide tiles."""
+    rng = np.random.default_rng(0)
+    for shape, pad in [((5, 7), (0, 3, 0, 2)), ((5, 7), (0, 20, 0, 13)), ((3, 2), (4, 9, 5, 11)),
+                       ((1, 4), (0, 6, 0, 5)), ((1, 1), (0, 3, 0, 2))]:
+        image = rng.random((*shape, 3), dtype=np.float32)
+        left, right, top, bottom = pad
+        expected = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_REFLECT_101)
+        ours = _reflect_pad(torch.from_numpy(image).permute(2, 0, 1), pad)
+        assert np.array_equal(ours.permute(1, 2, 0).numpy(), expected)
+
+
+def interp_map(prob: np.ndarray, zoom: int, width: int, height: int) -> np.ndarray:
+    """fyu/dilation util.interp_map, written out: output pixel (h, w) sits at cell (h / zoom,
+    w / zoom), bilinear between the cells around it. The last pixels of an image that ends
+    exactly on a tile's end read one cell past the map (numba checks no bounds): here the last
+    cell is repeated, as ``zoom`` does."""
+    prob = np.pad(prob, ((0, 0), (0, 1), (0, 1)), mode="edge")
+    out = np.zeros((prob.shape[0], height, width), dtype=np.float32)
+    for c in range(prob.shape[0]):
+        for h in range(height):
+            for w in range(width):
+                row, col = h // zoom, w // zoom
+                down, right = h / zoom - row, w / zoom - col
+                left_value = (1 - down) * prob[c, row, col] + down * prob[c, row + 1, col]
+                right_value = (1 - down) * prob[c, row, col + 1] + down * prob[c, row + 1, col + 1]
+                out[c, h, w] = (1 - right) * left_value + right * right_value
+    return out
+
+
+def deploy_net(model: Segmenter, tile: np.ndarray) -> np.ndarray:
+    """The deploy network on one full (H, W, 3) mean-subtracted input: softmax (C, h, w)."""
     with torch.no_grad():
-        frontend = model.frontend_logits(image)  # equal to the tiles' front-end logits
-        for tile in [(16, 24), (40, 32), (64, 64)]:
-            tiled = predict_logits(model, image, tile, tile_whole_network=True)
-            assert tiled.shape == (2, 5, 61, 83)
-            cells = 0
-            for (top, bottom, left, right), _ in frontend_tiles(model, image, tile):
-                y0, x0 = 8 * top, 8 * left
-                y1, x1 = min(8 * bottom, 61), min(8 * right, 83)
-                alone = model.from_frontend_logits(frontend[..., top:bottom, left:right],
-                                                   (y1 - y0, x1 - x0), image[..., y0:y1, x0:x1])
-                scale = alone.abs().max()
-                torch.testing.assert_close(tiled[..., y0:y1, x0:x1] / scale, alone / scale,
-                                           atol=1e-4, rtol=0)
-                cells += (bottom - top) * (right - left)
-            assert cells == 8 * 11  # the tiles cover the 1/8 grid once
+        x = torch.from_numpy(np.ascontiguousarray(tile.transpose(2, 0, 1)))[None]
+        logits = model.refine(model.frontend.final(model.frontend.features(x)))
+        if model.upsample == "deconv":
+            logits = torch.nn.functional.conv_transpose2d(
+                logits, model.deconv_weight, stride=8, padding=4, groups=logits.shape[1])
+        return logits.softmax(1)[0].numpy()
 
 
-def test_whole_network_per_tile_on_one_tile_is_whole_image_inference():
+def authors_test_image(model: Segmenter, image: np.ndarray, tile: tuple[int, int]
+                       ) -> np.ndarray:
+    """fyu/dilation test.py's test_image on an (H, W, 3) 0-255 image, step by step, with
+    label_margin = the front-end's margin and output size = ``tile``: (C, H, W) probabilities."""
+    margin = model.frontend.margin
+    image = image.astype(np.float32) - model.pixel_mean.view(3).numpy()
+    height, width = image.shape[:2]
+    padded = cv2.copyMakeBorder(image, margin, margin, margin, margin, cv2.BORDER_REFLECT_101)
+    input_h, input_w = tile[0] + 2 * margin, tile[1] + 2 * margin
+    rows = []
+    for i in range(height // tile[0] + (1 if height % tile[0] else 0)):
+        row = []
+        for j in range(width // tile[1] + (1 if width % tile[1] else 0)):
+            piece = padded[tile[0] * i: tile[0] * i + input_h, tile[1] * j: tile[1] * j + input_w]
+            piece = cv2.copyMakeBorder(piece, 0, input_h - piece.shape[0], 0,
+                                       input_w - piece.shape[1], cv2.BORDER_REFLECT_101)
+            row.append(deploy_net(model, piece))
+        rows.append(np.concatenate(row, axis=2))
+    prob = np.concatenate(rows, axis=1)
+    if model.upsample == "zoom":
+        return interp_map(prob, 8, width, height)
+    return prob[:, :height, :width]
+
+
+# (image height, width), tile: 3 x 3 tiles with partial ones; an image ending on a tile's end;
+# an image smaller than its tile; a pad longer than the tile (repeated reflection); one tile
+# whose width is no multiple of 8 (as KITTI's 1268).
+AUTHORS_CASES = [((61, 83), (24, 32)), ((48, 83), (24, 32)), ((13, 21), (24, 32)),
+                 ((5, 6), (64, 64)), ((17, 30), (24, 36))]
+
+
+@pytest.mark.parametrize("padding", ["valid", "same"])
+@pytest.mark.parametrize("upsample", ["zoom", "deconv"])
+def test_whole_network_per_tile_is_the_authors_test_py(padding, upsample):
+    """The authors' VOC / CamVid / KITTI geometry (zoom; VOC's Large context, valid padding)
+    and Cityscapes' (deconv; Basic, same padding), with their mean-only normalisation."""
+    torch.manual_seed(0)
+    frontend = FrontEnd(5, arch="tiny", padding=padding, dropout=0.0)
+    for param in frontend.parameters():  # logits of a few units: probabilities not saturated
+        torch.nn.init.normal_(param, std=0.06)
+    variant, context_padding = ("large", "valid") if upsample == "zoom" else ("basic", "same")
+    context = ContextModule(5, variant=variant, dilations=WIDE, padding=context_padding)
+    model = Segmenter(frontend, context, upsample=upsample, pixel_mean=(120.0, 110.0, 100.0),
+                      pixel_std=(1.0, 1.0, 1.0)).eval()
+    rng = np.random.default_rng(0)
+    for size, tile in AUTHORS_CASES:
+        image = rng.integers(0, 256, (*size, 3)).astype(np.float32)
+        expected = authors_test_image(model, image, tile)
+        batch = torch.from_numpy(image).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            ours = predict_probabilities(model, batch, tile, tile_whole_network=True)[0].numpy()
+            whole = model(batch).softmax(1)[0].numpy()
+        np.testing.assert_allclose(ours, expected, rtol=0, atol=2e-5, err_msg=f"{size} {tile}")
+        assert expected.max() < 0.99  # not saturated: every class's probability counts
+        # What the old per-tile mode ran on a lone tile, whole-image inference, differs:
+        assert np.abs(whole - expected).max() > 1e-2
+
+
+def test_several_tiles_along_an_axis_need_a_multiple_of_8():
+    """test.py stitches ceil(tile / 8) cells per tile at ``tile`` px apart: refused before
+    any tile runs where an axis has several tiles; one tile of any size is fine."""
+    model = segmenter("valid", True, "zoom")
+    calls = []
+    model.frontend.features.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad(), pytest.raises(RunError, match=r"tile_whole_network: a 40x83 image "
+                                        r"needs several tiles along its width, whose tile size "
+                                        r"36 px is not a multiple of 8.*\(32 or 40\), or to "
+                                        r"at least 83"):
+        predict_logits(model, torch.rand(1, 3, 40, 83) * 255, (24, 36), tile_whole_network=True)
+    assert not calls
+    with torch.no_grad():
+        out = predict_logits(model, torch.rand(1, 3, 40, 36) * 255, (24, 36), True)
+    assert out.shape == (1, 5, 40, 36) and calls
+
+
+def test_whole_network_per_tile_on_one_exact_tile_is_whole_image_inference():
+    """An image of exactly one tile (sizes multiples of 8) needs no extra padding: whole-image
+    inference. A smaller image is padded to the tile, as test.py (the old mode ran it whole)."""
     model = segmenter("valid", True, "deconv", dilations=WIDE)
     image = torch.rand(1, 3, 64, 88) * 255
     with torch.no_grad():
         whole = model(image)
-        assert predict_logits(model, image, (64, 88), tile_whole_network=True).equal(whole)
-        assert predict_logits(model, image, (200, 200), tile_whole_network=True).equal(whole)
-        # One tile run through the tiled path (not the shortcut) gives the same.
         scale = whole.abs().max()
-        torch.testing.assert_close(network_tiled(model, image, (64, 88)) / scale,
+        torch.testing.assert_close(predict_logits(model, image, (64, 88), True) / scale,
                                    whole / scale, atol=1e-4, rtol=0)
+        padded = predict_logits(model, image, (200, 200), tile_whole_network=True)
+        assert padded.shape == whole.shape
+        assert not torch.allclose(padded / scale, whole / scale, atol=1e-2)
+        assert predict_logits(model, image, (200, 200)).equal(whole)  # default: whole image
 
 
 def test_whole_network_per_tile_differs_where_the_context_crosses_a_seam():
@@ -172,7 +269,8 @@ def test_whole_network_per_tile_differs_where_the_context_crosses_a_seam():
 
 @pytest.mark.parametrize("crf", ["none", "dense"])
 def test_module_runs_the_whole_network_per_tile_when_asked(crf):
-    """The hparam reaches validation and predict; a dense CRF runs per tile on its image crop."""
+    """The hparam reaches validation and predict; a dense CRF runs once, on the stitched
+    output with the whole image (test.py has none; the paper's CRF saw whole images)."""
     kwargs = dict(arch="tiny", padding="valid", stage="context", dilations=list(WIDE),
                   tile_size=(16, 16), crf=crf, crf_options={"test_iterations": 2})
     exact = SegmentationModule(4, **kwargs).eval()
@@ -182,10 +280,12 @@ def test_module_runs_the_whole_network_per_tile_when_asked(crf):
     batch = {"image": image, "label": torch.zeros(1, 40, 56, dtype=torch.long), "name": ["a"]}
     with torch.no_grad():
         expected = network_tiled(per_tile.model, image, (16, 16))
-        if crf == "dense":  # the top-left tile: the CRF saw its 16 x 16 crop alone
-            alone = per_tile.model.from_frontend_logits(
-                per_tile.model.frontend_logits(image)[..., :2, :2], (16, 16), image[..., :16, :16])
-            torch.testing.assert_close(expected[..., :16, :16], alone, atol=1e-4, rtol=1e-4)
+        if crf == "dense":
+            dense, per_tile.model.crf = per_tile.model.crf, None
+            unrefined = network_tiled(per_tile.model, image, (16, 16))
+            per_tile.model.crf = dense
+            torch.testing.assert_close(expected, dense(unrefined, image))
+            assert not torch.allclose(expected, unrefined, atol=1e-3)
         torch.testing.assert_close(per_tile.batch_logits(batch), expected)
         prediction = per_tile.predict_step(batch, 0)["prediction"]
         assert prediction.equal(expected.argmax(1).to(torch.uint8))
