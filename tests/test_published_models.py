@@ -161,6 +161,26 @@ def test_deploy_input_gives_the_deploy_output(modules, model):
             -(-(size - 2 * DEPLOY_MARGIN) // 8) for size in published["input"]]
 
 
+@pytest.mark.parametrize("model", PUBLISHED)
+def test_evaluation_runs_the_deploy_input(modules, model):
+    """What the command evaluates the dataset's largest image with: the front-end sees
+    exactly the deploy input, once per test.py tile (Cityscapes: 1 x 2)."""
+    published = PUBLISHED[model]
+    height, width = published["largest_image"]
+    seen = []
+    for module in modules[model]:
+        tile_h, tile_w = module.hparams.tile_size
+        tiles = -(-height // tile_h) * -(-width // tile_w)
+        seen.clear()
+        hook = module.model.frontend.features.register_forward_hook(
+            lambda layer, args, out: seen.append(tuple(args[0].shape[-2:])))
+        with torch.no_grad():
+            out = module.image_logits(torch.empty(1, 3, height, width, device="meta"))
+        hook.remove()
+        assert seen == [published["input"]] * tiles
+        assert tuple(out.shape) == (1, published["output"][0], height, width)
+
+
 def published_layers(model: str) -> list[CaffeLayer]:
     """Every layer of the published net as its .caffemodel holds it: the layers with weights
     (weights i + 1 and biases -(i + 1) for the i-th; conv1_1's input channels 1, 2, 3 in
