@@ -345,3 +345,19 @@ def test_checkpoint_tiling_stays_when_validate_does_not_set_it(tiny_shapes, tmp_
     run_cli("validate", *shapes_args(tiny_shapes, tmp_path / "runs", f"--ckpt_path={weights}",
                                      "--trainer.limit_val_batches=1"))
     assert seen and all(args == ([16, 16], True) for args in seen), seen
+
+
+def test_cli_stops_on_tiles_that_cannot_stitch(tiny_shapes, tmp_path, capsys):
+    """The multiple-of-8 error reaches the user as one line and exit code 2, no traceback."""
+    from conftest import run_cli, shapes_args, untrained_checkpoint
+
+    weights = untrained_checkpoint(tmp_path / "model.ckpt", 4, padding="same")
+    with pytest.raises(SystemExit) as stopped:
+        run_cli("validate", *shapes_args(tiny_shapes, tmp_path / "runs",
+                                         f"--model.init_from={weights}",
+                                         "--model.tile_size=[16,20]",
+                                         "--model.tile_whole_network=true"))
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: tile_whole_network: a " in err and "tile size 20 px is not a multiple" in err
+    assert "Traceback" not in err
