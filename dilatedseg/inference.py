@@ -45,7 +45,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from dilatedseg.models.frontend import OUTPUT_STRIDE, _reflect_pad, receptive_field
+from dilatedseg.models.frontend import OUTPUT_STRIDE, receptive_field, reflect_pad
 from dilatedseg.models.segmenter import Segmenter
 from dilatedseg.runs import RunError
 
@@ -131,13 +131,13 @@ def network_tiled(segmenter: Segmenter, image: torch.Tensor,
     frontend = segmenter.frontend
     m = frontend.margin
     input_h, input_w = tile[0] + 2 * m, tile[1] + 2 * m
-    padded = _reflect_pad(segmenter.normalise(image), (m, m, m, m))
+    padded = reflect_pad(segmenter.normalise(image), (m, m, m, m))
     rows = []
     for top in range(0, height, tile[0]):
         row = []
         for left in range(0, width, tile[1]):
             crop = padded[..., top: top + input_h, left: left + input_w]
-            crop = _reflect_pad(crop, (0, input_w - crop.shape[-1], 0, input_h - crop.shape[-2]))
+            crop = reflect_pad(crop, (0, input_w - crop.shape[-1], 0, input_h - crop.shape[-2]))
             logits = segmenter.refine(frontend.final(frontend.features(crop)))
             if segmenter.upsample != "zoom":  # the net's own upsampling, all of it
                 cells = logits.shape[-2:]

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from dilatedseg.models import FrontEnd
-from dilatedseg.models.frontend import _reflect_pad, receptive_field, valid_shrinkage
+from dilatedseg.models.frontend import receptive_field, reflect_pad, valid_shrinkage
 
 
 def test_vgg16_parameters_and_published_geometry():
@@ -70,7 +70,7 @@ def test_final_layer_init():
 def test_reflect_pad_matches_numpy_beyond_image_size():
     x = torch.randn(1, 2, 5, 7)
     for pad in [(186, 193, 186, 190), (3, 0, 9, 1)]:
-        ours = _reflect_pad(x, pad).numpy()
+        ours = reflect_pad(x, pad).numpy()
         ref = np.pad(x.numpy(), ((0, 0), (0, 0), pad[2:], pad[:2]), mode="reflect")
         assert np.array_equal(ours, ref)
 
@@ -125,7 +125,7 @@ def test_crop_with_context_margin_predicts_what_the_whole_image_predicts(corner)
     image = torch.randn(2, 3, 88, 120)
     top, left = corner
     crop = (32, 64)
-    padded = _reflect_pad(image, (m, m, m, m))  # what whole-image inference pads
+    padded = reflect_pad(image, (m, m, m, m))  # what whole-image inference pads
     with_context = padded[..., top: top + crop[0] + 2 * m, left: left + crop[1] + 2 * m]
     with torch.no_grad():
         whole = net(image)

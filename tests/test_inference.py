@@ -15,7 +15,7 @@ from dilatedseg.inference import (
     predict_probabilities,
 )
 from dilatedseg.models import ContextModule, FrontEnd, Segmenter
-from dilatedseg.models.frontend import _reflect_pad
+from dilatedseg.models.frontend import reflect_pad
 from dilatedseg.module import SegmentationModule
 from dilatedseg.runs import RunError
 
@@ -113,7 +113,7 @@ def test_reflect_pad_repeats_as_opencv_reflect_101():
         image = rng.random((*shape, 3), dtype=np.float32)
         left, right, top, bottom = pad
         expected = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_REFLECT_101)
-        ours = _reflect_pad(torch.from_numpy(image).permute(2, 0, 1), pad)
+        ours = reflect_pad(torch.from_numpy(image).permute(2, 0, 1), pad)
         assert np.array_equal(ours.permute(1, 2, 0).numpy(), expected)
 
 

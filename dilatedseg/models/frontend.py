@@ -159,7 +159,7 @@ class FrontEnd(nn.Module):
         extra_h = math.ceil(height / OUTPUT_STRIDE) * OUTPUT_STRIDE - height
         extra_w = math.ceil(width / OUTPUT_STRIDE) * OUTPUT_STRIDE - width
         if m or extra_h or extra_w:
-            image = _reflect_pad(image, (m, m + extra_w, m, m + extra_h))
+            image = reflect_pad(image, (m, m + extra_w, m, m + extra_h))
         return image
 
 
@@ -253,7 +253,7 @@ def reflect_index(size: int, before: int, after: int) -> torch.Tensor:
     return torch.where(index >= size, period - index, index)
 
 
-def _reflect_pad(image: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor:
+def reflect_pad(image: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor:
     """Reflect padding (left, right, top, bottom) as OpenCV's BORDER_REFLECT_101 and numpy's
     'reflect', also when a pad exceeds the image size (the reflection then repeats)."""
     left, right, top, bottom = pad
