@@ -25,10 +25,12 @@
   does (zoom 1) and the stitched result is cropped to the image. The tiles' outputs sit
   ``tile`` px apart while each tile holds ceil(tile / 8) cells, so an axis with several tiles
   needs a tile size that is a multiple of 8 (KITTI's 1268 px wide tile covers its images in
-  one): anything else stops before the image's first tile runs. The one remaining difference:
-  where the image's last pixels fall in the stitched map's last cell (an image exactly n tiles
-  high or wide), ``interp_map`` reads one cell past its array (numba checks no bounds) and
-  ``zoom`` repeats the last cell. ``test.py`` has no CRF; here the CRF (dense or CRF-RNN) runs
+  one): anything else stops before the image's first tile runs. Where the image's last pixels
+  fall in the stitched map's last row or column of cells (an image within 8 px of n whole
+  tiles, e.g. exactly n tiles high), ``interp_map`` reads one cell past its array, unchecked:
+  the cells :func:`interp_map_cells` describes, read the same here, except past the last
+  class's map, where ``test.py`` reads memory outside the array (no defined value) and this
+  reads probability 0. ``test.py`` has no CRF; here the CRF (dense or CRF-RNN) runs
   once, on the stitched full-resolution output with the whole image, as the paper's CRFs
   refined whole images, rather than on each tile's crop alone.
 
@@ -46,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from dilatedseg.models.frontend import OUTPUT_STRIDE, receptive_field, reflect_pad
-from dilatedseg.models.segmenter import Segmenter
+from dilatedseg.models.segmenter import Segmenter, zoom_log_probabilities
 from dilatedseg.runs import RunError
 
 
@@ -121,6 +123,24 @@ def check_deploy_tiles(size: tuple[int, int], tile: tuple[int, int]) -> None:
                 f"{length} to cover the image in one tile")
 
 
+def interp_map_cells(log_probabilities: torch.Tensor) -> torch.Tensor:
+    """(B, C, R, W) stitched log-probabilities -> (B, C, R + 1, W + 1): the cells the authors'
+    ``interp_map`` reads, one row and one column past the map included.
+
+    Their numba code checks no bounds, so it reads cell (c, r, w) at offset (c R + r) W + w of
+    the C-ordered (C, R, W) array: one column past row r is row r + 1's first cell (the image's
+    left edge), one row past class c's map is class c + 1's first row. Past the last value
+    (the last class's extra row, and its last row's extra cell) it reads whatever memory
+    follows the array, which has no defined value: here probability 0 (log 0), which adds
+    nothing to the interpolation."""
+    batch, classes, rows, cols = log_probabilities.shape
+    flat = F.pad(log_probabilities.reshape(batch, -1), (0, cols + 1), value=-math.inf)
+    device = log_probabilities.device
+    row_starts = (torch.arange(classes, device=device)[:, None] * rows
+                  + torch.arange(rows + 1, device=device)) * cols
+    return flat[:, row_starts[..., None] + torch.arange(cols + 1, device=device)]
+
+
 def network_tiled(segmenter: Segmenter, image: torch.Tensor,
                   tile: tuple[int, int]) -> torch.Tensor:
     """Full-resolution logits (B, C, H, W) as the authors' ``test.py`` computed them: the whole
@@ -146,8 +166,9 @@ def network_tiled(segmenter: Segmenter, image: torch.Tensor,
             row.append(logits)
         rows.append(torch.cat(row, dim=-1))
     stitched = torch.cat(rows, dim=-2)
-    if segmenter.upsample == "zoom":
-        logits = segmenter.upsample_to(stitched, (height, width))
+    if segmenter.upsample == "zoom":  # as upsample_to, on the cells interp_map reads
+        log_probabilities = F.log_softmax(stitched.float(), dim=1)
+        logits = zoom_log_probabilities(interp_map_cells(log_probabilities), (height, width))
     else:
         logits = stitched[..., :height, :width]
     return logits if segmenter.crf is None else segmenter.crf(logits, image)
