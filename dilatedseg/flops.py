@@ -20,8 +20,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from dilatedseg.inference import check_deploy_tiles
 from dilatedseg.models.context import layer_widths, resolve_dilations
-from dilatedseg.models.frontend import ARCHITECTURES, OUTPUT_STRIDE, valid_shrinkage
+from dilatedseg.models.frontend import (
+    ARCHITECTURES,
+    OUTPUT_STRIDE,
+    context_margin,
+    valid_shrinkage,
+)
 
 # Dense (no sparsity) peak TFLOP/s per precision of GPUs we know: (name substring, peaks).
 # "tf32" is what fp32 convolutions / matmuls reach with cuDNN's TF32 (PyTorch's default for
@@ -69,19 +75,21 @@ def conv_macs(c_in: int, c_out: int, kernel: int, h_out: int, w_out: int,
 
 
 def frontend_macs(arch: str, height: int, width: int, padding: str = "valid",
-                  num_classes: int = 21) -> Count:
+                  num_classes: int = 21, deploy_input: bool = False) -> Count:
     """MACs of :class:`~dilatedseg.models.FrontEnd` on one ``height`` x ``width`` image,
-    including the ``valid`` geometry's reflected margin (the work the GPU really does)."""
+    including the ``valid`` geometry's reflected margin (the work the GPU really does).
+    ``deploy_input``: ``height`` x ``width`` is the network's input as it runs, padded already
+    (a deploy tile of :func:`~dilatedseg.inference.network_tiled`, e.g. 1396 x 1396)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; choose one of {list(ARCHITECTURES)}")
-    if padding == "valid":  # reflect-pad by the margin, and up to a multiple of 8
+    if padding not in ("valid", "same"):
+        raise ValueError(f"padding must be 'valid' or 'same', got {padding!r}")
+    if padding == "same" or deploy_input:
+        h, w = height, width
+    else:  # reflect-pad by the margin, and up to a multiple of 8
         margin = valid_shrinkage(arch)
         h = math.ceil(height / OUTPUT_STRIDE) * OUTPUT_STRIDE + margin
         w = math.ceil(width / OUTPUT_STRIDE) * OUTPUT_STRIDE + margin
-    elif padding == "same":
-        h, w = height, width
-    else:
-        raise ValueError(f"padding must be 'valid' or 'same', got {padding!r}")
     count, channels = Count(), 3
     for spec in ARCHITECTURES[arch]:
         if len(spec) == 1:  # 2x2 stride-2 ceil-mode pool
@@ -132,24 +140,46 @@ def tiles(height: int, width: int, tile: tuple[int, int] | None) -> list[tuple[i
             for top in range(0, out_h, cells_h) for left in range(0, out_w, cells_w)]
 
 
+def head_macs(num_classes: int, cells: tuple[int, int], context_variant: str | None,
+              dilations: str | tuple[int, ...] | list[int], context_padding: str,
+              upsample: str) -> Count:
+    """MACs after the front-end on a ``cells`` (h, w) map: the context module (None: none) and
+    the ``deconv`` upsampling (``bilinear`` and ``zoom`` are no convolutions)."""
+    h, w = cells
+    count = Count()
+    if context_variant is not None:
+        count = context_macs(num_classes, context_variant, dilations, h, w, context_padding)
+    if upsample == "deconv":  # grouped ConvTranspose2d(C, C, 16, 8, 4): 256 taps per input cell
+        count.layers.append(Layer("deconv", num_classes * 4 * OUTPUT_STRIDE ** 2 * h * w,
+                                  (num_classes, OUTPUT_STRIDE * h, OUTPUT_STRIDE * w)))
+    return count
+
+
 def segmenter_macs(arch: str, height: int, width: int, num_classes: int,
                    context_variant: str | None = "basic",
                    dilations: str | tuple[int, ...] | list[int] = "dilation10",
                    padding: str = "valid", upsample: str = "deconv",
-                   tile: tuple[int, int] | None = None, context_padding: str = "same") -> Count:
+                   tile: tuple[int, int] | None = None, context_padding: str = "same",
+                   tile_whole_network: bool = False) -> Count:
     """Inference MACs of a :class:`~dilatedseg.models.Segmenter` (no CRF) on one image, tiled
-    as :func:`~dilatedseg.inference.predict_logits` tiles it (``valid`` padding)."""
+    as :func:`~dilatedseg.inference.predict_logits` tiles it with ``tile`` and
+    ``tile_whole_network``: by default the front-end per tile, the rest once on the stitched
+    map; with ``tile_whole_network`` the whole network on ceil(H / tile) x ceil(W / tile)
+    full deploy inputs (tile + the front-end's margin on every side)."""
+    if tile is not None and tile_whole_network:
+        check_deploy_tiles((height, width), tile)
+        margin = context_margin(arch, padding)
+        one = frontend_macs(arch, tile[0] + 2 * margin, tile[1] + 2 * margin, padding,
+                            num_classes, deploy_input=True)
+        one = one + head_macs(num_classes, one.layers[-1].out_shape[1:], context_variant,
+                              dilations, context_padding, upsample)
+        return Count(one.layers * (math.ceil(height / tile[0]) * math.ceil(width / tile[1])))
     count = Count()
     for tile_h, tile_w in tiles(height, width, tile):
         count = count + frontend_macs(arch, tile_h, tile_w, padding, num_classes)
-    h, w = math.ceil(height / OUTPUT_STRIDE), math.ceil(width / OUTPUT_STRIDE)
-    if context_variant is not None:
-        count = count + context_macs(num_classes, context_variant, dilations, h, w,
-                                     context_padding)
-    if upsample == "deconv":  # grouped ConvTranspose2d(C, C, 16, 8, 4): 256 taps per input cell
-        count.layers.append(Layer("deconv", num_classes * 4 * OUTPUT_STRIDE ** 2 * h * w,
-                                  (num_classes, height, width)))
-    return count
+    cells = (math.ceil(height / OUTPUT_STRIDE), math.ceil(width / OUTPUT_STRIDE))
+    return count + head_macs(num_classes, cells, context_variant, dilations, context_padding,
+                             upsample)
 
 
 def gpu_peak_tflops(device_name: str, precision: str) -> float | None:
