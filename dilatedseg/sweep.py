@@ -221,7 +221,7 @@ def probes(engine_config) -> list[dict]:
 def ensure_previous_stage(parsed: dict, extra: list[str], out_dir: Path) -> Path | None:
     """The checkpoint that `init_from: auto` names for the trials (None when they set
     init_from themselves), after training the front-end when none exists yet."""
-    from dilatedseg.cli import import_class, stage_configs
+    from dilatedseg.cli import import_class, project_file, stage_configs
 
     model = parsed.get("model") or {}
     if model.get("init_from") != "auto":
@@ -231,11 +231,11 @@ def ensure_previous_stage(parsed: dict, extra: list[str], out_dir: Path) -> Path
     try:
         return find_previous_checkpoint(runs_dir, dataset, stage)
     except RunError as error:
-        conf = Path("conf")
-        if "frontend" not in PREVIOUS_STAGES.get(stage, ()) or not (
-                conf / f"{dataset}.yaml").is_file():
+        # The working directory's conf/, else the package checkout's (as for conf/base.yaml).
+        recipe = project_file(f"conf/{dataset}.yaml")
+        if "frontend" not in PREVIOUS_STAGES.get(stage, ()) or recipe is None:
             raise SweepError(str(error)) from None
-    argv = ["dilatedseg", "fit", *stage_configs(conf, dataset, "frontend")]
+    argv = ["dilatedseg", "fit", *stage_configs(recipe.parent, dataset, "frontend")]
     # Where the trials look for it, and their data, even when the sweep's command fixes them.
     argv.append(f"--runs_dir={runs_dir}")
     root = ((parsed.get("data") or {}).get("init_args") or {}).get("root")

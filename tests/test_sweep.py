@@ -277,6 +277,28 @@ def test_missing_front_end_is_trained_first(tmp_path, monkeypatch):
     assert len(calls) == 1
 
 
+def test_front_end_is_trained_from_any_working_directory(tmp_path, monkeypatch):
+    """Where the working directory has no conf/, the front-end's configs are the package
+    checkout's (as conf/base.yaml is), not a RunError saying there is no front-end."""
+    import dilatedseg.sweep as sweep
+
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def train(argv, log, env):
+        calls.append(argv)
+        save_checkpoint(tmp_path / "runs/shapes/frontend/version_0")
+        return 0
+
+    monkeypatch.setattr(sweep, "run_logged", train)
+    parsed = {"runs_dir": "runs", "data": {"class_path": "dilatedseg.data.ShapesDataModule"},
+              "model": {"stage": "context", "init_from": "auto"}}
+    start = sweep.ensure_previous_stage(parsed, [], tmp_path)
+    assert start == Path("runs/shapes/frontend/version_0/checkpoints/best.ckpt")
+    assert calls == [["dilatedseg", "fit", "--config", str(REPO / "conf/shapes.yaml"),
+                      "--config", str(REPO / "conf/stage/frontend.yaml"), "--runs_dir=runs"]]
+
+
 def save_checkpoint(run_dir: Path) -> Path:
     path = run_dir / "checkpoints" / "best.ckpt"
     path.parent.mkdir(parents=True, exist_ok=True)
