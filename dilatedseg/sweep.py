@@ -58,10 +58,15 @@ class SweepError(RunError):
 # ---- the sweep config -----------------------------------------------------------------------
 def load_sweep(path: str | Path) -> dict:
     """Read and check a W&B sweep config; SweepError names every problem."""
+    from dilatedseg.cli import PACKAGE_ROOT, project_file
+
     path = Path(path)
+    if not path.is_file() and not path.is_absolute():
+        path = project_file(str(path)) or path  # sweeps/X.yaml: also the package checkout's
     if not path.is_file():
-        found = ", ".join(sorted(p.name for p in Path("sweeps").glob("*.yaml"))) or "none"
-        raise SweepError(f"sweep config {path} does not exist (sweeps/ holds: {found})")
+        folder = Path("sweeps") if Path("sweeps").is_dir() else PACKAGE_ROOT / "sweeps"
+        found = ", ".join(sorted(p.name for p in folder.glob("*.yaml"))) or "none"
+        raise SweepError(f"sweep config {path} does not exist ({folder} holds: {found})")
     try:
         config = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
@@ -100,6 +105,30 @@ def schema_problems(config: dict) -> list[str]:
         problems.append("a bayes sweep needs a metric (e.g. metric: {name: val/mIoU, "
                         "goal: maximize})")
     return problems
+
+
+def checkout_configs(config: dict) -> tuple[dict, list[str]]:
+    """The sweep whose command reads each relative ``--config`` file that the working
+    directory lacks from the package checkout (as conf/base.yaml is), and those files' names."""
+    from dilatedseg.cli import project_file
+
+    def located(value: str) -> str:
+        if Path(value).is_absolute() or Path(value).is_file() or "${" in value:
+            return value
+        found = project_file(value)
+        if found is not None:
+            moved.append(value)
+        return str(found or value)
+
+    command, moved, previous = [], [], None
+    for part in map(str, config.get("command") or DEFAULT_COMMAND):
+        if previous in ("--config", "-c"):
+            part = located(part)
+        elif part.startswith("--config="):
+            part = "--config=" + located(part.split("=", 1)[1])
+        command.append(part)
+        previous = part
+    return ({**config, "command": command} if moved else config), moved
 
 
 def plain(value):
@@ -499,6 +528,18 @@ def main(argv: list[str]) -> None:
         parser.error("--count must be >= 1")
     config = load_sweep(args.config)
     name = config.get("name") or Path(args.config).stem
+    located, moved = checkout_configs(config)
+    if moved:
+        from dilatedseg.cli import PACKAGE_ROOT
+
+        if not args.local:
+            raise SweepError(
+                f"the sweep's command reads {', '.join(moved)} in the working directory, which "
+                "has no such file: a W&B agent runs the command where it starts. Start this "
+                f"one (and every `wandb agent` of the sweep) in the checkout: cd {PACKAGE_ROOT}")
+        print(f"{', '.join(moved)}: not in this directory; the trials read them from the "
+              f"package checkout {PACKAGE_ROOT}", flush=True)
+        config = located
     if args.local:
         run_local(config, name, args.count, extra, Path(args.out) if args.out else None)
     else:  # in the order `wandb sweep` takes them

@@ -299,6 +299,54 @@ def test_front_end_is_trained_from_any_working_directory(tmp_path, monkeypatch):
                       "--config", str(REPO / "conf/stage/frontend.yaml"), "--runs_dir=runs"]]
 
 
+def test_a_local_sweep_runs_from_any_working_directory(tmp_path, monkeypatch, capsys):
+    """`dilatedseg sweep /path/to/checkout/sweeps/dilations.yaml --local` where there is no
+    conf/: the --config files of the sweep's command (and of the front-end it trains first)
+    are the package checkout's, as conf/base.yaml is; a bare sweeps/X.yaml is found there too."""
+    import dilatedseg.sweep as sweep
+
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def run(argv, log, env):
+        calls.append(argv)
+        if "--model.init_from=" not in " ".join(argv):  # the front-end
+            save_checkpoint(tmp_path / "runs/shapes/frontend/version_0")
+        else:
+            summary = {"run": "r", "metrics": {"val/mIoU": 1.0}, "history": []}
+            Path(env["DILATEDSEG_SUMMARY_PATH"]).write_text(json.dumps(summary))
+        return 0
+
+    monkeypatch.setattr(sweep, "run_logged", run)
+    sweep.main([str(REPO / "sweeps/dilations.yaml"), "--local", "--count", "1"])
+    frontend, trial = calls
+    assert frontend[2:6] == ["--config", str(REPO / "conf/shapes.yaml"),
+                             "--config", str(REPO / "conf/stage/frontend.yaml")]
+    assert [trial[i + 1] for i, arg in enumerate(trial) if arg == "--config"] == [
+        str(REPO / name) for name in ("conf/shapes.yaml", "conf/stage/context.yaml",
+                                      "conf/shapes/context.yaml")]
+    assert trial[-1] == "--model.init_from=runs/shapes/frontend/version_0/checkpoints/best.ckpt"
+    assert "not in this directory; the trials read them from the package checkout" in (
+        capsys.readouterr().out)
+    assert load_sweep("sweeps/dilations.yaml") == load_sweep(REPO / "sweeps/dilations.yaml")
+
+
+def test_a_server_sweep_outside_the_checkout_is_refused(tmp_path, monkeypatch):
+    """W&B agents run the command where they start: from a directory without conf/ every
+    trial would fail to read its configs, so the sweep is not created."""
+    import wandb
+
+    import dilatedseg.loggers
+    from dilatedseg.sweep import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(dilatedseg.loggers, "wandb_logged_in", lambda: True)
+    monkeypatch.setattr(wandb, "sweep", lambda *args, **kw: pytest.fail("no sweep"))
+    with pytest.raises(SweepError, match=r"reads conf/shapes.yaml, .* in the working directory"
+                                         r".*in the checkout: cd "):
+        main([str(REPO / "sweeps/dilations.yaml")])
+
+
 def save_checkpoint(run_dir: Path) -> Path:
     path = run_dir / "checkpoints" / "best.ckpt"
     path.parent.mkdir(parents=True, exist_ok=True)
