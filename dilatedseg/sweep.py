@@ -27,7 +27,6 @@ import io
 import json
 import math
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -45,10 +44,10 @@ from dilatedseg.runs import (
 )
 from dilatedseg.summary import SUMMARY_PATH_ENV
 
+# The macros `wandb agent` fills with a run's parameters (wandb/wandb_agent.py, _command_run).
 ARG_MACROS = ("args", "args_no_equals", "args_no_hyphens", "args_no_boolean_flags",
-              "args_json", "args_json_file")
+              "args_json", "args_json_file", "args_append_hydra", "args_override_hydra")
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  # as wandb agent's
-ENVVAR_MACRO = re.compile(r"\$\{envvar:([A-Z0-9_]*)\}")
 
 
 class SweepError(RunError):
@@ -139,34 +138,27 @@ def plain(value):
 
 
 def agent_args(params: dict) -> dict[str, list[str]]:
-    """The argument macros `wandb agent` fills from a run's parameters (same formatting)."""
-    flags, no_equals, no_hyphens, no_booleans, as_dict = [], [], [], [], {}
-    for name, spec in params.items():
-        value = plain(spec["value"])
-        flag = f"{name}={value}"
-        flags.append(f"--{flag}")
-        no_hyphens.append(flag)
-        no_equals += [f"--{name}", str(value)]
-        if not isinstance(value, bool):
-            no_booleans.append(f"--{flag}")
-        elif value:
-            no_booleans.append(f"--{name}")
-        as_dict[name] = value
-    return {"args": flags, "args_no_equals": no_equals, "args_no_hyphens": no_hyphens,
-            "args_no_boolean_flags": no_booleans, "args_json": [json.dumps(as_dict)]}
+    """The argument macros `wandb agent` fills from a run's parameters, by W&B's own code."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    values = {name: {"value": plain(spec["value"])} for name, spec in params.items()}
+    return create_sweep_command_args({"args": values})
 
 
 def trial_argv(config: dict, params: dict, extra: list[str] = (),
                args_json_file: Path | None = None) -> list[str]:
-    """The argv `wandb agent` would run for these parameters, then the extra arguments."""
+    """The argv `wandb agent` would run for these parameters, then the extra arguments (the
+    interpreter is this one, where the agent's is ``python``)."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command
+
     macros = agent_args(params)
     macros.update(env=["/usr/bin/env"], interpreter=[sys.executable],
                   program=[str(config.get("program", ""))])
     if args_json_file is not None:
         macros["args_json_file"] = [str(args_json_file)]
     argv = []
-    for part in config.get("command") or DEFAULT_COMMAND:
-        part = ENVVAR_MACRO.sub(lambda m: os.environ.get(m.group(1), m.group(1)), str(part))
+    # ${envvar:NAME} -> $NAME, as the agent does (on a copy: W&B's function edits its list).
+    for part in create_sweep_command([str(p) for p in config.get("command") or DEFAULT_COMMAND]):
         if part.startswith("${") and part.endswith("}"):
             argv += macros.get(part[2:-1]) or []
         else:

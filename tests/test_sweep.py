@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import REPO, run_cli, shapes_args
 
-from dilatedseg.sweep import SweepError, agent_args, load_sweep, parse_trial, trial_argv
+from dilatedseg.sweep import SweepError, load_sweep, parse_trial, trial_argv
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -35,13 +35,41 @@ def proposals(config: dict, limit: int = 8) -> list[dict]:
     return [run.config for run in runs]
 
 
+def agent_argv(config: dict, params: dict, tmp_path: Path, monkeypatch) -> list[str]:
+    """The argv a real `wandb agent` starts for a run the server proposes: W&B's own
+    Agent._command_run on the sweep's command as the server returns it (YAML), with its process
+    start replaced by a recorder."""
+    from wandb import wandb_agent
+
+    from dilatedseg.sweep import plain
+
+    started = []
+
+    class Recorder:
+        def __init__(self, command=None, env=None, **kwargs):
+            started.append(command)
+
+    monkeypatch.setattr(wandb_agent, "AgentProcess", Recorder)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))  # the agent sets these three in os.environ
+    monkeypatch.setenv("WANDB_RUN_ID", "")
+    monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", "")
+    agent = wandb_agent.Agent(api=None, queue=None, sweep_id="sweep")
+    agent._sweep_command = yaml.safe_load(yaml.safe_dump(config)).get("command") or []
+    server = {name: {"value": plain(spec["value"])} for name, spec in params.items()}  # JSON
+    agent._command_run({"run_id": f"run{len(started)}", "program": config.get("program"),
+                        "args": server})
+    return started[0]
+
+
 def test_the_expected_sweeps_exist():
     names = {path.stem for path in SWEEP_FILES}
     assert {"dilations", "context_variant", "lr_bayes"} <= names
 
 
 @pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.stem)
-def test_sweep_config_is_valid_and_its_trials_parse(path, monkeypatch):
+def test_sweep_config_is_valid_and_its_trials_parse(path, tmp_path, monkeypatch):
+    """The argv a `wandb agent` builds for each proposal is the local runner's, and the CLI
+    reads each swept value from it as proposed."""
     monkeypatch.chdir(REPO)
     config = load_sweep(path)
     assert sweeps.schema_violations_from_proposed_config(config) == []
@@ -53,7 +81,8 @@ def test_sweep_config_is_valid_and_its_trials_parse(path, monkeypatch):
     trials = proposals(config, limit=3 if config["method"] == "bayes" else 8)
     assert trials
     for params in trials:
-        argv = trial_argv(config, params)
+        argv = agent_argv(config, params, tmp_path, monkeypatch)
+        assert argv == trial_argv(config, params)
         assert argv[:2] == ["dilatedseg", "fit"]
         parsed = parse_trial(argv)
         for name, spec in params.items():
@@ -83,21 +112,39 @@ def test_dilation_sweep_changes_only_the_schedule(monkeypatch):
     assert parsed["model"]["upsample"] == "bilinear"
 
 
-def test_argv_is_what_wandb_agent_builds():
-    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+def test_argv_is_what_wandb_agent_builds(tmp_path, monkeypatch):
+    """Every macro and value type, against the argv of W&B's own agent (but ${interpreter}:
+    the local runner's is its own Python, the agent's the `python` on PATH)."""
+    import numpy as np
 
-    params = {"model.dilations": {"value": [1, 1, 2, 4, 1]}, "model.lr": {"value": 0.00123},
+    monkeypatch.setenv("DATA_HOME", "/data")
+    params = {"model.dilations": {"value": [np.int64(1), 1, 2, 4, 1]},
+              "model.lr": {"value": np.float64(0.00123)}, "tiny": {"value": 1e-05},
               "model.context_variant": {"value": "large"}, "flag": {"value": False},
-              "other": {"value": True}}
-    ours, theirs = agent_args(params), create_sweep_command_args({"args": params})
-    for macro in ("args", "args_no_equals", "args_no_hyphens", "args_no_boolean_flags",
-                  "args_json"):
-        assert ours[macro] == theirs[macro], macro
-    config = {"program": "train.py", "command": ["${env}", "${interpreter}", "${program}",
-                                                 "${args}", "--fixed"]}
-    argv = trial_argv(config, params, ["--extra=1"])
-    assert argv[:3] == ["/usr/bin/env", sys.executable, "train.py"]
-    assert argv[3:] == theirs["args"] + ["--fixed", "--extra=1"]
+              "other": {"value": True}, "none": {"value": None}}
+    macros = ["${args}", "${args_no_equals}", "${args_no_hyphens}", "${args_no_boolean_flags}",
+              "${args_json}", "${args_append_hydra}", "${args_override_hydra}"]
+    config = {"program": "train.py",
+              "command": ["${env}", "${interpreter}", "${program}", "--root=${envvar:DATA_HOME}",
+                          *macros, "--fixed"]}
+    theirs = agent_argv(config, params, tmp_path, monkeypatch)
+    ours = trial_argv(config, params, ["--extra=1"])
+    assert theirs[:4] == ["/usr/bin/env", "python", "train.py", "--root=/data"]
+    assert ours == [theirs[0], sys.executable, *theirs[2:], "--extra=1"]
+    assert "--model.dilations=[1, 1, 2, 4, 1]" in ours and "--tiny=1e-05" in ours
+
+
+def test_every_macro_of_the_agent_passes_the_parameters(tmp_path, monkeypatch):
+    """A Hydra program's ${args_override_hydra} (++name=value) is one of the agent's macros:
+    it was refused as 'command never passes the parameters' and dropped from the argv."""
+    monkeypatch.setenv("DATA_HOME", "/data")
+    sweep = write_sweep(tmp_path / "hydra.yaml", method="grid", program="train.py",
+                        parameters={"model.lr": {"values": [0.1]}},
+                        command=["${env}", "python", "${program}", "root=${envvar:DATA_HOME}",
+                                 "${args_override_hydra}", "${args_append_hydra}"])
+    argv = trial_argv(load_sweep(sweep), {"model.lr": {"value": 0.1}})
+    assert argv == ["/usr/bin/env", "python", "train.py", "root=/data", "++model.lr=0.1",
+                    "+model.lr=0.1"]
 
 
 def write_sweep(path: Path, **config) -> Path:
