@@ -103,6 +103,23 @@ def schema_problems(config: dict) -> list[str]:
     if config.get("method") == "bayes" and not config.get("metric"):
         problems.append("a bayes sweep needs a metric (e.g. metric: {name: val/mIoU, "
                         "goal: maximize})")
+    if dilatedseg_verb([str(part) for part in command]) is not None:
+        problems += unreadable_by_dilatedseg(config.get("parameters") or {}, command)
+    return problems
+
+
+def unreadable_by_dilatedseg(parameters: dict, command: list) -> list[str]:
+    """What `wandb agent` would pass a dilatedseg command that the CLI cannot read as meant:
+    parameters in another form than --name=value, and null (which the agent writes as None)."""
+    problems = [f"command passes the parameters as ${{{macro}}}, which dilatedseg does not "
+                "read: use ${args} (--name=value)" for macro in ARG_MACROS
+                if macro not in ("args", "args_no_equals") and f"${{{macro}}}" in command]
+    for name, spec in parameters.items():
+        spec = spec if isinstance(spec, dict) else {}
+        if None in (spec.get("values") or []) or ("value" in spec and spec["value"] is None):
+            problems.append(f"parameter '{name}': the agent passes null as --{name}=None, which "
+                            "dilatedseg reads as the text 'None': write the string 'null' "
+                            "(e.g. values: ['null', 512])")
     return problems
 
 
@@ -205,7 +222,7 @@ def overridden(parsed: dict, params: dict) -> dict[str, str]:
     every trial would be alike."""
     names = {}
     for name, spec in params.items():
-        value, node, found = plain(spec["value"]), parsed, True
+        value, node, found = as_read(plain(spec["value"])), parsed, True
         for key in name.split("."):
             if not isinstance(node, dict) or key not in node:
                 found = False
@@ -220,6 +237,17 @@ def overridden(parsed: dict, params: dict) -> dict[str, str]:
         if not same:
             names[name] = f"{name} (proposed {value!r}, would run {node!r})"
     return names
+
+
+def as_read(value):
+    """A swept value as the CLI reads it from ``--name=value``: a string as YAML ('null' is
+    None), unless it is no YAML."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
 
 
 def probes(engine_config) -> list[dict]:

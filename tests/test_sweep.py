@@ -171,6 +171,42 @@ def test_bad_sweep_configs_fail_clearly(tmp_path):
         load_sweep(tmp_path / "missing.yaml")
 
 
+def test_what_dilatedseg_cannot_read_from_the_agent_is_refused(tmp_path, monkeypatch):
+    """The agent writes null as --name=None, which the CLI reads as the text 'None' (or
+    refuses for a number), and ${args_no_hyphens} as name=value, which it does not read:
+    the sweep config is refused with the fix, not its trials failing (or a null proposal
+    reported as 'set again' by the extra arguments)."""
+    from dilatedseg.sweep import parse_probes
+    from sweeps import SweepConfig
+
+    monkeypatch.chdir(REPO)
+    base = {"method": "grid", "metric": {"name": "val/mIoU", "goal": "maximize"},
+            "command": ["dilatedseg", "fit", "--config", "conf/shapes.yaml", "${args}"]}
+    nulls = write_sweep(tmp_path / "nulls.yaml", **base, parameters={
+        "model.tile_size": {"values": [None, 512]}, "model.init_from": {"value": None}})
+    with pytest.raises(SweepError) as error:
+        load_sweep(nulls)
+    for name in ("model.tile_size", "model.init_from"):
+        assert (f"parameter '{name}': the agent passes null as --{name}=None, which "
+                f"dilatedseg reads as the text 'None': write the string 'null'") in str(error.value)
+    # The fix named: the string 'null' reaches the CLI as null, and is no clash.
+    fixed = load_sweep(write_sweep(tmp_path / "fixed.yaml", **base, parameters={
+        "model.tile_size": {"values": ["null", 512]}}))
+    argv = agent_argv(fixed, {"model.tile_size": {"value": "null"}}, tmp_path, monkeypatch)
+    assert "--model.tile_size=null" in argv and parse_trial(argv)["model"]["tile_size"] is None
+    assert parse_probes(fixed, SweepConfig(fixed), [])["model"]["tile_size"] == 512
+    no_hyphens = write_sweep(tmp_path / "hyphens.yaml", **{
+        **base, "command": ["dilatedseg", "fit", "${args_no_hyphens}"]},
+        parameters={"model.lr": {"values": [0.1]}})
+    with pytest.raises(SweepError, match=r"passes the parameters as \$\{args_no_hyphens\}, "
+                                         r"which dilatedseg does not read: use \$\{args\}"):
+        load_sweep(no_hyphens)
+    # Another program reads its arguments its own way.
+    other = {**base, "program": "x.py", "command": ["${env}", "${program}", "${args_no_hyphens}"]}
+    load_sweep(write_sweep(tmp_path / "other.yaml", **other,
+                           parameters={"x": {"values": [None, 1]}}))
+
+
 def test_without_local_it_needs_a_wandb_login(monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "offline")  # counts as not logged in
     with pytest.raises(SystemExit) as exit_:
