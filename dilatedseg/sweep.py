@@ -7,9 +7,11 @@
 package: grid / random / bayes) proposes each trial, and the trial runs as a subprocess with
 exactly the argv a ``wandb agent`` would build from the config's ``command`` (``${args}`` ->
 ``--name=value`` per parameter, ``${env}``, ``${interpreter}``, ``${program}``,
-``${envvar:NAME}``), followed by any EXTRA arguments (they override the sweep's values, e.g. to
-shrink trials). Trials log to W&B offline; each trial's metrics come back from its run summary
-(see :class:`dilatedseg.summary.RunSummary`) and feed the next proposal. The result is a table of
+``${envvar:NAME}``, by W&B's own code), followed by any EXTRA arguments (they override the
+sweep's values, e.g. to shrink trials). Run outside the checkout, the command's relative
+``--config`` files that the working directory lacks are read from the checkout. Trials log
+to W&B offline; each trial's metrics come back from its run summary (see
+:class:`dilatedseg.summary.RunSummary`) and feed the next proposal. The result is a table of
 trials sorted by the sweep's metric, also written as trials.csv under
 ``<runs_dir>/sweeps/<name>-<time>/`` beside each trial's log.
 
@@ -128,6 +130,8 @@ def checkout_configs(config: dict) -> tuple[dict, list[str]]:
     directory lacks from the package checkout (as conf/base.yaml is), and those files' names."""
     from dilatedseg.cli import project_file
 
+    command, moved, previous = [], [], None
+
     def located(value: str) -> str:
         if Path(value).is_absolute() or Path(value).is_file() or "${" in value:
             return value
@@ -136,7 +140,6 @@ def checkout_configs(config: dict) -> tuple[dict, list[str]]:
             moved.append(value)
         return str(found or value)
 
-    command, moved, previous = [], [], None
     for part in map(str, config.get("command") or DEFAULT_COMMAND):
         if previous in ("--config", "-c"):
             part = located(part)
