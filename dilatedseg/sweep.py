@@ -7,9 +7,11 @@
 package: grid / random / bayes) proposes each trial, and the trial runs as a subprocess with
 exactly the argv a ``wandb agent`` would build from the config's ``command`` (``${args}`` ->
 ``--name=value`` per parameter, ``${env}``, ``${interpreter}``, ``${program}``,
-``${envvar:NAME}``), followed by any EXTRA arguments (they override the sweep's values, e.g. to
-shrink trials). Trials log to W&B offline; each trial's metrics come back from its run summary
-(see :class:`dilatedseg.summary.RunSummary`) and feed the next proposal. The result is a table of
+``${envvar:NAME}``, by W&B's own code), followed by any EXTRA arguments (they override the
+sweep's values, e.g. to shrink trials). Run outside the checkout, the command's relative
+``--config`` files that the working directory lacks are read from the checkout. Trials log
+to W&B offline; each trial's metrics come back from its run summary (see
+:class:`dilatedseg.summary.RunSummary`) and feed the next proposal. The result is a table of
 trials sorted by the sweep's metric, also written as trials.csv under
 ``<runs_dir>/sweeps/<name>-<time>/`` beside each trial's log.
 
@@ -27,7 +29,6 @@ import io
 import json
 import math
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -45,10 +46,10 @@ from dilatedseg.runs import (
 )
 from dilatedseg.summary import SUMMARY_PATH_ENV
 
+# The macros `wandb agent` fills with a run's parameters (wandb/wandb_agent.py, _command_run).
 ARG_MACROS = ("args", "args_no_equals", "args_no_hyphens", "args_no_boolean_flags",
-              "args_json", "args_json_file")
+              "args_json", "args_json_file", "args_append_hydra", "args_override_hydra")
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  # as wandb agent's
-ENVVAR_MACRO = re.compile(r"\$\{envvar:([A-Z0-9_]*)\}")
 
 
 class SweepError(RunError):
@@ -58,10 +59,15 @@ class SweepError(RunError):
 # ---- the sweep config -----------------------------------------------------------------------
 def load_sweep(path: str | Path) -> dict:
     """Read and check a W&B sweep config; SweepError names every problem."""
+    from dilatedseg.cli import PACKAGE_ROOT, project_file
+
     path = Path(path)
+    if not path.is_file() and not path.is_absolute():
+        path = project_file(str(path)) or path  # sweeps/X.yaml: also the package checkout's
     if not path.is_file():
-        found = ", ".join(sorted(p.name for p in Path("sweeps").glob("*.yaml"))) or "none"
-        raise SweepError(f"sweep config {path} does not exist (sweeps/ holds: {found})")
+        folder = Path("sweeps") if Path("sweeps").is_dir() else PACKAGE_ROOT / "sweeps"
+        found = ", ".join(sorted(p.name for p in folder.glob("*.yaml"))) or "none"
+        raise SweepError(f"sweep config {path} does not exist ({folder} holds: {found})")
     try:
         config = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
@@ -99,7 +105,49 @@ def schema_problems(config: dict) -> list[str]:
     if config.get("method") == "bayes" and not config.get("metric"):
         problems.append("a bayes sweep needs a metric (e.g. metric: {name: val/mIoU, "
                         "goal: maximize})")
+    if dilatedseg_verb([str(part) for part in command]) is not None:
+        problems += unreadable_by_dilatedseg(config.get("parameters") or {}, command)
     return problems
+
+
+def unreadable_by_dilatedseg(parameters: dict, command: list) -> list[str]:
+    """What `wandb agent` would pass a dilatedseg command that the CLI cannot read as meant:
+    parameters in another form than --name=value, and null (which the agent writes as None)."""
+    problems = [f"command passes the parameters as ${{{macro}}}, which dilatedseg does not "
+                "read: use ${args} (--name=value)" for macro in ARG_MACROS
+                if macro not in ("args", "args_no_equals") and f"${{{macro}}}" in command]
+    for name, spec in parameters.items():
+        spec = spec if isinstance(spec, dict) else {}
+        if None in (spec.get("values") or []) or ("value" in spec and spec["value"] is None):
+            problems.append(f"parameter '{name}': the agent passes null as --{name}=None, which "
+                            "dilatedseg reads as the text 'None': write the string 'null' "
+                            "(e.g. values: ['null', 512])")
+    return problems
+
+
+def checkout_configs(config: dict) -> tuple[dict, list[str]]:
+    """The sweep whose command reads each relative ``--config`` file that the working
+    directory lacks from the package checkout (as conf/base.yaml is), and those files' names."""
+    from dilatedseg.cli import project_file
+
+    command, moved, previous = [], [], None
+
+    def located(value: str) -> str:
+        if Path(value).is_absolute() or Path(value).is_file() or "${" in value:
+            return value
+        found = project_file(value)
+        if found is not None:
+            moved.append(value)
+        return str(found or value)
+
+    for part in map(str, config.get("command") or DEFAULT_COMMAND):
+        if previous in ("--config", "-c"):
+            part = located(part)
+        elif part.startswith("--config="):
+            part = "--config=" + located(part.split("=", 1)[1])
+        command.append(part)
+        previous = part
+    return ({**config, "command": command} if moved else config), moved
 
 
 def plain(value):
@@ -110,34 +158,27 @@ def plain(value):
 
 
 def agent_args(params: dict) -> dict[str, list[str]]:
-    """The argument macros `wandb agent` fills from a run's parameters (same formatting)."""
-    flags, no_equals, no_hyphens, no_booleans, as_dict = [], [], [], [], {}
-    for name, spec in params.items():
-        value = plain(spec["value"])
-        flag = f"{name}={value}"
-        flags.append(f"--{flag}")
-        no_hyphens.append(flag)
-        no_equals += [f"--{name}", str(value)]
-        if not isinstance(value, bool):
-            no_booleans.append(f"--{flag}")
-        elif value:
-            no_booleans.append(f"--{name}")
-        as_dict[name] = value
-    return {"args": flags, "args_no_equals": no_equals, "args_no_hyphens": no_hyphens,
-            "args_no_boolean_flags": no_booleans, "args_json": [json.dumps(as_dict)]}
+    """The argument macros `wandb agent` fills from a run's parameters, by W&B's own code."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    values = {name: {"value": plain(spec["value"])} for name, spec in params.items()}
+    return create_sweep_command_args({"args": values})
 
 
 def trial_argv(config: dict, params: dict, extra: list[str] = (),
                args_json_file: Path | None = None) -> list[str]:
-    """The argv `wandb agent` would run for these parameters, then the extra arguments."""
+    """The argv `wandb agent` would run for these parameters, then the extra arguments (the
+    interpreter is this one, where the agent's is ``python``)."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command
+
     macros = agent_args(params)
     macros.update(env=["/usr/bin/env"], interpreter=[sys.executable],
                   program=[str(config.get("program", ""))])
     if args_json_file is not None:
         macros["args_json_file"] = [str(args_json_file)]
     argv = []
-    for part in config.get("command") or DEFAULT_COMMAND:
-        part = ENVVAR_MACRO.sub(lambda m: os.environ.get(m.group(1), m.group(1)), str(part))
+    # ${envvar:NAME} -> $NAME, as the agent does (on a copy: W&B's function edits its list).
+    for part in create_sweep_command([str(p) for p in config.get("command") or DEFAULT_COMMAND]):
         if part.startswith("${") and part.endswith("}"):
             argv += macros.get(part[2:-1]) or []
         else:
@@ -184,7 +225,7 @@ def overridden(parsed: dict, params: dict) -> dict[str, str]:
     every trial would be alike."""
     names = {}
     for name, spec in params.items():
-        value, node, found = plain(spec["value"]), parsed, True
+        value, node, found = as_read(plain(spec["value"])), parsed, True
         for key in name.split("."):
             if not isinstance(node, dict) or key not in node:
                 found = False
@@ -199,6 +240,17 @@ def overridden(parsed: dict, params: dict) -> dict[str, str]:
         if not same:
             names[name] = f"{name} (proposed {value!r}, would run {node!r})"
     return names
+
+
+def as_read(value):
+    """A swept value as the CLI reads it from ``--name=value``: a string as YAML ('null' is
+    None), unless it is no YAML."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
 
 
 def probes(engine_config) -> list[dict]:
@@ -221,7 +273,7 @@ def probes(engine_config) -> list[dict]:
 def ensure_previous_stage(parsed: dict, extra: list[str], out_dir: Path) -> Path | None:
     """The checkpoint that `init_from: auto` names for the trials (None when they set
     init_from themselves), after training the front-end when none exists yet."""
-    from dilatedseg.cli import import_class, stage_configs
+    from dilatedseg.cli import import_class, project_file, stage_configs
 
     model = parsed.get("model") or {}
     if model.get("init_from") != "auto":
@@ -231,11 +283,11 @@ def ensure_previous_stage(parsed: dict, extra: list[str], out_dir: Path) -> Path
     try:
         return find_previous_checkpoint(runs_dir, dataset, stage)
     except RunError as error:
-        conf = Path("conf")
-        if "frontend" not in PREVIOUS_STAGES.get(stage, ()) or not (
-                conf / f"{dataset}.yaml").is_file():
+        # The working directory's conf/, else the package checkout's (as for conf/base.yaml).
+        recipe = project_file(f"conf/{dataset}.yaml")
+        if "frontend" not in PREVIOUS_STAGES.get(stage, ()) or recipe is None:
             raise SweepError(str(error)) from None
-    argv = ["dilatedseg", "fit", *stage_configs(conf, dataset, "frontend")]
+    argv = ["dilatedseg", "fit", *stage_configs(recipe.parent, dataset, "frontend")]
     # Where the trials look for it, and their data, even when the sweep's command fixes them.
     argv.append(f"--runs_dir={runs_dir}")
     root = ((parsed.get("data") or {}).get("init_args") or {}).get("root")
@@ -499,6 +551,18 @@ def main(argv: list[str]) -> None:
         parser.error("--count must be >= 1")
     config = load_sweep(args.config)
     name = config.get("name") or Path(args.config).stem
+    located, moved = checkout_configs(config)
+    if moved:
+        from dilatedseg.cli import PACKAGE_ROOT
+
+        if not args.local:
+            raise SweepError(
+                f"the sweep's command reads {', '.join(moved)} in the working directory, which "
+                "has no such file: a W&B agent runs the command where it starts. Start this "
+                f"one (and every `wandb agent` of the sweep) in the checkout: cd {PACKAGE_ROOT}")
+        print(f"{', '.join(moved)}: not in this directory; the trials read them from the "
+              f"package checkout {PACKAGE_ROOT}", flush=True)
+        config = located
     if args.local:
         run_local(config, name, args.count, extra, Path(args.out) if args.out else None)
     else:  # in the order `wandb sweep` takes them

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import REPO, run_cli, shapes_args
 
-from dilatedseg.sweep import SweepError, agent_args, load_sweep, parse_trial, trial_argv
+from dilatedseg.sweep import SweepError, load_sweep, parse_trial, trial_argv
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -35,13 +35,41 @@ def proposals(config: dict, limit: int = 8) -> list[dict]:
     return [run.config for run in runs]
 
 
+def agent_argv(config: dict, params: dict, tmp_path: Path, monkeypatch) -> list[str]:
+    """The argv a real `wandb agent` starts for a run the server proposes: W&B's own
+    Agent._command_run on the sweep's command as the server returns it (YAML), with its process
+    start replaced by a recorder."""
+    from wandb import wandb_agent
+
+    from dilatedseg.sweep import plain
+
+    started = []
+
+    class Recorder:
+        def __init__(self, command=None, env=None, **kwargs):
+            started.append(command)
+
+    monkeypatch.setattr(wandb_agent, "AgentProcess", Recorder)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))  # the agent sets these three in os.environ
+    monkeypatch.setenv("WANDB_RUN_ID", "")
+    monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", "")
+    agent = wandb_agent.Agent(api=None, queue=None, sweep_id="sweep")
+    agent._sweep_command = yaml.safe_load(yaml.safe_dump(config)).get("command") or []
+    server = {name: {"value": plain(spec["value"])} for name, spec in params.items()}  # JSON
+    agent._command_run({"run_id": f"run{len(started)}", "program": config.get("program"),
+                        "args": server})
+    return started[0]
+
+
 def test_the_expected_sweeps_exist():
     names = {path.stem for path in SWEEP_FILES}
     assert {"dilations", "context_variant", "lr_bayes"} <= names
 
 
 @pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.stem)
-def test_sweep_config_is_valid_and_its_trials_parse(path, monkeypatch):
+def test_sweep_config_is_valid_and_its_trials_parse(path, tmp_path, monkeypatch):
+    """The argv a `wandb agent` builds for each proposal is the local runner's, and the CLI
+    reads each swept value from it as proposed."""
     monkeypatch.chdir(REPO)
     config = load_sweep(path)
     assert sweeps.schema_violations_from_proposed_config(config) == []
@@ -53,7 +81,8 @@ def test_sweep_config_is_valid_and_its_trials_parse(path, monkeypatch):
     trials = proposals(config, limit=3 if config["method"] == "bayes" else 8)
     assert trials
     for params in trials:
-        argv = trial_argv(config, params)
+        argv = agent_argv(config, params, tmp_path, monkeypatch)
+        assert argv == trial_argv(config, params)
         assert argv[:2] == ["dilatedseg", "fit"]
         parsed = parse_trial(argv)
         for name, spec in params.items():
@@ -83,21 +112,39 @@ def test_dilation_sweep_changes_only_the_schedule(monkeypatch):
     assert parsed["model"]["upsample"] == "bilinear"
 
 
-def test_argv_is_what_wandb_agent_builds():
-    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+def test_argv_is_what_wandb_agent_builds(tmp_path, monkeypatch):
+    """Every macro and value type, against the argv of W&B's own agent (but ${interpreter}:
+    the local runner's is its own Python, the agent's the `python` on PATH)."""
+    import numpy as np
 
-    params = {"model.dilations": {"value": [1, 1, 2, 4, 1]}, "model.lr": {"value": 0.00123},
+    monkeypatch.setenv("DATA_HOME", "/data")
+    params = {"model.dilations": {"value": [np.int64(1), 1, 2, 4, 1]},
+              "model.lr": {"value": np.float64(0.00123)}, "tiny": {"value": 1e-05},
               "model.context_variant": {"value": "large"}, "flag": {"value": False},
-              "other": {"value": True}}
-    ours, theirs = agent_args(params), create_sweep_command_args({"args": params})
-    for macro in ("args", "args_no_equals", "args_no_hyphens", "args_no_boolean_flags",
-                  "args_json"):
-        assert ours[macro] == theirs[macro], macro
-    config = {"program": "train.py", "command": ["${env}", "${interpreter}", "${program}",
-                                                 "${args}", "--fixed"]}
-    argv = trial_argv(config, params, ["--extra=1"])
-    assert argv[:3] == ["/usr/bin/env", sys.executable, "train.py"]
-    assert argv[3:] == theirs["args"] + ["--fixed", "--extra=1"]
+              "other": {"value": True}, "none": {"value": None}}
+    macros = ["${args}", "${args_no_equals}", "${args_no_hyphens}", "${args_no_boolean_flags}",
+              "${args_json}", "${args_append_hydra}", "${args_override_hydra}"]
+    config = {"program": "train.py",
+              "command": ["${env}", "${interpreter}", "${program}", "--root=${envvar:DATA_HOME}",
+                          *macros, "--fixed"]}
+    theirs = agent_argv(config, params, tmp_path, monkeypatch)
+    ours = trial_argv(config, params, ["--extra=1"])
+    assert theirs[:4] == ["/usr/bin/env", "python", "train.py", "--root=/data"]
+    assert ours == [theirs[0], sys.executable, *theirs[2:], "--extra=1"]
+    assert "--model.dilations=[1, 1, 2, 4, 1]" in ours and "--tiny=1e-05" in ours
+
+
+def test_every_macro_of_the_agent_passes_the_parameters(tmp_path, monkeypatch):
+    """A Hydra program's ${args_override_hydra} (++name=value) is one of the agent's macros:
+    it was refused as 'command never passes the parameters' and dropped from the argv."""
+    monkeypatch.setenv("DATA_HOME", "/data")
+    sweep = write_sweep(tmp_path / "hydra.yaml", method="grid", program="train.py",
+                        parameters={"model.lr": {"values": [0.1]}},
+                        command=["${env}", "python", "${program}", "root=${envvar:DATA_HOME}",
+                                 "${args_override_hydra}", "${args_append_hydra}"])
+    argv = trial_argv(load_sweep(sweep), {"model.lr": {"value": 0.1}})
+    assert argv == ["/usr/bin/env", "python", "train.py", "root=/data", "++model.lr=0.1",
+                    "+model.lr=0.1"]
 
 
 def write_sweep(path: Path, **config) -> Path:
@@ -122,6 +169,42 @@ def test_bad_sweep_configs_fail_clearly(tmp_path):
         load_sweep(bad_method)
     with pytest.raises(SweepError, match="does not exist"):
         load_sweep(tmp_path / "missing.yaml")
+
+
+def test_what_dilatedseg_cannot_read_from_the_agent_is_refused(tmp_path, monkeypatch):
+    """The agent writes null as --name=None, which the CLI reads as the text 'None' (or
+    refuses for a number), and ${args_no_hyphens} as name=value, which it does not read:
+    the sweep config is refused with the fix, not its trials failing (or a null proposal
+    reported as 'set again' by the extra arguments)."""
+    from dilatedseg.sweep import parse_probes
+    from sweeps import SweepConfig
+
+    monkeypatch.chdir(REPO)
+    base = {"method": "grid", "metric": {"name": "val/mIoU", "goal": "maximize"},
+            "command": ["dilatedseg", "fit", "--config", "conf/shapes.yaml", "${args}"]}
+    nulls = write_sweep(tmp_path / "nulls.yaml", **base, parameters={
+        "model.tile_size": {"values": [None, 512]}, "model.init_from": {"value": None}})
+    with pytest.raises(SweepError) as error:
+        load_sweep(nulls)
+    for name in ("model.tile_size", "model.init_from"):
+        assert (f"parameter '{name}': the agent passes null as --{name}=None, which "
+                f"dilatedseg reads as the text 'None': write the string 'null'") in str(error.value)
+    # The fix named: the string 'null' reaches the CLI as null, and is no clash.
+    fixed = load_sweep(write_sweep(tmp_path / "fixed.yaml", **base, parameters={
+        "model.tile_size": {"values": ["null", 512]}}))
+    argv = agent_argv(fixed, {"model.tile_size": {"value": "null"}}, tmp_path, monkeypatch)
+    assert "--model.tile_size=null" in argv and parse_trial(argv)["model"]["tile_size"] is None
+    assert parse_probes(fixed, SweepConfig(fixed), [])["model"]["tile_size"] == 512
+    no_hyphens = write_sweep(tmp_path / "hyphens.yaml", **{
+        **base, "command": ["dilatedseg", "fit", "${args_no_hyphens}"]},
+        parameters={"model.lr": {"values": [0.1]}})
+    with pytest.raises(SweepError, match=r"passes the parameters as \$\{args_no_hyphens\}, "
+                                         r"which dilatedseg does not read: use \$\{args\}"):
+        load_sweep(no_hyphens)
+    # Another program reads its arguments its own way.
+    other = {**base, "program": "x.py", "command": ["${env}", "${program}", "${args_no_hyphens}"]}
+    load_sweep(write_sweep(tmp_path / "other.yaml", **other,
+                           parameters={"x": {"values": [None, 1]}}))
 
 
 def test_without_local_it_needs_a_wandb_login(monkeypatch, capsys):
@@ -275,6 +358,76 @@ def test_missing_front_end_is_trained_first(tmp_path, monkeypatch):
     parsed["model"]["init_from"] = "some.ckpt"  # named weights: nothing to train
     assert sweep.ensure_previous_stage(parsed, [], tmp_path) is None
     assert len(calls) == 1
+
+
+def test_front_end_is_trained_from_any_working_directory(tmp_path, monkeypatch):
+    """Where the working directory has no conf/, the front-end's configs are the package
+    checkout's (as conf/base.yaml is), not a RunError saying there is no front-end."""
+    import dilatedseg.sweep as sweep
+
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def train(argv, log, env):
+        calls.append(argv)
+        save_checkpoint(tmp_path / "runs/shapes/frontend/version_0")
+        return 0
+
+    monkeypatch.setattr(sweep, "run_logged", train)
+    parsed = {"runs_dir": "runs", "data": {"class_path": "dilatedseg.data.ShapesDataModule"},
+              "model": {"stage": "context", "init_from": "auto"}}
+    start = sweep.ensure_previous_stage(parsed, [], tmp_path)
+    assert start == Path("runs/shapes/frontend/version_0/checkpoints/best.ckpt")
+    assert calls == [["dilatedseg", "fit", "--config", str(REPO / "conf/shapes.yaml"),
+                      "--config", str(REPO / "conf/stage/frontend.yaml"), "--runs_dir=runs"]]
+
+
+def test_a_local_sweep_runs_from_any_working_directory(tmp_path, monkeypatch, capsys):
+    """`dilatedseg sweep /path/to/checkout/sweeps/dilations.yaml --local` where there is no
+    conf/: the --config files of the sweep's command (and of the front-end it trains first)
+    are the package checkout's, as conf/base.yaml is; a bare sweeps/X.yaml is found there too."""
+    import dilatedseg.sweep as sweep
+
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def run(argv, log, env):
+        calls.append(argv)
+        if "--model.init_from=" not in " ".join(argv):  # the front-end
+            save_checkpoint(tmp_path / "runs/shapes/frontend/version_0")
+        else:
+            summary = {"run": "r", "metrics": {"val/mIoU": 1.0}, "history": []}
+            Path(env["DILATEDSEG_SUMMARY_PATH"]).write_text(json.dumps(summary))
+        return 0
+
+    monkeypatch.setattr(sweep, "run_logged", run)
+    sweep.main([str(REPO / "sweeps/dilations.yaml"), "--local", "--count", "1"])
+    frontend, trial = calls
+    assert frontend[2:6] == ["--config", str(REPO / "conf/shapes.yaml"),
+                             "--config", str(REPO / "conf/stage/frontend.yaml")]
+    assert [trial[i + 1] for i, arg in enumerate(trial) if arg == "--config"] == [
+        str(REPO / name) for name in ("conf/shapes.yaml", "conf/stage/context.yaml",
+                                      "conf/shapes/context.yaml")]
+    assert trial[-1] == "--model.init_from=runs/shapes/frontend/version_0/checkpoints/best.ckpt"
+    assert "not in this directory; the trials read them from the package checkout" in (
+        capsys.readouterr().out)
+    assert load_sweep("sweeps/dilations.yaml") == load_sweep(REPO / "sweeps/dilations.yaml")
+
+
+def test_a_server_sweep_outside_the_checkout_is_refused(tmp_path, monkeypatch):
+    """W&B agents run the command where they start: from a directory without conf/ every
+    trial would fail to read its configs, so the sweep is not created."""
+    import wandb
+
+    import dilatedseg.loggers
+    from dilatedseg.sweep import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(dilatedseg.loggers, "wandb_logged_in", lambda: True)
+    monkeypatch.setattr(wandb, "sweep", lambda *args, **kw: pytest.fail("no sweep"))
+    with pytest.raises(SweepError, match=r"reads conf/shapes.yaml, .* in the working directory"
+                                         r".*in the checkout: cd "):
+        main([str(REPO / "sweeps/dilations.yaml")])
 
 
 def save_checkpoint(run_dir: Path) -> Path:
