@@ -120,6 +120,7 @@ class DilatedSegCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True):
         # What the user typed: an evaluation option set to none / null there is still set.
         self.command_line = [str(a) for a in (sys.argv[1:] if args is None else args)]
+        self.checked_ahead: set[str] = set()  # the data module's loaders check_data checked
         super().__init__(
             SegmentationModule,
             SegmentationDataModule,
@@ -254,13 +255,16 @@ class DilatedSegCLI(LightningCLI):
                 "<stage>/<version>/checkpoints/best-....ckpt (or --model.init_from=PATH)")
 
     def check_data(self, config) -> SegmentationDataModule:
-        """Missing data fails here, before the model fetches weights or the trainer starts a
-        W&B run or other processes. Returns a data module built for the check."""
+        """Missing or malformed data (files, label values, batches) fails here, before the
+        model fetches weights or the trainer starts a W&B run or other processes. Returns a
+        data module built for the check."""
         data = import_class(config.data.class_path)
         with configuration_errors():
             init_args = config.data.get("init_args")
             datamodule = data(**(init_args.as_dict() if init_args is not None else {}))
-        datamodule.check_files(self.subcommand)  # the subcommand names the stage
+        # the subcommand names the stage
+        datamodule.check_data(self.subcommand, known_world_size(config.trainer))
+        self.checked_ahead = datamodule.checked_ahead
         return datamodule
 
     def note_checkpoint(self) -> None:
@@ -275,6 +279,7 @@ class DilatedSegCLI(LightningCLI):
         line, exit 2), not a traceback: nothing has trained yet."""
         with configuration_errors():
             super().instantiate_classes()
+        self.datamodule.checked_ahead = set(self.checked_ahead)  # by check_data: not again
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
@@ -311,6 +316,24 @@ def check_trains_something(trainer) -> None:
         if trainer.get(key) == 0:
             raise RunError(f"bad configuration: --trainer.{key}=0 trains nothing: give it at "
                            f"least 1 ({fix})")
+
+
+def known_world_size(trainer) -> int | None:
+    """The run's process count (devices x num_nodes) as far as the trainer config tells it
+    before the trainer exists; None where it depends on the machine: devices "auto" (but on
+    the CPU, where it is 1) or -1 (every GPU there is)."""
+    devices, nodes = trainer.get("devices", "auto"), trainer.get("num_nodes", 1)
+    if isinstance(devices, str) and devices.strip() == "auto":
+        devices = 1 if trainer.get("accelerator") == "cpu" else None
+    elif isinstance(devices, str) and "," in devices:  # "0,1": device ids
+        devices = len([i for i in devices.split(",") if i.strip()])
+    elif isinstance(devices, str):
+        devices = int(devices) if devices.strip().lstrip("-").isdigit() else None
+    elif isinstance(devices, (list, tuple)):
+        devices = len(devices)
+    if not isinstance(devices, int) or devices < 1 or not isinstance(nodes, int) or nodes < 1:
+        return None  # (-1, or a value the trainer refuses itself)
+    return devices * nodes
 
 
 def check_predict_output(output: Path) -> None:
