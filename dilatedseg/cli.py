@@ -41,11 +41,12 @@ from dilatedseg.checkpoints import (
 from dilatedseg.cli_parser import SUBCOMMANDS, ConciseParser, read_ints_as_ints
 from dilatedseg.data import SegmentationDataModule
 from dilatedseg.data.base import DataError
+from dilatedseg.inference import check_deploy_tiles
 from dilatedseg.loggers import configure_logger, wandb_server_error
 from dilatedseg.models.caffemodel import check_caffe_input
 from dilatedseg.models.frontend import check_context_margin
 from dilatedseg.models.weights import WeightsError
-from dilatedseg.module import SegmentationModule
+from dilatedseg.module import SegmentationModule, check_hyperparameters
 from dilatedseg.runs import (
     COMMAND_FILE,
     RunError,
@@ -206,6 +207,10 @@ class DilatedSegCLI(LightningCLI):
             if is_global_rank_zero():
                 print(f"init_from: auto -> {config.model.init_from}", file=sys.stderr)
         self.check_weights(config, datamodule)
+        with configuration_errors():
+            check_hyperparameters(config.model)  # (a tile_size the check below can use)
+        if not (self.subcommand == "fit" and config.model.feature_cache):  # (cached: no tiles)
+            check_tiles(config.model, datamodule)
         if self.subcommand == "predict" and config.get("output"):
             check_predict_output(Path(config.output))
         if config.trainer.get("precision") is None:
@@ -316,6 +321,19 @@ def check_trains_something(trainer) -> None:
         if trainer.get(key) == 0:
             raise RunError(f"bad configuration: --trainer.{key}=0 trains nothing: give it at "
                            f"least 1 ({fix})")
+
+
+def check_tiles(model, datamodule: SegmentationDataModule) -> None:
+    """``tile_whole_network`` stops at the first evaluated image that needs several tiles along
+    an axis whose ``tile_size`` is no multiple of 8: find it in the data checked ahead (image
+    headers) before the model is built."""
+    tile = model.get("tile_size")
+    if not model.get("tile_whole_network") or tile is None:
+        return
+    tile = (tile, tile) if isinstance(tile, int) else tuple(tile)
+    for split in datamodule.checked_ahead - {"train"}:
+        for size in sorted(datamodule.image_sizes(split)):
+            check_deploy_tiles(size, tile)
 
 
 def known_world_size(trainer) -> int | None:

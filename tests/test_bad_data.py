@@ -173,6 +173,21 @@ def test_train_split_too_small_for_the_configured_processes(voc, tmp_path, capsy
             "(2 process(es))") in err
 
 
+@pytest.mark.parametrize("stage", ["validate", "predict"])
+def test_deploy_tiles_that_cannot_stitch_stop_before_the_model_is_built(
+        voc, tmp_path, capsys, model_never_built, stage):
+    """tile_whole_network with a width tile of 20 px (no multiple of 8): the 64 px wide
+    images need several, found from their headers, not at the first one evaluated."""
+    weights = untrained_checkpoint(tmp_path / "model.ckpt", 21, padding="valid")
+    err = fails(capsys, stage, *tiny_args("voc", voc, tmp_path / "runs",
+                                          f"--model.init_from={weights}",
+                                          "--model.tile_size=[16,20]",
+                                          "--model.tile_whole_network=true"))
+    assert "error: tile_whole_network: a 48x64 image needs several tiles along its width, " \
+           "whose tile size 20 px is not a multiple of 8" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_without_the_cli_setup_and_loaders_still_check(voc):
     """From Python (no check_data first), setup reads the label values and the training
     loader checks the split's size against the batch."""

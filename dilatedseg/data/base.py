@@ -494,12 +494,14 @@ class SegmentationDataModule(L.LightningDataModule):
         calls it before ImageNet weights are fetched or W&B starts): files, label values (per
         ``label_check``) and batches. ``processes``: the run's world size, None when it is not
         known yet: then a training split must hold one batch (true of any world size), and
-        the loader checks it per process. ``setup`` and the loaders skip what this checked."""
+        the loader checks it per process. The datasets checked stay in ``datasets``;
+        ``setup`` and the loaders skip what this checked."""
         self.check_files(stage)
         if not self.stage_splits(stage) and not (stage == "predict" and self.predict_dir):
             return  # nothing on disk to read ahead (shapes: prepare_data writes it)
         for key, dataset in self.stage_datasets(stage).items():  # (label values read here)
             self.check_batches(key, dataset, processes or 1)
+            self.datasets[key] = dataset
             self.checked_ahead.add(key)
 
     def check_labels(self, dataset: SegmentationDataset) -> None:
@@ -549,6 +551,14 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         self.datasets.update(self.stage_datasets(stage))
+
+    def image_sizes(self, split: str) -> set[tuple[int, int]]:
+        """The (height, width) of loader ``split``'s images as they load: ``resize``, else
+        read from the files' headers (after ``setup`` or ``check_data``)."""
+        dataset = self.datasets[split]
+        if dataset.size is not None:
+            return {tuple(dataset.size)}
+        return {image_size(image, dataset.names_under)[::-1] for image, _ in dataset.pairs}
 
     def workers(self) -> int:
         """``num_workers``; when automatic, the cores divided among the run's devices."""
