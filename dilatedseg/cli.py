@@ -41,11 +41,12 @@ from dilatedseg.checkpoints import (
 from dilatedseg.cli_parser import SUBCOMMANDS, ConciseParser, read_ints_as_ints
 from dilatedseg.data import SegmentationDataModule
 from dilatedseg.data.base import DataError
+from dilatedseg.inference import check_deploy_tiles
 from dilatedseg.loggers import configure_logger, wandb_server_error
 from dilatedseg.models.caffemodel import check_caffe_input
 from dilatedseg.models.frontend import check_context_margin
 from dilatedseg.models.weights import WeightsError
-from dilatedseg.module import SegmentationModule
+from dilatedseg.module import SegmentationModule, check_hyperparameters
 from dilatedseg.runs import (
     COMMAND_FILE,
     RunError,
@@ -120,6 +121,7 @@ class DilatedSegCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True):
         # What the user typed: an evaluation option set to none / null there is still set.
         self.command_line = [str(a) for a in (sys.argv[1:] if args is None else args)]
+        self.checked_ahead: set[str] = set()  # the data module's loaders check_data checked
         super().__init__(
             SegmentationModule,
             SegmentationDataModule,
@@ -205,6 +207,10 @@ class DilatedSegCLI(LightningCLI):
             if is_global_rank_zero():
                 print(f"init_from: auto -> {config.model.init_from}", file=sys.stderr)
         self.check_weights(config, datamodule)
+        with configuration_errors():
+            check_hyperparameters(config.model)  # (a tile_size the check below can use)
+        if not (self.subcommand == "fit" and config.model.feature_cache):  # (cached: no tiles)
+            check_tiles(config.model, datamodule)
         if self.subcommand == "predict" and config.get("output"):
             check_predict_output(Path(config.output))
         if config.trainer.get("precision") is None:
@@ -254,13 +260,16 @@ class DilatedSegCLI(LightningCLI):
                 "<stage>/<version>/checkpoints/best-....ckpt (or --model.init_from=PATH)")
 
     def check_data(self, config) -> SegmentationDataModule:
-        """Missing data fails here, before the model fetches weights or the trainer starts a
-        W&B run or other processes. Returns a data module built for the check."""
+        """Missing or malformed data (files, label values, batches) fails here, before the
+        model fetches weights or the trainer starts a W&B run or other processes. Returns a
+        data module built for the check."""
         data = import_class(config.data.class_path)
         with configuration_errors():
             init_args = config.data.get("init_args")
             datamodule = data(**(init_args.as_dict() if init_args is not None else {}))
-        datamodule.check_files(self.subcommand)  # the subcommand names the stage
+        # the subcommand names the stage
+        datamodule.check_data(self.subcommand, known_world_size(config.trainer))
+        self.checked_ahead = datamodule.checked_ahead
         return datamodule
 
     def note_checkpoint(self) -> None:
@@ -275,6 +284,7 @@ class DilatedSegCLI(LightningCLI):
         line, exit 2), not a traceback: nothing has trained yet."""
         with configuration_errors():
             super().instantiate_classes()
+        self.datamodule.checked_ahead = set(self.checked_ahead)  # by check_data: not again
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
@@ -311,6 +321,37 @@ def check_trains_something(trainer) -> None:
         if trainer.get(key) == 0:
             raise RunError(f"bad configuration: --trainer.{key}=0 trains nothing: give it at "
                            f"least 1 ({fix})")
+
+
+def check_tiles(model, datamodule: SegmentationDataModule) -> None:
+    """``tile_whole_network`` stops at the first evaluated image that needs several tiles along
+    an axis whose ``tile_size`` is no multiple of 8: find it in the data checked ahead (image
+    headers) before the model is built."""
+    tile = model.get("tile_size")
+    if not model.get("tile_whole_network") or tile is None:
+        return
+    tile = (tile, tile) if isinstance(tile, int) else tuple(tile)
+    for split in datamodule.checked_ahead - {"train"}:
+        for size in sorted(datamodule.image_sizes(split)):
+            check_deploy_tiles(size, tile)
+
+
+def known_world_size(trainer) -> int | None:
+    """The run's process count (devices x num_nodes) as far as the trainer config tells it
+    before the trainer exists; None where it depends on the machine: devices "auto" (but on
+    the CPU, where it is 1) or -1 (every GPU there is)."""
+    devices, nodes = trainer.get("devices", "auto"), trainer.get("num_nodes", 1)
+    if isinstance(devices, str) and devices.strip() == "auto":
+        devices = 1 if trainer.get("accelerator") == "cpu" else None
+    elif isinstance(devices, str) and "," in devices:  # "0,1": device ids
+        devices = len([i for i in devices.split(",") if i.strip()])
+    elif isinstance(devices, str):
+        devices = int(devices) if devices.strip().lstrip("-").isdigit() else None
+    elif isinstance(devices, (list, tuple)):
+        devices = len(devices)
+    if not isinstance(devices, int) or devices < 1 or not isinstance(nodes, int) or nodes < 1:
+        return None  # (-1, or a value the trainer refuses itself)
+    return devices * nodes
 
 
 def check_predict_output(output: Path) -> None:

@@ -3,13 +3,16 @@ exit code 2 and no traceback, also when the error comes from a DataLoader worker
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli, untrained_checkpoint
+from conftest import run_cli, shapes_args, untrained_checkpoint
 from fixtures_datasets import make_camvid_segnet, make_voc, tiny_args
 from PIL import Image
 
+from dilatedseg.cli import DilatedSegCLI
 from dilatedseg.data import DataError
 from dilatedseg.data.base import read_index_png
 
@@ -33,6 +36,25 @@ def fails(capsys, *argv: str) -> str:
 def voc_fit(root, tmp_path, *extra):
     return ("fit", *tiny_args("voc", root, tmp_path / "runs", "--data.init_args.train_split=train",
                               *extra))
+
+
+@pytest.fixture
+def model_never_built(monkeypatch):
+    """The CLI building its model (which fetches ImageNet VGG-16 weights, ~530 MB), data
+    module and trainer (which starts W&B) fails the test: bad data must stop it before."""
+    def instantiate_classes(cli):
+        raise AssertionError("the model and trainer were built (ImageNet weights fetched) "
+                             "before the data was checked")
+
+    monkeypatch.setattr(DilatedSegCLI, "instantiate_classes", instantiate_classes)
+
+
+def spoil_label(path, value: int = 40):
+    """Write ``value`` (no class, not 255) into one pixel of label ``path``."""
+    values = np.asarray(Image.open(path)).copy()
+    values[0, 0] = value
+    Image.fromarray(values, mode="L").save(path)
+    return path
 
 
 def test_missing_root(tmp_path, capsys):
@@ -85,7 +107,7 @@ def test_empty_split_names_the_empty_list_or_folder(voc, tmp_path, capsys):
     assert f"camvid: image folder {root / 'val'} holds no *.png images" in err
 
 
-def test_image_without_label(voc, tmp_path, capsys):
+def test_image_without_label(voc, tmp_path, capsys, model_never_built):
     (voc / "VOCdevkit/VOC2012/SegmentationClass/a2.png").unlink()
     err = fails(capsys, *voc_fit(voc, tmp_path))
     assert "JPEGImages/a2.jpg has no label file" in err and "SegmentationClass/a2.png" in err
@@ -98,7 +120,7 @@ def test_size_mismatch(voc, tmp_path, capsys):
     assert "b1.jpg is 64x48 but its label" in err and "b1.png is 12x10" in err
 
 
-def test_train_split_smaller_than_one_batch(voc, tmp_path, capsys):
+def test_train_split_smaller_than_one_batch(voc, tmp_path, capsys, model_never_built):
     """Two images, batches of 4: an epoch would hold no full batch and train on nothing."""
     err = fails(capsys, *voc_fit(voc, tmp_path, "--data.init_args.batch_size=4"))
     assert "the 'train' split has 2 images, fewer than one batch of 4 per process" in err
@@ -106,7 +128,7 @@ def test_train_split_smaller_than_one_batch(voc, tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-def test_whole_images_of_different_sizes_do_not_batch(voc, tmp_path, capsys):
+def test_whole_images_of_different_sizes_do_not_batch(voc, tmp_path, capsys, model_never_built):
     for folder, suffix in (("JPEGImages", "jpg"), ("SegmentationClass", "png")):
         path = voc / f"VOCdevkit/VOC2012/{folder}/a2.{suffix}"
         with Image.open(path) as image:
@@ -118,14 +140,93 @@ def test_whole_images_of_different_sizes_do_not_batch(voc, tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-def test_label_values_out_of_range(tmp_path, capsys):
+def test_label_values_out_of_range(tmp_path, capsys, model_never_built):
     root = make_camvid_segnet(tmp_path / "camvid")
-    path = next((root / "trainannot").iterdir())
-    annot = np.asarray(Image.open(path)).copy()
-    annot[0, 0] = 40
-    Image.fromarray(annot, mode="L").save(path)
-    err = fails(capsys, "fit", *tiny_args("camvid", root, tmp_path / "runs"))
+    path = spoil_label(next((root / "trainannot").iterdir()))
+    err = fails(capsys, "fit", *tiny_args("camvid", root, tmp_path / "runs",
+                                          "--model.pretrained=imagenet"))
     assert f"label {path} holds values [40] outside [0, 11)" in err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("stage,split", [("validate", "val"), ("test", "test"),
+                                         ("predict", "val")])
+def test_evaluated_label_values_are_checked_before_the_model_is_built(
+        tmp_path, capsys, model_never_built, stage, split):
+    """Each stage checks the splits it reads (predict: the labels its split has)."""
+    root = make_camvid_segnet(tmp_path / "camvid")
+    path = spoil_label(sorted((root / f"{split}annot").iterdir())[-1])
+    spoil_label(next((root / "trainannot").iterdir()))  # not read: no error of it
+    weights = untrained_checkpoint(tmp_path / "model.ckpt", 11, padding="valid")
+    err = fails(capsys, stage, *tiny_args("camvid", root, tmp_path / "runs",
+                                          f"--model.init_from={weights}"))
+    assert f"label {path} holds values [40]" in err
+
+
+def test_train_split_too_small_for_the_configured_processes(voc, tmp_path, capsys,
+                                                           model_never_built):
+    """--trainer.devices=2: two images cannot give two processes a batch of 2 each; found
+    from the trainer config, before the model (and the 2 processes) start."""
+    err = fails(capsys, *voc_fit(voc, tmp_path, "--trainer.accelerator=cpu",
+                                 "--trainer.devices=2", "--trainer.strategy=ddp"))
+    assert ("the 'train' split has 2 images, fewer than one batch of 2 per process "
+            "(2 process(es))") in err
+
+
+@pytest.mark.parametrize("stage", ["validate", "predict"])
+def test_deploy_tiles_that_cannot_stitch_stop_before_the_model_is_built(
+        voc, tmp_path, capsys, model_never_built, stage):
+    """tile_whole_network with a width tile of 20 px (no multiple of 8): the 64 px wide
+    images need several, found from their headers, not at the first one evaluated."""
+    weights = untrained_checkpoint(tmp_path / "model.ckpt", 21, padding="valid")
+    err = fails(capsys, stage, *tiny_args("voc", voc, tmp_path / "runs",
+                                          f"--model.init_from={weights}",
+                                          "--model.tile_size=[16,20]",
+                                          "--model.tile_whole_network=true"))
+    assert "error: tile_whole_network: a 48x64 image needs several tiles along its width, " \
+           "whose tile size 20 px is not a multiple of 8" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_without_the_cli_setup_and_loaders_still_check(voc):
+    """From Python (no check_data first), setup reads the label values and the training
+    loader checks the split's size against the batch."""
+    from dilatedseg.data import VOCDataModule
+
+    data = VOCDataModule(root=str(voc), train_split="train", batch_size=4, num_workers=0)
+    data.setup("fit")  # labels are fine
+    with pytest.raises(DataError, match="the 'train' split has 2 images, fewer than one "
+                                        r"batch of 4 per process \(1 process"):
+        data.train_dataloader()
+    spoil_label(voc / "VOCdevkit/VOC2012/SegmentationClass/b1.png")
+    with pytest.raises(DataError, match="b1.png holds values \\[40\\]"):
+        data.setup("validate")
+
+
+def test_data_checked_ahead_is_not_read_again(tmp_path, monkeypatch):
+    """The CLI's check_data read the labels and image headers; setup and the loaders skip
+    them (the count against the batch, which reads nothing, is checked again)."""
+    from dilatedseg.data import base
+
+    reads = {"labels": 0, "sizes": 0}
+    check_labels, image_size = base.SegmentationDataModule.check_labels, base.image_size
+
+    def counted(key, function):
+        def call(*args, **kwargs):
+            reads[key] += 1
+            return function(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(base.SegmentationDataModule, "check_labels", counted("labels",
+                                                                             check_labels))
+    monkeypatch.setattr(base, "image_size", counted("sizes", image_size))
+    root = make_voc(tmp_path / "voc2", voc_train=("a1", "a2"), voc_val=("b1", "b2"),
+                    sbd_train=(), sbd_val=())
+    weights = untrained_checkpoint(tmp_path / "model.ckpt", 21, padding="valid")
+    run_cli("validate", *tiny_args("voc", root, tmp_path / "runs",
+                                   "--data.init_args.val_batch_size=2",
+                                   f"--model.init_from={weights}"))
+    assert reads == {"labels": 1, "sizes": 2}  # val: once, 2 image headers once
 
 
 
@@ -279,15 +380,15 @@ def test_context_margin_that_does_not_fit_the_front_end(voc, tmp_path, capsys):
     assert not (tmp_path / "runs").exists()  # found from the config, before anything ran
 
 
-def test_bad_label_found_after_wandb_started_leaves_no_run(voc, tmp_path, capsys):
-    """Label values are read in setup, after W&B (the default logger) started its run: the run
-    directory, its W&B run and config.yaml are all taken back."""
-    label = voc / "VOCdevkit/VOC2012/SegmentationClass/b1.png"
-    values = np.asarray(Image.open(label)).copy()
-    values[0, 0] = 40
-    Image.fromarray(values, mode="L").save(label)
-    args = [a for a in voc_fit(voc, tmp_path) if "logger" not in a]
-    err = fails(capsys, *args)
+def test_bad_label_found_after_wandb_started_leaves_no_run(tiny_shapes, tmp_path, capsys):
+    """The shapes dataset is written by prepare_data, so its labels are read in setup, after
+    W&B (the default logger) started its run: the run directory, its W&B run and config.yaml
+    are all taken back."""
+    root = tmp_path / "shapes"
+    shutil.copytree(tiny_shapes, root)
+    spoil_label(root / "labels" / "val" / "val_00001.png")
+    args = [a for a in shapes_args(root, tmp_path / "runs") if "logger" not in a]
+    err = fails(capsys, "fit", *args)
     assert "holds values [40]" in err
     assert not (tmp_path / "runs").exists()
 

@@ -561,3 +561,29 @@ def test_init_from_auto_does_not_start_from_a_run_that_is_still_training(tmp_pat
         with pytest.raises(RunError, match=r"its 'frontend' run is still training: wait"):
             find_previous_checkpoint(str(tmp_path), "shapes", "context")
     assert find_previous_checkpoint(str(tmp_path), "shapes", "context").parent.parent == run
+
+
+@pytest.mark.parametrize("devices,num_nodes", [(1, 1), (2, 1), ("3", 1), (2, 2), ("auto", 2)])
+def test_known_world_size_on_the_cpu_is_lightnings(devices, num_nodes):
+    """The process count the data is checked for before the trainer exists is the one the
+    trainer then has."""
+    import lightning as L
+
+    from dilatedseg.cli import known_world_size
+
+    config = {"accelerator": "cpu", "devices": devices, "num_nodes": num_nodes}
+    trainer = L.Trainer(**config, strategy="ddp", logger=False, enable_checkpointing=False)
+    assert known_world_size(config) == trainer.world_size
+
+
+@pytest.mark.parametrize("devices,num_nodes,expected", [
+    ([0, 1], 1, 2), ("0,1", 2, 4), ("1,", 1, 1),  # GPU ids: one process each
+    ("auto", 1, None), (-1, 1, None), ("-1", 1, None),  # as many as the machine has
+])
+def test_known_world_size_of_gpus_is_none_where_the_machine_decides(devices, num_nodes,
+                                                                   expected):
+    from dilatedseg.cli import known_world_size
+
+    config = {"accelerator": "gpu", "devices": devices, "num_nodes": num_nodes}
+    assert known_world_size(config) == expected
+    assert known_world_size({**config, "accelerator": "auto"}) == expected

@@ -361,6 +361,9 @@ class SegmentationDataModule(L.LightningDataModule):
         if self.resize is not None and (len(self.resize) != 2 or min(self.resize) < 1):
             raise ValueError(f"resize must be [height, width] in px (or one size), got {resize}")
         self.datasets: dict[str, SegmentationDataset] = {}
+        # The loaders ("train", "val", ...) whose label values and image sizes check_data
+        # has read: setup and the loaders do not read them again.
+        self.checked_ahead: set[str] = set()
 
     # ---- metadata a subclass provides -------------------------------------------------------
     @property
@@ -478,13 +481,28 @@ class SegmentationDataModule(L.LightningDataModule):
         return {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage, [])
 
     def check_files(self, stage: str) -> None:
-        """Fail fast (before the trainer starts loggers or processes) if a split that ``stage``
-        reads is missing or incomplete; label values are checked later, in ``setup``."""
+        """Fail fast if a split that ``stage`` reads is missing or incomplete (file presence
+        only: :meth:`check_data` checks the rest)."""
         if stage == "predict" and self.predict_dir is not None:
             for image, _ in folder_images(self.predict_dir):
                 image_size(image, self.predict_dir)  # a file that is no image stops here
         for split in self.stage_splits(stage):
             self.checked_pairs(split, labelled=stage != "predict")
+
+    def check_data(self, stage: str, processes: int | None = None) -> None:
+        """Everything about ``stage``'s data that can fail before a model is built (the CLI
+        calls it before ImageNet weights are fetched or W&B starts): files, label values (per
+        ``label_check``) and batches. ``processes``: the run's world size, None when it is not
+        known yet: then a training split must hold one batch (true of any world size), and
+        the loader checks it per process. The datasets checked stay in ``datasets``;
+        ``setup`` and the loaders skip what this checked."""
+        self.check_files(stage)
+        if not self.stage_splits(stage) and not (stage == "predict" and self.predict_dir):
+            return  # nothing on disk to read ahead (shapes: prepare_data writes it)
+        for key, dataset in self.stage_datasets(stage).items():  # (label values read here)
+            self.check_batches(key, dataset, processes or 1)
+            self.datasets[key] = dataset
+            self.checked_ahead.add(key)
 
     def check_labels(self, dataset: SegmentationDataset) -> None:
         """Load labels before training so bad values fail early, naming the file."""
@@ -504,30 +522,43 @@ class SegmentationDataModule(L.LightningDataModule):
             transforms.seed(transform, augmentation_seed())
         return transform
 
-    def make_dataset(self, split: str, train: bool = False, labelled: bool = True
-                     ) -> SegmentationDataset:
+    def make_dataset(self, split: str, train: bool = False, labelled: bool = True,
+                     check: bool = True) -> SegmentationDataset:
+        """``split``'s dataset, its files checked, and its label values unless not ``check``;
+        ``train``: augmented, ``crops_per_image`` crops an item."""
         dataset = SegmentationDataset(
             self.checked_pairs(split, labelled), self.num_classes, self.read_label,
             self.train_transform() if train else None, self.crops_per_image if train else 1,
             self.resize,
         )
-        self.check_labels(dataset)
+        if check:
+            self.check_labels(dataset)
         return dataset
 
-    def setup(self, stage: str) -> None:
-        if stage == "fit":
-            self.datasets["train"] = self.make_dataset("train", train=True)
-            self.datasets["val"] = self.make_dataset("val")
-        elif stage == "validate":
-            self.datasets["val"] = self.make_dataset("val")
-        elif stage == "test":
-            self.datasets["test"] = self.make_dataset("test")
-        elif stage == "predict" and self.predict_dir is not None:
-            self.datasets["predict"] = SegmentationDataset(
+    def stage_datasets(self, stage: str) -> dict[str, SegmentationDataset]:
+        """The datasets ``stage`` reads, by loader ("train", "val", "test", "predict"); label
+        values checked but for loaders in ``checked_ahead``."""
+        if stage == "predict" and self.predict_dir is not None:
+            return {"predict": SegmentationDataset(
                 folder_images(self.predict_dir), self.num_classes, self.read_label,
-                size=self.resize, names_under=self.predict_dir)
-        elif stage == "predict":
-            self.datasets["predict"] = self.make_dataset(self.predict_split, labelled=False)
+                size=self.resize, names_under=self.predict_dir)}
+        splits = {"fit": {"train": "train", "val": "val"}, "validate": {"val": "val"},
+                  "test": {"test": "test"}, "predict": {"predict": self.predict_split}}
+        return {key: self.make_dataset(split, train=key == "train",
+                                       labelled=stage != "predict",
+                                       check=key not in self.checked_ahead)
+                for key, split in splits.get(stage, {}).items()}
+
+    def setup(self, stage: str) -> None:
+        self.datasets.update(self.stage_datasets(stage))
+
+    def image_sizes(self, split: str) -> set[tuple[int, int]]:
+        """The (height, width) of loader ``split``'s images as they load: ``resize``, else
+        read from the files' headers (after ``setup`` or ``check_data``)."""
+        dataset = self.datasets[split]
+        if dataset.size is not None:
+            return {tuple(dataset.size)}
+        return {image_size(image, dataset.names_under)[::-1] for image, _ in dataset.pairs}
 
     def workers(self) -> int:
         """``num_workers``; when automatic, the cores divided among the run's devices."""
@@ -537,15 +568,24 @@ class SegmentationDataModule(L.LightningDataModule):
             return max(1, default_num_workers(limit=16 * devices) // devices)
         return self.num_workers
 
-    def loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def batch_items(self, split: str, dataset: Dataset) -> int:
+        """Items of loader ``split`` in one batch: ``batch_size`` for "train" (its items hold
+        ``crops_per_image`` crops each), else ``val_batch_size``."""
+        if split == "train":
+            return self.batch_size // getattr(dataset, "crops", 1)  # (cached logits: none)
+        return self.val_batch_size
+
+    def loader(self, split: str) -> DataLoader:
+        """Loader ``split``: "train" shuffled, in full batches; the others each item once."""
         workers = self.workers()
         dataset = self.datasets[split]
-        crops = getattr(dataset, "crops", 1)  # (a feature-cache dataset has none)
-        self.check_batches(split, dataset, batch_size // crops, full_batches=shuffle)
-        sampler = None if shuffle else self.evaluation_sampler(dataset)
+        train = split == "train"
+        processes = getattr(getattr(self, "trainer", None), "world_size", 1) or 1
+        self.check_batches(split, dataset, processes, sizes=split not in self.checked_ahead)
+        crops = getattr(dataset, "crops", 1)
         return DataLoader(
-            dataset, batch_size=batch_size // crops, shuffle=shuffle, sampler=sampler,
-            drop_last=shuffle,
+            dataset, batch_size=self.batch_items(split, dataset), shuffle=train,
+            sampler=None if train else self.evaluation_sampler(dataset), drop_last=train,
             num_workers=workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=workers > 0, collate_fn=collate_crops if crops > 1 else None,
             worker_init_fn=seed_worker,
@@ -563,27 +603,28 @@ class SegmentationDataModule(L.LightningDataModule):
         return UnrepeatedDistributedSampler(dataset, num_replicas=processes,
                                             rank=trainer.global_rank, shuffle=False)
 
-    def check_batches(self, split: str, dataset: Dataset, batch: int, full_batches: bool
+    def check_batches(self, split: str, dataset: Dataset, processes: int, sizes: bool = True
                       ) -> None:
-        """Fail before the first step where a split's batches cannot work: training that
-        would see no full batch (fewer items per process than one batch: an epoch of nothing),
-        or whole images of different sizes batched together (they cannot be stacked)."""
-        processes = getattr(getattr(self, "trainer", None), "world_size", 1) or 1
+        """Fail before the first step where loader ``split``'s batches cannot work: training
+        that would see no full batch (fewer items per process than one batch: an epoch of
+        nothing), or (``sizes``) whole images of different sizes batched together (they cannot
+        be stacked)."""
         option = "batch_size" if split == "train" else "val_batch_size"
-        if full_batches and -(-len(dataset) // processes) < batch:
+        batch = self.batch_items(split, dataset)
+        if split == "train" and -(-len(dataset) // processes) < batch:
             raise DataError(
                 f"{self.name}: the '{split}' split has {len(dataset)} images, fewer than one "
                 f"batch of {batch} per process ({processes} process(es)), so training would "
                 f"see no batch: lower --data.init_args.{option} or add images")
         cropped = split == "train" and self.crop_size is not None
-        if batch == 1 or cropped or self.resize is not None or \
+        if not sizes or batch == 1 or cropped or self.resize is not None or \
                 not isinstance(dataset, SegmentationDataset):
             return  # (cached logits are padded to one size)
-        sizes = {}
+        seen: dict[tuple[int, int], Path] = {}
         for image, _ in dataset.pairs:
-            sizes.setdefault(image_size(image), image)
-            if len(sizes) > 1:
-                (size_a, path_a), (size_b, path_b) = sizes.items()
+            seen.setdefault(image_size(image), image)
+            if len(seen) > 1:
+                (size_a, path_a), (size_b, path_b) = seen.items()
                 fix = ("set --data.init_args.crop_size, or --data.init_args.batch_size=1"
                        if split == "train" else "set --data.init_args.val_batch_size=1")
                 raise DataError(
@@ -593,13 +634,13 @@ class SegmentationDataModule(L.LightningDataModule):
                     "with --data.init_args.resize)")
 
     def train_dataloader(self) -> DataLoader:
-        return self.loader("train", self.batch_size, shuffle=True)
+        return self.loader("train")
 
     def val_dataloader(self) -> DataLoader:
-        return self.loader("val", self.val_batch_size, shuffle=False)
+        return self.loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self.loader("test", self.val_batch_size, shuffle=False)
+        return self.loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self.loader("predict", self.val_batch_size, shuffle=False)
+        return self.loader("predict")
