@@ -178,7 +178,7 @@ def make_cityscapes(root: Path, images: int, size: tuple[int, int], distinct: in
             "image_kib": files[0][0].stat().st_size / 1024}
 
 
-def cityscapes_once(root: Path, args, cached: bool, cache_dir: Path, cuda: bool) -> Timer:
+def cityscapes_once(root: Path, args, cached: bool, cache_dir: Path) -> Timer:
     """One context-stage run of the Cityscapes recipe (see the module docstring)."""
     L.seed_everything(0, verbose=False)
     recipe = recipe_model_args("cityscapes", "context", arch=args.arch,
@@ -190,27 +190,28 @@ def cityscapes_once(root: Path, args, cached: bool, cache_dir: Path, cuda: bool)
                                 context_margin=context_margin(args.arch, recipe["padding"]),
                                 val_batch_size=1, num_workers=args.num_workers)
     module = SegmentationModule(19, **recipe)
-    return fit(data, module, args.epochs, cache_dir, "bf16-mixed" if cuda else "32-true")
+    return fit(data, module, args.epochs, cache_dir, args.precision)
 
 
 def run_cityscapes(size: tuple[int, int] = (1024, 2048), images: int = 32, batch_size: int = 4,
-                   epochs: int = 3, arch: str = "vgg16", num_workers: int | None = None
-                   ) -> dict:
+                   epochs: int = 3, arch: str = "vgg16", num_workers: int | None = None,
+                   precision: str | None = None) -> dict:
     """The Cityscapes-geometry case (see the module docstring): the same figures as
     :func:`run`'s, plus the synthetic files' decode times. ``num_workers`` None: the recipe's
-    automatic workers (the usable cores, at most 16)."""
-    cuda = torch.cuda.is_available()
+    automatic workers (the usable cores, at most 16). ``precision`` None: bf16-mixed on a GPU,
+    else 32-true."""
+    if precision is None:
+        precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
     args = argparse.Namespace(images=images, batch_size=batch_size, epochs=epochs, arch=arch,
-                              num_workers=num_workers)
+                              num_workers=num_workers, precision=precision)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "cityscapes"
         files = make_cityscapes(root, images, size)
-        plain = cityscapes_once(root, args, False, Path(tmp) / "cache", cuda)
-        cached = cityscapes_once(root, args, True, Path(tmp) / "cache", cuda)
+        plain = cityscapes_once(root, args, False, Path(tmp) / "cache")
+        cached = cityscapes_once(root, args, True, Path(tmp) / "cache")
         workers = CityscapesDataModule(root=str(root), num_workers=num_workers).num_workers
     return result(plain, cached, size=tuple(size), images=images, batch_size=batch_size,
-                  arch=arch, workers=workers, precision="bf16-mixed" if cuda else "32-true",
-                  **files)
+                  arch=arch, workers=workers, precision=precision, **files)
 
 
 def main() -> None:

@@ -32,35 +32,41 @@ CASES = [  # (layer, batch, way, layout, autotune)
 LAYERS = {"fc6": (512, 4096, 7, 4, (88, 152)), "conv5": (512, 512, 3, 2, (100, 164))}
 
 
-def measure(index: int) -> None:
+def measure(index: int, device: str = "cuda", layers: dict | None = None) -> None:
+    """Case ``index`` of CASES on ``device``, with the layer shapes of ``layers`` (default
+    LAYERS; the tests pass small ones to run every case on the CPU)."""
     import torch
     from common import backward_step, timed
     from profile_fc6 import WAYS
 
+    from dilatedseg.flops import conv_macs
+
     layer, batch, way, layout, autotune = CASES[index]
-    cin, cout, kernel, dilation, (h, w) = LAYERS[layer]
+    cin, cout, kernel, dilation, (h, w) = (layers or LAYERS)[layer]
     torch.backends.cudnn.benchmark = autotune
     memory = torch.channels_last if layout == "NHWC" else torch.contiguous_format
-    conv = WAYS[way](cin, cout, kernel, dilation=dilation).cuda().to(memory_format=memory)
-    x = torch.randn(batch, cin, h, w, device="cuda").to(memory_format=memory).requires_grad_()
+    conv = WAYS[way](cin, cout, kernel, dilation=dilation).to(device).to(memory_format=memory)
+    x = torch.randn(batch, cin, h, w, device=device).to(memory_format=memory).requires_grad_()
     out_h, out_w = h - dilation * (kernel - 1), w - dilation * (kernel - 1)
-    tflop = 3 * 2 * batch * cin * cout * kernel * kernel * out_h * out_w / 1e12
+    # forward, weight gradient and input gradient: three times the forward's work
+    tflop = 3 * 2 * batch * conv_macs(cin, cout, kernel, out_h, out_w) / 1e12
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
     def step():
-        backward_step(conv, x, torch.autocast("cuda", dtype=torch.bfloat16))
+        backward_step(conv, x, autocast)
 
     first = timed(step, x.device, reps=1, warmup=0)  # cuDNN's choice (autotuning) included
     best = timed(step, x.device, reps=3, warmup=0)
     print(f"RESULT first {first.best * 1e3:.1f} ms, best {best.best * 1e3:.2f} ms, "
-          f"{tflop / best.best:.0f} TFLOP/s ({tflop:.2f} TFLOP fwd+bwd)")
+          f"{tflop / best.best:.0f} TFLOP/s ({tflop:.3g} TFLOP fwd+bwd)")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--per-case", type=float, default=25.0, help="seconds per case")
     parser.add_argument("--deadline", type=float, default=170.0, help="seconds in all")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.case is not None:
         return measure(args.case)
     end = time.monotonic() + args.deadline

@@ -27,6 +27,8 @@ best call, the note also gives the median call's.
 from __future__ import annotations
 
 import contextlib
+import functools
+import traceback
 import warnings
 
 import torch
@@ -35,6 +37,7 @@ from common import (
     add_row,
     backward_step,
     compute_row,
+    device_label,
     not_measured,
     peak_tflops,
     recipe_model_args,
@@ -73,13 +76,14 @@ def image_batch(batch: int, size: tuple[int, int], device: torch.device, precisi
     return image
 
 
-def frontend_row(device, precision, mode, size, batch, reps, peak, space_to_batch=None) -> Row:
+def frontend_row(device, precision, mode, size, batch, reps, peak, space_to_batch=None,
+                 arch="vgg16") -> Row:
     torch.manual_seed(0)
-    frontend = prepare(FrontEnd(CLASSES, arch="vgg16", fc6_space_to_batch=space_to_batch),
+    frontend = prepare(FrontEnd(CLASSES, arch=arch, fc6_space_to_batch=space_to_batch),
                        device, precision)
     image = image_batch(batch, size, device, precision)
     autocast = precision_context(device, precision)
-    macs = frontend_macs("vgg16", *size, "valid", CLASSES)
+    macs = frontend_macs(arch, *size, "valid", CLASSES)
 
     if mode == "forward":
         frontend.eval()
@@ -102,13 +106,13 @@ def frontend_row(device, precision, mode, size, batch, reps, peak, space_to_batc
         seconds = timed(step, device, reps, warmup=0)
     else:
         seconds = timed(step, device, reps, warmup=3)
-    case = f"{mode} {size[0]}x{size[1]}"
+    case = f"{mode} {size[0]}x{size[1]}" + ("" if arch == "vgg16" else f", {arch} front-end")
     if space_to_batch is False:
         case += ", fc6 as cuDNN's dilated convolution"
     elif mode != "forward" or device.type == "cuda":
         case += " (fc6 space-to-batch: the default here)"
     note = "channels_last" if device.type == "cuda" and precision == "bf16" else ""
-    if mode != "forward" and size == (512, 1024) and precision == "bf16":
+    if mode != "forward" and arch == "vgg16" and size == (512, 1024) and precision == "bf16":
         note += f"; target >= {TRAIN_MFU_TARGET:.0%} MFU"
     return compute_row("front-end", case, device, precision, batch, seconds, work, peak,
                        note.strip("; "))
@@ -175,12 +179,14 @@ def train_step_row(device, precision, size, batch, reps, peak, arch="vgg16") -> 
     return compute_row("front-end", case, device, precision, batch, seconds, work, peak, note)
 
 
-def segmenter_row(device, precision, reps, peak, tile=TILE, space_to_batch=None) -> Row:
+def segmenter_row(device, precision, reps, peak, tile=TILE, space_to_batch=None,
+                  arch="vgg16", size=(1024, 2048)) -> Row:
+    """Inference on one Cityscapes-sized image (``size``), in ``tile``s (None: whole)."""
     torch.manual_seed(0)
-    segmenter = Segmenter(FrontEnd(CLASSES, arch="vgg16", fc6_space_to_batch=space_to_batch),
+    segmenter = Segmenter(FrontEnd(CLASSES, arch=arch, fc6_space_to_batch=space_to_batch),
                           ContextModule(CLASSES, dilations="dilation10"), upsample="deconv")
     segmenter = prepare(segmenter, device, precision).eval()
-    image = image_batch(1, (1024, 2048), device, precision)
+    image = image_batch(1, size, device, precision)
     autocast = precision_context(device, precision)
 
     def step():
@@ -188,43 +194,66 @@ def segmenter_row(device, precision, reps, peak, tile=TILE, space_to_batch=None)
             predict_logits(segmenter, image, tile).argmax(1)
 
     seconds = timed(step, device, reps, warmup=0 if device.type == "cpu" else 3)
-    macs = segmenter_macs("vgg16", 1024, 2048, CLASSES, tile=tile).total
-    case = ("Cityscapes 1024x2048, " + (f"{tile[0]}x{tile[1]} tiles" if tile else "whole"))
+    macs = segmenter_macs(arch, *size, CLASSES, tile=tile).total
+    case = (f"Cityscapes {size[0]}x{size[1]}, "
+            + (f"{tile[0]}x{tile[1]} tiles" if tile else "whole")
+            + ("" if arch == "vgg16" else f", {arch} front-end"))
     if space_to_batch is False:
         case += ", fc6 as the library's dilated kernel"
     note = "Dilation10 context + deconv + argmax"
-    if device.type == "cuda" and precision == "bf16":
+    if device.type == "cuda" and precision == "bf16" and arch == "vgg16":
         note += f"; target <= {INFERENCE_TARGET_MS:.0f} ms"
     return compute_row("Segmenter inference", case, device, precision, 1, seconds, macs, peak,
                        note)
 
 
-def run(device: torch.device, quick: bool = False, peak: float | None = None) -> list[Row]:
+def gpu_plan(bf16: float | None, fp32: float | None) -> list[functools.partial]:
+    """The GPU rows in the order they run, each a call that still needs ``device`` and ``reps``
+    (every other argument by keyword, so that the tests can make each one on the CPU at a tiny
+    size). The targets first (bf16 training at 512x1024, bf16 inference), then the rest, the
+    fp32 (TF32) baseline, and last cuDNN's dilated fc6 in training (on the H200 a batch of 8
+    did not finish 6 steps in ~2 minutes). ``bf16`` / ``fp32``: the peaks MFU is taken of."""
+    row, step, infer = frontend_row, train_step_row, segmenter_row
+    target = dict(mode="fwd+bwd", size=(512, 1024), batch=8)
+    plan = [functools.partial(row, precision="bf16", peak=bf16, **target),
+            functools.partial(step, precision="bf16", size=(512, 1024), batch=8, peak=bf16),
+            functools.partial(infer, precision="bf16", peak=bf16),
+            functools.partial(infer, precision="bf16", peak=bf16, space_to_batch=False),
+            functools.partial(infer, precision="bf16", peak=bf16, tile=None)]
+    for precision, peak in (("bf16", bf16), ("fp32", fp32)):
+        if precision == "fp32":
+            plan += [functools.partial(row, precision=precision, peak=peak, **target),
+                     functools.partial(infer, precision=precision, peak=peak)]
+        for mode, size, batch in (("forward", (512, 512), 8), ("forward", (1024, 2048), 1),
+                                  ("fwd+bwd", (512, 512), 8), ("fwd+bwd", (1024, 2048), 2)):
+            plan.append(functools.partial(row, precision=precision, mode=mode, size=size,
+                                          batch=batch, peak=peak))
+    plan.append(functools.partial(row, precision="bf16", peak=bf16, space_to_batch=False,
+                                  **{**target, "batch": 2}))
+    return plan
+
+
+def measure_plan(plan: list[functools.partial], device: torch.device, reps: int) -> list[Row]:
+    """Each call of ``plan`` on ``device`` with ``reps`` timed calls, each row printed as it is
+    measured; a call that fails gives a row saying so, and the next one runs."""
     rows: list[Row] = []
+    for call in plan:
+        try:
+            add_row(rows, call(device=device, reps=reps))
+        except Exception as error:  # noqa: BLE001 - one failing row must not end the rest
+            traceback.print_exc()
+            add_row(rows, Row("front-end", f"failed: {call.func.__name__}, {call.keywords}",
+                              device_label(device),
+                              note=f"{type(error).__name__}: {error}"[:200]))
+            torch.cuda.empty_cache()  # (an out-of-memory error leaves its blocks cached)
+    return rows
+
+
+def run(device: torch.device, quick: bool = False, peak: float | None = None) -> list[Row]:
     if device.type == "cuda":
-        reps = 5 if quick else 10
-        bf16 = peak_tflops(device, "bf16", peak)
-        # The targets first (bf16 training at 512x1024, bf16 inference), each row printed as it
-        # is measured, then the rest, the fp32 (TF32) baseline, and last cuDNN's dilated fc6 in
-        # training (on the H200 a batch of 8 did not finish 6 steps in ~2 minutes).
-        add_row(rows, frontend_row(device, "bf16", "fwd+bwd", (512, 1024), 8, reps, bf16))
-        add_row(rows, train_step_row(device, "bf16", (512, 1024), 8, reps, bf16))
-        add_row(rows, segmenter_row(device, "bf16", reps, bf16))
-        add_row(rows, segmenter_row(device, "bf16", reps, bf16, space_to_batch=False))
-        add_row(rows, segmenter_row(device, "bf16", reps, bf16, tile=None))
-        for precision in ("bf16", "fp32"):
-            p = peak_tflops(device, precision, peak)
-            if precision == "fp32":
-                add_row(rows, frontend_row(device, precision, "fwd+bwd", (512, 1024), 8, reps,
-                                           p))
-                add_row(rows, segmenter_row(device, precision, reps, p))
-            add_row(rows, frontend_row(device, precision, "forward", (512, 512), 8, reps, p))
-            add_row(rows, frontend_row(device, precision, "forward", (1024, 2048), 1, reps, p))
-            add_row(rows, frontend_row(device, precision, "fwd+bwd", (512, 512), 8, reps, p))
-            add_row(rows, frontend_row(device, precision, "fwd+bwd", (1024, 2048), 2, reps, p))
-        add_row(rows, frontend_row(device, "bf16", "fwd+bwd", (512, 1024), 2, reps, bf16,
-                                   space_to_batch=False))
-        return rows
+        bf16, fp32 = peak_tflops(device, "bf16", peak), peak_tflops(device, "fp32", peak)
+        return measure_plan(gpu_plan(bf16, fp32), device, 5 if quick else 10)
+    rows: list[Row] = []
 
     p = peak_tflops(device, "fp32", peak)
     rows.append(frontend_row(device, "fp32", "forward", (512, 512), 1, 1 if quick else 2, p))

@@ -2,6 +2,7 @@
 
     python3 benchmarks/profile_fc6.py                        # Cityscapes image, bf16, NHWC
     python3 benchmarks/profile_fc6.py --precision fp32 --size 512 512 --no-channels-last
+    python3 benchmarks/profile_fc6.py --whole --size 512 1024 --batch 8   # a training step
 
 fc6 is 66-71 % of the front-end's work, so a slow kernel for it caps the whole model's MFU.
 The script profiles fc6's forward and backward (torch.profiler) on the input it sees for an
@@ -29,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from dilatedseg.flops import frontend_macs, gpu_peak_tflops
 from dilatedseg.models import FrontEnd
-from dilatedseg.models.frontend import SpaceToBatchConv2d
+from dilatedseg.models.frontend import ARCHITECTURES, SpaceToBatchConv2d
 
 # Kernel-name fragments of tensor-core code (HMMA / GMMA instructions, CUTLASS tensor-op,
 # cuDNN's xmma engines), of conv / GEMM kernels, and of memory-bound helpers.
@@ -78,14 +79,14 @@ WAYS = {"dilated": torch.nn.Conv2d, "space-to-batch": functools.partial(SpaceToB
         "im2col": Im2colConv2d}
 
 
-def fc6_input_shape(height: int, width: int) -> tuple[int, int, int]:
-    """(channels, h, w) that fc6 reads for a ``height`` x ``width`` image (valid geometry)."""
-    layers = frontend_macs("vgg16", height, width, "valid").layers
-    conv5_3 = next(layer for layer in layers if layer.name == "conv5_3")
-    return conv5_3.out_shape
+def fc6_shapes(height: int, width: int) -> tuple[tuple[int, int, int], int]:
+    """((channels, h, w) that fc6 reads, fc6's forward MACs) for one ``height`` x ``width``
+    image (valid geometry), from :func:`~dilatedseg.flops.frontend_macs`."""
+    layers = {layer.name: layer for layer in frontend_macs("vgg16", height, width).layers}
+    return layers["conv5_3"].out_shape, layers["fc6"].macs
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, nargs=2, default=[1024, 2048], metavar=("H", "W"))
     parser.add_argument("--batch", type=int, default=1)
@@ -95,7 +96,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25, help="kernels listed per path")
     parser.add_argument("--whole", action="store_true",
                         help="profile the whole front-end (plain and space-to-batch fc6)")
-    args = parser.parse_args()
+    parser.add_argument("--arch", choices=list(ARCHITECTURES), default="vgg16",
+                        help="--whole's front-end (tiny: a quick check of the code path)")
+    args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -111,22 +114,21 @@ def main() -> None:
                 else contextlib.nullcontext())
     layout = "NCHW" if args.no_channels_last else "NHWC"
     if args.whole:  # the whole front-end, as the training benchmark runs it
-        macs = args.batch * frontend_macs("vgg16", *args.size, "valid", 19).training()
-        print(f"device: {name}; whole VGG-16 front-end, batch {args.batch} at "
+        macs = args.batch * frontend_macs(args.arch, *args.size, "valid", 19).training()
+        print(f"device: {name}; whole {args.arch} front-end, batch {args.batch} at "
               f"{args.size[0]}x{args.size[1]}; {args.precision}, {layout}; "
-              f"{2 * macs / 1e12:.2f} TFLOP forward + backward")
+              f"{2 * macs / 1e12:.4g} TFLOP forward + backward")
         x = torch.rand(args.batch, 3, *args.size, device=device).to(memory_format=memory) * 255
         for label, space_to_batch in (("space-to-batch fc6", True), ("plain dilated fc6", False)):
-            frontend = FrontEnd(19, arch="vgg16", fc6_space_to_batch=space_to_batch)
+            frontend = FrontEnd(19, arch=args.arch, fc6_space_to_batch=space_to_batch)
             frontend = frontend.to(device).to(memory_format=memory).train()
             profile_step(label, frontend, x, autocast, cuda, macs, peak, args.rows)
         return
-    channels, h, w = fc6_input_shape(*args.size)
-    out_h, out_w = h - 24, w - 24
-    macs = 3 * args.batch * 512 * 4096 * 49 * out_h * out_w
+    (channels, h, w), fc6_macs = fc6_shapes(*args.size)
+    macs = 3 * args.batch * fc6_macs  # forward, weight and input gradients
     print(f"device: {name}; fc6 input ({args.batch}, {channels}, {h}, {w}) for a "
           f"{args.size[0]}x{args.size[1]} image; {args.precision}, {layout}; "
-          f"{2 * macs / 3e12:.2f} TFLOP forward")
+          f"{2 * macs / 3e12:.4g} TFLOP forward")
     x = torch.randn(args.batch, channels, h, w, device=device).to(memory_format=memory)
     x.requires_grad_()
     for way, conv_class in WAYS.items():
