@@ -165,6 +165,21 @@ def test_a_second_node_launched_by_hand_makes_no_directory(tmp_path, monkeypatch
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("env, name", [
+    ({"TORCHELASTIC_RUN_ID": "abc", "RANK": "1", "LOCAL_RANK": "0", "GROUP_RANK": "1"},
+     "torchrun-abc"),
+    ({"SLURM_JOB_ID": "77", "SLURM_NTASKS": "2", "SLURM_PROCID": "1"}, "slurm-77"),
+])
+def test_only_global_rank_zero_makes_a_jobs_run_dir(tmp_path, monkeypatch, env, name):
+    """The first process of node 1 (LOCAL_RANK 0) used to make the job's directory too: when
+    the start failed, rank 0 took back its own and left node 1's, an empty torchrun-<id>."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    run_dir = resolve_run_dir(str(tmp_path / "runs"), "shapes", "frontend", "fit")
+    assert run_dir == tmp_path / "runs/shapes/frontend" / name
+    assert not (tmp_path / "runs").exists()
+
+
 def test_torchrun_without_a_run_id_is_refused(tmp_path, monkeypatch):
     from dilatedseg.runs import RunError
 
