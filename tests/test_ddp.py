@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -214,3 +215,57 @@ def test_sigterm_stops_with_a_failure_status_and_keeps_the_run(tiny_shapes, tmp_
     run = last.parent.parent
     summary = json.loads((run / "summary.json").read_text())
     assert summary["history"] and last.is_file() and (run / "config.yaml").is_file()
+
+
+def cache_on_rank(rank: int, root: Path, cache_dir: Path, sent: list):
+    """FrontendLogitsCache set up and attached as global rank ``rank`` of 2 sees it: rank 0
+    appends what it broadcasts to ``sent``, rank 1 receives that. Returns the data module."""
+    import torch
+
+    from dilatedseg.data import ShapesDataModule
+    from dilatedseg.features import FrontendLogitsCache
+    from dilatedseg.module import SegmentationModule
+
+    data = ShapesDataModule(root=str(root), train_size=32, val_size=8, test_size=8,
+                            num_workers=0)
+    data.setup("fit")
+    torch.manual_seed(0)  # the same front-end on both ranks
+    module = SegmentationModule(4, stage="context", arch="tiny", padding="same",
+                                dilations=[1, 2], feature_cache=True,
+                                feature_cache_dir=str(cache_dir))
+    receive = (lambda obj, src=0: sent.append(obj) or obj) if rank == 0 else (
+        lambda obj, src=0: sent.pop(0))
+    trainer = SimpleNamespace(
+        datamodule=data, is_global_zero=rank == 0, global_rank=rank, world_size=2,
+        limit_train_batches=1.0, limit_val_batches=1.0, default_root_dir=str(cache_dir),
+        strategy=SimpleNamespace(root_device=torch.device("cpu"), broadcast=receive,
+                                 barrier=lambda name=None: None))
+    callback = FrontendLogitsCache(str(cache_dir))
+    callback.setup(trainer, module, "fit")
+    callback.on_fit_start(trainer, module)
+    return data
+
+
+def test_other_nodes_use_the_feature_cache_rank_zero_built(tiny_shapes, tmp_path):
+    """A node with its own copy of the data (its files' times differ, so its cache key does)
+    used to look for a cache under its own key and fail on a missing index.json."""
+    copy = tmp_path / "node1" / "shapes"
+    shutil.copytree(tiny_shapes, copy, copy_function=shutil.copy)  # new mtimes
+    sent = []
+    rank0 = cache_on_rank(0, tiny_shapes, tmp_path / "cache", sent)
+    built = [rank0.datasets[split].directory for split in ("train", "val")]
+    assert [directory.parent for directory in built] == [tmp_path / "cache"] * 2
+    rank1 = cache_on_rank(1, copy, tmp_path / "cache", sent)
+    assert [rank1.datasets[split].directory for split in ("train", "val")] == built
+    assert len(rank1.datasets["train"]) == 32
+
+
+def test_a_node_that_cannot_see_the_feature_cache_says_so(tiny_shapes, tmp_path):
+    """Without a shared filesystem the cache rank 0 built is not on this node: one RunError
+    with the two ways out, not a FileNotFoundError traceback."""
+    from dilatedseg.runs import RunError
+
+    sent = [tmp_path / "on-node-0" / "train-0123"]
+    with pytest.raises(RunError, match="process 1 cannot see .*on-node-0/train-0123.* shares; "
+                                       r".*--model.feature_cache=false"):
+        cache_on_rank(1, tiny_shapes, tmp_path / "cache", sent)
