@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import run_cli, shapes_args
+from conftest import REPO, run_cli, shapes_args
 from fixtures_datasets import logged_metrics
 
 from dilatedseg.runs import resolve_run_dir
@@ -22,13 +22,20 @@ from dilatedseg.runs import resolve_run_dir
 DDP = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
 
 
+def fresh_env(**variables: str) -> dict[str, str]:
+    """The environment of a command started afresh: W&B offline, none of the launcher
+    variables this process may hold, plus ``variables``."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", **variables}
+    for name in ("DILATEDSEG_RUN_DIR", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK",
+                 "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
 def run_ddp(*argv: str, cwd: Path) -> str:
     """`dilatedseg ...` in a fresh process: Lightning starts rank 1 by re-running this command."""
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-    for name in ("DILATEDSEG_RUN_DIR", "LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE"):
-        env.pop(name, None)
-    done = subprocess.run([sys.executable, "-m", "dilatedseg.cli", *argv], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=400)
+    done = subprocess.run([sys.executable, "-m", "dilatedseg.cli", *argv], cwd=cwd,
+                          env=fresh_env(), capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done.stdout + done.stderr
 
@@ -197,13 +204,10 @@ def test_sigterm_stops_with_a_failure_status_and_keeps_the_run(tiny_shapes, tmp_
     import time
 
     runs = tmp_path / "runs"
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-    for name in ("DILATEDSEG_RUN_DIR", "LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE"):
-        env.pop(name, None)
     process = subprocess.Popen(
         [sys.executable, "-m", "dilatedseg.cli", "fit",
          *shapes_args(tiny_shapes, runs, "--trainer.max_epochs=1000")],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env=fresh_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     last = runs / "shapes/frontend/version_0/checkpoints/last.ckpt"
     deadline = time.monotonic() + 300
     while not last.is_file() and process.poll() is None and time.monotonic() < deadline:
@@ -269,3 +273,83 @@ def test_a_node_that_cannot_see_the_feature_cache_says_so(tiny_shapes, tmp_path)
     with pytest.raises(RunError, match="process 1 cannot see .*on-node-0/train-0123.* shares; "
                                        r".*--model.feature_cache=false"):
         cache_on_rank(1, tiny_shapes, tmp_path / "cache", sent)
+
+
+# Two torchrun nodes on one machine: examples/torchrun.sh started twice on localhost (c10d
+# rendezvous), one process each, as NNODES=2 on two machines with a shared filesystem.
+JOB_ID = "twonodes"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_node(stage: str, master: str, data: Path, runs: Path) -> subprocess.Popen:
+    """One node's `examples/torchrun.sh` (NNODES=2, NPROC=1), training one tiny epoch."""
+    args = shapes_args(data, runs, "--trainer.max_epochs=1")
+    assert args[0] == "--config"  # the script passes the dataset's config itself
+    return subprocess.Popen(
+        [str(REPO / "examples/torchrun.sh")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env=fresh_env(NNODES="2", NPROC="1", MASTER=master, JOB_ID=JOB_ID,
+                                 STAGE=stage, ARGS=" ".join(args[2:])))
+
+
+def run_two_nodes(stage: str, data: list[Path], runs: Path) -> None:
+    master = f"127.0.0.1:{free_port()}"
+    nodes = [start_node(stage, master, root, runs) for root in data]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    for node, output in zip(nodes, outputs):
+        assert node.returncode == 0, "\n----\n".join(output[-3000:] for output in outputs)
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tiny_shapes, tmp_path_factory) -> Path:
+    """The front-end, then the context stage (init_from: auto, feature cache), each trained
+    one epoch by two torchrun nodes. Node 1 reads its own copy of the data, as a node-local
+    copy would be (other path and file times); runs/ is shared."""
+    root = tmp_path_factory.mktemp("two_nodes")
+    node_copy = root / "node1" / "shapes"
+    shutil.copytree(tiny_shapes, node_copy, copy_function=shutil.copy)
+    for stage in ("frontend", "context"):
+        run_two_nodes(stage, [tiny_shapes, node_copy], root / "runs")
+    return root / "runs"
+
+
+@pytest.mark.parametrize("stage", ["frontend", "context"])
+def test_two_torchrun_nodes_share_one_run_written_by_rank_zero(two_nodes, tiny_shapes, stage,
+                                                               monkeypatch):
+    """Both nodes agree on torchrun-<JOB_ID> (no directory of node 1's own); rank 0 writes
+    config, checkpoints and summary; the summary's validation scores equal a single process's
+    `dilatedseg validate` of the best checkpoint (context: from rank 0's cached logits)."""
+    assert sorted(p.name for p in (two_nodes / "shapes").iterdir()) == [
+        "cache", "context", "frontend"]
+    stage_dir = two_nodes / "shapes" / stage
+    assert [p.name for p in stage_dir.iterdir()] == [f"torchrun-{JOB_ID}"]
+    run_dir = stage_dir / f"torchrun-{JOB_ID}"
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["trainer"]["num_nodes"] == 2 and saved["model"]["stage"] == stage
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["run"] == str(run_dir) and len(summary["history"]) == 1
+    assert summary["history"][0]["step"] == 2  # 32 images / (batch 8 x 2 processes)
+    best = Path(summary["best_checkpoint"])
+    assert best.parent == run_dir / "checkpoints" and best.is_file()
+    if stage == "context":
+        assert saved["model"]["init_from"].startswith(str(two_nodes / "shapes/frontend"))
+        caches = sorted(p.name.split("-")[0] for p in (two_nodes / "shapes/cache").iterdir())
+        assert caches == ["train", "val"]  # one each (built by rank 0, read by both nodes)
+
+    monkeypatch.chdir(two_nodes.parent)
+    run_cli("validate", *shapes_args(tiny_shapes, two_nodes, f"--ckpt_path={best}",
+                                     "--trainer.accelerator=cpu", "--trainer.devices=1"))
+    single = logged_metrics(stage_dir / "validate_0")
+    scores = [k for k in single if k.startswith("val/IoU/") or k in ("val/mIoU", "val/loss")]
+    assert len(scores) == 6  # mIoU, loss and 4 classes
+    for key in scores:
+        assert summary["history"][0][key] == pytest.approx(single[key], abs=1e-4), key
+    assert summary["best_val_mIoU"] == pytest.approx(single["val/mIoU"], abs=1e-4)
+
