@@ -288,20 +288,30 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_node(stage: str, master: str, data: Path, runs: Path) -> subprocess.Popen:
+def start_node(stage: str, master: str, data: Path, runs: Path, **env: str) -> subprocess.Popen:
     """One node's `examples/torchrun.sh` (NNODES=2, NPROC=1), training one tiny epoch."""
     args = shapes_args(data, runs, "--trainer.max_epochs=1")
     assert args[0] == "--config"  # the script passes the dataset's config itself
     return subprocess.Popen(
         [str(REPO / "examples/torchrun.sh")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, env=fresh_env(NNODES="2", NPROC="1", MASTER=master, JOB_ID=JOB_ID,
-                                 STAGE=stage, ARGS=" ".join(args[2:])))
+                                 STAGE=stage, ARGS=" ".join(args[2:]), **env))
+
+
+def node_output(node: subprocess.Popen, timeout: float) -> str:
+    """What a node printed once it ended; stopped (SIGTERM: torchrun stops its workers) after
+    ``timeout`` seconds."""
+    try:
+        return node.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        node.terminate()
+        return node.communicate(timeout=60)[0] + f"\n(stopped after {timeout} s)"
 
 
 def run_two_nodes(stage: str, data: list[Path], runs: Path) -> None:
     master = f"127.0.0.1:{free_port()}"
     nodes = [start_node(stage, master, root, runs) for root in data]
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    outputs = [node_output(node, timeout=300) for node in nodes]
     for node, output in zip(nodes, outputs):
         assert node.returncode == 0, "\n----\n".join(output[-3000:] for output in outputs)
 
@@ -353,3 +363,12 @@ def test_two_torchrun_nodes_share_one_run_written_by_rank_zero(two_nodes, tiny_s
         assert summary["history"][0][key] == pytest.approx(single[key], abs=1e-4), key
     assert summary["best_val_mIoU"] == pytest.approx(single["val/mIoU"], abs=1e-4)
 
+
+def test_a_node_that_never_joins_stops_the_other_within_join_timeout(tiny_shapes, tmp_path):
+    """One node of NNODES=2 alone: torchrun gives up after JOIN_TIMEOUT seconds, and nothing
+    has been written (no process started)."""
+    node = start_node("frontend", f"127.0.0.1:{free_port()}", tiny_shapes, tmp_path / "runs",
+                      JOIN_TIMEOUT="2")
+    output = node_output(node, timeout=60)
+    assert node.returncode != 0 and "RendezvousTimeoutError" in output, output[-3000:]
+    assert not (tmp_path / "runs").exists()
