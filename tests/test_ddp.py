@@ -1,6 +1,6 @@
 """DDP on CPU (gloo, 2 processes): one shared run directory, rank-0-only files, and a validation
 mIoU identical to a single process on the same checkpoint and data, also when the processes
-get different numbers of images."""
+get different numbers of images; the same for two torchrun nodes simulated on one machine."""
 
 from __future__ import annotations
 
