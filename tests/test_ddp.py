@@ -222,8 +222,8 @@ def test_sigterm_stops_with_a_failure_status_and_keeps_the_run(tiny_shapes, tmp_
 
 
 def cache_on_rank(rank: int, root: Path, cache_dir: Path, sent: list):
-    """FrontendLogitsCache set up and attached as global rank ``rank`` of 2 sees it: rank 0
-    appends what it broadcasts to ``sent``, rank 1 receives that. Returns the data module."""
+    """Set up and attach a FrontendLogitsCache as global rank ``rank`` of 2 processes does
+    (rank 0 appends what it broadcasts to ``sent``, rank 1 receives that); the data module."""
     import torch
 
     from dilatedseg.data import ShapesDataModule
@@ -364,7 +364,7 @@ def test_two_torchrun_nodes_share_one_run_written_by_rank_zero(two_nodes, tiny_s
     assert summary["best_val_mIoU"] == pytest.approx(single["val/mIoU"], abs=1e-4)
 
 
-def test_a_node_that_never_joins_stops_the_other_within_join_timeout(tiny_shapes, tmp_path):
+def test_a_node_left_alone_stops_after_join_timeout(tiny_shapes, tmp_path):
     """One node of NNODES=2 alone: torchrun gives up after JOIN_TIMEOUT seconds, and nothing
     has been written (no process started)."""
     node = start_node("frontend", f"127.0.0.1:{free_port()}", tiny_shapes, tmp_path / "runs",
