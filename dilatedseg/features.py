@@ -13,8 +13,9 @@ shapes, offsets); both .bin files are read memory-mapped. ``key`` hashes the fro
 weights and input normalisation, the data module's class, every file's path / size / mtime and
 the first image's size, so a new front-end checkpoint or changed data gives a new directory (old
 ones can be deleted freely). A cache is written to a temporary directory and renamed when
-complete, so an interrupted build is never used. Under DDP rank 0 builds it while the other
-ranks wait at a barrier.
+complete, so an interrupted build is never used. Under DDP global rank 0 builds it (and names
+the directory: its key) while the other processes wait; on several nodes they read it through a
+shared filesystem.
 
 Augmentation: the cache holds whole, un-augmented images, so random crops and scaling are not
 available (``crop_size`` and ``crops_per_image`` are ignored: training is on whole images, as
@@ -264,17 +265,33 @@ class FrontendLogitsCache(Callback):
             dataset = getattr(datamodule, "datasets", {}).get(split)
             if not isinstance(dataset, CachedLogitsDataset) or dataset.source is None:
                 continue
-            key = cache_key(segmenter, dataset.source, kind)
-            directory = self.root(trainer) / f"{split}-{key}"
-            if trainer.is_global_zero and not (directory / "index.json").is_file():
-                rank_zero_info(f"feature cache: computing front-end logits of "
-                               f"{len(dataset.source)} '{split}' images into {directory}")
-                build_cache(directory, segmenter, dataset.source, pl_module.device, tile,
-                            getattr(datamodule, "num_workers", 0))
-            else:
-                rank_zero_info(f"feature cache: using {directory}")
-            trainer.strategy.barrier("feature_cache")
+            directory = None
+            if trainer.is_global_zero:
+                key = cache_key(segmenter, dataset.source, kind)
+                directory = self.root(trainer) / f"{split}-{key}"
+                if not (directory / "index.json").is_file():
+                    rank_zero_info(f"feature cache: computing front-end logits of "
+                                   f"{len(dataset.source)} '{split}' images into {directory}")
+                    build_cache(directory, segmenter, dataset.source, pl_module.device, tile,
+                                getattr(datamodule, "num_workers", 0))
+                else:
+                    rank_zero_info(f"feature cache: using {directory}")
+            # Rank 0's choice, also where another node's copy of the data hashes differently
+            # (its files' times); the others wait here until it is built.
+            directory = trainer.strategy.broadcast(directory)
+            check_visible(directory, trainer.global_rank)
             dataset.attach(directory)
+
+
+def check_visible(directory: Path, rank: int) -> None:
+    """The cache rank 0 built must be readable here: on another node only through a
+    filesystem both share."""
+    if not (directory / "index.json").is_file():
+        raise RunError(
+            f"feature cache: process {rank} cannot see {directory}, which global rank 0 "
+            "built: training on several nodes with the cache needs the runs folder (or "
+            "--model.feature_cache_dir) on a filesystem every node shares; put it there, or "
+            "train uncached (--model.feature_cache=false)")
 
 
 def check_cacheable(hparams) -> None:

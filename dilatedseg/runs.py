@@ -84,15 +84,20 @@ def resolve_run_dir(runs_dir: str, dataset: str, stage: str, subcommand: str,
     elif not is_global_rank_zero():
         # A node > 0 of a multi-node launch by hand (NODE_RANK, no torchrun or SLURM): node 0
         # names and makes the run's version_N; this process writes nothing into it.
-        return parent / "version-of-node-0"
+        run_dir = parent / "version-of-node-0"
     else:
         run_dir = None
     forget_earlier_runs()  # a failure now concerns only what this run makes
+    if not is_global_rank_zero():
+        # Only global rank 0 makes the directories (and takes them back if the start fails):
+        # one another process made, on this node or another, would outlive a failed start.
+        os.environ[RUN_DIR_ENV] = str(run_dir)
+        return run_dir
     made = make_directories(parent if run_dir is None else run_dir)
     if run_dir is None:  # a new version_N
         run_dir = claim_next_version(parent, "version" if subcommand == "fit" else subcommand)
         made.insert(0, run_dir)
-    if made[:1] == [run_dir]:  # not a resumed run's, nor one another process of the job made
+    if made[:1] == [run_dir]:  # not a resumed run's, nor an earlier start's of this job
         _created_run_dirs.extend(made)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir

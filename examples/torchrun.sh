@@ -6,6 +6,8 @@
 #   NPROC=2 ARGS="--trainer.max_epochs=1" examples/torchrun.sh   # CPU-only machine: 2 processes
 #   # two nodes, 4 GPUs each: the same command on both, MASTER = a host:port of the first node
 #   NNODES=2 NPROC=4 MASTER=node0:29500 JOB_ID=exp42 examples/torchrun.sh
+#   # torchrun waits JOIN_TIMEOUT seconds (default 600) for all nodes, then fails with a
+#   # RendezvousTimeoutError: start the script on every node within that time.
 #
 # All processes write into runs/<dataset>/<stage>/torchrun-<run id>/ (files by rank 0 only);
 # the run id is JOB_ID across nodes, a fresh one on a single node. data.batch_size is per
@@ -28,7 +30,7 @@ fi
 if [ "${NNODES}" -gt 1 ]; then
   : "${MASTER:?set MASTER=host:port of the first node}" "${JOB_ID:?set JOB_ID, the same on every node}"
   RENDEZVOUS=(--nnodes="${NNODES}" --rdzv-backend=c10d --rdzv-endpoint="${MASTER}"
-              --rdzv-id="${JOB_ID}")
+              --rdzv-id="${JOB_ID}" --rdzv-conf="join_timeout=${JOIN_TIMEOUT:-600}")
 else
   RENDEZVOUS=(--standalone)
 fi
