@@ -303,6 +303,9 @@ class SegmentationDataModule(L.LightningDataModule):
     layouts: tuple[str, ...] = ()  # on-disk variants a dataset reads, the default first
     source = ""  # where to download it, shown when data is missing
     layout_name: str | None = None
+    # How the command reading the data spells its root / layout options in messages: the
+    # LightningCLI's, or "--" for `dilatedseg prepare` (--root, --layout).
+    option_prefix = "--data.init_args."
 
     def __init__(
         self,
@@ -432,7 +435,7 @@ class SegmentationDataModule(L.LightningDataModule):
             if found is None:
                 raise
             root, layout = found
-            options = [f"--data.init_args.{key}={value}" for key, value, ours in (
+            options = [f"{self.option_prefix}{key}={value}" for key, value, ours in (
                 ("root", root, self.root), ("layout", layout, self.layout_name)) if value != ours]
             problem = str(error).splitlines()[0].rstrip(".")
             raise DataError(f"{problem}, but {root} holds the {self.name} tree"

@@ -30,7 +30,9 @@ from dilatedseg.data import (
 def report(module: SegmentationDataModule, splits: tuple[str, ...]) -> None:
     """Read every labelled image and label of ``splits`` (sizes, label values: what setup
     checks before training; the module is made with ``label_check="all"``) and print the
-    counts; raises DataError naming a broken file."""
+    counts; raises DataError naming a broken file, or the --root / --layout that holds the
+    tree when they are off."""
+    module.option_prefix = "--"
     counts = []
     for split in splits:
         print(f"checking every file of {module.name} {split} ...", flush=True)
