@@ -11,8 +11,8 @@ exactly the argv a ``wandb agent`` would build from the config's ``command`` (``
 sweep's values, e.g. to shrink trials). Run outside the checkout, the relative ``--config``
 files of the command and the EXTRA arguments that the working directory lacks are read from
 the checkout. Trials log to W&B offline; each trial's metrics come back from its run summary
-(see :class:`dilatedseg.summary.RunSummary`) and feed the next proposal. The result is a table of
-trials sorted by the sweep's metric, also written as trials.csv under
+(see :class:`dilatedseg.summary.RunSummary`) and feed the next proposal. The result is a
+table of trials sorted by the sweep's metric, also written as trials.csv under
 ``<runs_dir>/sweeps/<name>-<time>/`` beside each trial's log.
 
 A context-stage sweep starts from a trained front-end (``init_from: auto``): the local runner
