@@ -157,9 +157,17 @@ class DilatedSegCLI(LightningCLI):
         if subcommand == "fit":
             check_resume_stage(ckpt_path, self.checkpoint_hparams, config.model.stage)
         asked = {} if subcommand == "fit" else self.evaluation_options_set(config.model)
+        typed = {key: config.model.get(key) for key in typed_model_options(self.command_line)}
         super()._parse_ckpt_path()
         for key, value in asked.items():
             self.config[subcommand].model[key] = value
+        model = self.config[subcommand].model
+        replaced = [f"--model.{key}={value} by its {model.get(key)}"
+                    for key, value in typed.items() if model.get(key) != value]
+        if replaced and is_global_rank_zero():
+            print(f"--ckpt_path keeps the checkpoint's model, replacing {', '.join(replaced)}: "
+                  "for other model options, start from its weights with "
+                  f"--model.init_from={ckpt_path}", file=sys.stderr)
 
     def evaluation_options_set(self, model) -> dict:
         """The evaluation options the user set: typed (none / null included), or other than
@@ -368,6 +376,12 @@ def check_predict_output(output: Path) -> None:
             f"--output={output} already holds predictions ({folders}): they would be "
             "overwritten or mixed with these. Name a new folder, or move or delete that one "
             "first")
+
+
+def typed_model_options(command_line: list[str]) -> list[str]:
+    """The keys of the ``--model.<key>`` options on the command line."""
+    return [arg.removeprefix("--model.").split("=", 1)[0].split(".")[0] for arg in command_line
+            if arg.startswith("--model.")]
 
 
 def typed_options(command_line: list[str]) -> set[str]:

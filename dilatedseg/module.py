@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from pathlib import Path
 
 import lightning as L
@@ -52,6 +53,11 @@ def check_hyperparameters(hp) -> None:
             f"lr_schedule must be 'poly', 'step' or 'constant', got {hp.lr_schedule!r}")
     if hp.crf not in CRF_MODES:
         raise ValueError(f"crf must be one of {CRF_MODES}, got {hp.crf!r}")
+    options = set(inspect.signature(DenseCRF).parameters) - {"num_classes", "trainable"}
+    unknown = sorted(set(hp.crf_options or {}) - options) if hp.crf != "none" else []
+    if unknown:
+        raise ValueError(f"crf_options has no {', '.join(unknown)}: its keys are "
+                         f"{', '.join(sorted(options))} (--model.crf picks dense or rnn)")
     if hp.lr <= 0 or not 0 <= hp.momentum < 1 or hp.weight_decay < 0:
         raise ValueError(f"need lr > 0, 0 <= momentum < 1 and weight_decay >= 0, got "
                          f"lr={hp.lr}, momentum={hp.momentum}, weight_decay={hp.weight_decay}")

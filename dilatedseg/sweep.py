@@ -8,11 +8,11 @@ package: grid / random / bayes) proposes each trial, and the trial runs as a sub
 exactly the argv a ``wandb agent`` would build from the config's ``command`` (``${args}`` ->
 ``--name=value`` per parameter, ``${env}``, ``${interpreter}``, ``${program}``,
 ``${envvar:NAME}``, by W&B's own code), followed by any EXTRA arguments (they override the
-sweep's values, e.g. to shrink trials). Run outside the checkout, the command's relative
-``--config`` files that the working directory lacks are read from the checkout. Trials log
-to W&B offline; each trial's metrics come back from its run summary (see
-:class:`dilatedseg.summary.RunSummary`) and feed the next proposal. The result is a table of
-trials sorted by the sweep's metric, also written as trials.csv under
+sweep's values, e.g. to shrink trials). Run outside the checkout, the relative ``--config``
+files of the command and the EXTRA arguments that the working directory lacks are read from
+the checkout. Trials log to W&B offline; each trial's metrics come back from its run summary
+(see :class:`dilatedseg.summary.RunSummary`) and feed the next proposal. The result is a
+table of trials sorted by the sweep's metric, also written as trials.csv under
 ``<runs_dir>/sweeps/<name>-<time>/`` beside each trial's log.
 
 A context-stage sweep starts from a trained front-end (``init_from: auto``): the local runner
@@ -125,14 +125,14 @@ def unreadable_by_dilatedseg(parameters: dict, command: list) -> list[str]:
     return problems
 
 
-def checkout_configs(config: dict) -> tuple[dict, list[str]]:
-    """The sweep whose command reads each relative ``--config`` file that the working
-    directory lacks from the package checkout (as conf/base.yaml is), and those files' names."""
+def checkout_configs(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``argv`` reading each relative ``--config`` file that the working directory lacks from
+    the package checkout (as conf/base.yaml is), and those files' names."""
     from dilatedseg.cli import project_file
 
-    command, moved, previous = [], [], None
+    located, moved, previous = [], [], None
 
-    def located(value: str) -> str:
+    def checkout_file(value: str) -> str:
         if Path(value).is_absolute() or Path(value).is_file() or "${" in value:
             return value
         found = project_file(value)
@@ -140,14 +140,14 @@ def checkout_configs(config: dict) -> tuple[dict, list[str]]:
             moved.append(value)
         return str(found or value)
 
-    for part in map(str, config.get("command") or DEFAULT_COMMAND):
+    for part in map(str, argv):
         if previous in ("--config", "-c"):
-            part = located(part)
+            part = checkout_file(part)
         elif part.startswith("--config="):
-            part = "--config=" + located(part.split("=", 1)[1])
-        command.append(part)
+            part = "--config=" + checkout_file(part.split("=", 1)[1])
+        located.append(part)
         previous = part
-    return ({**config, "command": command} if moved else config), moved
+    return located, moved
 
 
 def plain(value):
@@ -551,18 +551,20 @@ def main(argv: list[str]) -> None:
         parser.error("--count must be >= 1")
     config = load_sweep(args.config)
     name = config.get("name") or Path(args.config).stem
-    located, moved = checkout_configs(config)
+    command, moved = checkout_configs(config.get("command") or DEFAULT_COMMAND)
+    extra, moved_extra = checkout_configs(extra)
+    moved += moved_extra
     if moved:
         from dilatedseg.cli import PACKAGE_ROOT
 
         if not args.local:
             raise SweepError(
-                f"the sweep's command reads {', '.join(moved)} in the working directory, which "
+                f"the trials' command reads {', '.join(moved)} in the working directory, which "
                 "has no such file: a W&B agent runs the command where it starts. Start this "
                 f"one (and every `wandb agent` of the sweep) in the checkout: cd {PACKAGE_ROOT}")
         print(f"{', '.join(moved)}: not in this directory; the trials read them from the "
               f"package checkout {PACKAGE_ROOT}", flush=True)
-        config = located
+        config = {**config, "command": command}
     if args.local:
         run_local(config, name, args.count, extra, Path(args.out) if args.out else None)
     else:  # in the order `wandb sweep` takes them

@@ -245,6 +245,23 @@ def test_resume_from_last_checkpoint_continues_epochs(tiny_shapes, tmp_path):
     assert {row["epoch"] for row in csv.DictReader((resumed / "metrics.csv").open())} == {"1"}
 
 
+def test_model_options_a_resume_replaces_are_named(tiny_shapes, tmp_path, capsys):
+    """Resuming rebuilds the checkpoint's model (Lightning's rule): a typed --model option it
+    replaces was dropped without a word."""
+    args = shapes_args(tiny_shapes, tmp_path, "--trainer.max_epochs=1",
+                       "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1")
+    run_cli("fit", *args)
+    last = only_run(tmp_path / "shapes" / "frontend") / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+    run_cli("fit", *args, "--trainer.max_epochs=2", f"--ckpt_path={last}", "--model.lr=0.5",
+            "--model.optimizer=adam")  # adam: the checkpoint's too, so not replaced
+    assert "--ckpt_path keeps the checkpoint's model, replacing --model.lr=0.5 by its 0.002: " \
+           f"for other model options, start from its weights with --model.init_from={last}\n" \
+        in capsys.readouterr().err
+    resumed = (last.parent.parent / "resume_0" / "config.yaml").read_text()
+    assert "lr: 0.002" in resumed and "lr: 0.5" not in resumed
+
+
 def test_last_checkpoint_is_the_latest_epoch_even_when_the_best_is_older(tiny_shapes, tmp_path):
     """A learning rate too small to change the predictions: epoch 0 stays the best, and
     last.ckpt (what a resume starts from) still holds epoch 1."""

@@ -59,6 +59,18 @@ def test_prepare_names_a_source_label_with_undefined_ids(tmp_path):
     assert not source.with_name(source.name.replace("labelIds", "labelTrainIds")).exists()
 
 
+def test_prepare_of_a_root_one_level_off_names_the_folder_that_holds_cityscapes(tmp_path):
+    """Was "no gtFine/... under <root>" and, as the fix, the command that had just failed."""
+    root = make_cityscapes(tmp_path / "cityscapes")
+    for wrong in (tmp_path, root / "gtFine"):
+        with pytest.raises(DataError, match=f"_gtFine_labelIds.png under {wrong}, but {root} "
+                                            f"holds the cityscapes tree: pass --root={root}$"):
+            prepare(["cityscapes", "--root", str(wrong)])
+    with pytest.raises(DataError, match="Prepare it with: dilatedseg prepare cityscapes"):
+        prepare(["cityscapes", "--root", str(tmp_path / "nowhere")])  # nothing nearby
+    prepare(["cityscapes", "--root", str(root)])  # what it says works
+
+
 def test_prepare_writes_train_ids_equal_to_on_the_fly_mapping(tmp_path):
     root = make_cityscapes(tmp_path / "cityscapes")
     module = CityscapesDataModule(root=str(root))

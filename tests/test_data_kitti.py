@@ -15,6 +15,7 @@ from fixtures_datasets import (
 from PIL import Image
 
 from dilatedseg.data import DataError, KITTIDataModule, camvid, cityscapes
+from dilatedseg.prepare import main as prepare
 
 
 def test_ros_colour_labels_decode_to_camvid_classes(tmp_path):
@@ -144,6 +145,20 @@ def test_semantic_benchmark_read_with_the_default_layout_names_the_layout(tmp_pa
                                         f"missing, but {root} holds the kitti tree of layout "
                                         "semantics: pass --data.init_args.layout=semantics$"):
         KITTIDataModule(root=str(root)).checked_pairs("train")
+
+
+def test_prepare_names_its_own_options_for_the_folder_that_holds_the_tree(tmp_path):
+    """`dilatedseg prepare` takes --root / --layout: it said "pass --data.init_args.root=...",
+    which prepare refuses."""
+    ros = make_kitti_ros(tmp_path / "kitti" / "KITTI_SEMANTIC")
+    with pytest.raises(DataError, match=f"but {ros} holds the kitti tree: pass --root={ros}$"):
+        prepare(["kitti", "--root", str(ros.parent)])
+    semantics = make_kitti_semantics(tmp_path / "data_semantics")
+    with pytest.raises(DataError, match=f"but {semantics} holds the kitti tree of layout "
+                                        "semantics: pass --layout=semantics$"):
+        prepare(["kitti", "--root", str(semantics)])
+    prepare(["kitti", "--root", str(ros)])  # what the message says works
+    prepare(["kitti", "--root", str(semantics), "--layout=semantics"])
 
 
 def test_semantics_predictions_are_written_back_as_label_ids():

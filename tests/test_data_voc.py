@@ -13,7 +13,7 @@ from conftest import run_cli
 from fixtures_datasets import REPO, assert_scored, logged_metrics, make_voc, tiny_args
 from PIL import Image
 
-from dilatedseg.data import VOCDataModule
+from dilatedseg.data import DataError, VOCDataModule
 from dilatedseg.data.voc import CLASSES
 from dilatedseg.prepare import main as prepare
 
@@ -49,6 +49,17 @@ def test_prepare_converts_sbd_and_writes_train_aug(voc_root):
     values = set(np.unique(sample["label"].numpy()).tolist())
     assert 255 in values and values - {255} <= set(range(21))  # 255 borders kept as ignore
 
+
+
+def test_prepare_of_a_root_one_level_off_names_the_folder_that_holds_voc(tmp_path):
+    """Was only "VOCdevkit/VOC2012/JPEGImages is missing" and, as the fix, the command that
+    had just failed."""
+    root = make_voc(tmp_path / "voc")
+    for wrong in (tmp_path, root / "VOCdevkit"):
+        with pytest.raises(DataError, match=f"JPEGImages is missing .*, but {root} holds the "
+                                            f"voc tree: pass --root={root}$"):
+            prepare(["voc", "--root", str(wrong)])
+    prepare(["voc", "--root", str(root)])  # what it says works
 
 
 def test_mean_pixel_is_the_papers_in_rgb_order():

@@ -14,6 +14,7 @@ import yaml
 from conftest import REPO, run_cli, shapes_args
 
 from dilatedseg.sweep import SweepError, load_sweep, parse_trial, trial_argv
+from dilatedseg.sweep import main as sweep_main
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -386,22 +387,9 @@ def test_a_local_sweep_runs_from_any_working_directory(tmp_path, monkeypatch, ca
     """`dilatedseg sweep /path/to/checkout/sweeps/dilations.yaml --local` where there is no
     conf/: the --config files of the sweep's command (and of the front-end it trains first)
     are the package checkout's, as conf/base.yaml is; a bare sweeps/X.yaml is found there too."""
-    import dilatedseg.sweep as sweep
-
     monkeypatch.chdir(tmp_path)
-    calls = []
-
-    def run(argv, log, env):
-        calls.append(argv)
-        if "--model.init_from=" not in " ".join(argv):  # the front-end
-            save_checkpoint(tmp_path / "runs/shapes/frontend/version_0")
-        else:
-            summary = {"run": "r", "metrics": {"val/mIoU": 1.0}, "history": []}
-            Path(env["DILATEDSEG_SUMMARY_PATH"]).write_text(json.dumps(summary))
-        return 0
-
-    monkeypatch.setattr(sweep, "run_logged", run)
-    sweep.main([str(REPO / "sweeps/dilations.yaml"), "--local", "--count", "1"])
+    calls = fake_trials(monkeypatch, tmp_path / "runs")
+    sweep_main([str(REPO / "sweeps/dilations.yaml"), "--local", "--count", "1"])
     frontend, trial = calls
     assert frontend[2:6] == ["--config", str(REPO / "conf/shapes.yaml"),
                              "--config", str(REPO / "conf/stage/frontend.yaml")]
@@ -412,6 +400,39 @@ def test_a_local_sweep_runs_from_any_working_directory(tmp_path, monkeypatch, ca
     assert "not in this directory; the trials read them from the package checkout" in (
         capsys.readouterr().out)
     assert load_sweep("sweeps/dilations.yaml") == load_sweep(REPO / "sweeps/dilations.yaml")
+
+
+def test_extra_configs_outside_the_checkout_are_the_checkouts(tmp_path, monkeypatch, capsys):
+    """`--config conf/debug.yaml` after the sweep file, outside the checkout, is read from it as
+    the command's configs are: it was "File does not exist: <here>/conf/debug.yaml"."""
+    monkeypatch.chdir(tmp_path)
+    calls = fake_trials(monkeypatch, tmp_path / "runs/debug")
+    sweep_main(["sweeps/dilations.yaml", "--local", "--count", "1", "--config", "conf/debug.yaml"])
+    assert len(calls) == 2  # the debug front-end, then the trial
+    for argv in calls:
+        assert argv[argv.index(str(REPO / "conf/debug.yaml")) - 1] == "--config"
+    assert "conf/shapes/context.yaml, conf/debug.yaml: not in this directory; the trials read " \
+           "them from the package checkout" in capsys.readouterr().out
+
+
+def fake_trials(monkeypatch, runs: Path) -> list[list[str]]:
+    """The argv of each run a sweep starts, in place of running it: a front-end run saves a
+    checkpoint under ``runs``, a trial reports val/mIoU 1.0."""
+    import dilatedseg.sweep as sweep
+
+    calls = []
+
+    def run(argv, log, env):
+        calls.append(argv)
+        if "--model.init_from=" not in " ".join(argv):  # the front-end
+            save_checkpoint(runs / "shapes/frontend/version_0")
+        else:
+            summary = {"run": "r", "metrics": {"val/mIoU": 1.0}, "history": []}
+            Path(env["DILATEDSEG_SUMMARY_PATH"]).write_text(json.dumps(summary))
+        return 0
+
+    monkeypatch.setattr(sweep, "run_logged", run)
+    return calls
 
 
 def test_a_server_sweep_outside_the_checkout_is_refused(tmp_path, monkeypatch):

@@ -303,6 +303,9 @@ class SegmentationDataModule(L.LightningDataModule):
     layouts: tuple[str, ...] = ()  # on-disk variants a dataset reads, the default first
     source = ""  # where to download it, shown when data is missing
     layout_name: str | None = None
+    # How the command reading the data spells its root / layout options in messages: the
+    # LightningCLI's, or "--" for `dilatedseg prepare` (--root, --layout).
+    option_prefix = "--data.init_args."
 
     def __init__(
         self,
@@ -428,16 +431,7 @@ class SegmentationDataModule(L.LightningDataModule):
         try:
             pairs = self.pairs(split)
         except DataError as error:
-            found = self.nearby_tree(split)
-            if found is None:
-                raise
-            root, layout = found
-            options = [f"--data.init_args.{key}={value}" for key, value, ours in (
-                ("root", root, self.root), ("layout", layout, self.layout_name)) if value != ours]
-            problem = str(error).splitlines()[0].rstrip(".")
-            raise DataError(f"{problem}, but {root} holds the {self.name} tree"
-                            f"{f' of layout {layout}' if layout != self.layout_name else ''}: "
-                            f"pass {' '.join(options)}") from None
+            raise self.elsewhere(error, split) from None
         if not pairs:
             raise self.missing(f"no images found for split '{split}'")
         if labelled and all(label is None for _, label in pairs):
@@ -451,6 +445,20 @@ class SegmentationDataModule(L.LightningDataModule):
             if label is not None and not label.is_file():
                 raise self.missing(f"image {image} has no label file {label}")
         return pairs
+
+    def elsewhere(self, error: DataError, split: str) -> DataError:
+        """``error`` (files missing under the root), or, when a folder or layout nearby holds
+        ``split``'s files (:meth:`nearby_tree`), an error naming the options that read them."""
+        found = self.nearby_tree(split) if self.root.is_dir() else None
+        if found is None:
+            return error
+        root, layout = found
+        options = [f"{self.option_prefix}{key}={value}" for key, value, ours in (
+            ("root", root, self.root), ("layout", layout, self.layout_name)) if value != ours]
+        problem = str(error).splitlines()[0].rstrip(".")
+        return DataError(f"{problem}, but {root} holds the {self.name} tree"
+                         f"{f' of layout {layout}' if layout != self.layout_name else ''}: "
+                         f"pass {' '.join(options)}")
 
     def nearby_tree(self, split: str, limit: int = 100) -> tuple[Path, str | None] | None:
         """(root, layout) of the files ``split`` would be read from when the root or layout is

@@ -20,6 +20,7 @@ from pathlib import Path
 from dilatedseg.data import (
     CamVidDataModule,
     CityscapesDataModule,
+    DataError,
     KITTIDataModule,
     SegmentationDataModule,
     ShapesDataModule,
@@ -27,10 +28,26 @@ from dilatedseg.data import (
 )
 
 
+def checking(module_class: type[SegmentationDataModule], **options) -> SegmentationDataModule:
+    """A data module that checks every label (``label_check="all"``) and whose messages name
+    prepare's options (--root=, --layout=) where a folder or layout nearby holds the tree."""
+    module = module_class(label_check="all", **options)
+    module.option_prefix = "--"
+    return module
+
+
+def converted(module: SegmentationDataModule, convert) -> None:
+    """``convert(root)``; a tree it cannot find under the root, where a folder nearby holds
+    the files, names that folder."""
+    try:
+        convert(module.root)
+    except DataError as error:
+        raise module.elsewhere(error, "val") from None
+
+
 def report(module: SegmentationDataModule, splits: tuple[str, ...]) -> None:
     """Read every labelled image and label of ``splits`` (sizes, label values: what setup
-    checks before training; the module is made with ``label_check="all"``) and print the
-    counts; raises DataError naming a broken file."""
+    checks before training) and print the counts; raises DataError naming a broken file."""
     counts = []
     for split in splits:
         print(f"checking every file of {module.name} {split} ...", flush=True)
@@ -47,8 +64,9 @@ def prepare_shapes(args: argparse.Namespace) -> None:
 def prepare_voc(args: argparse.Namespace) -> None:
     from dilatedseg.prepare.voc import prepare_voc
 
-    prepare_voc(Path(args.root))
-    report(VOCDataModule(root=args.root, label_check="all"), ("train", "val"))
+    module = checking(VOCDataModule, root=args.root)
+    converted(module, prepare_voc)
+    report(module, ("train", "val"))
 
 
 def prepare_camvid(args: argparse.Namespace) -> None:
@@ -56,20 +74,21 @@ def prepare_camvid(args: argparse.Namespace) -> None:
         from dilatedseg.prepare.camvid import convert_original
 
         convert_original(Path(args.root), Path(args.splits) if args.splits else None)
-    report(CamVidDataModule(root=args.root, layout=args.layout, label_check="all"),
+    report(checking(CamVidDataModule, root=args.root, layout=args.layout),
            ("train", "val", "test"))
 
 
 def prepare_kitti(args: argparse.Namespace) -> None:
     splits = ("train", "val") if args.layout == "ros" else ("train", "val", "test")
-    report(KITTIDataModule(root=args.root, layout=args.layout, label_check="all"), splits)
+    report(checking(KITTIDataModule, root=args.root, layout=args.layout), splits)
 
 
 def prepare_cityscapes(args: argparse.Namespace) -> None:
     from dilatedseg.prepare.cityscapes import prepare_cityscapes
 
-    prepare_cityscapes(Path(args.root))
-    report(CityscapesDataModule(root=args.root, label_check="all"), ("train", "val"))
+    module = checking(CityscapesDataModule, root=args.root)
+    converted(module, prepare_cityscapes)
+    report(module, ("train", "val"))
 
 
 def main(argv: list[str]) -> None:
