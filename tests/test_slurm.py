@@ -19,6 +19,8 @@ import yaml
 from conftest import shapes_args
 from test_ddp import free_port, fresh_env
 
+from dilatedseg.runs import restart_checkpoint
+
 JOB_ID = "4242"
 TASKS = 2
 STAGE_DIR = Path("shapes/frontend")
@@ -98,33 +100,61 @@ def test_a_two_node_slurm_job_trains_in_one_run_dir(tiny_shapes, tmp_path):
     assert not (tmp_path / "scontrol.log").exists()  # no signal, no requeue
 
 
-EPOCHS = 20
+EPOCHS = 10
 
 
 def test_a_requeued_slurm_job_continues_its_run(tiny_shapes, tmp_path):
     """SIGUSR1 to every task after the first epoch: Lightning saves hpc_ckpt_1.ckpt in the
-    run directory (its default_root_dir), rank 0 alone requeues the job; the requeued job
-    (same id, SLURM_RESTART_COUNT=1, same command) finds the run and that checkpoint and
-    trains the epochs after it, in the same directory, to the end."""
+    run directory (its default_root_dir), rank 0 alone requeues the job, and the requeued job
+    continues from that checkpoint."""
     log = fake_scontrol(tmp_path)
-    epochs = f"--trainer.max_epochs={EPOCHS}"
-    tasks = start_job(tmp_path, tiny_shapes, 0, epochs)
-    run_dir = tmp_path / "runs" / STAGE_DIR / f"slurm-{JOB_ID}"
-    deadline = time.monotonic() + 300
-    while not (run_dir / "checkpoints/last.ckpt").is_file() and time.monotonic() < deadline:
-        if any(task.poll() is not None for task in tasks):
-            finish(tasks, {"(running until the signal)"})
-        time.sleep(0.1)
+    tasks, run_dir = train_until_first_checkpoint(tmp_path, tiny_shapes)
     for task in tasks:
         task.send_signal(signal.SIGUSR1)
     outputs = finish(tasks, {128 + signal.SIGTERM})
     assert log.read_text() == f"requeue {JOB_ID}\n", outputs[0][-3000:]  # rank 0, once
     hpc = torch.load(run_dir / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=True)
     assert 1 <= hpc["epoch"] < EPOCHS - 1 and hpc["global_step"] >= 2
+    check_requeued_job_continues(tmp_path, tiny_shapes, run_dir / "hpc_ckpt_1.ckpt",
+                                 hpc["epoch"])
 
-    outputs = finish(start_job(tmp_path, tiny_shapes, 1, epochs), {0})
-    assert f"Restoring states from the checkpoint path at {run_dir / 'hpc_ckpt_1.ckpt'}" in (
-        outputs[0])
+
+def test_a_job_requeued_without_the_signal_continues_from_last_ckpt(tiny_shapes, tmp_path):
+    """Preempted, or requeued after a node failure: SLURM ends the tasks with SIGTERM and
+    sends no SIGUSR1, so there is no hpc checkpoint. The requeued job used to train its run
+    again from the first epoch (Lightning resumes only from an hpc checkpoint), over the
+    first start's checkpoints and summary."""
+    fake_scontrol(tmp_path)
+    tasks, run_dir = train_until_first_checkpoint(tmp_path, tiny_shapes)
+    for task in tasks:
+        task.send_signal(signal.SIGTERM)
+    finish(tasks, {128 + signal.SIGTERM})
+    last = run_dir / "checkpoints/last.ckpt"
+    epoch = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
+    check_requeued_job_continues(tmp_path, tiny_shapes, last, epoch + 1)  # (epoch's end)
+
+
+def train_until_first_checkpoint(tmp: Path, data: Path) -> tuple[list, Path]:
+    """A job's first start, training EPOCHS epochs, once it saved its first last.ckpt; the
+    tasks and the run directory."""
+    tasks = start_job(tmp, data, 0, f"--trainer.max_epochs={EPOCHS}")
+    run_dir = tmp / "runs" / STAGE_DIR / f"slurm-{JOB_ID}"
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints/last.ckpt").is_file() and time.monotonic() < deadline:
+        if any(task.poll() is not None for task in tasks):
+            finish(tasks, {"(running until the signal)"})
+        time.sleep(0.1)
+    return tasks, run_dir
+
+
+def check_requeued_job_continues(tmp: Path, data: Path, checkpoint: Path, epoch: int) -> None:
+    """The requeued job (same id and command, SLURM_RESTART_COUNT=1) resumes from
+    ``checkpoint`` in the same run directory, trains from ``epoch`` to the end, and the run's
+    summary holds every epoch once."""
+    outputs = finish(start_job(tmp, data, 1, f"--trainer.max_epochs={EPOCHS}"), {0})
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else (
+        checkpoint.parent)
+    assert f"Restoring states from the checkpoint path at {checkpoint}" in outputs[0]
     assert [p.name for p in run_dir.parent.iterdir()] == [run_dir.name]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [(row["epoch"], row["step"]) for row in summary["history"]] == [
@@ -132,7 +162,29 @@ def test_a_requeued_slurm_job_continues_its_run(tiny_shapes, tmp_path):
     # The requeued start (its own config and CSV log in resume_0) trained only what was left.
     rows = (run_dir / "resume_0/metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
-    first_epoch = min(int(row.split(",")[header.index("epoch")]) for row in rows[1:])
-    assert first_epoch == hpc["epoch"]
+    assert min(int(row.split(",")[header.index("epoch")]) for row in rows[1:]) == epoch
     assert (run_dir / "resume_0/command.txt").read_text() == (
         run_dir / "command.txt").read_text()
+
+
+def test_a_restarted_job_resumes_from_its_newest_checkpoint(tmp_path, monkeypatch):
+    """Lightning alone would take hpc_ckpt_2 below, older than last.ckpt (an earlier
+    requeue's), and repeat the epochs trained since."""
+    for name in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(name, raising=False)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    assert restart_checkpoint(tmp_path) is None
+    last.write_bytes(b"")
+    assert restart_checkpoint(tmp_path) is None  # a job's first start: its command decides
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert restart_checkpoint(tmp_path) == last
+    for age, path in enumerate([last, tmp_path / "hpc_ckpt_1.ckpt", tmp_path / "hpc_ckpt_2.ckpt"]):
+        path.write_bytes(b"")
+        os.utime(path, (1000 - age, 1000 - age))  # last.ckpt newest
+    assert restart_checkpoint(tmp_path) == last
+    os.utime(tmp_path / "hpc_ckpt_1.ckpt", (2000, 2000))
+    assert restart_checkpoint(tmp_path) == tmp_path / "hpc_ckpt_1.ckpt"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")  # torchrun --max-restarts
+    assert restart_checkpoint(tmp_path) == tmp_path / "hpc_ckpt_1.ckpt"
