@@ -234,8 +234,9 @@ class DilatedSegCLI(LightningCLI):
         if self.subcommand == "fit" and is_global_rank_zero():
             lock_run_dir(run_dir)  # one training at a time in a run directory
         resume = restart_checkpoint(run_dir) if self.subcommand == "fit" else None
-        if resume and not config.get("ckpt_path"):  # a requeued job goes on where it stopped
-            config.ckpt_path = str(resume)
+        given = config.get("ckpt_path")  # (the job's command: where its first start began)
+        if resume and (not given or resume.stat().st_mtime > Path(given).stat().st_mtime):
+            config.ckpt_path = str(resume)  # a requeued job goes on where it stopped
             if is_global_rank_zero():
                 print(f"restarted job: resuming from {resume}", file=sys.stderr)
         config.trainer.default_root_dir = str(run_dir)
