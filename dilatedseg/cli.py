@@ -59,6 +59,7 @@ from dilatedseg.runs import (
     release_run_lock,
     resolve_checkpoint_alias,
     resolve_run_dir,
+    restart_checkpoint,
     resume_advice,
     run_interrupted,
     run_started,
@@ -232,6 +233,12 @@ class DilatedSegCLI(LightningCLI):
                                   config.get("ckpt_path"), shlex.join(self.command_line))
         if self.subcommand == "fit" and is_global_rank_zero():
             lock_run_dir(run_dir)  # one training at a time in a run directory
+        resume = restart_checkpoint(run_dir) if self.subcommand == "fit" else None
+        given = config.get("ckpt_path")  # (the job's command: where its first start began)
+        if resume and (not given or resume.stat().st_mtime > Path(given).stat().st_mtime):
+            config.ckpt_path = str(resume)  # a requeued job goes on where it stopped
+            if is_global_rank_zero():
+                print(f"restarted job: resuming from {resume}", file=sys.stderr)
         config.trainer.default_root_dir = str(run_dir)
         config.checkpoint.dirpath = str(run_dir / "checkpoints")
         attempt = attempt_dir(run_dir)  # config.yaml and CSV logs of this start

@@ -110,8 +110,7 @@ def job_run_dir(parent: Path, name: str, command: str) -> Path:
     (SLURM requeue, torchrun --max-restarts) continues the directory whose run had the same
     command line (its ``command.txt``). Every process of the job chooses alike: rank 0 writes
     config.yaml only after all have joined the process group."""
-    restarted = any(int(os.environ.get(name, "0") or 0) > 0
-                    for name in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"))
+    restarted = job_restarted()
     for number in itertools.count():
         run_dir = parent / (name if number == 0 else f"{name}_{number}")
         if not (run_dir / "config.yaml").is_file():
@@ -119,6 +118,25 @@ def job_run_dir(parent: Path, name: str, command: str) -> Path:
         recorded = run_dir / COMMAND_FILE
         if restarted and recorded.is_file() and recorded.read_text() == command:
             return run_dir
+
+
+def job_restarted() -> bool:
+    """Whether this is a requeued SLURM job or a torchrun restart (not the job's first start)."""
+    return any(int(os.environ.get(name, "0") or 0) > 0
+               for name in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"))
+
+
+def restart_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint a restarted job's fit continues ``run_dir`` from: the newest of
+    Lightning's ``hpc_ckpt_<n>.ckpt`` (saved on SLURM's requeue signal) and
+    ``checkpoints/last.ckpt``; None on a job's first start or before either exists. Lightning
+    alone takes the highest hpc checkpoint, even one older than last.ckpt (an earlier requeue's),
+    and without one (a job requeued after preemption or a node failure: SIGTERM, no SIGUSR1)
+    trains again from the first epoch."""
+    if not job_restarted():
+        return None
+    found = [*run_dir.glob("hpc_ckpt_*.ckpt"), *filter(None, [last_checkpoint(run_dir)])]
+    return max(found, key=lambda path: path.stat().st_mtime, default=None)
 
 
 def attempt_dir(run_dir: Path) -> Path:
