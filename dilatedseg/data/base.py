@@ -254,6 +254,10 @@ def collate_crops(items: list[dict]) -> dict:
             "name": [name for item in items for name in item["name"]]}
 
 
+# The loaders each Lightning stage sets up (predict: see stage_loaders).
+STAGE_LOADERS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+
+
 class SegmentationDataModule(L.LightningDataModule):
     """Base LightningDataModule; subclasses set the metadata and implement ``pairs``.
 
@@ -482,11 +486,16 @@ class SegmentationDataModule(L.LightningDataModule):
                 return root, layout
         return None
 
-    def stage_splits(self, stage: str) -> list[str]:
-        """The splits ``setup(stage)`` reads."""
+    def stage_loaders(self, stage: str) -> dict[str, str]:
+        """The loaders ``setup(stage)`` makes ("train", "val", "test", "predict"), each with
+        the split it reads; none for a ``predict_dir``."""
         if stage == "predict":
-            return [] if self.predict_dir is not None else [self.predict_split]
-        return {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage, [])
+            return {} if self.predict_dir is not None else {"predict": self.predict_split}
+        return {key: key for key in STAGE_LOADERS.get(stage, ())}
+
+    def stage_splits(self, stage: str) -> list[str]:
+        """The splits whose files are checked before ``setup(stage)`` reads them."""
+        return list(self.stage_loaders(stage).values())
 
     def check_files(self, stage: str) -> None:
         """Fail fast if a split that ``stage`` reads is missing or incomplete (file presence
@@ -550,12 +559,10 @@ class SegmentationDataModule(L.LightningDataModule):
             return {"predict": SegmentationDataset(
                 folder_images(self.predict_dir), self.num_classes, self.read_label,
                 size=self.resize, names_under=self.predict_dir)}
-        splits = {"fit": {"train": "train", "val": "val"}, "validate": {"val": "val"},
-                  "test": {"test": "test"}, "predict": {"predict": self.predict_split}}
         return {key: self.make_dataset(split, train=key == "train",
                                        labelled=stage != "predict",
                                        check=key not in self.checked_ahead)
-                for key, split in splits.get(stage, {}).items()}
+                for key, split in self.stage_loaders(stage).items()}
 
     def setup(self, stage: str) -> None:
         self.datasets.update(self.stage_datasets(stage))
