@@ -9,8 +9,13 @@ INIT ?=
 ARGS ?=
 # The CLI of the PYTHON make installed into, activated or not.
 DILATEDSEG = $(PYTHON) -m dilatedseg.cli
-# The stages `STAGE=all` runs, in order.
-STAGES ?= frontend context crf
+# The stages `STAGE=all` runs, in order: the paper's pipeline for the dataset. CamVid and KITTI
+# train the context module jointly with the front-end (no separate context stage); Cityscapes
+# fine-tunes both jointly after the context stage; the CRF-RNN is VOC's (and the embedded set's).
+STAGES_camvid := frontend joint
+STAGES_kitti := frontend joint
+STAGES_cityscapes := frontend context joint
+STAGES ?= $(or $(STAGES_$(DATASET)),frontend context crf)
 
 export NO_ALBUMENTATIONS_UPDATE := 1
 

@@ -435,6 +435,22 @@ def test_make_runs_the_cli_of_its_python_and_refuses_init_for_all_stages():
         "--config conf/voc.yaml --config conf/stage/crf.yaml --x=1"]
 
 
+def test_make_train_all_runs_each_datasets_paper_stages():
+    """CamVid and KITTI train the context module jointly with the front-end (no separate context
+    stage, REFERENCE §3); Cityscapes fine-tunes jointly after its context stage."""
+    import subprocess
+
+    expected = {"camvid": ["frontend", "joint"], "kitti": ["frontend", "joint"],
+                "cityscapes": ["frontend", "context", "joint"],
+                "voc": ["frontend", "context", "crf"], "shapes": ["frontend", "context", "crf"]}
+    for dataset, stages in expected.items():
+        done = subprocess.run(["make", "-n", "train", f"DATASET={dataset}"], cwd=REPO,
+                              capture_output=True, text=True)
+        fits = [line.split("conf/stage/")[1].split(".yaml")[0]
+                for line in done.stdout.splitlines() if " fit " in line]
+        assert done.returncode == 0 and fits == stages, (dataset, done.stdout)
+
+
 def test_summary_written_after_each_epoch_holds_that_epochs_best(tiny_shapes, tmp_path):
     """An interrupted run's summary.json is current: read at the start of epoch 1, it holds
     epoch 0's validation and its checkpoint as the best."""
