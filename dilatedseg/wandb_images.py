@@ -70,7 +70,11 @@ class WandbImages(Callback):
         if not self.active(trainer):
             return
         logger = self.wandb_logger(trainer)
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step of val/mIoU & co.
+        # The step Lightning logs val/mIoU & co. at. No public value equals it: during a
+        # validation inside fit, trainer.global_step already counts the batch's optimiser step
+        # (one ahead), and equals it only when the validation falls on an accumulating batch.
+        # Lightning's own LearningRateMonitor and DeviceStatsMonitor read this counter too.
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
         class_labels = dict(enumerate(pl_module.class_names))
         class_labels[IGNORE_INDEX] = "ignore"
         if self.samples:

@@ -86,7 +86,12 @@ def build(arguments: list[str], device: str = "meta") -> SegmentationModule:
     """The module `dilatedseg validate <arguments>` builds (linked options from its data
     module), without reading the weights it names."""
     configs = [word for word in arguments if word != "--config"]
-    config = yaml.safe_load(print_config(*configs))
+    return module_from_config(yaml.safe_load(print_config(*configs)), device)
+
+
+def module_from_config(config: dict, device: str = "meta") -> SegmentationModule:
+    """The module a resolved config (``--print_config``'s) builds, with the options the CLI
+    links from its data module, without reading the weights it names."""
     data = import_class(config["data"]["class_path"])(**config["data"]["init_args"])
     options = {key: value for key, value in config["model"].items()
                if key not in ("class_names", "categories", "init_from", "pretrained")}
