@@ -28,7 +28,17 @@ SUMMARY_PATH_ENV = "DILATEDSEG_SUMMARY_PATH"
 class RunSummary(Callback):
     """Writes summary.json (best val mIoU, checkpoint, time, metrics per validation) into the
     run directory, rank 0 only; notes when the run has got going (see
-    :func:`~dilatedseg.runs.discard_unused_run_dirs`)."""
+    :func:`~dilatedseg.runs.discard_unused_run_dirs`). Its history is also saved in every
+    checkpoint, so that a run resumed from one has each epoch up to it once."""
+
+    def __init__(self) -> None:
+        self.checkpoint_history: list[dict] | None = None  # the resumed checkpoint's
+
+    def state_dict(self) -> dict:
+        return {"history": list(getattr(self, "history", []))}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.checkpoint_history = list(state_dict.get("history", []))
 
     def on_fit_start(self, trainer, pl_module) -> None:
         """Resuming: the run's earlier epochs, time and metrics count (also when nothing is
@@ -42,7 +52,12 @@ class RunSummary(Callback):
         self.earlier_metrics = earlier.get("metrics") or {}
 
     def on_train_start(self, trainer, pl_module) -> None:
-        """The loops are restored by now: epochs from the resumed one on are run again."""
+        """The checkpoint is restored by now. Its own history holds every epoch up to it, also
+        the last when summary.json missed it (the task was killed after the checkpoint was
+        saved, before the summary's next write); summary.json's counts for checkpoints saved
+        without one. Epochs from the resumed one on are run again."""
+        if self.checkpoint_history is not None:
+            self.history, self.checkpoint_history = self.checkpoint_history, None
         self.history = [row for row in self.history
                         if row.get("epoch", 0) < trainer.current_epoch]
 
@@ -95,9 +110,17 @@ class RunSummary(Callback):
             "history": self.history,
         }
         text = json.dumps(summary, indent=2) + "\n"
-        (run_dir / "summary.json").write_text(text)
+        write_atomically(run_dir / "summary.json", text)
         if os.environ.get(SUMMARY_PATH_ENV):
-            Path(os.environ[SUMMARY_PATH_ENV]).write_text(text)
+            write_atomically(Path(os.environ[SUMMARY_PATH_ENV]), text)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file renamed over it: a task killed while
+    it writes leaves the previous file whole, never half of one."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def scalar_metrics(metrics: dict) -> dict[str, float]:

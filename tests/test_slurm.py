@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from conftest import run_cli, shapes_args
@@ -241,3 +242,58 @@ def test_a_requeued_job_that_resumed_a_run_goes_on_where_it_stopped(tiny_shapes,
     assert [(row["epoch"], row["step"]) for row in summary["history"]] == [(0, 4), (1, 8),
                                                                            (2, 12)]
     assert not (run_dir / "resume_1/metrics.csv").exists()  # it trained and logged nothing
+
+
+def test_summary_history_survives_a_kill_between_checkpoint_and_summary(tiny_shapes, tmp_path,
+                                                                        monkeypatch):
+    """Killed after epoch 1's last.ckpt was saved and before summary.json was written again
+    (at the start of epoch 2): the resumed run's history used to miss epoch 1 for good."""
+    from dilatedseg.summary import RunSummary
+
+    class Killed(BaseException):
+        """A hard kill: nothing runs after it, not even the callbacks' on_exception."""
+
+    epoch_start = RunSummary.on_train_epoch_start
+
+    def killed_at_epoch_2(self, trainer, pl_module):
+        if trainer.current_epoch == 2:
+            raise Killed
+        epoch_start(self, trainer, pl_module)
+
+    monkeypatch.setattr(RunSummary, "on_train_epoch_start", killed_at_epoch_2)
+    monkeypatch.setattr(RunSummary, "on_exception", lambda *args: None)
+    args = shapes_args(tiny_shapes, tmp_path / "runs", "--trainer.max_epochs=4",
+                       "--trainer.accelerator=cpu", "--trainer.devices=1")
+    with pytest.raises(Killed):
+        run_cli("fit", *args)
+    run_dir = tmp_path / "runs" / STAGE_DIR / "version_0"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [row["epoch"] for row in summary["history"]] == [0]  # what the kill left
+    monkeypatch.undo()
+    run_cli("fit", *args, f"--ckpt_path={last}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [(row["epoch"], row["step"]) for row in summary["history"]] == [
+        (0, 4), (1, 8), (2, 12), (3, 16)]
+
+
+def test_summary_json_is_replaced_whole(tmp_path, monkeypatch):
+    """A task killed while it writes summary.json used to leave half a file behind."""
+    from dilatedseg.summary import write_atomically
+
+    path = tmp_path / "summary.json"
+    write_atomically(path, json.dumps({"epochs": 1}))
+    write_text = Path.write_text
+
+    def killed_midway(self, text, *args, **kwargs):
+        write_text(self, text[:len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(path, json.dumps({"epochs": 2}))
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"epochs": 1}
+    write_atomically(path, json.dumps({"epochs": 3}))
+    assert json.loads(path.read_text()) == {"epochs": 3}
