@@ -4,6 +4,7 @@ what this process's run has done so far (to clean up after a failed start)."""
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import shutil
 import sys
@@ -33,6 +34,11 @@ _run_started = False
 _interrupted = False
 # The open lock file of the run directory this process trains in (see lock_run_dir).
 _run_lock = None
+# Set when Lightning's SLURM requeue handler (SIGUSR1) requeued this process's job.
+_requeued = False
+# Lightning's log lines of that handler; the one that says `scontrol requeue` succeeded.
+REQUEUE_LOGGER = "lightning.pytorch.trainer.connectors.signal_connector"
+REQUEUED_MESSAGE = "Requeued SLURM job"
 
 
 class RunError(Exception):
@@ -71,7 +77,7 @@ def resolve_run_dir(runs_dir: str, dataset: str, stage: str, subcommand: str,
     parent = Path(runs_dir) / dataset / stage
     if subcommand == "fit" and ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
         run_dir = Path(ckpt_path).parent.parent
-    elif os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
+    elif torchrun_job():
         run_dir = job_run_dir(
             parent, f"{job_prefix(subcommand)}torchrun-{os.environ['TORCHELASTIC_RUN_ID']}",
             command)
@@ -126,15 +132,23 @@ def job_restarted() -> bool:
                for name in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"))
 
 
+def torchrun_job() -> bool:
+    """Whether torchrun started this process with a run id (--rdzv-id, or --standalone's)."""
+    return os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none"
+
+
 def restart_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint a restarted job's fit continues ``run_dir`` from: the newest of
-    Lightning's ``hpc_ckpt_<n>.ckpt`` (saved on SLURM's requeue signal) and
-    ``checkpoints/last.ckpt``; None on a job's first start or before either exists. Lightning
+    """The checkpoint a restarted job's fit continues ``run_dir`` from (its
+    :func:`newest_restart_point`); None on a job's first start or before one exists. Lightning
     alone takes the highest hpc checkpoint, even one older than last.ckpt (an earlier requeue's),
     and without one (a job requeued after preemption or a node failure: SIGTERM, no SIGUSR1)
     trains again from the first epoch."""
-    if not job_restarted():
-        return None
+    return newest_restart_point(run_dir) if job_restarted() else None
+
+
+def newest_restart_point(run_dir: Path) -> Path | None:
+    """The newest of Lightning's ``hpc_ckpt_<n>.ckpt`` (saved on SLURM's requeue signal) and
+    ``checkpoints/last.ckpt``; None before either exists."""
     found = [*run_dir.glob("hpc_ckpt_*.ckpt"), *filter(None, [last_checkpoint(run_dir)])]
     return max(found, key=lambda path: path.stat().st_mtime, default=None)
 
@@ -156,8 +170,8 @@ def forget_earlier_runs() -> None:
     """A new command in this process (tests, the report and sweeps run several): a failed
     start takes back only what this command makes, never an earlier run's directories, and
     the earlier command's run is no longer locked."""
-    global _run_started, _interrupted
-    _run_started = _interrupted = False
+    global _run_started, _interrupted, _requeued
+    _run_started = _interrupted = _requeued = False
     _created_run_dirs.clear()
     release_run_lock()
 
@@ -184,14 +198,58 @@ def mark_interrupted(interrupted: bool) -> None:
     _interrupted = interrupted
 
 
-def resume_advice(subcommand: str) -> str:
-    """For a fit that stopped before its end: how to go on (its last.ckpt, or start again)."""
+def resume_advice(subcommand: str, stopped_by_signal: bool = False) -> str:
+    """For a fit that stopped before its end: how to go on (its last.ckpt, or start again).
+    Stopped by a signal in a job that its launcher may start again (see :func:`restarters`),
+    that start resumes by itself: the advice says so, and from which checkpoint."""
     if subcommand != "fit":
         return ""
-    last = Path(os.environ.get(RUN_DIR_ENV, ".")) / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        return f"resume it with --ckpt_path={last}"
-    return "it saved no checkpoint yet: start it again"
+    run_dir = Path(os.environ.get(RUN_DIR_ENV, "."))
+    last = last_checkpoint(run_dir)
+    by_hand = f"resume it with --ckpt_path={last}" if last else \
+        "it saved no checkpoint yet: start it again"
+    if not stopped_by_signal:
+        return by_hand
+    newest = newest_restart_point(run_dir)
+    itself = f"it resumes from {newest} by itself" if newest else "it starts again by itself"
+    if _requeued:
+        return f"SLURM requeued the job: {itself}"
+    if launchers := restarters():
+        return f"if {' or '.join(launchers)}, {itself}; otherwise {by_hand}"
+    return by_hand
+
+
+def restarters() -> list[str]:
+    """What may start this process's run again after a signal stopped it, as far as the process
+    can know: SLURM, when it is a task of a batch job (SLURM requeues one that was preempted,
+    if the job and cluster allow requeueing, which the job cannot see), and torchrun, while
+    restarts are left (``--max-restarts``; not when torchrun itself was stopped)."""
+    found = []
+    if slurm_batch_job():
+        found.append("SLURM requeues the job")
+    left = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) - int(
+        os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if torchrun_job() and left > 0:
+        found.append(f"torchrun restarts it ({left} restart{'s' if left > 1 else ''} left)")
+    return found
+
+
+class _RequeueWatch(logging.Filter):
+    """Notes Lightning's log line that its SLURM requeue handler's `scontrol requeue` succeeded
+    (global rank 0 runs it): the job starts again and resumes by itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        global _requeued
+        if record.getMessage().startswith(REQUEUED_MESSAGE):
+            _requeued = True
+        return True
+
+
+def watch_requeue() -> None:
+    """Watch for Lightning's requeue of this SLURM job (see :class:`_RequeueWatch`)."""
+    logger = logging.getLogger(REQUEUE_LOGGER)
+    if not any(isinstance(watch, _RequeueWatch) for watch in logger.filters):
+        logger.addFilter(_RequeueWatch())
 
 
 def lock_run_dir(run_dir: Path) -> None:

@@ -21,7 +21,15 @@ import yaml
 from conftest import run_cli, shapes_args
 from test_ddp import free_port, fresh_env
 
-from dilatedseg.runs import best_checkpoint, restart_checkpoint
+from dilatedseg.runs import (
+    REQUEUE_LOGGER,
+    RUN_DIR_ENV,
+    best_checkpoint,
+    forget_earlier_runs,
+    restart_checkpoint,
+    resume_advice,
+    watch_requeue,
+)
 
 JOB_ID = "4242"
 TASKS = 2
@@ -132,7 +140,15 @@ def test_a_requeued_slurm_job_continues_its_run(tiny_shapes, tmp_path):
         # another rank is in (seen here about once in eight runs): no requeue. Start again.
         shutil.rmtree(tmp_path / "runs")
     assert log.read_text() == f"requeue {JOB_ID}\n", outputs[0][-3000:]  # rank 0, once
-    hpc = torch.load(run_dir / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=True)
+    # The tasks say that the requeued job resumes by itself (they used to advise resuming by
+    # hand): rank 0 ran the requeue; rank 1 cannot know whether it succeeded.
+    hpc_path = run_dir / "hpc_ckpt_1.ckpt"
+    assert ("error: interrupted by SIGTERM; SLURM requeued the job: it resumes from "
+            f"{hpc_path} by itself\n") in outputs[0], outputs[0][-3000:]
+    assert ("error: interrupted by SIGTERM; if SLURM requeues the job, it resumes from "
+            f"{hpc_path} by itself; otherwise resume it with --ckpt_path="
+            f"{run_dir / 'checkpoints/last.ckpt'}\n") in outputs[1], outputs[1][-3000:]
+    hpc = torch.load(hpc_path, map_location="cpu", weights_only=True)
     assert hpc["epoch"] < EPOCHS - 1 and hpc["global_step"] >= 2
     check_requeued_job_continues(tmp_path, tiny_shapes, run_dir / "hpc_ckpt_1.ckpt",
                                  hpc["epoch"])
@@ -242,6 +258,74 @@ def test_a_requeued_job_that_resumed_a_run_goes_on_where_it_stopped(tiny_shapes,
     assert [(row["epoch"], row["step"]) for row in summary["history"]] == [(0, 4), (1, 8),
                                                                            (2, 12)]
     assert not (run_dir / "resume_1/metrics.csv").exists()  # it trained and logged nothing
+
+
+@pytest.fixture
+def launcher_env(monkeypatch):
+    """No launcher variables of this machine's own; the fixture's value sets some."""
+    for name in list(os.environ):
+        if name.startswith(("SLURM_", "TORCHELASTIC_")):
+            monkeypatch.delenv(name)
+
+    def set_variables(**variables: str) -> None:
+        for name, value in variables.items():
+            monkeypatch.setenv(name, value)
+
+    return set_variables
+
+
+def test_the_advice_of_a_stopped_run_says_whether_its_job_resumes_it(tmp_path, monkeypatch,
+                                                                     launcher_env):
+    """SIGTERM in a SLURM batch job (a preemption that SLURM may requeue) or in a torchrun
+    worker with restarts left: the restarted job resumes from its newest checkpoint by itself,
+    which the advice used to leave out; an interactive run is resumed by hand."""
+    monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path))
+    forget_earlier_runs()
+    assert resume_advice("fit", True) == "it saved no checkpoint yet: start it again"
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(b"")
+    by_hand = f"resume it with --ckpt_path={last}"
+    assert resume_advice("fit", True) == resume_advice("fit") == by_hand
+    assert resume_advice("validate", True) == ""
+    launcher_env(SLURM_JOB_ID="7", SLURM_NTASKS="2", SLURM_JOB_NAME="train")
+    assert resume_advice("fit") == by_hand  # an error: no job starts it again by itself
+    hpc = tmp_path / "hpc_ckpt_1.ckpt"  # newer than last.ckpt: the requeued job takes it
+    hpc.write_bytes(b"")
+    os.utime(last, (1000, 1000))
+    assert resume_advice("fit", True) == (
+        f"if SLURM requeues the job, it resumes from {hpc} by itself; otherwise {by_hand}")
+    launcher_env(SLURM_JOB_NAME="bash")  # an interactive allocation: nothing requeues it
+    assert resume_advice("fit", True) == by_hand
+    launcher_env(TORCHELASTIC_RUN_ID="x", TORCHELASTIC_MAX_RESTARTS="3",
+                 TORCHELASTIC_RESTART_COUNT="1")
+    assert resume_advice("fit", True) == (
+        f"if torchrun restarts it (2 restarts left), it resumes from {hpc} by itself; "
+        f"otherwise {by_hand}")
+    launcher_env(TORCHELASTIC_RESTART_COUNT="3")  # no restart left
+    assert resume_advice("fit", True) == by_hand
+
+
+def test_a_job_that_lightning_requeued_says_it_resumes_by_itself(tmp_path, monkeypatch,
+                                                                launcher_env):
+    """Rank 0 knows that `scontrol requeue` succeeded from Lightning's own log line."""
+    import logging
+
+    launcher_env(SLURM_JOB_ID="7", SLURM_NTASKS="2", SLURM_JOB_NAME="train")
+    monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path))
+    forget_earlier_runs()
+    watch_requeue()
+    watch_requeue()  # once is enough
+    logger = logging.getLogger(REQUEUE_LOGGER)
+    assert len(logger.filters) == 1
+    (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(b"")
+    logger.warning(f"Requeuing SLURM job {JOB_ID} failed with error code 1")
+    assert resume_advice("fit", True).startswith("if SLURM requeues the job")
+    logger.warning(f"Requeued SLURM job: {JOB_ID}")  # (info in Lightning: seen alike)
+    assert resume_advice("fit", True) == (
+        f"SLURM requeued the job: it resumes from {tmp_path / 'hpc_ckpt_1.ckpt'} by itself")
+    forget_earlier_runs()  # a later command in this process: not requeued
+    assert resume_advice("fit", True).startswith("if SLURM requeues the job")
 
 
 def test_summary_history_survives_a_kill_between_checkpoint_and_summary(tiny_shapes, tmp_path,
