@@ -153,6 +153,33 @@ def newest_restart_point(run_dir: Path) -> Path | None:
     return max(found, key=lambda path: path.stat().st_mtime, default=None)
 
 
+def discard_superseded_hpc_checkpoints(run_dir: Path, last_at_start: float | None
+                                       ) -> list[Path]:
+    """Delete Lightning's ``hpc_ckpt_<n>.ckpt`` (a whole checkpoint per requeue) that are older
+    than ``checkpoints/last.ckpt``, once this fit has saved that (its time is no longer
+    ``last_at_start``, the one it had when the fit started; None: there was none): a restart
+    goes on from the newest of them (:func:`newest_restart_point`), so the newest is never
+    deleted, and every process of the fit read its own restart checkpoint before it trained.
+    For global rank 0 to call once a checkpoint is complete. The deleted files."""
+    last = last_checkpoint(run_dir)
+    if last is None or last.stat().st_mtime == last_at_start:
+        return []
+    superseded = sorted(path for path in run_dir.glob("hpc_ckpt_*.ckpt")
+                        if path.stat().st_mtime < last.stat().st_mtime)
+    for path in superseded:
+        path.unlink(missing_ok=True)
+    if superseded:
+        print(f"deleted {', '.join(path.name for path in superseded)} from {run_dir}: "
+              f"{last} is newer", file=sys.stderr)
+    return superseded
+
+
+def last_checkpoint_time(run_dir: Path) -> float | None:
+    """When ``checkpoints/last.ckpt`` was written; None when there is none."""
+    last = last_checkpoint(run_dir)
+    return None if last is None else last.stat().st_mtime
+
+
 def attempt_dir(run_dir: Path) -> Path:
     """Where this start of a run writes its config.yaml and CSV / TensorBoard logs: the run
     directory, or, when an earlier start already wrote there (a resumed run, a requeued SLURM

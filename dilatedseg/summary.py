@@ -15,6 +15,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from dilatedseg.runs import (
     STAGE_ORDER,
     RunError,
+    discard_superseded_hpc_checkpoints,
+    last_checkpoint_time,
     mark_interrupted,
     mark_run_started,
     run_started,
@@ -29,7 +31,8 @@ class RunSummary(Callback):
     """Writes summary.json (best val mIoU, checkpoint, time, metrics per validation) into the
     run directory, rank 0 only; notes when the run has got going (see
     :func:`~dilatedseg.runs.discard_unused_run_dirs`). Its history is also saved in every
-    checkpoint, so that a run resumed from one has each epoch up to it once."""
+    checkpoint, so that a run resumed from one has each epoch up to it once. Keeps a job's run
+    directory free of hpc checkpoints that a newer last.ckpt superseded."""
 
     def __init__(self) -> None:
         self.checkpoint_history: list[dict] | None = None  # the resumed checkpoint's
@@ -44,6 +47,7 @@ class RunSummary(Callback):
         """Resuming: the run's earlier epochs, time and metrics count (also when nothing is
         left to train, as when a finished run is resumed)."""
         self.start = time.time()
+        self.last_at_start = last_checkpoint_time(Path(trainer.default_root_dir))
         previous = Path(trainer.default_root_dir) / "summary.json"
         earlier = json.loads(previous.read_text()) if trainer.ckpt_path and \
             previous.is_file() else {}
@@ -82,6 +86,7 @@ class RunSummary(Callback):
         # history so far.
         if getattr(self, "history", None):
             self.write(trainer, pl_module)
+        self.discard_superseded(trainer)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         mark_interrupted(isinstance(exception, KeyboardInterrupt))
@@ -90,6 +95,13 @@ class RunSummary(Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.write(trainer, pl_module)
+        self.discard_superseded(trainer)
+
+    def discard_superseded(self, trainer) -> None:
+        """Once this fit saved a last.ckpt, the run's older hpc checkpoints go (rank 0)."""
+        if trainer.is_global_zero:
+            discard_superseded_hpc_checkpoints(Path(trainer.default_root_dir),
+                                               self.last_at_start)
 
     def write(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:

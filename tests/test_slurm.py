@@ -25,7 +25,9 @@ from dilatedseg.runs import (
     REQUEUE_LOGGER,
     RUN_DIR_ENV,
     best_checkpoint,
+    discard_superseded_hpc_checkpoints,
     forget_earlier_runs,
+    newest_restart_point,
     restart_checkpoint,
     resume_advice,
     watch_requeue,
@@ -188,7 +190,8 @@ def train_until_first_checkpoint(tmp: Path, data: Path) -> tuple[list, Path]:
 def check_requeued_job_continues(tmp: Path, data: Path, checkpoint: Path, epoch: int) -> None:
     """The requeued job (same id and command, SLURM_RESTART_COUNT=1) resumes from
     ``checkpoint`` in the same run directory, trains from ``epoch`` to the end, and the run's
-    summary goes on."""
+    summary goes on, and an hpc checkpoint it resumed from is deleted once superseded."""
+    checkpoint_time = checkpoint.stat().st_mtime
     outputs = finish(start_job(tmp, data, 1, f"--trainer.max_epochs={EPOCHS}"))
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else (
         checkpoint.parent)
@@ -207,6 +210,9 @@ def check_requeued_job_continues(tmp: Path, data: Path, checkpoint: Path, epoch:
     assert history[-len(resumed):] == resumed and history[0] in [(0, 2), (1, 4)]
     assert (run_dir / "resume_0/command.txt").read_text() == (
         run_dir / "command.txt").read_text()
+    # The hpc checkpoint it resumed from is superseded by the last.ckpt it wrote since.
+    assert not list(run_dir.glob("hpc_ckpt_*.ckpt"))
+    assert (run_dir / "checkpoints/last.ckpt").stat().st_mtime > checkpoint_time
 
 
 def test_a_restarted_job_resumes_from_its_newest_checkpoint(tmp_path, monkeypatch):
@@ -326,6 +332,27 @@ def test_a_job_that_lightning_requeued_says_it_resumes_by_itself(tmp_path, monke
         f"SLURM requeued the job: it resumes from {tmp_path / 'hpc_ckpt_1.ckpt'} by itself")
     forget_earlier_runs()  # a later command in this process: not requeued
     assert resume_advice("fit", True).startswith("if SLURM requeues the job")
+
+
+def test_superseded_hpc_checkpoints_are_deleted_never_the_newest_restart_point(tmp_path):
+    """One whole checkpoint per requeue used to pile up in the run directory."""
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    hpc = [tmp_path / f"hpc_ckpt_{n}.ckpt" for n in (1, 2, 3)]
+    for age, path in enumerate([hpc[0], hpc[1], last, hpc[2]]):
+        path.write_bytes(b"")
+        os.utime(path, (1000 + age, 1000 + age))  # hpc_1 < hpc_2 < last.ckpt < hpc_3
+    # The fit has not saved its last.ckpt yet: the processes may still read any of them.
+    assert discard_superseded_hpc_checkpoints(tmp_path, 1002) == []
+    assert discard_superseded_hpc_checkpoints(tmp_path / "no run", None) == []
+    os.utime(last, (1005, 1005))  # saved by the fit: newer than all
+    assert discard_superseded_hpc_checkpoints(tmp_path, 1002) == hpc
+    assert sorted(p.name for p in tmp_path.rglob("*.ckpt")) == ["last.ckpt"]
+    hpc[0].write_bytes(b"")  # saved after last.ckpt (the next requeue's): the newest stays
+    os.utime(hpc[0], (1010, 1010))
+    assert discard_superseded_hpc_checkpoints(tmp_path, None) == []
+    assert newest_restart_point(tmp_path) == hpc[0]
+    assert last.is_file()
 
 
 def test_summary_history_survives_a_kill_between_checkpoint_and_summary(tiny_shapes, tmp_path,
