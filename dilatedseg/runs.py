@@ -20,6 +20,10 @@ PREVIOUS_STAGES = {
 RUN_DIR_ENV = "DILATEDSEG_RUN_DIR"
 # Beside config.yaml: the command line of the run (a requeued job finds its run by it).
 COMMAND_FILE = "command.txt"
+# In a job's run directory: the start of the job (see job_start) that last took it up.
+JOB_START_FILE = "job_start.txt"
+# How many times the job was started again: requeued by SLURM, restarted by torchrun.
+RESTART_COUNTS = ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT")
 # Held (flock) by the process that trains in a run directory, while it trains.
 LOCK_FILE = ".lock"
 # What a run directory holds before the run has written anything.
@@ -113,28 +117,43 @@ def job_run_dir(parent: Path, name: str, command: str) -> Path:
     """A run's directory in a SLURM batch job or a torchrun launch: ``name``, or ``name_1``,
     ``name_2``... for the job's later runs of the same dataset and stage (a wandb agent, a loop
     in an sbatch script), the first that no run has written a config.yaml into. A restarted job
-    (SLURM requeue, torchrun --max-restarts) continues the directory whose run had the same
-    command line (its ``command.txt``). Every process of the job chooses alike: rank 0 writes
-    config.yaml only after all have joined the process group."""
+    (SLURM requeue, torchrun --max-restarts) continues the first directory whose run had the
+    same command line (its ``command.txt``) and that no run of this start of the job took up
+    yet (its ``job_start.txt``, see :func:`mark_job_start`): a loop that runs one command twice
+    continues each of its runs. Every process of the job chooses alike: rank 0 writes
+    config.yaml and job_start.txt only after all have joined the process group."""
     restarted = job_restarted()
     for number in itertools.count():
         run_dir = parent / (name if number == 0 else f"{name}_{number}")
         if not (run_dir / "config.yaml").is_file():
             return run_dir
-        recorded = run_dir / COMMAND_FILE
-        if restarted and recorded.is_file() and recorded.read_text() == command:
+        recorded, taken = run_dir / COMMAND_FILE, run_dir / JOB_START_FILE
+        if restarted and recorded.is_file() and recorded.read_text() == command and not (
+                taken.is_file() and taken.read_text() == job_start()):
             return run_dir
 
 
 def job_restarted() -> bool:
     """Whether this is a requeued SLURM job or a torchrun restart (not the job's first start)."""
-    return any(int(os.environ.get(name, "0") or 0) > 0
-               for name in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"))
+    return any(int(os.environ.get(name, "0") or 0) > 0 for name in RESTART_COUNTS)
+
+
+def job_start() -> str:
+    """Which start of its job this process belongs to: SLURM's and torchrun's restart counts."""
+    return " ".join(f"{name}={os.environ.get(name) or 0}" for name in RESTART_COUNTS) + "\n"
 
 
 def torchrun_job() -> bool:
     """Whether torchrun started this process with a run id (--rdzv-id, or --standalone's)."""
     return os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none"
+
+
+def mark_job_start(run_dir: Path) -> None:
+    """In a SLURM batch job or a torchrun launch: note in ``run_dir`` that this start of the job
+    took it up (see :func:`job_run_dir`). For global rank 0, once every process has chosen it
+    (after they all joined the process group)."""
+    if slurm_batch_job() or torchrun_job():
+        (run_dir / JOB_START_FILE).write_text(job_start())
 
 
 def restart_checkpoint(run_dir: Path) -> Path | None:

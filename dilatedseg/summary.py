@@ -18,6 +18,7 @@ from dilatedseg.runs import (
     discard_superseded_hpc_checkpoints,
     last_checkpoint_time,
     mark_interrupted,
+    mark_job_start,
     mark_run_started,
     run_started,
 )
@@ -32,7 +33,8 @@ class RunSummary(Callback):
     run directory, rank 0 only; notes when the run has got going (see
     :func:`~dilatedseg.runs.discard_unused_run_dirs`). Its history is also saved in every
     checkpoint, so that a run resumed from one has each epoch up to it once. Keeps a job's run
-    directory free of hpc checkpoints that a newer last.ckpt superseded."""
+    directory current as well: which start of the job took it up, and no hpc checkpoint that
+    a newer last.ckpt superseded."""
 
     def __init__(self) -> None:
         self.checkpoint_history: list[dict] | None = None  # the resumed checkpoint's
@@ -42,6 +44,11 @@ class RunSummary(Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.checkpoint_history = list(state_dict.get("history", []))
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Every process has chosen the run directory by now (they all joined)."""
+        if trainer.is_global_zero:
+            mark_job_start(Path(trainer.default_root_dir))
 
     def on_fit_start(self, trainer, pl_module) -> None:
         """Resuming: the run's earlier epochs, time and metrics count (also when nothing is

@@ -114,6 +114,9 @@ def test_a_two_node_slurm_job_trains_in_one_run_dir(tiny_shapes, tmp_path):
     run_dir = stage_dir / f"slurm-{JOB_ID}"
     assert {"config.yaml", "command.txt", "summary.json", "checkpoints"} <= {
         p.name for p in run_dir.iterdir()}
+    # The job's first start took it up (a requeued job's run of the same command takes it).
+    assert (run_dir / "job_start.txt").read_text() == (
+        "SLURM_RESTART_COUNT=0 TORCHELASTIC_RESTART_COUNT=0\n")
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["trainer"]["num_nodes"] == TASKS and saved["trainer"]["strategy"] == "ddp"
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -210,6 +213,8 @@ def check_requeued_job_continues(tmp: Path, data: Path, checkpoint: Path, epoch:
     assert history[-len(resumed):] == resumed and history[0] in [(0, 2), (1, 4)]
     assert (run_dir / "resume_0/command.txt").read_text() == (
         run_dir / "command.txt").read_text()
+    assert (run_dir / "job_start.txt").read_text() == (
+        "SLURM_RESTART_COUNT=1 TORCHELASTIC_RESTART_COUNT=0\n")
     # The hpc checkpoint it resumed from is superseded by the last.ckpt it wrote since.
     assert not list(run_dir.glob("hpc_ckpt_*.ckpt"))
     assert (run_dir / "checkpoints/last.ckpt").stat().st_mtime > checkpoint_time
