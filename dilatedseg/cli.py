@@ -233,6 +233,10 @@ class DilatedSegCLI(LightningCLI):
                                   config.get("ckpt_path"), shlex.join(self.command_line))
         if self.subcommand == "fit" and is_global_rank_zero():
             lock_run_dir(run_dir)  # one training at a time in a run directory
+        if self.subcommand == "fit":
+            from dilatedseg.runs import watch_requeue
+
+            watch_requeue()  # (what resume_advice says when the job stops)
         resume = restart_checkpoint(run_dir) if self.subcommand == "fit" else None
         given = config.get("ckpt_path")  # (the job's command: where its first start began)
         if resume and (not given or resume.stat().st_mtime > Path(given).stat().st_mtime):
@@ -501,8 +505,9 @@ def run_verb(verb: str, rest: list[str], argv: list[str] | None) -> None:
 
 
 def exit_interrupted(verb: str, what: str, signal_number: int) -> typing.NoReturn:
-    """Say that the run was interrupted, and how to resume it; exit 128 + the signal."""
-    advice = resume_advice(verb)
+    """Say that the run was interrupted, and how it resumes (by hand, or by itself in a job
+    that SLURM requeues or torchrun restarts); exit 128 + the signal."""
+    advice = resume_advice(verb, stopped_by_signal=True)
     sys.stderr.write(f"error: {what}{'; ' + advice if advice else ''}\n")
     raise SystemExit(128 + signal_number) from None
 

@@ -4,6 +4,7 @@ what this process's run has done so far (to clean up after a failed start)."""
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import shutil
 import sys
@@ -19,6 +20,10 @@ PREVIOUS_STAGES = {
 RUN_DIR_ENV = "DILATEDSEG_RUN_DIR"
 # Beside config.yaml: the command line of the run (a requeued job finds its run by it).
 COMMAND_FILE = "command.txt"
+# In a job's run directory: the start of the job (see job_start) that last took it up.
+JOB_START_FILE = "job_start.txt"
+# How many times the job was started again: requeued by SLURM, restarted by torchrun.
+RESTART_COUNTS = ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT")
 # Held (flock) by the process that trains in a run directory, while it trains.
 LOCK_FILE = ".lock"
 # What a run directory holds before the run has written anything.
@@ -33,6 +38,11 @@ _run_started = False
 _interrupted = False
 # The open lock file of the run directory this process trains in (see lock_run_dir).
 _run_lock = None
+# Set when Lightning's SLURM requeue handler (SIGUSR1) requeued this process's job.
+_requeued = False
+# Lightning's log lines of that handler; the one that says `scontrol requeue` succeeded.
+REQUEUE_LOGGER = "lightning.pytorch.trainer.connectors.signal_connector"
+REQUEUED_MESSAGE = "Requeued SLURM job"
 
 
 class RunError(Exception):
@@ -71,7 +81,7 @@ def resolve_run_dir(runs_dir: str, dataset: str, stage: str, subcommand: str,
     parent = Path(runs_dir) / dataset / stage
     if subcommand == "fit" and ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
         run_dir = Path(ckpt_path).parent.parent
-    elif os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
+    elif torchrun_job():
         run_dir = job_run_dir(
             parent, f"{job_prefix(subcommand)}torchrun-{os.environ['TORCHELASTIC_RUN_ID']}",
             command)
@@ -107,36 +117,86 @@ def job_run_dir(parent: Path, name: str, command: str) -> Path:
     """A run's directory in a SLURM batch job or a torchrun launch: ``name``, or ``name_1``,
     ``name_2``... for the job's later runs of the same dataset and stage (a wandb agent, a loop
     in an sbatch script), the first that no run has written a config.yaml into. A restarted job
-    (SLURM requeue, torchrun --max-restarts) continues the directory whose run had the same
-    command line (its ``command.txt``). Every process of the job chooses alike: rank 0 writes
-    config.yaml only after all have joined the process group."""
+    (SLURM requeue, torchrun --max-restarts) continues the first directory whose run had the
+    same command line (its ``command.txt``) and that no run of this start of the job took up
+    yet (its ``job_start.txt``, see :func:`mark_job_start`): a loop that runs one command twice
+    continues each of its runs. Every process of the job chooses alike: rank 0 writes
+    config.yaml and job_start.txt only after all have joined the process group."""
     restarted = job_restarted()
     for number in itertools.count():
         run_dir = parent / (name if number == 0 else f"{name}_{number}")
         if not (run_dir / "config.yaml").is_file():
             return run_dir
-        recorded = run_dir / COMMAND_FILE
-        if restarted and recorded.is_file() and recorded.read_text() == command:
+        recorded, taken = run_dir / COMMAND_FILE, run_dir / JOB_START_FILE
+        if restarted and recorded.is_file() and recorded.read_text() == command and not (
+                taken.is_file() and taken.read_text() == job_start()):
             return run_dir
 
 
 def job_restarted() -> bool:
     """Whether this is a requeued SLURM job or a torchrun restart (not the job's first start)."""
-    return any(int(os.environ.get(name, "0") or 0) > 0
-               for name in ("SLURM_RESTART_COUNT", "TORCHELASTIC_RESTART_COUNT"))
+    return any(int(os.environ.get(name, "0") or 0) > 0 for name in RESTART_COUNTS)
+
+
+def job_start() -> str:
+    """Which start of its job this process belongs to: SLURM's and torchrun's restart counts."""
+    return " ".join(f"{name}={os.environ.get(name) or 0}" for name in RESTART_COUNTS) + "\n"
+
+
+def torchrun_job() -> bool:
+    """Whether torchrun started this process with a run id (--rdzv-id, or --standalone's)."""
+    return os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none"
+
+
+def mark_job_start(run_dir: Path) -> None:
+    """In a SLURM batch job or a torchrun launch: note in ``run_dir`` that this start of the job
+    took it up (see :func:`job_run_dir`). For global rank 0, once every process has chosen it
+    (after they all joined the process group)."""
+    if slurm_batch_job() or torchrun_job():
+        (run_dir / JOB_START_FILE).write_text(job_start())
 
 
 def restart_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint a restarted job's fit continues ``run_dir`` from: the newest of
-    Lightning's ``hpc_ckpt_<n>.ckpt`` (saved on SLURM's requeue signal) and
-    ``checkpoints/last.ckpt``; None on a job's first start or before either exists. Lightning
+    """The checkpoint a restarted job's fit continues ``run_dir`` from (its
+    :func:`newest_restart_point`); None on a job's first start or before one exists. Lightning
     alone takes the highest hpc checkpoint, even one older than last.ckpt (an earlier requeue's),
     and without one (a job requeued after preemption or a node failure: SIGTERM, no SIGUSR1)
     trains again from the first epoch."""
-    if not job_restarted():
-        return None
+    return newest_restart_point(run_dir) if job_restarted() else None
+
+
+def newest_restart_point(run_dir: Path) -> Path | None:
+    """The newest of Lightning's ``hpc_ckpt_<n>.ckpt`` (saved on SLURM's requeue signal) and
+    ``checkpoints/last.ckpt``; None before either exists."""
     found = [*run_dir.glob("hpc_ckpt_*.ckpt"), *filter(None, [last_checkpoint(run_dir)])]
     return max(found, key=lambda path: path.stat().st_mtime, default=None)
+
+
+def discard_superseded_hpc_checkpoints(run_dir: Path, last_at_start: float | None
+                                       ) -> list[Path]:
+    """Delete Lightning's ``hpc_ckpt_<n>.ckpt`` (a whole checkpoint per requeue) that are older
+    than ``checkpoints/last.ckpt``, once this fit has saved that (its time is no longer
+    ``last_at_start``, the one it had when the fit started; None: there was none): a restart
+    goes on from the newest of them (:func:`newest_restart_point`), so the newest is never
+    deleted, and every process of the fit read its own restart checkpoint before it trained.
+    For global rank 0 to call once a checkpoint is complete. The deleted files."""
+    last = last_checkpoint(run_dir)
+    if last is None or last.stat().st_mtime == last_at_start:
+        return []
+    superseded = sorted(path for path in run_dir.glob("hpc_ckpt_*.ckpt")
+                        if path.stat().st_mtime < last.stat().st_mtime)
+    for path in superseded:
+        path.unlink(missing_ok=True)
+    if superseded:
+        print(f"deleted {', '.join(path.name for path in superseded)} from {run_dir}: "
+              f"{last} is newer", file=sys.stderr)
+    return superseded
+
+
+def last_checkpoint_time(run_dir: Path) -> float | None:
+    """When ``checkpoints/last.ckpt`` was written; None when there is none."""
+    last = last_checkpoint(run_dir)
+    return None if last is None else last.stat().st_mtime
 
 
 def attempt_dir(run_dir: Path) -> Path:
@@ -156,8 +216,8 @@ def forget_earlier_runs() -> None:
     """A new command in this process (tests, the report and sweeps run several): a failed
     start takes back only what this command makes, never an earlier run's directories, and
     the earlier command's run is no longer locked."""
-    global _run_started, _interrupted
-    _run_started = _interrupted = False
+    global _run_started, _interrupted, _requeued
+    _run_started = _interrupted = _requeued = False
     _created_run_dirs.clear()
     release_run_lock()
 
@@ -184,14 +244,58 @@ def mark_interrupted(interrupted: bool) -> None:
     _interrupted = interrupted
 
 
-def resume_advice(subcommand: str) -> str:
-    """For a fit that stopped before its end: how to go on (its last.ckpt, or start again)."""
+def resume_advice(subcommand: str, stopped_by_signal: bool = False) -> str:
+    """For a fit that stopped before its end: how to go on (its last.ckpt, or start again).
+    Stopped by a signal in a job that its launcher may start again (see :func:`restarters`),
+    that start resumes by itself: the advice says so, and from which checkpoint."""
     if subcommand != "fit":
         return ""
-    last = Path(os.environ.get(RUN_DIR_ENV, ".")) / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        return f"resume it with --ckpt_path={last}"
-    return "it saved no checkpoint yet: start it again"
+    run_dir = Path(os.environ.get(RUN_DIR_ENV, "."))
+    last = last_checkpoint(run_dir)
+    by_hand = f"resume it with --ckpt_path={last}" if last else \
+        "it saved no checkpoint yet: start it again"
+    if not stopped_by_signal:
+        return by_hand
+    newest = newest_restart_point(run_dir)
+    itself = f"it resumes from {newest} by itself" if newest else "it starts again by itself"
+    if _requeued:
+        return f"SLURM requeued the job: {itself}"
+    if launchers := restarters():
+        return f"if {' or '.join(launchers)}, {itself}; otherwise {by_hand}"
+    return by_hand
+
+
+def restarters() -> list[str]:
+    """What may start this process's run again after a signal stopped it, as far as the process
+    can know: SLURM, when it is a task of a batch job (SLURM requeues one that was preempted,
+    if the job and cluster allow requeueing, which the job cannot see), and torchrun, while
+    restarts are left (``--max-restarts``; not when torchrun itself was stopped)."""
+    found = []
+    if slurm_batch_job():
+        found.append("SLURM requeues the job")
+    left = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) - int(
+        os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if torchrun_job() and left > 0:
+        found.append(f"torchrun restarts it ({left} restart{'s' if left > 1 else ''} left)")
+    return found
+
+
+class _RequeueWatch(logging.Filter):
+    """Notes Lightning's log line that its SLURM requeue handler's `scontrol requeue` succeeded
+    (global rank 0 runs it): the job starts again and resumes by itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        global _requeued
+        if record.getMessage().startswith(REQUEUED_MESSAGE):
+            _requeued = True
+        return True
+
+
+def watch_requeue() -> None:
+    """Watch for Lightning's requeue of this SLURM job (see :class:`_RequeueWatch`)."""
+    logger = logging.getLogger(REQUEUE_LOGGER)
+    if not any(isinstance(watch, _RequeueWatch) for watch in logger.filters):
+        logger.addFilter(_RequeueWatch())
 
 
 def lock_run_dir(run_dir: Path) -> None:

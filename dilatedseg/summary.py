@@ -15,7 +15,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from dilatedseg.runs import (
     STAGE_ORDER,
     RunError,
+    discard_superseded_hpc_checkpoints,
+    last_checkpoint_time,
     mark_interrupted,
+    mark_job_start,
     mark_run_started,
     run_started,
 )
@@ -28,12 +31,30 @@ SUMMARY_PATH_ENV = "DILATEDSEG_SUMMARY_PATH"
 class RunSummary(Callback):
     """Writes summary.json (best val mIoU, checkpoint, time, metrics per validation) into the
     run directory, rank 0 only; notes when the run has got going (see
-    :func:`~dilatedseg.runs.discard_unused_run_dirs`)."""
+    :func:`~dilatedseg.runs.discard_unused_run_dirs`). Its history is also saved in every
+    checkpoint, so that a run resumed from one has each epoch up to it once. Keeps a job's run
+    directory current as well: which start of the job took it up, and no hpc checkpoint that
+    a newer last.ckpt superseded."""
+
+    def __init__(self) -> None:
+        self.checkpoint_history: list[dict] | None = None  # the resumed checkpoint's
+
+    def state_dict(self) -> dict:
+        return {"history": list(getattr(self, "history", []))}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.checkpoint_history = list(state_dict.get("history", []))
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Every process has chosen the run directory by now (they all joined)."""
+        if trainer.is_global_zero:
+            mark_job_start(Path(trainer.default_root_dir))
 
     def on_fit_start(self, trainer, pl_module) -> None:
         """Resuming: the run's earlier epochs, time and metrics count (also when nothing is
         left to train, as when a finished run is resumed)."""
         self.start = time.time()
+        self.last_at_start = last_checkpoint_time(Path(trainer.default_root_dir))
         previous = Path(trainer.default_root_dir) / "summary.json"
         earlier = json.loads(previous.read_text()) if trainer.ckpt_path and \
             previous.is_file() else {}
@@ -42,7 +63,12 @@ class RunSummary(Callback):
         self.earlier_metrics = earlier.get("metrics") or {}
 
     def on_train_start(self, trainer, pl_module) -> None:
-        """The loops are restored by now: epochs from the resumed one on are run again."""
+        """The checkpoint is restored by now. Its own history holds every epoch up to it, also
+        the last when summary.json missed it (the task was killed after the checkpoint was
+        saved, before the summary's next write); summary.json's counts for checkpoints saved
+        without one. Epochs from the resumed one on are run again."""
+        if self.checkpoint_history is not None:
+            self.history, self.checkpoint_history = self.checkpoint_history, None
         self.history = [row for row in self.history
                         if row.get("epoch", 0) < trainer.current_epoch]
 
@@ -67,6 +93,7 @@ class RunSummary(Callback):
         # history so far.
         if getattr(self, "history", None):
             self.write(trainer, pl_module)
+        self.discard_superseded(trainer)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         mark_interrupted(isinstance(exception, KeyboardInterrupt))
@@ -75,6 +102,13 @@ class RunSummary(Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.write(trainer, pl_module)
+        self.discard_superseded(trainer)
+
+    def discard_superseded(self, trainer) -> None:
+        """Once this fit saved a last.ckpt, the run's older hpc checkpoints go (rank 0)."""
+        if trainer.is_global_zero:
+            discard_superseded_hpc_checkpoints(Path(trainer.default_root_dir),
+                                               self.last_at_start)
 
     def write(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
@@ -95,9 +129,17 @@ class RunSummary(Callback):
             "history": self.history,
         }
         text = json.dumps(summary, indent=2) + "\n"
-        (run_dir / "summary.json").write_text(text)
+        write_atomically(run_dir / "summary.json", text)
         if os.environ.get(SUMMARY_PATH_ENV):
-            Path(os.environ[SUMMARY_PATH_ENV]).write_text(text)
+            write_atomically(Path(os.environ[SUMMARY_PATH_ENV]), text)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file renamed over it: a task killed while
+    it writes leaves the previous file whole, never half of one."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def scalar_metrics(metrics: dict) -> dict[str, float]:

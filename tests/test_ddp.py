@@ -17,7 +17,7 @@ import yaml
 from conftest import REPO, run_cli, shapes_args
 from fixtures_datasets import logged_metrics
 
-from dilatedseg.runs import resolve_run_dir
+from dilatedseg.runs import mark_job_start, resolve_run_dir
 
 DDP = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
 
@@ -152,6 +152,36 @@ def test_a_jobs_later_runs_get_their_own_directories(tmp_path, monkeypatch, job)
     monkeypatch.setenv(restart, "1")
     assert resolve("fit --model.lr=0.2") == second  # requeued: each command finds its run
     assert resolve("fit --model.lr=0.1") == first
+
+
+@pytest.mark.parametrize("job", [{"SLURM_JOB_ID": "77", "SLURM_NTASKS": "1"},
+                                 {"TORCHELASTIC_RUN_ID": "abc"}])
+def test_a_restarted_job_continues_each_of_its_runs_of_one_command(tmp_path, monkeypatch, job):
+    """A loop in an sbatch script that runs one command twice, requeued during the second run:
+    both runs of the requeued job used to continue the first one's directory, the second run's
+    half-trained one left behind."""
+    for key, value in job.items():
+        monkeypatch.setenv(key, value)
+    restart = "SLURM_RESTART_COUNT" if "SLURM_JOB_ID" in job else "TORCHELASTIC_RESTART_COUNT"
+    command = "fit --config conf/shapes.yaml"
+
+    def start_run():
+        """resolve_run_dir, then what rank 0 writes once the processes have joined."""
+        monkeypatch.delenv("DILATEDSEG_RUN_DIR", raising=False)
+        run_dir = resolve_run_dir(str(tmp_path), "shapes", "frontend", "fit", command=command)
+        if not (run_dir / "config.yaml").is_file():
+            (run_dir / "config.yaml").write_text("{}")
+            (run_dir / "command.txt").write_text(command)
+        mark_job_start(run_dir)  # (RunSummary.setup)
+        return run_dir
+
+    first, second = start_run(), start_run()
+    assert second == first.with_name(first.name + "_1")
+    monkeypatch.setenv(restart, "1")  # the job starts again: the script from its top
+    assert [start_run(), start_run()] == [first, second]
+    assert (second / "job_start.txt").read_text() == (first / "job_start.txt").read_text()
+    monkeypatch.setenv(restart, "2")  # requeued again, during the first run this time
+    assert start_run() == first
 
 
 def test_ddp_predict_writes_and_counts_every_image(ddp_fit, odd_shapes):

@@ -15,12 +15,23 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from conftest import run_cli, shapes_args
 from test_ddp import free_port, fresh_env
 
-from dilatedseg.runs import best_checkpoint, restart_checkpoint
+from dilatedseg.runs import (
+    REQUEUE_LOGGER,
+    RUN_DIR_ENV,
+    best_checkpoint,
+    discard_superseded_hpc_checkpoints,
+    forget_earlier_runs,
+    newest_restart_point,
+    restart_checkpoint,
+    resume_advice,
+    watch_requeue,
+)
 
 JOB_ID = "4242"
 TASKS = 2
@@ -103,6 +114,9 @@ def test_a_two_node_slurm_job_trains_in_one_run_dir(tiny_shapes, tmp_path):
     run_dir = stage_dir / f"slurm-{JOB_ID}"
     assert {"config.yaml", "command.txt", "summary.json", "checkpoints"} <= {
         p.name for p in run_dir.iterdir()}
+    # The job's first start took it up (a requeued job's run of the same command takes it).
+    assert (run_dir / "job_start.txt").read_text() == (
+        "SLURM_RESTART_COUNT=0 TORCHELASTIC_RESTART_COUNT=0\n")
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["trainer"]["num_nodes"] == TASKS and saved["trainer"]["strategy"] == "ddp"
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -131,7 +145,15 @@ def test_a_requeued_slurm_job_continues_its_run(tiny_shapes, tmp_path):
         # another rank is in (seen here about once in eight runs): no requeue. Start again.
         shutil.rmtree(tmp_path / "runs")
     assert log.read_text() == f"requeue {JOB_ID}\n", outputs[0][-3000:]  # rank 0, once
-    hpc = torch.load(run_dir / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=True)
+    # The tasks say that the requeued job resumes by itself (they used to advise resuming by
+    # hand): rank 0 ran the requeue; rank 1 cannot know whether it succeeded.
+    hpc_path = run_dir / "hpc_ckpt_1.ckpt"
+    assert ("error: interrupted by SIGTERM; SLURM requeued the job: it resumes from "
+            f"{hpc_path} by itself\n") in outputs[0], outputs[0][-3000:]
+    assert ("error: interrupted by SIGTERM; if SLURM requeues the job, it resumes from "
+            f"{hpc_path} by itself; otherwise resume it with --ckpt_path="
+            f"{run_dir / 'checkpoints/last.ckpt'}\n") in outputs[1], outputs[1][-3000:]
+    hpc = torch.load(hpc_path, map_location="cpu", weights_only=True)
     assert hpc["epoch"] < EPOCHS - 1 and hpc["global_step"] >= 2
     check_requeued_job_continues(tmp_path, tiny_shapes, run_dir / "hpc_ckpt_1.ckpt",
                                  hpc["epoch"])
@@ -171,7 +193,8 @@ def train_until_first_checkpoint(tmp: Path, data: Path) -> tuple[list, Path]:
 def check_requeued_job_continues(tmp: Path, data: Path, checkpoint: Path, epoch: int) -> None:
     """The requeued job (same id and command, SLURM_RESTART_COUNT=1) resumes from
     ``checkpoint`` in the same run directory, trains from ``epoch`` to the end, and the run's
-    summary goes on."""
+    summary goes on, and an hpc checkpoint it resumed from is deleted once superseded."""
+    checkpoint_time = checkpoint.stat().st_mtime
     outputs = finish(start_job(tmp, data, 1, f"--trainer.max_epochs={EPOCHS}"))
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else (
         checkpoint.parent)
@@ -190,6 +213,11 @@ def check_requeued_job_continues(tmp: Path, data: Path, checkpoint: Path, epoch:
     assert history[-len(resumed):] == resumed and history[0] in [(0, 2), (1, 4)]
     assert (run_dir / "resume_0/command.txt").read_text() == (
         run_dir / "command.txt").read_text()
+    assert (run_dir / "job_start.txt").read_text() == (
+        "SLURM_RESTART_COUNT=1 TORCHELASTIC_RESTART_COUNT=0\n")
+    # The hpc checkpoint it resumed from is superseded by the last.ckpt it wrote since.
+    assert not list(run_dir.glob("hpc_ckpt_*.ckpt"))
+    assert (run_dir / "checkpoints/last.ckpt").stat().st_mtime > checkpoint_time
 
 
 def test_a_restarted_job_resumes_from_its_newest_checkpoint(tmp_path, monkeypatch):
@@ -241,3 +269,147 @@ def test_a_requeued_job_that_resumed_a_run_goes_on_where_it_stopped(tiny_shapes,
     assert [(row["epoch"], row["step"]) for row in summary["history"]] == [(0, 4), (1, 8),
                                                                            (2, 12)]
     assert not (run_dir / "resume_1/metrics.csv").exists()  # it trained and logged nothing
+
+
+@pytest.fixture
+def launcher_env(monkeypatch):
+    """No launcher variables of this machine's own; the fixture's value sets some."""
+    for name in list(os.environ):
+        if name.startswith(("SLURM_", "TORCHELASTIC_")):
+            monkeypatch.delenv(name)
+
+    def set_variables(**variables: str) -> None:
+        for name, value in variables.items():
+            monkeypatch.setenv(name, value)
+
+    return set_variables
+
+
+def test_the_advice_of_a_stopped_run_says_whether_its_job_resumes_it(tmp_path, monkeypatch,
+                                                                     launcher_env):
+    """SIGTERM in a SLURM batch job (a preemption that SLURM may requeue) or in a torchrun
+    worker with restarts left: the restarted job resumes from its newest checkpoint by itself,
+    which the advice used to leave out; an interactive run is resumed by hand."""
+    monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path))
+    forget_earlier_runs()
+    assert resume_advice("fit", True) == "it saved no checkpoint yet: start it again"
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(b"")
+    by_hand = f"resume it with --ckpt_path={last}"
+    assert resume_advice("fit", True) == resume_advice("fit") == by_hand
+    assert resume_advice("validate", True) == ""
+    launcher_env(SLURM_JOB_ID="7", SLURM_NTASKS="2", SLURM_JOB_NAME="train")
+    assert resume_advice("fit") == by_hand  # an error: no job starts it again by itself
+    hpc = tmp_path / "hpc_ckpt_1.ckpt"  # newer than last.ckpt: the requeued job takes it
+    hpc.write_bytes(b"")
+    os.utime(last, (1000, 1000))
+    assert resume_advice("fit", True) == (
+        f"if SLURM requeues the job, it resumes from {hpc} by itself; otherwise {by_hand}")
+    launcher_env(SLURM_JOB_NAME="bash")  # an interactive allocation: nothing requeues it
+    assert resume_advice("fit", True) == by_hand
+    launcher_env(TORCHELASTIC_RUN_ID="x", TORCHELASTIC_MAX_RESTARTS="3",
+                 TORCHELASTIC_RESTART_COUNT="1")
+    assert resume_advice("fit", True) == (
+        f"if torchrun restarts it (2 restarts left), it resumes from {hpc} by itself; "
+        f"otherwise {by_hand}")
+    launcher_env(TORCHELASTIC_RESTART_COUNT="3")  # no restart left
+    assert resume_advice("fit", True) == by_hand
+
+
+def test_a_job_that_lightning_requeued_says_it_resumes_by_itself(tmp_path, monkeypatch,
+                                                                launcher_env):
+    """Rank 0 knows that `scontrol requeue` succeeded from Lightning's own log line."""
+    import logging
+
+    launcher_env(SLURM_JOB_ID="7", SLURM_NTASKS="2", SLURM_JOB_NAME="train")
+    monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path))
+    forget_earlier_runs()
+    watch_requeue()
+    watch_requeue()  # once is enough
+    logger = logging.getLogger(REQUEUE_LOGGER)
+    assert len(logger.filters) == 1
+    (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(b"")
+    logger.warning(f"Requeuing SLURM job {JOB_ID} failed with error code 1")
+    assert resume_advice("fit", True).startswith("if SLURM requeues the job")
+    logger.warning(f"Requeued SLURM job: {JOB_ID}")  # (info in Lightning: seen alike)
+    assert resume_advice("fit", True) == (
+        f"SLURM requeued the job: it resumes from {tmp_path / 'hpc_ckpt_1.ckpt'} by itself")
+    forget_earlier_runs()  # a later command in this process: not requeued
+    assert resume_advice("fit", True).startswith("if SLURM requeues the job")
+
+
+def test_superseded_hpc_checkpoints_are_deleted_never_the_newest_restart_point(tmp_path):
+    """One whole checkpoint per requeue used to pile up in the run directory."""
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    hpc = [tmp_path / f"hpc_ckpt_{n}.ckpt" for n in (1, 2, 3)]
+    for age, path in enumerate([hpc[0], hpc[1], last, hpc[2]]):
+        path.write_bytes(b"")
+        os.utime(path, (1000 + age, 1000 + age))  # hpc_1 < hpc_2 < last.ckpt < hpc_3
+    # The fit has not saved its last.ckpt yet: the processes may still read any of them.
+    assert discard_superseded_hpc_checkpoints(tmp_path, 1002) == []
+    assert discard_superseded_hpc_checkpoints(tmp_path / "no run", None) == []
+    os.utime(last, (1005, 1005))  # saved by the fit: newer than all
+    assert discard_superseded_hpc_checkpoints(tmp_path, 1002) == hpc
+    assert sorted(p.name for p in tmp_path.rglob("*.ckpt")) == ["last.ckpt"]
+    hpc[0].write_bytes(b"")  # saved after last.ckpt (the next requeue's): the newest stays
+    os.utime(hpc[0], (1010, 1010))
+    assert discard_superseded_hpc_checkpoints(tmp_path, None) == []
+    assert newest_restart_point(tmp_path) == hpc[0]
+    assert last.is_file()
+
+
+def test_summary_history_survives_a_kill_between_checkpoint_and_summary(tiny_shapes, tmp_path,
+                                                                        monkeypatch):
+    """Killed after epoch 1's last.ckpt was saved and before summary.json was written again
+    (at the start of epoch 2): the resumed run's history used to miss epoch 1 for good."""
+    from dilatedseg.summary import RunSummary
+
+    class Killed(BaseException):
+        """A hard kill: nothing runs after it, not even the callbacks' on_exception."""
+
+    epoch_start = RunSummary.on_train_epoch_start
+
+    def killed_at_epoch_2(self, trainer, pl_module):
+        if trainer.current_epoch == 2:
+            raise Killed
+        epoch_start(self, trainer, pl_module)
+
+    monkeypatch.setattr(RunSummary, "on_train_epoch_start", killed_at_epoch_2)
+    monkeypatch.setattr(RunSummary, "on_exception", lambda *args: None)
+    args = shapes_args(tiny_shapes, tmp_path / "runs", "--trainer.max_epochs=4",
+                       "--trainer.accelerator=cpu", "--trainer.devices=1")
+    with pytest.raises(Killed):
+        run_cli("fit", *args)
+    run_dir = tmp_path / "runs" / STAGE_DIR / "version_0"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [row["epoch"] for row in summary["history"]] == [0]  # what the kill left
+    monkeypatch.undo()
+    run_cli("fit", *args, f"--ckpt_path={last}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [(row["epoch"], row["step"]) for row in summary["history"]] == [
+        (0, 4), (1, 8), (2, 12), (3, 16)]
+
+
+def test_summary_json_is_replaced_whole(tmp_path, monkeypatch):
+    """A task killed while it writes summary.json used to leave half a file behind."""
+    from dilatedseg.summary import write_atomically
+
+    path = tmp_path / "summary.json"
+    write_atomically(path, json.dumps({"epochs": 1}))
+    write_text = Path.write_text
+
+    def killed_midway(self, text, *args, **kwargs):
+        write_text(self, text[:len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(path, json.dumps({"epochs": 2}))
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"epochs": 1}
+    write_atomically(path, json.dumps({"epochs": 3}))
+    assert json.loads(path.read_text()) == {"epochs": 3}
