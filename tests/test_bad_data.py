@@ -203,31 +203,47 @@ def test_without_the_cli_setup_and_loaders_still_check(voc):
         data.setup("validate")
 
 
-def test_data_checked_ahead_is_not_read_again(tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [(), ("--model.tile_size=[16,16]",
+                                    "--model.tile_whole_network=true")])
+@pytest.mark.parametrize("stage", ["validate", "predict"])
+def test_data_checked_ahead_is_not_read_again(tmp_path, monkeypatch, stage, extra):
     """The CLI's check_data read the labels and image headers; setup and the loaders skip
-    them (the count against the batch, which reads nothing, is checked again)."""
+    them (the count against the batch, which reads nothing, is checked again). Each image's
+    header is read once, also where several checks need it (predict_dir's images, which must
+    be images; mixed sizes in a batch; tile_whole_network's tiles)."""
+    from collections import Counter
+
     from dilatedseg.data import base
 
-    reads = {"labels": 0, "sizes": 0}
+    labels, headers = Counter(), Counter()
     check_labels, image_size = base.SegmentationDataModule.check_labels, base.image_size
 
-    def counted(key, function):
-        def call(*args, **kwargs):
-            reads[key] += 1
-            return function(*args, **kwargs)
-        return call
+    def count_labels(module, dataset):
+        labels[len(dataset)] += 1
+        return check_labels(module, dataset)
 
-    monkeypatch.setattr(base.SegmentationDataModule, "check_labels", counted("labels",
-                                                                             check_labels))
-    monkeypatch.setattr(base, "image_size", counted("sizes", image_size))
+    def count_headers(path, *args, **kwargs):
+        headers[path.name] += 1
+        return image_size(path, *args, **kwargs)
+
+    monkeypatch.setattr(base.SegmentationDataModule, "check_labels", count_labels)
+    monkeypatch.setattr(base, "image_size", count_headers)
     root = make_voc(tmp_path / "voc2", voc_train=("a1", "a2"), voc_val=("b1", "b2"),
                     sbd_train=(), sbd_val=())
     weights = untrained_checkpoint(tmp_path / "model.ckpt", 21, padding="valid")
-    run_cli("validate", *tiny_args("voc", root, tmp_path / "runs",
-                                   "--data.init_args.val_batch_size=2",
-                                   f"--model.init_from={weights}"))
-    assert reads == {"labels": 1, "sizes": 2}  # val: once, 2 image headers once
-
+    folder = []
+    if stage == "predict":
+        shutil.copytree(root / "VOCdevkit/VOC2012/JPEGImages", tmp_path / "photos")
+        folder = [f"--data.init_args.predict_dir={tmp_path / 'photos'}"]
+    run_cli(stage, *tiny_args("voc", root, tmp_path / "runs",
+                              "--data.init_args.val_batch_size=2",
+                              f"--model.init_from={weights}", *folder, *extra))
+    if stage == "validate":
+        assert labels == {2: 1}  # val's 2 labels: checked once
+        assert headers == {"b1.jpg": 1, "b2.jpg": 1}
+    else:  # predict_dir: no labels
+        assert not labels
+        assert headers == {f"{name}.jpg": 1 for name in ("a1", "a2", "b1", "b2")}
 
 
 def test_16_bit_label_values_above_255_are_named_not_wrapped(tmp_path):

@@ -371,6 +371,7 @@ class SegmentationDataModule(L.LightningDataModule):
         # The loaders ("train", "val", ...) whose label values and image sizes check_data
         # has read: setup and the loaders do not read them again.
         self.checked_ahead: set[str] = set()
+        self.header_sizes: dict[Path, tuple[int, int]] = {}  # read by image_header: once
 
     # ---- metadata a subclass provides -------------------------------------------------------
     @property
@@ -502,7 +503,7 @@ class SegmentationDataModule(L.LightningDataModule):
         only: :meth:`check_data` checks the rest)."""
         if stage == "predict" and self.predict_dir is not None:
             for image, _ in folder_images(self.predict_dir):
-                image_size(image, self.predict_dir)  # a file that is no image stops here
+                self.image_header(image, self.predict_dir)  # a file that is no image stops
         for split in self.stage_splits(stage):
             self.checked_pairs(split, labelled=stage != "predict")
 
@@ -573,7 +574,15 @@ class SegmentationDataModule(L.LightningDataModule):
         dataset = self.datasets[split]
         if dataset.size is not None:
             return {tuple(dataset.size)}
-        return {image_size(image, dataset.names_under)[::-1] for image, _ in dataset.pairs}
+        return {self.image_header(image, dataset.names_under)[::-1]
+                for image, _ in dataset.pairs}
+
+    def image_header(self, path: Path, folder: Path | None = None) -> tuple[int, int]:
+        """:func:`image_size`, read once per file: the checks that need an image's size
+        (predict_dir's images being images, sizes batched together, deploy tiles) share it."""
+        if path not in self.header_sizes:
+            self.header_sizes[path] = image_size(path, folder)
+        return self.header_sizes[path]
 
     def workers(self) -> int:
         """``num_workers``; when automatic, the cores divided among the run's devices."""
@@ -637,7 +646,7 @@ class SegmentationDataModule(L.LightningDataModule):
             return  # (cached logits are padded to one size)
         seen: dict[tuple[int, int], Path] = {}
         for image, _ in dataset.pairs:
-            seen.setdefault(image_size(image), image)
+            seen.setdefault(self.image_header(image, dataset.names_under), image)
             if len(seen) > 1:
                 (size_a, path_a), (size_b, path_b) = seen.items()
                 fix = ("set --data.init_args.crop_size, or --data.init_args.batch_size=1"
