@@ -451,10 +451,11 @@ class SegmentationDataModule(L.LightningDataModule):
                 raise self.missing(f"image {image} has no label file {label}")
         return pairs
 
-    def elsewhere(self, error: DataError, split: str) -> DataError:
+    def elsewhere(self, error: DataError, split: str,
+                  holds: Callable[[SegmentationDataModule], bool] | None = None) -> DataError:
         """``error`` (files missing under the root), or, when a folder or layout nearby holds
         ``split``'s files (:meth:`nearby_tree`), an error naming the options that read them."""
-        found = self.nearby_tree(split) if self.root.is_dir() else None
+        found = self.nearby_tree(split, holds) if self.root.is_dir() else None
         if found is None:
             return error
         root, layout = found
@@ -465,11 +466,14 @@ class SegmentationDataModule(L.LightningDataModule):
                          f"{f' of layout {layout}' if layout != self.layout_name else ''}: "
                          f"pass {' '.join(options)}")
 
-    def nearby_tree(self, split: str, limit: int = 100) -> tuple[Path, str | None] | None:
+    def nearby_tree(self, split: str, holds: Callable[[SegmentationDataModule], bool] | None
+                    = None, limit: int = 100) -> tuple[Path, str | None] | None:
         """(root, layout) of the files ``split`` would be read from when the root or layout is
         off: the root's files in another of ``layouts``, or this layout one or two levels above
         the root (a root given too low, say VOCdevkit/VOC2012) or one below it (given too
-        high), or, failing those, another layout there too; None when there are none."""
+        high), or, failing those, another layout there too; None when there are none.
+        ``holds(module)``: whether a module with that root and layout finds its files (default
+        :meth:`holds_split`; a converter passes what it reads, as CamVid's colour labels)."""
         below = sorted(p for p in self.root.iterdir() if p.is_dir())[:limit]
         roots = [self.root, *self.root.parents[:2], *below]
         candidates = sorted(  # one option off before both
@@ -479,13 +483,17 @@ class SegmentationDataModule(L.LightningDataModule):
         for root, layout in candidates:
             other = copy.copy(self)
             other.root, other.layout_name = root, layout
-            try:
-                pairs = other.pairs(split)
-            except (DataError, OSError):
-                continue
-            if pairs and pairs[0][0].is_file():
+            if holds(other) if holds is not None else other.holds_split(split):
                 return root, layout
         return None
+
+    def holds_split(self, split: str) -> bool:
+        """Whether the root holds ``split``'s files in this layout (its first image, at least)."""
+        try:
+            pairs = self.pairs(split)
+        except (DataError, OSError):
+            return False
+        return bool(pairs) and pairs[0][0].is_file()
 
     def stage_loaders(self, stage: str) -> dict[str, str]:
         """The loaders ``setup(stage)`` makes ("train", "val", "test", "predict"), each with

@@ -36,13 +36,14 @@ def checking(module_class: type[SegmentationDataModule], **options) -> Segmentat
     return module
 
 
-def converted(module: SegmentationDataModule, convert) -> None:
+def converted(module: SegmentationDataModule, convert, holds=None) -> None:
     """``convert(root)``; a tree it cannot find under the root, where a folder nearby holds
-    the files, names that folder."""
+    the files (the val split's, or what ``holds(module)`` says: see ``nearby_tree``), names
+    that folder."""
     try:
         convert(module.root)
     except DataError as error:
-        raise module.elsewhere(error, "val") from None
+        raise module.elsewhere(error, "val", holds) from None
 
 
 def report(module: SegmentationDataModule, splits: tuple[str, ...]) -> None:
@@ -70,12 +71,13 @@ def prepare_voc(args: argparse.Namespace) -> None:
 
 
 def prepare_camvid(args: argparse.Namespace) -> None:
+    module = checking(CamVidDataModule, root=args.root, layout=args.layout)
     if args.layout == "original":
-        from dilatedseg.prepare.camvid import convert_original
+        from dilatedseg.prepare.camvid import convert_original, holds_release
 
-        convert_original(Path(args.root), Path(args.splits) if args.splits else None)
-    report(checking(CamVidDataModule, root=args.root, layout=args.layout),
-           ("train", "val", "test"))
+        splits = Path(args.splits) if args.splits else None
+        converted(module, lambda root: convert_original(root, splits), holds_release)
+    report(module, ("train", "val", "test"))
 
 
 def prepare_kitti(args: argparse.Namespace) -> None:
