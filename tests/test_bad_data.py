@@ -587,3 +587,91 @@ def test_dataset_root_that_is_a_file(tmp_path, capsys):
 def test_checkpoint_alias_without_a_run(voc, tmp_path, capsys):
     err = fails(capsys, "validate", *voc_fit(voc, tmp_path)[1:], "--ckpt_path=best")
     assert f"--ckpt_path=best: no run under {tmp_path / 'runs'}/voc/frontend/ has a best" in err
+
+
+def big_voc(root, count: int = 1001):
+    """A VOC tree whose 'train' list holds ``count`` images (copies of one), over the
+    1000 files up to which ``label_check: auto`` reads every label before training."""
+    make_voc(root, voc_train=("a0",), voc_val=("b1", "b2"), sbd_train=(), sbd_val=())
+    voc = root / "VOCdevkit/VOC2012"
+    names = [f"a{i:04d}" for i in range(count)]
+    for name in names:
+        shutil.copy(voc / "JPEGImages/a0.jpg", voc / "JPEGImages" / f"{name}.jpg")
+        shutil.copy(voc / "SegmentationClass/a0.png", voc / "SegmentationClass" / f"{name}.png")
+    (voc / "ImageSets/Segmentation/train.txt").write_text("\n".join(names) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("label_check, count, read", [("auto", 1000, 1000), ("auto", 1001, 64),
+                                                      ("all", 1001, 1001), ("sample", 100, 64)])
+def test_label_check_reads_every_label_or_a_spread_sample(tmp_path, label_check, count, read):
+    """auto: every label of a split of up to 1000 files, else 64 spread over it, first and
+    last included."""
+    from dilatedseg.data import VOCDataModule
+
+    loaded = []
+    data = VOCDataModule(root=str(big_voc(tmp_path / "voc", count)), train_split="train",
+                         label_check=label_check)
+    dataset = data.make_dataset("train", check=False)
+    dataset.load = loaded.append
+    data.check_labels(dataset)
+    assert len(loaded) == read and len(set(loaded)) == read
+    assert loaded[0] == 0 and loaded[-1] == count - 1
+
+
+@pytest.mark.parametrize("damage", ["values", "size"])
+def test_bad_label_the_sample_missed_stops_training_naming_it_and_the_fix(
+        tmp_path, monkeypatch, capsys, damage):
+    """label_check: auto reads 64 of the 1001 training labels first; a bad one among the
+    others (a value no class has, or the wrong size) stops the run where it is loaded, in the
+    second epoch here (in the main process, or in a dataloader worker): one message naming
+    the file, the problem and how to check every label before training, the first epoch's
+    last.ckpt kept and the resume advice given."""
+    from dilatedseg.data.base import SegmentationDataset
+
+    root = big_voc(tmp_path / "voc")
+    loaded, load = tmp_path / "loaded.txt", SegmentationDataset.load
+
+    def recording(dataset, index):  # (to a file: also from a dataloader worker)
+        with open(loaded, "a") as record:
+            record.write(f"{dataset.pairs[index][1].name}\n")
+        return load(dataset, index)
+
+    monkeypatch.setattr(SegmentationDataset, "load", recording)
+
+    def fit(runs):
+        loaded.write_text("")
+        run_cli("fit", *tiny_args("voc", root, runs, "--data.init_args.train_split=train",
+                                  "--trainer.max_epochs=2",
+                                  f"--data.init_args.num_workers={int(damage == 'size')}"))
+        return [name for name in loaded.read_text().split() if name.startswith("a")]  # train
+
+    # where each training label is first read (seeded): 64 checked ahead, then 2 batches of
+    # 2 an epoch (a worker reads 2 more ahead, left unused)
+    train = fit(tmp_path / "clean")
+    per_epoch = 8 if damage == "size" else 4
+    assert len(train) == 64 + 2 * per_epoch
+    earlier, first_batch = train[:64 + per_epoch], train[64 + per_epoch:][:2]
+    bad = root / "VOCdevkit/VOC2012/SegmentationClass" / next(
+        name for name in first_batch if name not in earlier)
+    if damage == "values":
+        spoil_label(bad, value=40)
+        problem = f"label {bad} holds values [40] outside [0, 21) and not 255 (ignore)"
+    else:
+        Image.open(bad).resize((32, 24)).save(bad)
+        problem = f"is 64x48 but its label {bad} is 32x24; they must match: replace the wrong one"
+    with pytest.raises(SystemExit) as exit_info:
+        fit(tmp_path / "runs")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "Traceback" not in err
+    error = err[err.index("error: "):]
+    assert problem in error
+    assert ("(found as it loaded: label_check: auto read 64 of the 1001 files of split 'train' "
+            "before training, and others may be damaged too: to find them all before training, "
+            f"run `dilatedseg prepare voc --root {root}` or pass "
+            "--data.init_args.label_check=all)") in error
+    last = tmp_path / "runs/voc/frontend/version_0/checkpoints/last.ckpt"
+    assert error.endswith("(the run stopped after it had started; once that is fixed, resume "
+                          f"it with --ckpt_path={last})\n")
+    assert torch.load(last, weights_only=True)["epoch"] == 0  # the first epoch's, kept

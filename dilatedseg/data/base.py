@@ -181,6 +181,8 @@ class SegmentationDataset(Dataset):
     from one decoded image, stacked: "image" (crops, 3, h, w), "label" (crops, h, w), "name" a
     list; :func:`collate_crops` batches them. Decoding a 2 Mpx PNG costs far more than cropping
     it, so this multiplies what one dataloader worker delivers.
+    ``unchecked``: added to an error in a file found as it loads, where the checks before
+    training read only a sample of the split (how to read every file first).
     """
 
     def __init__(
@@ -196,6 +198,7 @@ class SegmentationDataset(Dataset):
         self.pairs, self.num_classes = list(pairs), num_classes
         self.read_label, self.transform, self.crops = read_label, transform, crops
         self.size, self.names_under = size, names_under
+        self.unchecked = ""
 
     def name(self, index: int) -> str:
         """An item's name: its image's file name without suffix; relative to ``names_under``
@@ -216,14 +219,21 @@ class SegmentationDataset(Dataset):
             if label.shape != image.shape[:2]:
                 raise DataError(
                     f"image {image_path} is {image.shape[1]}x{image.shape[0]} but its label "
-                    f"{label_path} is {label.shape[1]}x{label.shape[0]}; they must match.")
+                    f"{label_path} is {label.shape[1]}x{label.shape[0]}; they must match: "
+                    "replace the wrong one with an intact copy (re-download it, or re-run the "
+                    "dataset's prepare command), or drop the example.")
             check_label(label, self.num_classes, label_path)
         if self.size is not None:
             image, label = transforms.resize(image, label, self.size)
         return image, label
 
     def __getitem__(self, index: int) -> dict:
-        image, label = self.load(index)
+        try:
+            image, label = self.load(index)
+        except DataError as error:
+            if not self.unchecked:
+                raise
+            raise DataError(f"{error}\n{self.unchecked}") from None
         if label is None:
             label = np.full(image.shape[:2], IGNORE_INDEX, np.uint8)
         name = self.name(index)
@@ -530,16 +540,29 @@ class SegmentationDataModule(L.LightningDataModule):
             self.datasets[key] = dataset
             self.checked_ahead.add(key)
 
+    def label_sample(self, count: int) -> Sequence[int]:
+        """The items of a split of ``count`` whose files ``check_labels`` reads: all of them,
+        or (``label_check: sample``, or ``auto`` over 1000 files) 64 spread over the split."""
+        if self.label_check == "all" or (self.label_check == "auto" and count <= 1000):
+            return range(count)
+        return np.linspace(0, count - 1, min(count, 64)).astype(int)
+
     def check_labels(self, dataset: SegmentationDataset) -> None:
         """Load labels before training so bad values fail early, naming the file."""
-        count = len(dataset)
-        if self.label_check == "all" or (self.label_check == "auto" and count <= 1000):
-            indices = range(count)
-        else:
-            indices = np.linspace(0, count - 1, min(count, 64)).astype(int)
-        for index in indices:
+        for index in self.label_sample(len(dataset)):
             if dataset.pairs[index][1] is not None:
                 dataset.load(index)
+
+    def unchecked_advice(self, split: str, count: int) -> str:
+        """What an error in a file of ``split`` found as it loads adds: how to read every file
+        before training; "" where ``check_labels`` reads them all."""
+        read = len(self.label_sample(count))
+        if read == count:
+            return ""
+        return (f"(found as it loaded: label_check: {self.label_check} read {read} of the "
+                f"{count} files of split '{split}' before training, and others may be damaged "
+                f"too: to find them all before training, run `{self.prepare_command}` or pass "
+                f"{self.option_prefix}label_check=all)")
 
     def train_transform(self) -> Callable | None:
         transform = transforms.train_transform(self.crop_size, self.mirror, self.scale_range,
@@ -557,6 +580,7 @@ class SegmentationDataModule(L.LightningDataModule):
             self.train_transform() if train else None, self.crops_per_image if train else 1,
             self.resize,
         )
+        dataset.unchecked = self.unchecked_advice(split, len(dataset))
         if check:
             self.check_labels(dataset)
         return dataset
