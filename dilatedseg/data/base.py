@@ -498,12 +498,13 @@ class SegmentationDataModule(L.LightningDataModule):
         return None
 
     def holds_split(self, split: str) -> bool:
-        """Whether the root holds ``split``'s files in this layout (its first image, at least)."""
+        """Whether the root holds ``split``'s files in this layout (its first image and label,
+        at least: a folder with the images alone would only trade one error for another)."""
         try:
             pairs = self.pairs(split)
         except (DataError, OSError):
             return False
-        return bool(pairs) and pairs[0][0].is_file()
+        return bool(pairs) and all(path is None or path.is_file() for path in pairs[0])
 
     def stage_loaders(self, stage: str) -> dict[str, str]:
         """The loaders ``setup(stage)`` makes ("train", "val", "test", "predict"), each with
