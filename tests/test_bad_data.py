@@ -93,7 +93,7 @@ def test_missing_split_list(voc, tmp_path, capsys):
     err = fails(capsys, *voc_fit(voc, tmp_path))
     assert "ImageSets/Segmentation/val.txt is missing" in err and "Prepare it with" in err
     err = fails(capsys, "fit", *tiny_args("voc", voc, tmp_path / "runs"))  # no train_aug yet
-    assert "train_aug.txt (SBD's list, written by prepare) is missing" in err
+    assert "train_aug.txt is missing (SBD's list, written by prepare)" in err
 
 
 def test_empty_split_names_the_empty_list_or_folder(voc, tmp_path, capsys):

@@ -431,10 +431,10 @@ class SegmentationDataModule(L.LightningDataModule):
         """The image names of a split list (see :func:`list_names`); a missing or empty list
         stops."""
         if not listing.is_file():
-            raise self.missing(f"split list {listing}{hint} is missing")
+            raise self.missing(f"split list {listing} is missing{hint}")
         names = list_names(listing)
         if not names:
-            raise self.missing(f"split list {listing}{hint} is empty")
+            raise self.missing(f"split list {listing} is empty{hint}")
         return names
 
     def checked_pairs(self, split: str, labelled: bool = False) -> list[tuple[Path, Path | None]]:
