@@ -82,7 +82,8 @@ def prepare_camvid(args: argparse.Namespace) -> None:
 
 def prepare_kitti(args: argparse.Namespace) -> None:
     splits = ("train", "val") if args.layout == "ros" else ("train", "val", "test")
-    report(checking(KITTIDataModule, root=args.root, layout=args.layout), splits)
+    report(checking(KITTIDataModule, root=args.root, layout=args.layout,
+                    val_every=args.val_every), splits)
 
 
 def prepare_cityscapes(args: argparse.Namespace) -> None:
@@ -122,6 +123,8 @@ def main(argv: list[str]) -> None:
     kitti = verbs.add_parser("kitti", help="KITTI: check the Ros et al. or semantics tree")
     kitti.add_argument("--root", default="data/kitti")
     kitti.add_argument("--layout", choices=("ros", "semantics"), default="ros")
+    kitti.add_argument("--val_every", type=int, default=5, help="semantics layout: every n-th "
+                       "training image is held out for validation (as --data.init_args.val_every)")
     kitti.set_defaults(run=prepare_kitti)
 
     cityscapes = verbs.add_parser("cityscapes", help="Cityscapes: write *_labelTrainIds.png")
