@@ -58,6 +58,7 @@ def report(module: SegmentationDataModule, splits: tuple[str, ...]) -> None:
 
 def prepare_shapes(args: argparse.Namespace) -> None:
     module = ShapesDataModule(root=args.root, seed=args.seed)
+    module.option_prefix = "--"
     module.prepare_data()
     print(f"shapes dataset ready under {module.root}")
 
