@@ -93,10 +93,11 @@ class CityscapesDataModule(SegmentationDataModule):
     def extracted_apart(self) -> str | None:
         """The problem and the fix when leftImg8bit/ and gtFine/ lie in different folders
         (each zip extracted into a folder of its own, as leftImg8bit_trainvaltest/leftImg8bit/
-        and gtFine_trainvaltest/gtFine/, in the root or beside it); None otherwise."""
+        and gtFine_trainvaltest/gtFine/, in the root, or beside it when the root is one of
+        them); None otherwise."""
         images, labels = (next((path for path in (
             self.root / name, *sorted(self.root.glob(f"*/{name}")),
-            *sorted(self.root.parent.glob(f"*/{name}"))) if path.is_dir()), None)
+            *sorted(self.root.parent.glob(f"*_trainvaltest/{name}"))) if path.is_dir()), None)
             for name in ("leftImg8bit", "gtFine"))
         if images is None or labels is None or images.parent == labels.parent:
             return None
