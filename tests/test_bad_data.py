@@ -93,7 +93,7 @@ def test_missing_split_list(voc, tmp_path, capsys):
     err = fails(capsys, *voc_fit(voc, tmp_path))
     assert "ImageSets/Segmentation/val.txt is missing" in err and "Prepare it with" in err
     err = fails(capsys, "fit", *tiny_args("voc", voc, tmp_path / "runs"))  # no train_aug yet
-    assert "train_aug.txt (SBD's list, written by prepare) is missing" in err
+    assert "train_aug.txt is missing (SBD's list, written by prepare)" in err
 
 
 def test_empty_split_names_the_empty_list_or_folder(voc, tmp_path, capsys):
@@ -203,31 +203,47 @@ def test_without_the_cli_setup_and_loaders_still_check(voc):
         data.setup("validate")
 
 
-def test_data_checked_ahead_is_not_read_again(tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [(), ("--model.tile_size=[16,16]",
+                                    "--model.tile_whole_network=true")])
+@pytest.mark.parametrize("stage", ["validate", "predict"])
+def test_data_checked_ahead_is_not_read_again(tmp_path, monkeypatch, stage, extra):
     """The CLI's check_data read the labels and image headers; setup and the loaders skip
-    them (the count against the batch, which reads nothing, is checked again)."""
+    them (the count against the batch, which reads nothing, is checked again). Each image's
+    header is read once, also where several checks need it (predict_dir's images, which must
+    be images; mixed sizes in a batch; tile_whole_network's tiles)."""
+    from collections import Counter
+
     from dilatedseg.data import base
 
-    reads = {"labels": 0, "sizes": 0}
+    labels, headers = Counter(), Counter()
     check_labels, image_size = base.SegmentationDataModule.check_labels, base.image_size
 
-    def counted(key, function):
-        def call(*args, **kwargs):
-            reads[key] += 1
-            return function(*args, **kwargs)
-        return call
+    def count_labels(module, dataset):
+        labels[len(dataset)] += 1
+        return check_labels(module, dataset)
 
-    monkeypatch.setattr(base.SegmentationDataModule, "check_labels", counted("labels",
-                                                                             check_labels))
-    monkeypatch.setattr(base, "image_size", counted("sizes", image_size))
+    def count_headers(path, *args, **kwargs):
+        headers[path.name] += 1
+        return image_size(path, *args, **kwargs)
+
+    monkeypatch.setattr(base.SegmentationDataModule, "check_labels", count_labels)
+    monkeypatch.setattr(base, "image_size", count_headers)
     root = make_voc(tmp_path / "voc2", voc_train=("a1", "a2"), voc_val=("b1", "b2"),
                     sbd_train=(), sbd_val=())
     weights = untrained_checkpoint(tmp_path / "model.ckpt", 21, padding="valid")
-    run_cli("validate", *tiny_args("voc", root, tmp_path / "runs",
-                                   "--data.init_args.val_batch_size=2",
-                                   f"--model.init_from={weights}"))
-    assert reads == {"labels": 1, "sizes": 2}  # val: once, 2 image headers once
-
+    folder = []
+    if stage == "predict":
+        shutil.copytree(root / "VOCdevkit/VOC2012/JPEGImages", tmp_path / "photos")
+        folder = [f"--data.init_args.predict_dir={tmp_path / 'photos'}"]
+    run_cli(stage, *tiny_args("voc", root, tmp_path / "runs",
+                              "--data.init_args.val_batch_size=2",
+                              f"--model.init_from={weights}", *folder, *extra))
+    if stage == "validate":
+        assert labels == {2: 1}  # val's 2 labels: checked once
+        assert headers == {"b1.jpg": 1, "b2.jpg": 1}
+    else:  # predict_dir: no labels
+        assert not labels
+        assert headers == {f"{name}.jpg": 1 for name in ("a1", "a2", "b1", "b2")}
 
 
 def test_16_bit_label_values_above_255_are_named_not_wrapped(tmp_path):
@@ -571,3 +587,91 @@ def test_dataset_root_that_is_a_file(tmp_path, capsys):
 def test_checkpoint_alias_without_a_run(voc, tmp_path, capsys):
     err = fails(capsys, "validate", *voc_fit(voc, tmp_path)[1:], "--ckpt_path=best")
     assert f"--ckpt_path=best: no run under {tmp_path / 'runs'}/voc/frontend/ has a best" in err
+
+
+def big_voc(root, count: int = 1001):
+    """A VOC tree whose 'train' list holds ``count`` images (copies of one), over the
+    1000 files up to which ``label_check: auto`` reads every label before training."""
+    make_voc(root, voc_train=("a0",), voc_val=("b1", "b2"), sbd_train=(), sbd_val=())
+    voc = root / "VOCdevkit/VOC2012"
+    names = [f"a{i:04d}" for i in range(count)]
+    for name in names:
+        shutil.copy(voc / "JPEGImages/a0.jpg", voc / "JPEGImages" / f"{name}.jpg")
+        shutil.copy(voc / "SegmentationClass/a0.png", voc / "SegmentationClass" / f"{name}.png")
+    (voc / "ImageSets/Segmentation/train.txt").write_text("\n".join(names) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("label_check, count, read", [("auto", 1000, 1000), ("auto", 1001, 64),
+                                                      ("all", 1001, 1001), ("sample", 100, 64)])
+def test_label_check_reads_every_label_or_a_spread_sample(tmp_path, label_check, count, read):
+    """auto: every label of a split of up to 1000 files, else 64 spread over it, first and
+    last included."""
+    from dilatedseg.data import VOCDataModule
+
+    loaded = []
+    data = VOCDataModule(root=str(big_voc(tmp_path / "voc", count)), train_split="train",
+                         label_check=label_check)
+    dataset = data.make_dataset("train", check=False)
+    dataset.load = loaded.append
+    data.check_labels(dataset)
+    assert len(loaded) == read and len(set(loaded)) == read
+    assert loaded[0] == 0 and loaded[-1] == count - 1
+
+
+@pytest.mark.parametrize("damage", ["values", "size"])
+def test_bad_label_the_sample_missed_stops_training_naming_it_and_the_fix(
+        tmp_path, monkeypatch, capsys, damage):
+    """label_check: auto reads 64 of the 1001 training labels first; a bad one among the
+    others (a value no class has, or the wrong size) stops the run where it is loaded, in the
+    second epoch here (in the main process, or in a dataloader worker): one message naming
+    the file, the problem and how to check every label before training, the first epoch's
+    last.ckpt kept and the resume advice given."""
+    from dilatedseg.data.base import SegmentationDataset
+
+    root = big_voc(tmp_path / "voc")
+    loaded, load = tmp_path / "loaded.txt", SegmentationDataset.load
+
+    def recording(dataset, index):  # (to a file: also from a dataloader worker)
+        with open(loaded, "a") as record:
+            record.write(f"{dataset.pairs[index][1].name}\n")
+        return load(dataset, index)
+
+    monkeypatch.setattr(SegmentationDataset, "load", recording)
+
+    def fit(runs):
+        loaded.write_text("")
+        run_cli("fit", *tiny_args("voc", root, runs, "--data.init_args.train_split=train",
+                                  "--trainer.max_epochs=2",
+                                  f"--data.init_args.num_workers={int(damage == 'size')}"))
+        return [name for name in loaded.read_text().split() if name.startswith("a")]  # train
+
+    # where each training label is first read (seeded): 64 checked ahead, then 2 batches of
+    # 2 an epoch (a worker reads 2 more ahead, left unused)
+    train = fit(tmp_path / "clean")
+    per_epoch = 8 if damage == "size" else 4
+    assert len(train) == 64 + 2 * per_epoch
+    earlier, first_batch = train[:64 + per_epoch], train[64 + per_epoch:][:2]
+    bad = root / "VOCdevkit/VOC2012/SegmentationClass" / next(
+        name for name in first_batch if name not in earlier)
+    if damage == "values":
+        spoil_label(bad, value=40)
+        problem = f"label {bad} holds values [40] outside [0, 21) and not 255 (ignore)"
+    else:
+        Image.open(bad).resize((32, 24)).save(bad)
+        problem = f"is 64x48 but its label {bad} is 32x24; they must match: replace the wrong one"
+    with pytest.raises(SystemExit) as exit_info:
+        fit(tmp_path / "runs")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("error: ") == 1 and "Traceback" not in err
+    error = err[err.index("error: "):]
+    assert problem in error
+    assert ("(found as it loaded: label_check: auto read 64 of the 1001 files of split 'train' "
+            "before training, and others may be damaged too: to find them all before training, "
+            f"run `dilatedseg prepare voc --root {root}` or pass "
+            "--data.init_args.label_check=all)") in error
+    last = tmp_path / "runs/voc/frontend/version_0/checkpoints/last.ckpt"
+    assert error.endswith("(the run stopped after it had started; once that is fixed, resume "
+                          f"it with --ckpt_path={last})\n")
+    assert torch.load(last, weights_only=True)["epoch"] == 0  # the first epoch's, kept

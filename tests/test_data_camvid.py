@@ -154,6 +154,25 @@ def test_labels_unzipped_without_their_folder_name_the_folder(tmp_path):
                  "--splits", str(root / "segnet_lists")])
 
 
+def test_prepare_of_a_root_one_level_off_names_the_folder_that_holds_camvid(tmp_path):
+    """As prepare voc / cityscapes do: was a listing of the expected tree (too high, or
+    701_StillsRaw_full/) or "move the labels into <root>/LabeledApproved_full/LabeledApproved_full"
+    (LabeledApproved_full/ given as the root)."""
+    root, _ = make_camvid_original(tmp_path / "camvid")
+    splits = ["--splits", str(root / "segnet_lists")]
+    for wrong in (tmp_path, root / "LabeledApproved_full", root / "701_StillsRaw_full"):
+        with pytest.raises(DataError, match=f"^camvid: no colour labels .*, but {root} holds the "
+                                            f"camvid tree: pass --root={root}$"):
+            prepare(["camvid", "--root", str(wrong), "--layout", "original", *splits])
+    assert not (root / "labels").exists()
+    prepare(["camvid", "--root", str(root), "--layout", "original", *splits])  # as it says
+    segnet = make_camvid_segnet(tmp_path / "segnet")
+    for wrong in (tmp_path, segnet / "train"):  # (the SegNet copy: nothing to convert)
+        with pytest.raises(DataError, match=f"but {segnet} holds the camvid tree: pass "
+                                            f"--root={segnet}$"):
+            prepare(["camvid", "--root", str(wrong)])
+
+
 def test_copy_with_colour_label_folders_names_how_to_convert_it(tmp_path):
     """The 960x720 copy with <split>_labels/<name>_L.png (Semantic-Segmentation-Suite's CamVid/)
     was "image <root>/train/x.png has no label file <root>/trainannot/x.png"."""

@@ -71,6 +71,44 @@ def test_prepare_of_a_root_one_level_off_names_the_folder_that_holds_cityscapes(
     prepare(["cityscapes", "--root", str(root)])  # what it says works
 
 
+def test_zips_extracted_into_folders_of_their_own_name_the_move(tmp_path):
+    """leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip each extracted into a folder
+    named after it: was a hint to pass --root=<root>/leftImg8bit_trainvaltest, whose images
+    have no labels there (the next error); given that folder, "image ... has no label"."""
+    tree = make_cityscapes(tmp_path / "tree")
+    root = tmp_path / "cityscapes"
+    for name, folder in (("leftImg8bit", "leftImg8bit_trainvaltest"),
+                         ("gtFine", "gtFine_trainvaltest")):
+        (root / folder).mkdir(parents=True)
+        (tree / name).rename(root / folder / name)
+    images, labels = root / "leftImg8bit_trainvaltest", root / "gtFine_trainvaltest"
+    for given, move in ((root, f"{images}/leftImg8bit {labels}/gtFine {root}/"),
+                        (images, f"{labels}/gtFine {images}/")):
+        message = (f"cityscapes: leftImg8bit/ lies in {images}, gtFine/ in {labels} (each zip "
+                   f"extracted into a folder of its own); the root must hold both: `mv {move}`")
+        with pytest.raises(DataError) as error:
+            CityscapesDataModule(root=str(given)).checked_pairs("train")
+        assert str(error.value) == message
+        with pytest.raises(DataError) as error:
+            prepare(["cityscapes", "--root", str(given)])
+        assert str(error.value) == message
+    for name, folder in (("leftImg8bit", images), ("gtFine", labels)):  # as it says
+        (folder / name).rename(root / name)
+    prepare(["cityscapes", "--root", str(root)])
+
+
+def test_a_folder_nearby_with_images_but_no_labels_is_not_offered_as_the_root(tmp_path,
+                                                                              capsys):
+    """Only leftImg8bit downloaded, one level below the root: was "pass
+    --data.init_args.root=<it>", which fails next for want of labels."""
+    tree = make_cityscapes(tmp_path / "cityscapes")
+    (tree / "gtFine").rename(tmp_path / "elsewhere")
+    with pytest.raises(DataError) as error:
+        CityscapesDataModule(root=str(tmp_path)).checked_pairs("train")
+    assert str(error.value).startswith(f"cityscapes: image folder {tmp_path}/leftImg8bit/train "
+                                       "is missing.\nExpected under")
+
+
 def test_prepare_writes_train_ids_equal_to_on_the_fly_mapping(tmp_path):
     root = make_cityscapes(tmp_path / "cityscapes")
     module = CityscapesDataModule(root=str(root))

@@ -161,6 +161,24 @@ def test_prepare_names_its_own_options_for_the_folder_that_holds_the_tree(tmp_pa
     prepare(["kitti", "--root", str(semantics), "--layout=semantics"])
 
 
+def test_semantics_with_fewer_images_than_val_every_names_val_every(tmp_path):
+    """A few files of the semantic benchmark (every 5th held out for validation): was "no
+    images found for split 'val'" and a listing of the tree, from fit and prepare alike."""
+    root = make_kitti_semantics(tmp_path / "kitti", count=4)
+    images = root / "training" / "image_2"
+    message = (f"kitti: {images} holds 4 image(s); every 5th (val_every) is held out for "
+               "validation, so none would be: lower {}val_every (at least 2), or add images")
+    with pytest.raises(DataError) as error:
+        KITTIDataModule(root=str(root), layout="semantics").check_data("fit")
+    assert str(error.value) == message.format("--data.init_args.")
+    with pytest.raises(DataError) as error:
+        prepare(["kitti", "--root", str(root), "--layout", "semantics"])
+    assert str(error.value) == message.format("--")
+    prepare(["kitti", "--root", str(root), "--layout", "semantics", "--val_every=2"])  # as said
+    module = KITTIDataModule(root=str(root), layout="semantics", val_every=2)
+    assert len(module.checked_pairs("train")) == len(module.checked_pairs("val")) == 2
+
+
 def test_semantics_predictions_are_written_back_as_label_ids():
     """The KITTI benchmark takes Cityscapes label ids, as the Cityscapes server does."""
     module = KITTIDataModule(layout="semantics")

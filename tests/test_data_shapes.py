@@ -4,11 +4,15 @@ apart, generated from its seed and regenerated only when its settings change."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
+import pytest
+from conftest import run_cli, shapes_args
+from fixtures_datasets import make_camvid_segnet
 from PIL import Image
 
-from dilatedseg.data import ShapesDataModule
+from dilatedseg.data import DataError, ShapesDataModule
 from dilatedseg.data.shapes import FLAG_COLOURS, draw_sample
 
 
@@ -58,3 +62,34 @@ def test_generated_from_the_seed_and_regenerated_only_when_settings_change(tmp_p
     generated(tmp_path / "a", seed=1)
     assert first.read_bytes() != b"marker"
     assert first.read_bytes() != (tmp_path / "b/images/train/train_00000.png").read_bytes()
+
+
+def test_a_root_it_cannot_be_generated_into_stops_before_the_run(tmp_path, capsys):
+    """A file (was a FileExistsError traceback once training started) or another dataset's
+    folder (SegNet's CamVid: its train.txt was overwritten) as the root: one message, before
+    the model is built, nothing written; a generation stopped midway is redone."""
+    (tmp_path / "file").write_text("x")
+    camvid = make_camvid_segnet(tmp_path / "camvid")
+    (camvid / "train.txt").write_text("0001TP_train0000\n")
+    for root, problem in ((tmp_path / "file", f"root {tmp_path / 'file'} is a file"),
+                          (camvid, f"{camvid} holds no shapes dataset (meta.json) but other "
+                                   "files (test, testannot, train, ...), which generating one "
+                                   "there could overwrite")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli("fit", *shapes_args(root, tmp_path / "runs", "--model.arch=tiny",
+                                        "--model.pretrained=null"))
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"error: shapes: {problem}: pass --data.init_args.root=<a new folder>" in err
+        with pytest.raises(DataError, match=re.escape(f"{problem}: pass --root=<a new folder>")):
+            from dilatedseg.prepare import main as prepare
+
+            prepare(["shapes", "--root", str(root)])
+    assert (camvid / "train.txt").read_text() == "0001TP_train0000\n"
+    assert not (camvid / "images").exists() and not (tmp_path / "runs").exists()
+    stopped = ShapesDataModule(root=str(tmp_path / "shapes"), train_size=2, val_size=1,
+                               test_size=1, image_size=64)
+    stopped.prepare_data()
+    (tmp_path / "shapes" / "meta.json").unlink()  # as a generation stopped midway leaves it
+    stopped.prepare_data()
+    assert (tmp_path / "shapes" / "meta.json").is_file()

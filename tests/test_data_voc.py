@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,44 @@ def test_prepare_of_a_root_one_level_off_names_the_folder_that_holds_voc(tmp_pat
                                             f"voc tree: pass --root={root}$"):
             prepare(["voc", "--root", str(wrong)])
     prepare(["voc", "--root", str(root)])  # what it says works
+
+
+def test_without_sbd_fit_and_prepare_name_training_on_voc_alone(tmp_path, capsys):
+    """VOC 2012 without SBD: was "train_aug.txt is missing ... Prepare it with: dilatedseg
+    prepare voc", and prepare then stopped for want of SBD, neither naming train_split=train
+    (VOC alone, nothing to prepare). With DeepLab's train_aug.txt and SegmentationClassAug/
+    in place of SBD, prepare keeps and checks them."""
+    root = make_voc(tmp_path / "voc", sbd_train=(), sbd_val=())
+    shutil.rmtree(root / "benchmark_RELEASE")
+    with pytest.raises(DataError, match=r"train_aug.txt is missing \(SBD's list, written by "
+                                        r"prepare from SBD, which is not under the root either: "
+                                        r"download SBD into the root and prepare it, or train on "
+                                        r"VOC 2012 train alone with --data.init_args.train_split="
+                                        r"train\)"):
+        VOCDataModule(root=str(root)).check_data("fit")
+    with pytest.raises(DataError, match=r"benchmark_RELEASE/dataset/cls is missing \(.*; without "
+                                        r"SBD, train on VOC 2012 train alone with --data.init_args"
+                                        r".train_split=train, which needs no prepare\)"):
+        prepare(["voc", "--root", str(root)])
+    VOCDataModule(root=str(root), train_split="train", batch_size=2).check_data("fit")  # as said
+
+    voc = root / "VOCdevkit/VOC2012"  # DeepLab's copy: image and label paths per line
+    (voc / "SegmentationClassAug").mkdir()
+    lines = []
+    for name in ("2007_000001", "2007_000002"):
+        shutil.copy(voc / "SegmentationClass" / f"{name}.png", voc / "SegmentationClassAug")
+        lines.append(f"/JPEGImages/{name}.jpg /SegmentationClassAug/{name}.png")
+    listing = voc / "ImageSets/Segmentation/train_aug.txt"
+    listing.write_text("\n".join(lines) + "\n")
+    prepare(["voc", "--root", str(root)])
+    assert "voc ready under" in capsys.readouterr().out
+    assert listing.read_text() == "\n".join(lines) + "\n"  # kept as it was
+    spoil = voc / "SegmentationClass/2007_000002.png"  # (VOC's own label comes first)
+    values = np.asarray(Image.open(spoil)).copy()
+    values[0, 0] = 40
+    Image.fromarray(values).save(spoil)
+    with pytest.raises(DataError, match="2007_000002.png holds values \\[40\\]"):  # checked
+        prepare(["voc", "--root", str(root)])
 
 
 def test_mean_pixel_is_the_papers_in_rgb_order():

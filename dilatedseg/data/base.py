@@ -181,6 +181,8 @@ class SegmentationDataset(Dataset):
     from one decoded image, stacked: "image" (crops, 3, h, w), "label" (crops, h, w), "name" a
     list; :func:`collate_crops` batches them. Decoding a 2 Mpx PNG costs far more than cropping
     it, so this multiplies what one dataloader worker delivers.
+    ``unchecked``: added to an error in a file found as it loads, where the checks before
+    training read only a sample of the split (how to read every file first).
     """
 
     def __init__(
@@ -196,6 +198,7 @@ class SegmentationDataset(Dataset):
         self.pairs, self.num_classes = list(pairs), num_classes
         self.read_label, self.transform, self.crops = read_label, transform, crops
         self.size, self.names_under = size, names_under
+        self.unchecked = ""
 
     def name(self, index: int) -> str:
         """An item's name: its image's file name without suffix; relative to ``names_under``
@@ -216,14 +219,21 @@ class SegmentationDataset(Dataset):
             if label.shape != image.shape[:2]:
                 raise DataError(
                     f"image {image_path} is {image.shape[1]}x{image.shape[0]} but its label "
-                    f"{label_path} is {label.shape[1]}x{label.shape[0]}; they must match.")
+                    f"{label_path} is {label.shape[1]}x{label.shape[0]}; they must match: "
+                    "replace the wrong one with an intact copy (re-download it, or re-run the "
+                    "dataset's prepare command), or drop the example.")
             check_label(label, self.num_classes, label_path)
         if self.size is not None:
             image, label = transforms.resize(image, label, self.size)
         return image, label
 
     def __getitem__(self, index: int) -> dict:
-        image, label = self.load(index)
+        try:
+            image, label = self.load(index)
+        except DataError as error:
+            if not self.unchecked:
+                raise
+            raise DataError(f"{error}\n{self.unchecked}") from None
         if label is None:
             label = np.full(image.shape[:2], IGNORE_INDEX, np.uint8)
         name = self.name(index)
@@ -371,6 +381,7 @@ class SegmentationDataModule(L.LightningDataModule):
         # The loaders ("train", "val", ...) whose label values and image sizes check_data
         # has read: setup and the loaders do not read them again.
         self.checked_ahead: set[str] = set()
+        self.header_sizes: dict[Path, tuple[int, int]] = {}  # read by image_header: once
 
     # ---- metadata a subclass provides -------------------------------------------------------
     @property
@@ -420,10 +431,10 @@ class SegmentationDataModule(L.LightningDataModule):
         """The image names of a split list (see :func:`list_names`); a missing or empty list
         stops."""
         if not listing.is_file():
-            raise self.missing(f"split list {listing}{hint} is missing")
+            raise self.missing(f"split list {listing} is missing{hint}")
         names = list_names(listing)
         if not names:
-            raise self.missing(f"split list {listing}{hint} is empty")
+            raise self.missing(f"split list {listing} is empty{hint}")
         return names
 
     def checked_pairs(self, split: str, labelled: bool = False) -> list[tuple[Path, Path | None]]:
@@ -450,10 +461,11 @@ class SegmentationDataModule(L.LightningDataModule):
                 raise self.missing(f"image {image} has no label file {label}")
         return pairs
 
-    def elsewhere(self, error: DataError, split: str) -> DataError:
+    def elsewhere(self, error: DataError, split: str,
+                  holds: Callable[[SegmentationDataModule], bool] | None = None) -> DataError:
         """``error`` (files missing under the root), or, when a folder or layout nearby holds
         ``split``'s files (:meth:`nearby_tree`), an error naming the options that read them."""
-        found = self.nearby_tree(split) if self.root.is_dir() else None
+        found = self.nearby_tree(split, holds) if self.root.is_dir() else None
         if found is None:
             return error
         root, layout = found
@@ -464,11 +476,14 @@ class SegmentationDataModule(L.LightningDataModule):
                          f"{f' of layout {layout}' if layout != self.layout_name else ''}: "
                          f"pass {' '.join(options)}")
 
-    def nearby_tree(self, split: str, limit: int = 100) -> tuple[Path, str | None] | None:
+    def nearby_tree(self, split: str, holds: Callable[[SegmentationDataModule], bool] | None
+                    = None, limit: int = 100) -> tuple[Path, str | None] | None:
         """(root, layout) of the files ``split`` would be read from when the root or layout is
         off: the root's files in another of ``layouts``, or this layout one or two levels above
         the root (a root given too low, say VOCdevkit/VOC2012) or one below it (given too
-        high), or, failing those, another layout there too; None when there are none."""
+        high), or, failing those, another layout there too; None when there are none.
+        ``holds(module)``: whether a module with that root and layout finds its files (default
+        :meth:`holds_split`; a converter passes what it reads, as CamVid's colour labels)."""
         below = sorted(p for p in self.root.iterdir() if p.is_dir())[:limit]
         roots = [self.root, *self.root.parents[:2], *below]
         candidates = sorted(  # one option off before both
@@ -478,13 +493,18 @@ class SegmentationDataModule(L.LightningDataModule):
         for root, layout in candidates:
             other = copy.copy(self)
             other.root, other.layout_name = root, layout
-            try:
-                pairs = other.pairs(split)
-            except (DataError, OSError):
-                continue
-            if pairs and pairs[0][0].is_file():
+            if holds(other) if holds is not None else other.holds_split(split):
                 return root, layout
         return None
+
+    def holds_split(self, split: str) -> bool:
+        """Whether the root holds ``split``'s files in this layout (its first image and label,
+        at least: a folder with the images alone would only trade one error for another)."""
+        try:
+            pairs = self.pairs(split)
+        except (DataError, OSError):
+            return False
+        return bool(pairs) and all(path is None or path.is_file() for path in pairs[0])
 
     def stage_loaders(self, stage: str) -> dict[str, str]:
         """The loaders ``setup(stage)`` makes ("train", "val", "test", "predict"), each with
@@ -502,7 +522,7 @@ class SegmentationDataModule(L.LightningDataModule):
         only: :meth:`check_data` checks the rest)."""
         if stage == "predict" and self.predict_dir is not None:
             for image, _ in folder_images(self.predict_dir):
-                image_size(image, self.predict_dir)  # a file that is no image stops here
+                self.image_header(image, self.predict_dir)  # a file that is no image stops
         for split in self.stage_splits(stage):
             self.checked_pairs(split, labelled=stage != "predict")
 
@@ -521,16 +541,29 @@ class SegmentationDataModule(L.LightningDataModule):
             self.datasets[key] = dataset
             self.checked_ahead.add(key)
 
+    def label_sample(self, count: int) -> Sequence[int]:
+        """The items of a split of ``count`` whose files ``check_labels`` reads: all of them,
+        or (``label_check: sample``, or ``auto`` over 1000 files) 64 spread over the split."""
+        if self.label_check == "all" or (self.label_check == "auto" and count <= 1000):
+            return range(count)
+        return np.linspace(0, count - 1, min(count, 64)).astype(int)
+
     def check_labels(self, dataset: SegmentationDataset) -> None:
         """Load labels before training so bad values fail early, naming the file."""
-        count = len(dataset)
-        if self.label_check == "all" or (self.label_check == "auto" and count <= 1000):
-            indices = range(count)
-        else:
-            indices = np.linspace(0, count - 1, min(count, 64)).astype(int)
-        for index in indices:
+        for index in self.label_sample(len(dataset)):
             if dataset.pairs[index][1] is not None:
                 dataset.load(index)
+
+    def unchecked_advice(self, split: str, count: int) -> str:
+        """What an error in a file of ``split`` found as it loads adds: how to read every file
+        before training; "" where ``check_labels`` reads them all."""
+        read = len(self.label_sample(count))
+        if read == count:
+            return ""
+        return (f"(found as it loaded: label_check: {self.label_check} read {read} of the "
+                f"{count} files of split '{split}' before training, and others may be damaged "
+                f"too: to find them all before training, run `{self.prepare_command}` or pass "
+                f"{self.option_prefix}label_check=all)")
 
     def train_transform(self) -> Callable | None:
         transform = transforms.train_transform(self.crop_size, self.mirror, self.scale_range,
@@ -548,6 +581,7 @@ class SegmentationDataModule(L.LightningDataModule):
             self.train_transform() if train else None, self.crops_per_image if train else 1,
             self.resize,
         )
+        dataset.unchecked = self.unchecked_advice(split, len(dataset))
         if check:
             self.check_labels(dataset)
         return dataset
@@ -573,7 +607,15 @@ class SegmentationDataModule(L.LightningDataModule):
         dataset = self.datasets[split]
         if dataset.size is not None:
             return {tuple(dataset.size)}
-        return {image_size(image, dataset.names_under)[::-1] for image, _ in dataset.pairs}
+        return {self.image_header(image, dataset.names_under)[::-1]
+                for image, _ in dataset.pairs}
+
+    def image_header(self, path: Path, folder: Path | None = None) -> tuple[int, int]:
+        """:func:`image_size`, read once per file: the checks that need an image's size
+        (predict_dir's images being images, sizes batched together, deploy tiles) share it."""
+        if path not in self.header_sizes:
+            self.header_sizes[path] = image_size(path, folder)
+        return self.header_sizes[path]
 
     def workers(self) -> int:
         """``num_workers``; when automatic, the cores divided among the run's devices."""
@@ -637,7 +679,7 @@ class SegmentationDataModule(L.LightningDataModule):
             return  # (cached logits are padded to one size)
         seen: dict[tuple[int, int], Path] = {}
         for image, _ in dataset.pairs:
-            seen.setdefault(image_size(image), image)
+            seen.setdefault(self.image_header(image, dataset.names_under), image)
             if len(seen) > 1:
                 (size_a, path_a), (size_b, path_b) = seen.items()
                 fix = ("set --data.init_args.crop_size, or --data.init_args.batch_size=1"

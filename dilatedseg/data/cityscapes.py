@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dilatedseg.data.base import SegmentationDataModule, read_index_png
+from dilatedseg.data.base import DataError, SegmentationDataModule, read_index_png
 
 # (label id, name, train id or 255, category) for the 34 labelIds of Cityscapes.
 LABELS = (
@@ -90,7 +90,25 @@ class CityscapesDataModule(SegmentationDataModule):
         self.train_ids = train_id_lookup()
         self.submission_ids = label_id_lookup()
 
+    def extracted_apart(self) -> str | None:
+        """The problem and the fix when leftImg8bit/ and gtFine/ lie in different folders
+        (each zip extracted into a folder of its own, as leftImg8bit_trainvaltest/leftImg8bit/
+        and gtFine_trainvaltest/gtFine/, in the root, or beside it when the root is one of
+        them); None otherwise."""
+        images, labels = (next((path for path in (
+            self.root / name, *sorted(self.root.glob(f"*/{name}")),
+            *sorted(self.root.parent.glob(f"*_trainvaltest/{name}"))) if path.is_dir()), None)
+            for name in ("leftImg8bit", "gtFine"))
+        if images is None or labels is None or images.parent == labels.parent:
+            return None
+        move = " ".join(str(path) for path in (images, labels) if path.parent != self.root)
+        return (f"cityscapes: leftImg8bit/ lies in {images.parent}, gtFine/ in {labels.parent} "
+                "(each zip extracted into a folder of its own); the root must hold both: "
+                f"`mv {move} {self.root}/`")
+
     def pairs(self, split: str) -> list[tuple[Path, Path | None]]:
+        if split != "test" and (problem := self.extracted_apart()):
+            raise DataError(problem)
         pairs = []
         for image in self.images_in(self.root / "leftImg8bit" / split, "*/*_leftImg8bit.png"):
             if split == "test":

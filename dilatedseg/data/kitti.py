@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from dilatedseg.data import camvid, cityscapes
-from dilatedseg.data.base import SegmentationDataModule, read_index_png
+from dilatedseg.data.base import DataError, SegmentationDataModule, read_index_png
 from dilatedseg.labels import IGNORE_INDEX
 
 MEAN_BGR = (96.19, 95.55, 91.35)
@@ -75,6 +75,11 @@ class KITTIDataModule(SegmentationDataModule):
         if split == "test":
             return [(image, None) for image in self.images_in(self.root / "testing" / "image_2")]
         images = self.images_in(self.root / "training" / "image_2")
+        if len(images) < self.val_every:
+            raise DataError(
+                f"kitti: {self.root / 'training' / 'image_2'} holds {len(images)} image(s); "
+                f"every {self.val_every}th (val_every) is held out for validation, so none "
+                f"would be: lower {self.option_prefix}val_every (at least 2), or add images")
         held_out = [i % self.val_every == self.val_every - 1 for i in range(len(images))]
         return [(image, self.root / "training" / "semantic" / image.name)
                 for image, out in zip(images, held_out) if out == (split == "val")]

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dilatedseg.data.base import SegmentationDataModule
+from dilatedseg.data.base import DataError, SegmentationDataModule
 from dilatedseg.viz import palette_png
 
 CLASSES = ("background", "team_red", "team_green", "team_blue")
@@ -28,6 +28,8 @@ FLAG_COLOURS = ((205, 30, 30), (30, 185, 45), (35, 70, 220))
 GENERATOR_VERSION = 1
 MIN_DISTANCE = 64  # px between the flag's centre and a shape's centre
 SPLIT_OFFSETS = {"train": 0, "val": 1_000_003, "test": 2_000_029}
+# What generate writes into the root (and meta.json): a generation stopped midway leaves some.
+WRITTEN = {"meta.json", "images", "labels", *(f"{split}.txt" for split in SPLIT_OFFSETS)}
 
 
 def draw_sample(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -119,10 +121,34 @@ class ShapesDataModule(SegmentationDataModule):
         meta_path = self.root / "meta.json"
         if meta_path.is_file() and json.loads(meta_path.read_text()) == self.meta():
             return
-        self.root.mkdir(parents=True, exist_ok=True)
-        meta_path.unlink(missing_ok=True)
-        generate(self.root, self.seed, self.sizes, self.image_size)
-        meta_path.write_text(json.dumps(self.meta()))
+        self.check_root()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            meta_path.unlink(missing_ok=True)
+            generate(self.root, self.seed, self.sizes, self.image_size)
+            meta_path.write_text(json.dumps(self.meta()))
+        except OSError as error:  # (no permission, disk full)
+            raise DataError(f"shapes: cannot write the dataset under {self.root}: {error}. "
+                            f"Pass {self.option_prefix}root=<a folder you can write>") from None
+
+    def check_root(self) -> None:
+        """A root the dataset cannot be generated into stops: a file, or a folder holding
+        files of its own (another dataset's train.txt would be overwritten)."""
+        fix = f"pass {self.option_prefix}root=<a new folder> (the dataset is generated there)"
+        if self.root.exists() and not self.root.is_dir():
+            raise DataError(f"shapes: root {self.root} is a file: {fix}")
+        if not self.root.is_dir() or (self.root / "meta.json").is_file():
+            return
+        other = sorted(path.name for path in self.root.iterdir() if path.name not in WRITTEN)
+        if other:
+            raise DataError(f"shapes: {self.root} holds no shapes dataset (meta.json) but "
+                            f"other files ({', '.join(other[:3])}{', ...' * (len(other) > 3)}), "
+                            f"which generating one there could overwrite: {fix}")
+
+    def check_files(self, stage: str) -> None:
+        """Before anything is built: the root the dataset will be generated into."""
+        super().check_files(stage)
+        self.check_root()
 
     def stage_splits(self, stage: str) -> list[str]:
         """None to check ahead: ``prepare_data`` generates whatever is missing."""

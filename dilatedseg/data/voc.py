@@ -70,7 +70,13 @@ class VOCDataModule(SegmentationDataModule):
             names = self.listed_names(self.root / LISTS / "test.txt", "")
             return [(voc / "JPEGImages" / f"{name}.jpg", None) for name in names]
         list_name = self.train_split if split == "train" else "val" if split == "test" else split
-        hint = " (SBD's list, written by prepare)" if list_name == "train_aug" else ""
+        hint = ""
+        if list_name == "train_aug":
+            hint = " (SBD's list, written by prepare)"
+            if not (self.root / SBD_DIR).is_dir():
+                hint = (" (SBD's list, written by prepare from SBD, which is not under the root "
+                        "either: download SBD into the root and prepare it, or train on VOC "
+                        f"2012 train alone with {self.option_prefix}train_split=train)")
         names = self.listed_names(self.root / LISTS / f"{list_name}.txt", hint)
         pairs = []
         for name in names:  # also DeepLab's train_aug.txt of image and label paths

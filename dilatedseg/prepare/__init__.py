@@ -36,13 +36,14 @@ def checking(module_class: type[SegmentationDataModule], **options) -> Segmentat
     return module
 
 
-def converted(module: SegmentationDataModule, convert) -> None:
+def converted(module: SegmentationDataModule, convert, holds=None) -> None:
     """``convert(root)``; a tree it cannot find under the root, where a folder nearby holds
-    the files, names that folder."""
+    the files (the val split's, or what ``holds(module)`` says: see ``nearby_tree``), names
+    that folder."""
     try:
         convert(module.root)
     except DataError as error:
-        raise module.elsewhere(error, "val") from None
+        raise module.elsewhere(error, "val", holds) from None
 
 
 def report(module: SegmentationDataModule, splits: tuple[str, ...]) -> None:
@@ -57,6 +58,7 @@ def report(module: SegmentationDataModule, splits: tuple[str, ...]) -> None:
 
 def prepare_shapes(args: argparse.Namespace) -> None:
     module = ShapesDataModule(root=args.root, seed=args.seed)
+    module.option_prefix = "--"
     module.prepare_data()
     print(f"shapes dataset ready under {module.root}")
 
@@ -70,17 +72,19 @@ def prepare_voc(args: argparse.Namespace) -> None:
 
 
 def prepare_camvid(args: argparse.Namespace) -> None:
+    module = checking(CamVidDataModule, root=args.root, layout=args.layout)
     if args.layout == "original":
-        from dilatedseg.prepare.camvid import convert_original
+        from dilatedseg.prepare.camvid import convert_original, holds_release
 
-        convert_original(Path(args.root), Path(args.splits) if args.splits else None)
-    report(checking(CamVidDataModule, root=args.root, layout=args.layout),
-           ("train", "val", "test"))
+        splits = Path(args.splits) if args.splits else None
+        converted(module, lambda root: convert_original(root, splits), holds_release)
+    report(module, ("train", "val", "test"))
 
 
 def prepare_kitti(args: argparse.Namespace) -> None:
     splits = ("train", "val") if args.layout == "ros" else ("train", "val", "test")
-    report(checking(KITTIDataModule, root=args.root, layout=args.layout), splits)
+    report(checking(KITTIDataModule, root=args.root, layout=args.layout,
+                    val_every=args.val_every), splits)
 
 
 def prepare_cityscapes(args: argparse.Namespace) -> None:
@@ -120,6 +124,8 @@ def main(argv: list[str]) -> None:
     kitti = verbs.add_parser("kitti", help="KITTI: check the Ros et al. or semantics tree")
     kitti.add_argument("--root", default="data/kitti")
     kitti.add_argument("--layout", choices=("ros", "semantics"), default="ros")
+    kitti.add_argument("--val_every", type=int, default=5, help="semantics layout: every n-th "
+                       "training image is held out for validation (as --data.init_args.val_every)")
     kitti.set_defaults(run=prepare_kitti)
 
     cityscapes = verbs.add_parser("cityscapes", help="Cityscapes: write *_labelTrainIds.png")

@@ -15,12 +15,21 @@ from PIL import Image
 from dilatedseg.data.base import DataError, list_names
 from dilatedseg.data.camvid import CamVidDataModule, camvid32_colours, decode_colour_label
 
+COLOUR_DIR = "LabeledApproved_full"
+
+
+def holds_release(module: CamVidDataModule) -> bool:
+    """Whether ``module`` (layout and root) reads the original release's colour labels, which
+    :func:`convert_original` converts."""
+    return module.layout_name == "original" and any((module.root / COLOUR_DIR).glob("*_L.png"))
+
 
 def convert_original(root: Path, splits: Path | None) -> None:
     module = CamVidDataModule(root=str(root), layout="original")
-    colour_dir = root / "LabeledApproved_full"
+    colour_dir = root / COLOUR_DIR
     labels = sorted(colour_dir.glob("*_L.png"))
-    if not labels and any(root.glob("*_L.png")):  # LabeledApproved_full.zip has no folder
+    # LabeledApproved_full.zip has no folder (unless the root is that folder: given too low)
+    if not labels and root.name != COLOUR_DIR and any(root.glob("*_L.png")):
         raise DataError(f"camvid: the colour labels <name>_L.png lie in {root} itself, not in "
                         f"{colour_dir}/ (LabeledApproved_full.zip holds no folder): move them "
                         f"there, or unzip it with -d {colour_dir}")

@@ -33,6 +33,8 @@ def convert_label(path: Path, table: np.ndarray) -> Path:
 
 def prepare_cityscapes(root: Path) -> None:
     module = CityscapesDataModule(root=str(root))
+    if problem := module.extracted_apart():
+        raise DataError(problem)
     labels = sorted((root / "gtFine").glob("*/*/*_gtFine_labelIds.png"))
     if not labels:
         raise module.missing(f"no gtFine/<split>/<city>/*_gtFine_labelIds.png under {root}")

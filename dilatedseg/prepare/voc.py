@@ -62,13 +62,25 @@ def train_aug_names(root: Path) -> list[str]:
 
 
 def prepare_voc(root: Path) -> None:
+    """Convert SBD and write train_aug.txt; without SBD, a train_aug.txt already there (with
+    its labels, as DeepLab's SegmentationClassAug) is kept, to be checked."""
     module = VOCDataModule(root=str(root))
+    train_aug = root / LISTS / "train_aug.txt"
+    without_sbd = not (root / SBD_DIR).is_dir()
     for needed in (root / VOC_DIR / "JPEGImages", root / LISTS / "train.txt",
                    root / LISTS / "val.txt", root / SBD_DIR / "cls",
                    root / SBD_DIR / "train.txt", root / SBD_DIR / "val.txt"):
+        if without_sbd and train_aug.is_file() and needed.is_relative_to(root / SBD_DIR):
+            continue
         if not needed.exists():
+            alone = ("; without SBD, train on VOC 2012 train alone with --data.init_args."
+                     "train_split=train, which needs no prepare"
+                     if needed.is_relative_to(root / SBD_DIR) else "")
             raise module.missing(f"{needed} is missing (download VOC 2012 and SBD, see "
-                                 "`dilatedseg prepare voc --help`)")
+                                 f"`dilatedseg prepare voc --help`{alone})")
+    if without_sbd and train_aug.is_file():
+        print(f"no SBD under {root}: {train_aug} is kept as it is, with the labels it names")
+        return
     converted = convert_sbd(root)
     names = train_aug_names(root)
     (root / LISTS / "train_aug.txt").write_text("\n".join(names) + "\n")
