@@ -38,7 +38,13 @@ from dilatedseg.checkpoints import (
     check_resume_stage,
     checkpoint_hparams,
 )
-from dilatedseg.cli_parser import SUBCOMMANDS, ConciseParser, read_ints_as_ints
+from dilatedseg.cli_parser import (
+    SUBCOMMANDS,
+    ConciseParser,
+    config_arguments,
+    model_options,
+    read_ints_as_ints,
+)
 from dilatedseg.data import SegmentationDataModule
 from dilatedseg.data.base import DataError
 from dilatedseg.inference import check_deploy_tiles
@@ -386,21 +392,17 @@ def check_predict_output(output: Path) -> None:
 
 
 def typed_model_options(command_line: list[str]) -> list[str]:
-    """The keys of the ``--model.<key>`` options on the command line."""
-    return [arg.removeprefix("--model.").split("=", 1)[0].split(".")[0] for arg in command_line
-            if arg.startswith("--model.")]
+    """The keys of the ``--model.<key>`` options on the command line (``crf_options`` for
+    ``--model.crf_options.iterations``)."""
+    return [name.split(".")[0] for name in model_options(command_line)]
 
 
 def typed_options(command_line: list[str]) -> set[str]:
-    """The evaluation options the user set, none / null included: as ``--model.<key>`` or in
-    a ``--config`` file named on the command line."""
-    typed, tokens = set(), iter(command_line)
-    for arg in tokens:
-        typed |= {key for key in EVALUATION_OPTIONS
-                  if arg == f"--model.{key}" or arg.startswith(f"--model.{key}=")}
-        path = next(tokens, None) if arg in ("--config", "-c") else (
-            arg.split("=", 1)[1] if arg.startswith("--config=") else None)
-        if path and Path(path).is_file():
+    """The evaluation options the user set, none / null included: as a whole
+    ``--model.<key>`` option or in a ``--config`` file named on the command line."""
+    typed = {name for name in model_options(command_line) if name in EVALUATION_OPTIONS}
+    for _, path in config_arguments(command_line):
+        if Path(path).is_file():
             model = (yaml.safe_load(Path(path).read_text()) or {}).get("model") or {}
             typed |= {key for key in EVALUATION_OPTIONS if key in model}
     return typed

@@ -1,6 +1,6 @@
 """The argument parser of `dilatedseg fit / validate / test / predict`: jsonargparse's parse
-errors as one line that names the problem and the --help that lists the options, and batch limits
-read as Lightning means them."""
+errors as one line that names the problem and the --help that lists the options, batch limits
+read as Lightning means them, and the options as typed on a command line."""
 
 from __future__ import annotations
 
@@ -93,3 +93,23 @@ def read_ints_as_ints(parser) -> None:
         args = getattr(hint, "__args__", ())
         if typing.get_origin(hint) is typing.Union and float in args and int in args:
             action._typehint = typing.Union[tuple(sorted(args, key=lambda t: t is not int))]  # noqa: UP007
+
+
+def config_arguments(argv: list[str]) -> list[tuple[int, str]]:
+    """Each ``--config PATH``, ``--config=PATH`` or ``-c PATH`` of a command line: the index of
+    the argument that holds the path, and the path."""
+    found, path_next = [], False
+    for index, arg in enumerate(argv):
+        if path_next:
+            found.append((index, arg))
+        elif arg.startswith("--config="):
+            found.append((index, arg.split("=", 1)[1]))
+        path_next = not path_next and arg in ("--config", "-c")
+    return found
+
+
+def model_options(argv: list[str]) -> list[str]:
+    """The names of the ``--model.<name>[=value]`` options of a command line, as typed:
+    ``crf`` for ``--model.crf=dense``, ``crf_options.iterations`` for a nested one."""
+    return [arg.removeprefix("--model.").split("=", 1)[0] for arg in argv
+            if arg.startswith("--model.")]

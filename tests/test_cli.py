@@ -604,3 +604,34 @@ def test_known_world_size_of_gpus_is_none_where_the_machine_decides(devices, num
     config = {"accelerator": "gpu", "devices": devices, "num_nodes": num_nodes}
     assert known_world_size(config) == expected
     assert known_world_size({**config, "accelerator": "auto"}) == expected
+
+
+def test_typed_model_options_name_each_model_key_typed(tmp_path):
+    """The keys whose values a resume replaces: every --model.<key> option, a nested one by
+    its top key; a --config file's model options are not typed ones."""
+    from dilatedseg.cli import typed_model_options
+
+    (tmp_path / "model.yaml").write_text("model:\n  lr: 0.1\n")
+    argv = ["fit", "--config", str(tmp_path / "model.yaml"), "--model.lr=0.5",
+            "--model.crf_options.theta_alpha=80", "--model.optimizer", "adam",
+            "--trainer.max_epochs=1", "--model.crf=none"]
+    assert typed_model_options(argv) == ["lr", "crf_options", "optimizer", "crf"]
+
+
+def test_typed_options_are_evaluation_options_typed_whole_or_in_a_config(tmp_path):
+    """The evaluation options the user set (none / null included): --model.<key>[=value] for
+    the whole option, or a --config / --config= / -c file's model section; a nested option
+    (--model.crf_options.x) does not set the whole of crf_options."""
+    from dilatedseg.cli import typed_options
+
+    (tmp_path / "tiles.yaml").write_text("model:\n  tile_size: null\n  lr: 0.1\n")
+    (tmp_path / "deploy.yaml").write_text("model:\n  tile_whole_network: true\n")
+    assert typed_options(["validate", "--model.crf=none", "--model.crf_options.iterations=2",
+                          "--model.lr=0.1"]) == {"crf"}
+    assert typed_options(["validate", "--model.crf_options", "{iterations: 2}"]) == {
+        "crf_options"}
+    assert typed_options(["validate", "--config", str(tmp_path / "tiles.yaml"),
+                          f"--config={tmp_path / 'deploy.yaml'}"]) == {
+        "tile_size", "tile_whole_network"}
+    assert typed_options(["validate", "-c", str(tmp_path / "tiles.yaml")]) == {"tile_size"}
+    assert typed_options(["validate", "--config", str(tmp_path / "missing.yaml")]) == set()
