@@ -137,7 +137,6 @@ class DilatedSegCLI(LightningCLI):
             save_config_callback=RunConfigSaver,
             save_config_kwargs={"save_to_log_dir": False, "overwrite": True},
             parser_kwargs={
-                "prog": "dilatedseg",  # also when run as python -m dilatedseg.cli (make)
                 "parser_mode": "omegaconf",
                 **{verb: {"default_config_files": base_config()} for verb in SUBCOMMANDS},
             },

@@ -19,7 +19,12 @@ VERBS = (*SUBCOMMANDS, "prepare", "sweep", "summary")
 
 class ConciseParser(LightningArgumentParser):
     """A parse error (misspelt option, bad value, missing config file) is the message and a
-    pointer to --help, not the ~100-line usage that jsonargparse prints first for fit."""
+    pointer to --help, not the ~100-line usage that jsonargparse prints first for fit. Its
+    program is `dilatedseg` also where jsonargparse makes one without a name (the parser of a
+    ``--data.help CLASS``), which argparse would name after the started file (cli.py)."""
+
+    def __init__(self, *args, prog: str | None = None, **kwargs):
+        super().__init__(*args, prog=prog or "dilatedseg", **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> typing.NoReturn:
         if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):

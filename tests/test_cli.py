@@ -7,6 +7,9 @@ import contextlib
 import csv
 import io
 import json
+import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -635,3 +638,26 @@ def test_typed_options_are_evaluation_options_typed_whole_or_in_a_config(tmp_pat
         "tile_size", "tile_whole_network"}
     assert typed_options(["validate", "-c", str(tmp_path / "tiles.yaml")]) == {"tile_size"}
     assert typed_options(["validate", "--config", str(tmp_path / "missing.yaml")]) == set()
+
+
+def entry_points() -> list[list[str]]:
+    """The ways to start the command: `python -m dilatedseg`, `python -m dilatedseg.cli` (the
+    Makefile's) and the installed console script (when `make install` put one on the PATH)."""
+    script = shutil.which("dilatedseg")
+    return [[sys.executable, "-m", "dilatedseg"], [sys.executable, "-m", "dilatedseg.cli"],
+            *([[script]] if script else [])]
+
+
+@pytest.mark.parametrize("entry", entry_points(), ids=lambda e: " ".join(e[1:]) or "script")
+def test_help_and_errors_name_the_program_dilatedseg(entry, tmp_path):
+    """`--X.help CLASS` printed `usage: cli.py ...` (and its errors `cli.py --help`) under
+    python -m: argparse's default program name is the started file's."""
+    def run(*args: str) -> str:
+        done = subprocess.run([*entry, *args], capture_output=True, text=True, cwd=tmp_path)
+        return done.stdout + done.stderr
+
+    usage = run("fit", "--trainer.logger.help", "CSVLogger")
+    assert usage.startswith("usage: dilatedseg --trainer.logger.save_dir"), usage[:300]
+    error = run("fit", "--data.help", "ShapesDataModule", "--data.nope=1")
+    assert "error: unrecognized arguments: --data.nope=1\n(the options: dilatedseg " in error
+    assert "cli.py" not in usage + error and "__main__.py" not in usage + error
