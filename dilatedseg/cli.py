@@ -94,6 +94,35 @@ def base_config() -> list[str]:
     return [str(base)] if base else []
 
 
+def checkout_configs(argv: list[str]) -> list[str]:
+    """``argv`` with each relative ``--config`` file that the working directory lacks read from
+    the package checkout, as conf/base.yaml is (a `wandb agent` started elsewhere runs a
+    sweep's ``--config conf/...``); stderr names each. A file in neither is a RunError."""
+    located, notes = list(argv), []
+    for index, path in config_arguments(argv):
+        if Path(path).is_absolute() or Path(path).is_file() or is_config_text(path):
+            continue
+        found = PACKAGE_ROOT / path
+        if not found.is_file():
+            raise RunError(f"--config {path}: no such file in the working directory "
+                           f"({Path.cwd()}) or in the package checkout ({PACKAGE_ROOT})")
+        notes.append(f"--config {path}: not in the working directory; reading the package "
+                     f"checkout's {found}\n")
+        located[index] = str(found) if argv[index] == path else f"--config={found}"
+    if is_global_rank_zero():
+        sys.stderr.write("".join(notes))
+    return located
+
+
+def is_config_text(value: str) -> bool:
+    """Whether jsonargparse reads a --config value as the config itself (YAML that is no
+    string, e.g. ``{model: {lr: 0.1}}``) rather than as a file name."""
+    try:
+        return not isinstance(yaml.safe_load(value), str)
+    except yaml.YAMLError:
+        return True  # (jsonargparse says what is wrong with it)
+
+
 def stage_configs(conf: Path, dataset: str, stage: str) -> list[str]:
     """The --config arguments of one stage, as `make train STAGE=<stage> DATASET=<dataset>`
     composes them: <conf>/<dataset>.yaml, <conf>/stage/<stage>.yaml, then the dataset's own
@@ -144,6 +173,12 @@ class DilatedSegCLI(LightningCLI):
             run=run,
         )
 
+    def parse_arguments(self, parser, args) -> None:
+        """Parses the command line (``args``, else sys.argv) with each relative --config file
+        that the working directory lacks read from the package checkout."""
+        self.located_args = checkout_configs(self.command_line)
+        self.config = parser.parse_args(self.located_args)
+
     def _parse_ckpt_path(self) -> None:
         """Evaluating a checkpoint: its saved hyperparameters rebuild the model it was trained
         as, but the evaluation-only options the user set (a post-processing CRF, tiling) win.
@@ -178,7 +213,7 @@ class DilatedSegCLI(LightningCLI):
     def evaluation_options_set(self, model) -> dict:
         """The evaluation options the user set: typed (none / null included), or other than
         their default (none, null, false: then the checkpoint's value stays)."""
-        typed = typed_options(self.command_line)
+        typed = typed_options(self.located_args)  # (its --config files as read)
         return {key: model.get(key) for key in EVALUATION_OPTIONS
                 if key in typed or model.get(key) not in (None, "none", False)}
 

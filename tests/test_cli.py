@@ -661,3 +661,48 @@ def test_help_and_errors_name_the_program_dilatedseg(entry, tmp_path):
     error = run("fit", "--data.help", "ShapesDataModule", "--data.nope=1")
     assert "error: unrecognized arguments: --data.nope=1\n(the options: dilatedseg " in error
     assert "cli.py" not in usage + error and "__main__.py" not in usage + error
+
+
+def fit_config(*args: str) -> tuple[dict, str]:
+    """The resolved config of `dilatedseg fit ARGS --print_config`, and its stderr."""
+    import yaml
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", *args, "--print_config")
+    assert exit_info.value.code in (0, None), err.getvalue()
+    return yaml.safe_load(out.getvalue()), err.getvalue()
+
+
+def test_relative_configs_the_working_directory_lacks_are_the_checkouts(tmp_path, monkeypatch):
+    """A `wandb agent` started outside the checkout runs `dilatedseg fit --config
+    conf/shapes.yaml ...` there: each relative --config file (--config, --config=, -c) that the
+    working directory lacks is read from the package checkout, and stderr names it."""
+    monkeypatch.chdir(tmp_path)
+    config, err = fit_config("--config", "conf/shapes.yaml", "--config=conf/stage/context.yaml",
+                             "-c", "conf/shapes/context.yaml")
+    assert config["model"]["stage"] == "context" and config["model"]["lr"] == 0.01
+    assert config["data"]["class_path"] == "dilatedseg.data.ShapesDataModule"
+    for name in ("conf/shapes.yaml", "conf/stage/context.yaml", "conf/shapes/context.yaml"):
+        assert (f"--config {name}: not in the working directory; reading the package "
+                f"checkout's {REPO / name}\n") in err
+    # The working directory's own file wins, without a word.
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf/shapes.yaml").write_text(
+        (REPO / "conf/shapes.yaml").read_text() + "runs_dir: mine\n")
+    config, err = fit_config("--config", "conf/shapes.yaml")
+    assert config["runs_dir"] == "mine" and "conf/shapes.yaml" not in err
+    # A config given as YAML text stays that.
+    config, err = fit_config("--config", "conf/shapes.yaml", "--config", "{runs_dir: inline}")
+    assert config["runs_dir"] == "inline" and err == ""
+
+
+def test_a_config_in_neither_place_is_one_error_naming_both(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", "--config", "conf/shapes.yaml", "--config", "conf/shapess.yaml")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: --config conf/shapess.yaml: no such file in the working directory ({tmp_path}) "
+        f"or in the package checkout ({REPO})\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -37,9 +38,15 @@ def proposals(config: dict, limit: int = 8) -> list[dict]:
 
 
 def agent_argv(config: dict, params: dict, tmp_path: Path, monkeypatch) -> list[str]:
-    """The argv a real `wandb agent` starts for a run the server proposes: W&B's own
-    Agent._command_run on the sweep's command as the server returns it (YAML), with its process
-    start replaced by a recorder."""
+    """The argv a real `wandb agent` starts for a run the server proposes."""
+    return agent_start(config, params, tmp_path, monkeypatch)[0]
+
+
+def agent_start(config: dict, params: dict, tmp_path: Path,
+                monkeypatch) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment a real `wandb agent` starts a run the server proposes with: W&B's
+    own Agent._command_run on the sweep's command as the server returns it (YAML), with its
+    process start replaced by a recorder."""
     from wandb import wandb_agent
 
     from dilatedseg.sweep import plain
@@ -48,7 +55,7 @@ def agent_argv(config: dict, params: dict, tmp_path: Path, monkeypatch) -> list[
 
     class Recorder:
         def __init__(self, command=None, env=None, **kwargs):
-            started.append(command)
+            started.append((command, env))
 
     monkeypatch.setattr(wandb_agent, "AgentProcess", Recorder)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))  # the agent sets these three in os.environ
@@ -624,3 +631,35 @@ def test_a_misspelt_metric_stops_after_the_first_trial(tmp_path):
                                          r"'val/miou': correct metric.name .* logged: val/mIoU"):
         run_local(config, "toy", None, [], tmp_path / "out")
     assert [p.name for p in (tmp_path / "out").glob("*.log")] == ["trial-000.log"]
+
+
+def test_a_wandb_agent_trial_started_outside_the_checkout_runs(tiny_shapes, tmp_path,
+                                                                monkeypatch):
+    """`wandb agent` runs the sweep's `dilatedseg fit --config conf/... ${args}` where it was
+    started: there, without conf/, the trial reads those files from the package checkout and
+    trains, into the agent's W&B run (offline). It failed with "File does not exist"."""
+    from dilatedseg.sweep import local_command
+
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs"
+    extra = [arg for arg in shapes_args(tiny_shapes, runs)[2:]  # W&B's logger, not CSV
+             if not arg.startswith("--trainer.logger")]
+    extra += ["--trainer.max_epochs=1", "--model.init_from=null",
+              "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"]
+    config = load_sweep(REPO / "sweeps/dilations.yaml")
+    config["command"] += extra  # as `dilatedseg sweep` passes its extra arguments to a server
+    argv, env = agent_start(config, {"model.dilations": {"value": [1, 1, 2]}}, tmp_path,
+                            monkeypatch)
+    assert argv[:4] == ["dilatedseg", "fit", "--config", "conf/shapes.yaml"]
+    done = subprocess.run(local_command(argv), env=env, cwd=tmp_path, capture_output=True,
+                          text=True)  # (the agent's `dilatedseg` as this interpreter's)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("conf/shapes.yaml", "conf/stage/context.yaml", "conf/shapes/context.yaml"):
+        assert f"--config {name}: not in the working directory; reading the package " \
+               f"checkout's {REPO / name}\n" in done.stderr
+    [run_dir] = (runs / "shapes" / "context").iterdir()
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["model"]["dilations"] == [1, 1, 2]
+    assert saved["model"]["lr"] == 0.01  # conf/shapes/context.yaml's
+    assert (run_dir / "wandb_id.txt").read_text() == "run0"  # the agent's run
+    assert list((run_dir / "wandb").glob("offline-run-*/run-run0.wandb"))
