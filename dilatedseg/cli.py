@@ -175,16 +175,19 @@ class DilatedSegCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         """Parses the command line (``args``, else sys.argv) with each relative --config file
-        that the working directory lacks read from the package checkout."""
+        that the working directory lacks read from the package checkout, then reads the
+        --ckpt_path checkpoint (:meth:`read_checkpoint`)."""
         self.located_args = checkout_configs(self.command_line)
         self.config = parser.parse_args(self.located_args)
+        self.read_checkpoint()
 
-    def _parse_ckpt_path(self) -> None:
-        """Evaluating a checkpoint: its saved hyperparameters rebuild the model it was trained
-        as, but the evaluation-only options the user set (a post-processing CRF, tiling) win.
-        Resuming: the checkpoint must be of the stage being trained."""
+    def read_checkpoint(self) -> None:
+        """--ckpt_path last / best names a checkpoint file; its saved hyperparameters are read
+        (Lightning rebuilds the model from them after parse_arguments: the model it was trained
+        as); resuming, it must be of the stage being trained. What the user typed is noted for
+        :meth:`keep_evaluation_options`."""
         subcommand = self.config.get("subcommand")
-        self.checkpoint_hparams = {}
+        self.checkpoint_hparams, self.asked_options, self.typed_values = {}, {}, {}
         if not subcommand or not self.config[subcommand].get("ckpt_path"):
             return
         config = self.config[subcommand]
@@ -197,18 +200,27 @@ class DilatedSegCLI(LightningCLI):
         self.checkpoint_hparams = checkpoint_hparams(ckpt_path)
         if subcommand == "fit":
             check_resume_stage(ckpt_path, self.checkpoint_hparams, config.model.stage)
-        asked = {} if subcommand == "fit" else self.evaluation_options_set(config.model)
-        typed = {key: config.model.get(key) for key in typed_model_options(self.command_line)}
-        super()._parse_ckpt_path()
-        for key, value in asked.items():
-            self.config[subcommand].model[key] = value
+        else:
+            self.asked_options = self.evaluation_options_set(config.model)
+        self.typed_values = {key: config.model.get(key)
+                             for key in typed_model_options(self.command_line)}
+
+    def keep_evaluation_options(self) -> None:
+        """Once the checkpoint's hyperparameters rebuilt the model: the evaluation-only options
+        the user set (a post-processing CRF, tiling) win, and a line names each typed --model
+        option that the checkpoint's value replaced."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand or not self.config[subcommand].get("ckpt_path"):
+            return
         model = self.config[subcommand].model
+        for key, value in self.asked_options.items():
+            model[key] = value
         replaced = [f"--model.{key}={value} by its {model.get(key)}"
-                    for key, value in typed.items() if model.get(key) != value]
+                    for key, value in self.typed_values.items() if model.get(key) != value]
         if replaced and is_global_rank_zero():
             print(f"--ckpt_path keeps the checkpoint's model, replacing {', '.join(replaced)}: "
                   "for other model options, start from its weights with "
-                  f"--model.init_from={ckpt_path}", file=sys.stderr)
+                  f"--model.init_from={self.config[subcommand].ckpt_path}", file=sys.stderr)
 
     def evaluation_options_set(self, model) -> dict:
         """The evaluation options the user set: typed (none / null included), or other than
@@ -239,9 +251,10 @@ class DilatedSegCLI(LightningCLI):
         })
 
     def before_instantiate_classes(self) -> None:
-        """Checks what can fail before anything is built, fetched or written (data files,
-        checkpoints, predict's output folder), then resolves init_from, precision and the run
-        directory."""
+        """Keeps the evaluation options the user set over the checkpoint's, checks what can fail
+        before anything is built, fetched or written (data files, checkpoints, predict's output
+        folder), then resolves init_from, precision and the run directory."""
+        self.keep_evaluation_options()
         config = self.config[self.subcommand] if self.subcommand else self.config
         datamodule = self.check_data(config)
         if self.subcommand == "fit":

@@ -91,12 +91,13 @@ def subclass_problem(message: str) -> tuple[str, str] | None:
 def read_ints_as_ints(parser) -> None:
     """Lightning types the batch limits ``float | int | None`` and jsonargparse tries float
     first, so ``--trainer.limit_val_batches=1`` would be 1.0: all batches, not one. Try int
-    first (1 = one batch, 0.5 = half of them), as Lightning means. (jsonargparse has no public
-    way to change an added argument's type: this edits its actions' ``_typehint``.)"""
+    first (1 = one batch, 0.5 = half of them), as Lightning means."""
     for action in parser._actions:
         hint = getattr(action, "_typehint", None)
         args = getattr(hint, "__args__", ())
         if typing.get_origin(hint) is typing.Union and float in args and int in args:
+            # jsonargparse's private ActionTypeHint._typehint: it has no public way to change an
+            # added argument's type (test_read_ints_as_ints_still_finds_jsonargparses_types).
             action._typehint = typing.Union[tuple(sorted(args, key=lambda t: t is not int))]  # noqa: UP007
 
 

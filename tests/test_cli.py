@@ -706,3 +706,25 @@ def test_a_config_in_neither_place_is_one_error_naming_both(tmp_path, monkeypatc
     assert capsys.readouterr().err == (
         f"error: --config conf/shapess.yaml: no such file in the working directory ({tmp_path}) "
         f"or in the package checkout ({REPO})\n")
+
+
+def test_read_ints_as_ints_still_finds_jsonargparses_types():
+    """read_ints_as_ints edits jsonargparse's private ActionTypeHint._typehint (there is no
+    public way to change an added argument's type): renamed, it would silently do nothing and
+    --trainer.limit_val_batches=1 would validate on every batch."""
+    import typing
+
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    from dilatedseg.cli_parser import read_ints_as_ints
+
+    parser = LightningArgumentParser()
+    parser.add_class_arguments(Trainer, "trainer", fail_untyped=False, instantiate=False)
+    read_ints_as_ints(parser)
+    hints = {action.dest: getattr(action, "_typehint", None) for action in parser._actions}
+    for split in ("train", "val", "test", "predict"):
+        hint = hints.get(f"trainer.limit_{split}_batches")
+        assert hint is not None, "jsonargparse's actions no longer carry _typehint: " \
+                                 "read_ints_as_ints needs another way to read 1 as an int"
+        assert typing.get_args(hint)[0] is int, hint
