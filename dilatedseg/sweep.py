@@ -12,9 +12,8 @@ sweep's values, e.g. to shrink trials); the CLI reads a relative ``--config`` fi
 working directory lacks from the package checkout, so a sweep runs from anywhere (see
 :func:`dilatedseg.cli.checkout_configs`). Trials log to W&B offline; each trial's metrics
 come back from its run summary (see :class:`dilatedseg.summary.RunSummary`) and feed the next
-proposal. The result is a
-table of trials sorted by the sweep's metric, also written as trials.csv under
-``<runs_dir>/sweeps/<name>-<time>/`` beside each trial's log.
+proposal. The result is a table of trials sorted by the sweep's metric, also written as
+trials.csv under ``<runs_dir>/sweeps/<name>-<time>/`` beside each trial's log.
 
 A context-stage sweep starts from a trained front-end (``init_from: auto``): the local runner
 resolves it once, before the first trial (training one first when none exists, as ``make train
