@@ -97,15 +97,14 @@ def base_config() -> list[str]:
 def checkout_configs(argv: list[str]) -> list[str]:
     """``argv`` with each relative ``--config`` file that the working directory lacks read from
     the package checkout, as conf/base.yaml is (a `wandb agent` started elsewhere runs a
-    sweep's ``--config conf/...``); stderr names each. A file in neither is a RunError."""
+    sweep's ``--config conf/...``); stderr names each. One in neither place stays, for the
+    parser's error (see :func:`~dilatedseg.cli_parser.missing_config_problem`)."""
     located, notes = list(argv), []
     for index, path in config_arguments(argv):
-        if Path(path).is_absolute() or Path(path).is_file() or is_config_text(path):
-            continue
         found = PACKAGE_ROOT / path
-        if not found.is_file():
-            raise RunError(f"--config {path}: no such file in the working directory "
-                           f"({Path.cwd()}) or in the package checkout ({PACKAGE_ROOT})")
+        if (Path(path).is_absolute() or Path(path).is_file() or is_config_text(path)
+                or not found.is_file()):
+            continue
         notes.append(f"--config {path}: not in the working directory; reading the package "
                      f"checkout's {found}\n")
         located[index] = str(found) if argv[index] == path else f"--config={found}"

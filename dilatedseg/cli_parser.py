@@ -9,6 +9,7 @@ import re
 import sys
 import textwrap
 import typing
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser
 
@@ -37,6 +38,7 @@ class ConciseParser(LightningArgumentParser):
             # A misspelt verb: offer all of them, not only LightningCLI's four.
             message = re.sub(r"\(choose from [^)]*\)", "(choose from " + ", ".join(VERBS) + ")",
                              message)
+        message = missing_config_problem(message) or message
         message, help_option = (data_class_problem(message) or subclass_problem(message)
                                 or (message, "--help"))
         parser = getattr(ex, "subcommand_parser", None) or self
@@ -49,6 +51,24 @@ class ConciseParser(LightningArgumentParser):
 # type the option may have, and inside, under this line, the class's own problem.
 CLASS_PROBLEM = re.compile(r"^( *)- Problem with given class_path '([^']+)':\n((?:\1 .*(?:\n|$))+)",
                            re.MULTILINE)
+
+
+def missing_config_problem(message: str) -> str | None:
+    """jsonargparse names a missing --config file by its path in the working directory; a
+    relative one was looked for in the package checkout too (cli.checkout_configs): name both
+    places. None for other messages."""
+    missing = re.match(r"""Parser key "config": File does not exist: '([^']+)'""", message)
+    if missing is None or not Path(missing.group(1)).is_relative_to(Path.cwd()):
+        return None
+    from dilatedseg.cli import PACKAGE_ROOT
+
+    path = Path(missing.group(1)).relative_to(Path.cwd())
+    if (PACKAGE_ROOT / path).is_file():  # (given as an absolute path: not looked for there)
+        return None
+    checkout = "" if Path.cwd().resolve() == PACKAGE_ROOT else (
+        f" nor in the package checkout ({PACKAGE_ROOT})")
+    return (f"File does not exist: --config {path} is not in the working directory "
+            f"({Path.cwd()}){checkout}")
 
 
 def data_class_problem(message: str) -> tuple[str, str] | None:

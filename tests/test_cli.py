@@ -701,11 +701,18 @@ def test_relative_configs_the_working_directory_lacks_are_the_checkouts(tmp_path
 def test_a_config_in_neither_place_is_one_error_naming_both(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        run_cli("fit", "--config", "conf/shapes.yaml", "--config", "conf/shapess.yaml")
+        run_cli("fit", "--config", "conf/shapess.yaml")
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == (
-        f"error: --config conf/shapess.yaml: no such file in the working directory ({tmp_path}) "
-        f"or in the package checkout ({REPO})\n")
+        f"error: File does not exist: --config conf/shapess.yaml is not in the working "
+        f"directory ({tmp_path}) nor in the package checkout ({REPO})\n"
+        "(the options: dilatedseg fit --help)\n")
+    monkeypatch.chdir(REPO)  # one place
+    with pytest.raises(SystemExit):
+        run_cli("fit", "--config", "conf/shapess.yaml")
+    assert capsys.readouterr().err.startswith(
+        f"error: File does not exist: --config conf/shapess.yaml is not in the working "
+        f"directory ({REPO})\n")
 
 
 def test_read_ints_as_ints_still_finds_jsonargparses_types():
