@@ -38,7 +38,13 @@ from dilatedseg.checkpoints import (
     check_resume_stage,
     checkpoint_hparams,
 )
-from dilatedseg.cli_parser import SUBCOMMANDS, ConciseParser, read_ints_as_ints
+from dilatedseg.cli_parser import (
+    SUBCOMMANDS,
+    ConciseParser,
+    config_arguments,
+    model_options,
+    read_ints_as_ints,
+)
 from dilatedseg.data import SegmentationDataModule
 from dilatedseg.data.base import DataError
 from dilatedseg.inference import check_deploy_tiles
@@ -88,6 +94,34 @@ def base_config() -> list[str]:
     return [str(base)] if base else []
 
 
+def checkout_configs(argv: list[str]) -> list[str]:
+    """``argv`` with each relative ``--config`` file that the working directory lacks read from
+    the package checkout, as conf/base.yaml is (a `wandb agent` started elsewhere runs a
+    sweep's ``--config conf/...``); stderr names each. One in neither place stays, for the
+    parser's error (see :func:`~dilatedseg.cli_parser.missing_config_problem`)."""
+    located, notes = list(argv), []
+    for index, path in config_arguments(argv):
+        found = PACKAGE_ROOT / path
+        if (Path(path).is_absolute() or Path(path).is_file() or is_config_text(path)
+                or not found.is_file()):
+            continue
+        notes.append(f"--config {path}: not in the working directory; reading the package "
+                     f"checkout's {found}\n")
+        located[index] = str(found) if argv[index] == path else f"--config={found}"
+    if is_global_rank_zero():
+        sys.stderr.write("".join(notes))
+    return located
+
+
+def is_config_text(value: str) -> bool:
+    """Whether jsonargparse reads a --config value as the config itself (YAML that is no
+    string, e.g. ``{model: {lr: 0.1}}``) rather than as a file name."""
+    try:
+        return not isinstance(yaml.safe_load(value), str)
+    except yaml.YAMLError:
+        return True  # (jsonargparse says what is wrong with it)
+
+
 def stage_configs(conf: Path, dataset: str, stage: str) -> list[str]:
     """The --config arguments of one stage, as `make train STAGE=<stage> DATASET=<dataset>`
     composes them: <conf>/<dataset>.yaml, <conf>/stage/<stage>.yaml, then the dataset's own
@@ -131,7 +165,6 @@ class DilatedSegCLI(LightningCLI):
             save_config_callback=RunConfigSaver,
             save_config_kwargs={"save_to_log_dir": False, "overwrite": True},
             parser_kwargs={
-                "prog": "dilatedseg",  # also when run as python -m dilatedseg.cli (make)
                 "parser_mode": "omegaconf",
                 **{verb: {"default_config_files": base_config()} for verb in SUBCOMMANDS},
             },
@@ -139,12 +172,21 @@ class DilatedSegCLI(LightningCLI):
             run=run,
         )
 
-    def _parse_ckpt_path(self) -> None:
-        """Evaluating a checkpoint: its saved hyperparameters rebuild the model it was trained
-        as, but the evaluation-only options the user set (a post-processing CRF, tiling) win.
-        Resuming: the checkpoint must be of the stage being trained."""
+    def parse_arguments(self, parser, args) -> None:
+        """Parses the command line (``args``, else sys.argv) with each relative --config file
+        that the working directory lacks read from the package checkout, then reads the
+        --ckpt_path checkpoint (:meth:`read_checkpoint`)."""
+        self.located_args = checkout_configs(self.command_line)
+        self.config = parser.parse_args(self.located_args)
+        self.read_checkpoint()
+
+    def read_checkpoint(self) -> None:
+        """--ckpt_path last / best names a checkpoint file; its saved hyperparameters are read
+        (Lightning rebuilds the model from them after parse_arguments: the model it was trained
+        as); resuming, it must be of the stage being trained. What the user typed is noted for
+        :meth:`keep_evaluation_options`."""
         subcommand = self.config.get("subcommand")
-        self.checkpoint_hparams = {}
+        self.checkpoint_hparams, self.asked_options, self.typed_values = {}, {}, {}
         if not subcommand or not self.config[subcommand].get("ckpt_path"):
             return
         config = self.config[subcommand]
@@ -157,23 +199,32 @@ class DilatedSegCLI(LightningCLI):
         self.checkpoint_hparams = checkpoint_hparams(ckpt_path)
         if subcommand == "fit":
             check_resume_stage(ckpt_path, self.checkpoint_hparams, config.model.stage)
-        asked = {} if subcommand == "fit" else self.evaluation_options_set(config.model)
-        typed = {key: config.model.get(key) for key in typed_model_options(self.command_line)}
-        super()._parse_ckpt_path()
-        for key, value in asked.items():
-            self.config[subcommand].model[key] = value
+        else:
+            self.asked_options = self.evaluation_options_set(config.model)
+        self.typed_values = {key: config.model.get(key)
+                             for key in typed_model_options(self.command_line)}
+
+    def keep_evaluation_options(self) -> None:
+        """Once the checkpoint's hyperparameters rebuilt the model: the evaluation-only options
+        the user set (a post-processing CRF, tiling) win, and a line names each typed --model
+        option that the checkpoint's value replaced."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand or not self.config[subcommand].get("ckpt_path"):
+            return
         model = self.config[subcommand].model
+        for key, value in self.asked_options.items():
+            model[key] = value
         replaced = [f"--model.{key}={value} by its {model.get(key)}"
-                    for key, value in typed.items() if model.get(key) != value]
+                    for key, value in self.typed_values.items() if model.get(key) != value]
         if replaced and is_global_rank_zero():
             print(f"--ckpt_path keeps the checkpoint's model, replacing {', '.join(replaced)}: "
                   "for other model options, start from its weights with "
-                  f"--model.init_from={ckpt_path}", file=sys.stderr)
+                  f"--model.init_from={self.config[subcommand].ckpt_path}", file=sys.stderr)
 
     def evaluation_options_set(self, model) -> dict:
         """The evaluation options the user set: typed (none / null included), or other than
         their default (none, null, false: then the checkpoint's value stays)."""
-        typed = typed_options(self.command_line)
+        typed = typed_options(self.located_args)  # (its --config files as read)
         return {key: model.get(key) for key in EVALUATION_OPTIONS
                 if key in typed or model.get(key) not in (None, "none", False)}
 
@@ -199,9 +250,10 @@ class DilatedSegCLI(LightningCLI):
         })
 
     def before_instantiate_classes(self) -> None:
-        """Checks what can fail before anything is built, fetched or written (data files,
-        checkpoints, predict's output folder), then resolves init_from, precision and the run
-        directory."""
+        """Keeps the evaluation options the user set over the checkpoint's, checks what can fail
+        before anything is built, fetched or written (data files, checkpoints, predict's output
+        folder), then resolves init_from, precision and the run directory."""
+        self.keep_evaluation_options()
         config = self.config[self.subcommand] if self.subcommand else self.config
         datamodule = self.check_data(config)
         if self.subcommand == "fit":
@@ -390,21 +442,17 @@ def check_predict_output(output: Path) -> None:
 
 
 def typed_model_options(command_line: list[str]) -> list[str]:
-    """The keys of the ``--model.<key>`` options on the command line."""
-    return [arg.removeprefix("--model.").split("=", 1)[0].split(".")[0] for arg in command_line
-            if arg.startswith("--model.")]
+    """The keys of the ``--model.<key>`` options on the command line (``crf_options`` for
+    ``--model.crf_options.iterations``)."""
+    return [name.split(".")[0] for name in model_options(command_line)]
 
 
 def typed_options(command_line: list[str]) -> set[str]:
-    """The evaluation options the user set, none / null included: as ``--model.<key>`` or in
-    a ``--config`` file named on the command line."""
-    typed, tokens = set(), iter(command_line)
-    for arg in tokens:
-        typed |= {key for key in EVALUATION_OPTIONS
-                  if arg == f"--model.{key}" or arg.startswith(f"--model.{key}=")}
-        path = next(tokens, None) if arg in ("--config", "-c") else (
-            arg.split("=", 1)[1] if arg.startswith("--config=") else None)
-        if path and Path(path).is_file():
+    """The evaluation options the user set, none / null included: as a whole
+    ``--model.<key>`` option or in a ``--config`` file named on the command line."""
+    typed = {name for name in model_options(command_line) if name in EVALUATION_OPTIONS}
+    for _, path in config_arguments(command_line):
+        if Path(path).is_file():
             model = (yaml.safe_load(Path(path).read_text()) or {}).get("model") or {}
             typed |= {key for key in EVALUATION_OPTIONS if key in model}
     return typed

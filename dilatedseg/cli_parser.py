@@ -1,6 +1,6 @@
 """The argument parser of `dilatedseg fit / validate / test / predict`: jsonargparse's parse
-errors as one line that names the problem and the --help that lists the options, and batch limits
-read as Lightning means them."""
+errors as one line that names the problem and the --help that lists the options, batch limits
+read as Lightning means them, and the options as typed on a command line."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import re
 import sys
 import textwrap
 import typing
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser
 
@@ -19,7 +20,12 @@ VERBS = (*SUBCOMMANDS, "prepare", "sweep", "summary")
 
 class ConciseParser(LightningArgumentParser):
     """A parse error (misspelt option, bad value, missing config file) is the message and a
-    pointer to --help, not the ~100-line usage that jsonargparse prints first for fit."""
+    pointer to --help, not the ~100-line usage that jsonargparse prints first for fit. Its
+    program is `dilatedseg` also where jsonargparse makes one without a name (the parser of a
+    ``--data.help CLASS``), which argparse would name after the started file (cli.py)."""
+
+    def __init__(self, *args, prog: str | None = None, **kwargs):
+        super().__init__(*args, prog=prog or "dilatedseg", **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> typing.NoReturn:
         if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
@@ -32,6 +38,7 @@ class ConciseParser(LightningArgumentParser):
             # A misspelt verb: offer all of them, not only LightningCLI's four.
             message = re.sub(r"\(choose from [^)]*\)", "(choose from " + ", ".join(VERBS) + ")",
                              message)
+        message = missing_config_problem(message) or message
         message, help_option = (data_class_problem(message) or subclass_problem(message)
                                 or (message, "--help"))
         parser = getattr(ex, "subcommand_parser", None) or self
@@ -44,6 +51,24 @@ class ConciseParser(LightningArgumentParser):
 # type the option may have, and inside, under this line, the class's own problem.
 CLASS_PROBLEM = re.compile(r"^( *)- Problem with given class_path '([^']+)':\n((?:\1 .*(?:\n|$))+)",
                            re.MULTILINE)
+
+
+def missing_config_problem(message: str) -> str | None:
+    """jsonargparse names a missing --config file by its path in the working directory; a
+    relative one was looked for in the package checkout too (cli.checkout_configs): name both
+    places. None for other messages."""
+    missing = re.match(r"""Parser key "config": File does not exist: '([^']+)'""", message)
+    if missing is None or not Path(missing.group(1)).is_relative_to(Path.cwd()):
+        return None
+    from dilatedseg.cli import PACKAGE_ROOT
+
+    path = Path(missing.group(1)).relative_to(Path.cwd())
+    if (PACKAGE_ROOT / path).is_file():  # (given as an absolute path: not looked for there)
+        return None
+    checkout = "" if Path.cwd().resolve() == PACKAGE_ROOT else (
+        f" nor in the package checkout ({PACKAGE_ROOT})")
+    return (f"File does not exist: --config {path} is not in the working directory "
+            f"({Path.cwd()}){checkout}")
 
 
 def data_class_problem(message: str) -> tuple[str, str] | None:
@@ -86,10 +111,31 @@ def subclass_problem(message: str) -> tuple[str, str] | None:
 def read_ints_as_ints(parser) -> None:
     """Lightning types the batch limits ``float | int | None`` and jsonargparse tries float
     first, so ``--trainer.limit_val_batches=1`` would be 1.0: all batches, not one. Try int
-    first (1 = one batch, 0.5 = half of them), as Lightning means. (jsonargparse has no public
-    way to change an added argument's type: this edits its actions' ``_typehint``.)"""
+    first (1 = one batch, 0.5 = half of them), as Lightning means."""
     for action in parser._actions:
         hint = getattr(action, "_typehint", None)
         args = getattr(hint, "__args__", ())
         if typing.get_origin(hint) is typing.Union and float in args and int in args:
+            # jsonargparse's private ActionTypeHint._typehint: it has no public way to change an
+            # added argument's type (test_read_ints_as_ints_still_finds_jsonargparses_types).
             action._typehint = typing.Union[tuple(sorted(args, key=lambda t: t is not int))]  # noqa: UP007
+
+
+def config_arguments(argv: list[str]) -> list[tuple[int, str]]:
+    """Each ``--config PATH``, ``--config=PATH`` or ``-c PATH`` of a command line: the index of
+    the argument that holds the path, and the path."""
+    found, path_next = [], False
+    for index, arg in enumerate(argv):
+        if path_next:
+            found.append((index, arg))
+        elif arg.startswith("--config="):
+            found.append((index, arg.split("=", 1)[1]))
+        path_next = not path_next and arg in ("--config", "-c")
+    return found
+
+
+def model_options(argv: list[str]) -> list[str]:
+    """The names of the ``--model.<name>[=value]`` options of a command line, as typed:
+    ``crf`` for ``--model.crf=dense``, ``crf_options.iterations`` for a nested one."""
+    return [arg.removeprefix("--model.").split("=", 1)[0] for arg in argv
+            if arg.startswith("--model.")]

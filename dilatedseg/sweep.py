@@ -8,12 +8,12 @@ package: grid / random / bayes) proposes each trial, and the trial runs as a sub
 exactly the argv a ``wandb agent`` would build from the config's ``command`` (``${args}`` ->
 ``--name=value`` per parameter, ``${env}``, ``${interpreter}``, ``${program}``,
 ``${envvar:NAME}``, by W&B's own code), followed by any EXTRA arguments (they override the
-sweep's values, e.g. to shrink trials). Run outside the checkout, the relative ``--config``
-files of the command and the EXTRA arguments that the working directory lacks are read from
-the checkout. Trials log to W&B offline; each trial's metrics come back from its run summary
-(see :class:`dilatedseg.summary.RunSummary`) and feed the next proposal. The result is a
-table of trials sorted by the sweep's metric, also written as trials.csv under
-``<runs_dir>/sweeps/<name>-<time>/`` beside each trial's log.
+sweep's values, e.g. to shrink trials); the CLI reads a relative ``--config`` file that the
+working directory lacks from the package checkout, so a sweep runs from anywhere (see
+:func:`dilatedseg.cli.checkout_configs`). Trials log to W&B offline; each trial's metrics
+come back from its run summary (see :class:`dilatedseg.summary.RunSummary`) and feed the next
+proposal. The result is a table of trials sorted by the sweep's metric, also written as
+trials.csv under ``<runs_dir>/sweeps/<name>-<time>/`` beside each trial's log.
 
 A context-stage sweep starts from a trained front-end (``init_from: auto``): the local runner
 resolves it once, before the first trial (training one first when none exists, as ``make train
@@ -123,31 +123,6 @@ def unreadable_by_dilatedseg(parameters: dict, command: list) -> list[str]:
                             "dilatedseg reads as the text 'None': write the string 'null' "
                             "(e.g. values: ['null', 512])")
     return problems
-
-
-def checkout_configs(argv: list[str]) -> tuple[list[str], list[str]]:
-    """``argv`` reading each relative ``--config`` file that the working directory lacks from
-    the package checkout (as conf/base.yaml is), and those files' names."""
-    from dilatedseg.cli import project_file
-
-    located, moved, previous = [], [], None
-
-    def checkout_file(value: str) -> str:
-        if Path(value).is_absolute() or Path(value).is_file() or "${" in value:
-            return value
-        found = project_file(value)
-        if found is not None:
-            moved.append(value)
-        return str(found or value)
-
-    for part in map(str, argv):
-        if previous in ("--config", "-c"):
-            part = checkout_file(part)
-        elif part.startswith("--config="):
-            part = "--config=" + checkout_file(part.split("=", 1)[1])
-        located.append(part)
-        previous = part
-    return located, moved
 
 
 def plain(value):
@@ -328,10 +303,10 @@ def trial_env(summary_path: Path | None, sweep_dir: Path | None = None,
 
 def local_command(argv: list[str]) -> list[str]:
     """A trial's command as the local runner runs it: a bare ``dilatedseg`` becomes this
-    interpreter's ``python -m dilatedseg.cli`` (the install running the sweep, whether its
+    interpreter's ``python -m dilatedseg`` (the install running the sweep, whether its
     environment is activated or not); the arguments are the agent's."""
     if argv and argv[0] == "dilatedseg":
-        return [sys.executable, "-m", "dilatedseg.cli", *argv[1:]]
+        return [sys.executable, "-m", "dilatedseg", *argv[1:]]
     return argv
 
 
@@ -551,20 +526,6 @@ def main(argv: list[str]) -> None:
         parser.error("--count must be >= 1")
     config = load_sweep(args.config)
     name = config.get("name") or Path(args.config).stem
-    command, moved = checkout_configs(config.get("command") or DEFAULT_COMMAND)
-    extra, moved_extra = checkout_configs(extra)
-    moved += moved_extra
-    if moved:
-        from dilatedseg.cli import PACKAGE_ROOT
-
-        if not args.local:
-            raise SweepError(
-                f"the trials' command reads {', '.join(moved)} in the working directory, which "
-                "has no such file: a W&B agent runs the command where it starts. Start this "
-                f"one (and every `wandb agent` of the sweep) in the checkout: cd {PACKAGE_ROOT}")
-        print(f"{', '.join(moved)}: not in this directory; the trials read them from the "
-              f"package checkout {PACKAGE_ROOT}", flush=True)
-        config = {**config, "command": command}
     if args.local:
         run_local(config, name, args.count, extra, Path(args.out) if args.out else None)
     else:  # in the order `wandb sweep` takes them

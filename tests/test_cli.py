@@ -7,6 +7,9 @@ import contextlib
 import csv
 import io
 import json
+import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -620,3 +623,131 @@ def test_known_world_size_of_gpus_is_none_where_the_machine_decides(devices, num
     config = {"accelerator": "gpu", "devices": devices, "num_nodes": num_nodes}
     assert known_world_size(config) == expected
     assert known_world_size({**config, "accelerator": "auto"}) == expected
+
+
+def test_typed_model_options_name_each_model_key_typed(tmp_path):
+    """The keys whose values a resume replaces: every --model.<key> option, a nested one by
+    its top key; a --config file's model options are not typed ones."""
+    from dilatedseg.cli import typed_model_options
+
+    (tmp_path / "model.yaml").write_text("model:\n  lr: 0.1\n")
+    argv = ["fit", "--config", str(tmp_path / "model.yaml"), "--model.lr=0.5",
+            "--model.crf_options.theta_alpha=80", "--model.optimizer", "adam",
+            "--trainer.max_epochs=1", "--model.crf=none"]
+    assert typed_model_options(argv) == ["lr", "crf_options", "optimizer", "crf"]
+
+
+def test_typed_options_are_evaluation_options_typed_whole_or_in_a_config(tmp_path):
+    """The evaluation options the user set (none / null included): --model.<key>[=value] for
+    the whole option, or a --config / --config= / -c file's model section; a nested option
+    (--model.crf_options.x) does not set the whole of crf_options."""
+    from dilatedseg.cli import typed_options
+
+    (tmp_path / "tiles.yaml").write_text("model:\n  tile_size: null\n  lr: 0.1\n")
+    (tmp_path / "deploy.yaml").write_text("model:\n  tile_whole_network: true\n")
+    assert typed_options(["validate", "--model.crf=none", "--model.crf_options.iterations=2",
+                          "--model.lr=0.1"]) == {"crf"}
+    assert typed_options(["validate", "--model.crf_options", "{iterations: 2}"]) == {
+        "crf_options"}
+    assert typed_options(["validate", "--config", str(tmp_path / "tiles.yaml"),
+                          f"--config={tmp_path / 'deploy.yaml'}"]) == {
+        "tile_size", "tile_whole_network"}
+    assert typed_options(["validate", "-c", str(tmp_path / "tiles.yaml")]) == {"tile_size"}
+    assert typed_options(["validate", "--config", str(tmp_path / "missing.yaml")]) == set()
+
+
+def entry_points() -> list[list[str]]:
+    """The ways to start the command: `python -m dilatedseg`, `python -m dilatedseg.cli` (the
+    Makefile's) and the installed console script (when `make install` put one on the PATH)."""
+    script = shutil.which("dilatedseg")
+    return [[sys.executable, "-m", "dilatedseg"], [sys.executable, "-m", "dilatedseg.cli"],
+            *([[script]] if script else [])]
+
+
+@pytest.mark.parametrize("entry", entry_points(), ids=lambda e: " ".join(e[1:]) or "script")
+def test_help_and_errors_name_the_program_dilatedseg(entry, tmp_path):
+    """`--X.help CLASS` printed `usage: cli.py ...` (and its errors `cli.py --help`) under
+    python -m: argparse's default program name is the started file's."""
+    def run(*args: str) -> str:
+        done = subprocess.run([*entry, *args], capture_output=True, text=True, cwd=tmp_path)
+        return done.stdout + done.stderr
+
+    usage = run("fit", "--trainer.logger.help", "CSVLogger")
+    assert usage.startswith("usage: dilatedseg --trainer.logger.save_dir"), usage[:300]
+    error = run("fit", "--data.help", "ShapesDataModule", "--data.nope=1")
+    assert "error: unrecognized arguments: --data.nope=1\n(the options: dilatedseg " in error
+    assert "cli.py" not in usage + error and "__main__.py" not in usage + error
+
+
+def fit_config(*args: str) -> tuple[dict, str]:
+    """The resolved config of `dilatedseg fit ARGS --print_config`, and its stderr."""
+    import yaml
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", *args, "--print_config")
+    assert exit_info.value.code in (0, None), err.getvalue()
+    return yaml.safe_load(out.getvalue()), err.getvalue()
+
+
+def test_relative_configs_the_working_directory_lacks_are_the_checkouts(tmp_path, monkeypatch):
+    """A `wandb agent` started outside the checkout runs `dilatedseg fit --config
+    conf/shapes.yaml ...` there: each relative --config file (--config, --config=, -c) that the
+    working directory lacks is read from the package checkout, and stderr names it."""
+    monkeypatch.chdir(tmp_path)
+    config, err = fit_config("--config", "conf/shapes.yaml", "--config=conf/stage/context.yaml",
+                             "-c", "conf/shapes/context.yaml")
+    assert config["model"]["stage"] == "context" and config["model"]["lr"] == 0.01
+    assert config["data"]["class_path"] == "dilatedseg.data.ShapesDataModule"
+    for name in ("conf/shapes.yaml", "conf/stage/context.yaml", "conf/shapes/context.yaml"):
+        assert (f"--config {name}: not in the working directory; reading the package "
+                f"checkout's {REPO / name}\n") in err
+    # The working directory's own file wins, without a word.
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf/shapes.yaml").write_text(
+        (REPO / "conf/shapes.yaml").read_text() + "runs_dir: mine\n")
+    config, err = fit_config("--config", "conf/shapes.yaml")
+    assert config["runs_dir"] == "mine" and "conf/shapes.yaml" not in err
+    # A config given as YAML text stays that.
+    config, err = fit_config("--config", "conf/shapes.yaml", "--config", "{runs_dir: inline}")
+    assert config["runs_dir"] == "inline" and err == ""
+
+
+def test_a_config_in_neither_place_is_one_error_naming_both(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", "--config", "conf/shapess.yaml")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: File does not exist: --config conf/shapess.yaml is not in the working "
+        f"directory ({tmp_path}) nor in the package checkout ({REPO})\n"
+        "(the options: dilatedseg fit --help)\n")
+    monkeypatch.chdir(REPO)  # one place
+    with pytest.raises(SystemExit):
+        run_cli("fit", "--config", "conf/shapess.yaml")
+    assert capsys.readouterr().err.startswith(
+        f"error: File does not exist: --config conf/shapess.yaml is not in the working "
+        f"directory ({REPO})\n")
+
+
+def test_read_ints_as_ints_still_finds_jsonargparses_types():
+    """read_ints_as_ints edits jsonargparse's private ActionTypeHint._typehint (there is no
+    public way to change an added argument's type): renamed, it would silently do nothing and
+    --trainer.limit_val_batches=1 would validate on every batch."""
+    import typing
+
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    from dilatedseg.cli_parser import read_ints_as_ints
+
+    parser = LightningArgumentParser()
+    parser.add_class_arguments(Trainer, "trainer", fail_untyped=False, instantiate=False)
+    read_ints_as_ints(parser)
+    hints = {action.dest: getattr(action, "_typehint", None) for action in parser._actions}
+    for split in ("train", "val", "test", "predict"):
+        hint = hints.get(f"trainer.limit_{split}_batches")
+        assert hint is not None, "jsonargparse's actions no longer carry _typehint: " \
+                                 "read_ints_as_ints needs another way to read 1 as an int"
+        assert typing.get_args(hint)[0] is int, hint

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -37,9 +38,15 @@ def proposals(config: dict, limit: int = 8) -> list[dict]:
 
 
 def agent_argv(config: dict, params: dict, tmp_path: Path, monkeypatch) -> list[str]:
-    """The argv a real `wandb agent` starts for a run the server proposes: W&B's own
-    Agent._command_run on the sweep's command as the server returns it (YAML), with its process
-    start replaced by a recorder."""
+    """The argv a real `wandb agent` starts for a run the server proposes."""
+    return agent_start(config, params, tmp_path, monkeypatch)[0]
+
+
+def agent_start(config: dict, params: dict, tmp_path: Path,
+                monkeypatch) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment a real `wandb agent` starts a run the server proposes with: W&B's
+    own Agent._command_run on the sweep's command as the server returns it (YAML), with its
+    process start replaced by a recorder."""
     from wandb import wandb_agent
 
     from dilatedseg.sweep import plain
@@ -48,7 +55,7 @@ def agent_argv(config: dict, params: dict, tmp_path: Path, monkeypatch) -> list[
 
     class Recorder:
         def __init__(self, command=None, env=None, **kwargs):
-            started.append(command)
+            started.append((command, env))
 
     monkeypatch.setattr(wandb_agent, "AgentProcess", Recorder)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))  # the agent sets these three in os.environ
@@ -383,10 +390,11 @@ def test_front_end_is_trained_from_any_working_directory(tmp_path, monkeypatch):
                       "--config", str(REPO / "conf/stage/frontend.yaml"), "--runs_dir=runs"]]
 
 
-def test_a_local_sweep_runs_from_any_working_directory(tmp_path, monkeypatch, capsys):
+def test_a_local_sweep_runs_from_any_working_directory(tmp_path, monkeypatch):
     """`dilatedseg sweep /path/to/checkout/sweeps/dilations.yaml --local` where there is no
-    conf/: the --config files of the sweep's command (and of the front-end it trains first)
-    are the package checkout's, as conf/base.yaml is; a bare sweeps/X.yaml is found there too."""
+    conf/: the trials keep the command's --config conf/... (the CLI reads them from the package
+    checkout, as conf/base.yaml), the front-end it trains first is the checkout's recipe, and a
+    bare sweeps/X.yaml is found there too."""
     monkeypatch.chdir(tmp_path)
     calls = fake_trials(monkeypatch, tmp_path / "runs")
     sweep_main([str(REPO / "sweeps/dilations.yaml"), "--local", "--count", "1"])
@@ -394,25 +402,21 @@ def test_a_local_sweep_runs_from_any_working_directory(tmp_path, monkeypatch, ca
     assert frontend[2:6] == ["--config", str(REPO / "conf/shapes.yaml"),
                              "--config", str(REPO / "conf/stage/frontend.yaml")]
     assert [trial[i + 1] for i, arg in enumerate(trial) if arg == "--config"] == [
-        str(REPO / name) for name in ("conf/shapes.yaml", "conf/stage/context.yaml",
-                                      "conf/shapes/context.yaml")]
+        "conf/shapes.yaml", "conf/stage/context.yaml", "conf/shapes/context.yaml"]
     assert trial[-1] == "--model.init_from=runs/shapes/frontend/version_0/checkpoints/best.ckpt"
-    assert "not in this directory; the trials read them from the package checkout" in (
-        capsys.readouterr().out)
     assert load_sweep("sweeps/dilations.yaml") == load_sweep(REPO / "sweeps/dilations.yaml")
 
 
-def test_extra_configs_outside_the_checkout_are_the_checkouts(tmp_path, monkeypatch, capsys):
+def test_extra_configs_outside_the_checkout_are_the_checkouts(tmp_path, monkeypatch):
     """`--config conf/debug.yaml` after the sweep file, outside the checkout, is read from it as
-    the command's configs are: it was "File does not exist: <here>/conf/debug.yaml"."""
+    the command's configs are: its runs_dir (runs/debug) is where the front-end is trained and
+    found; it was "File does not exist: <here>/conf/debug.yaml"."""
     monkeypatch.chdir(tmp_path)
     calls = fake_trials(monkeypatch, tmp_path / "runs/debug")
     sweep_main(["sweeps/dilations.yaml", "--local", "--count", "1", "--config", "conf/debug.yaml"])
     assert len(calls) == 2  # the debug front-end, then the trial
     for argv in calls:
-        assert argv[argv.index(str(REPO / "conf/debug.yaml")) - 1] == "--config"
-    assert "conf/shapes/context.yaml, conf/debug.yaml: not in this directory; the trials read " \
-           "them from the package checkout" in capsys.readouterr().out
+        assert argv[argv.index("conf/debug.yaml") - 1] == "--config"
 
 
 def fake_trials(monkeypatch, runs: Path) -> list[list[str]]:
@@ -435,20 +439,23 @@ def fake_trials(monkeypatch, runs: Path) -> list[list[str]]:
     return calls
 
 
-def test_a_server_sweep_outside_the_checkout_is_refused(tmp_path, monkeypatch):
-    """W&B agents run the command where they start: from a directory without conf/ every
-    trial would fail to read its configs, so the sweep is not created."""
+def test_a_server_sweep_starts_outside_the_checkout(tmp_path, monkeypatch):
+    """From a directory without conf/ the sweep is created as written (the trials' CLI reads
+    conf/... from the package checkout): it was refused, saying to cd into the checkout."""
     import wandb
 
     import dilatedseg.loggers
     from dilatedseg.sweep import main
 
+    created = []
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(dilatedseg.loggers, "wandb_logged_in", lambda: True)
-    monkeypatch.setattr(wandb, "sweep", lambda *args, **kw: pytest.fail("no sweep"))
-    with pytest.raises(SweepError, match=r"reads conf/shapes.yaml, .* in the working directory"
-                                         r".*in the checkout: cd "):
-        main([str(REPO / "sweeps/dilations.yaml")])
+    monkeypatch.setattr(wandb, "sweep", lambda config, **kw: created.append(config) or "abc")
+    monkeypatch.setattr(wandb, "agent", lambda *args, **kw: None)
+    main([str(REPO / "sweeps/dilations.yaml"), "--config", "conf/debug.yaml"])
+    written = load_sweep(REPO / "sweeps/dilations.yaml")["command"]
+    assert [config["command"] for config in created] == [
+        [*written, "--config", "conf/debug.yaml"]]
 
 
 def save_checkpoint(run_dir: Path) -> Path:
@@ -515,7 +522,7 @@ def test_local_trials_run_the_cli_of_the_runners_interpreter():
     from dilatedseg.sweep import local_command
 
     assert local_command(["dilatedseg", "fit", "--model.lr=0.1"]) == [
-        sys.executable, "-m", "dilatedseg.cli", "fit", "--model.lr=0.1"]
+        sys.executable, "-m", "dilatedseg", "fit", "--model.lr=0.1"]
     assert local_command(["/usr/bin/env", "python", "x.py"]) == ["/usr/bin/env", "python", "x.py"]
 
 
@@ -624,3 +631,35 @@ def test_a_misspelt_metric_stops_after_the_first_trial(tmp_path):
                                          r"'val/miou': correct metric.name .* logged: val/mIoU"):
         run_local(config, "toy", None, [], tmp_path / "out")
     assert [p.name for p in (tmp_path / "out").glob("*.log")] == ["trial-000.log"]
+
+
+def test_a_wandb_agent_trial_started_outside_the_checkout_runs(tiny_shapes, tmp_path,
+                                                                monkeypatch):
+    """`wandb agent` runs the sweep's `dilatedseg fit --config conf/... ${args}` where it was
+    started: there, without conf/, the trial reads those files from the package checkout and
+    trains, into the agent's W&B run (offline). It failed with "File does not exist"."""
+    from dilatedseg.sweep import local_command
+
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs"
+    extra = [arg for arg in shapes_args(tiny_shapes, runs)[2:]  # W&B's logger, not CSV
+             if not arg.startswith("--trainer.logger")]
+    extra += ["--trainer.max_epochs=1", "--model.init_from=null",
+              "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"]
+    config = load_sweep(REPO / "sweeps/dilations.yaml")
+    config["command"] += extra  # as `dilatedseg sweep` passes its extra arguments to a server
+    argv, env = agent_start(config, {"model.dilations": {"value": [1, 1, 2]}}, tmp_path,
+                            monkeypatch)
+    assert argv[:4] == ["dilatedseg", "fit", "--config", "conf/shapes.yaml"]
+    done = subprocess.run(local_command(argv), env=env, cwd=tmp_path, capture_output=True,
+                          text=True)  # (the agent's `dilatedseg` as this interpreter's)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("conf/shapes.yaml", "conf/stage/context.yaml", "conf/shapes/context.yaml"):
+        assert f"--config {name}: not in the working directory; reading the package " \
+               f"checkout's {REPO / name}\n" in done.stderr
+    [run_dir] = (runs / "shapes" / "context").iterdir()
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["model"]["dilations"] == [1, 1, 2]
+    assert saved["model"]["lr"] == 0.01  # conf/shapes/context.yaml's
+    assert (run_dir / "wandb_id.txt").read_text() == "run0"  # the agent's run
+    assert list((run_dir / "wandb").glob("offline-run-*/run-run0.wandb"))
