@@ -8,7 +8,7 @@ COUNT ?=
 INIT ?=
 ARGS ?=
 # The CLI of the PYTHON make installed into, activated or not.
-DILATEDSEG = $(PYTHON) -m dilatedseg.cli
+DILATEDSEG = $(PYTHON) -m dilatedseg
 # The stages `STAGE=all` runs, in order: the paper's pipeline for the dataset. CamVid and KITTI
 # train the context module jointly with the front-end (no separate context stage); Cityscapes
 # fine-tunes both jointly after the context stage; the CRF-RNN is VOC's (and the embedded set's).

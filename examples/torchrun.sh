@@ -37,7 +37,7 @@ fi
 
 export NO_ALBUMENTATIONS_UPDATE=1
 # shellcheck disable=SC2086  # ARGS holds several arguments
-exec torchrun "${RENDEZVOUS[@]}" --nproc-per-node="${NPROC}" -m dilatedseg.cli fit \
+exec torchrun "${RENDEZVOUS[@]}" --nproc-per-node="${NPROC}" -m dilatedseg fit \
   "${CONFIGS[@]}" \
   --trainer.accelerator="${ACCELERATOR}" \
   --trainer.devices="${NPROC}" \

@@ -424,7 +424,7 @@ def test_make_runs_the_cli_of_its_python_and_refuses_init_for_all_stages():
     python = "/opt/env/bin/python"
     for target in (["train", "STAGE=frontend"], ["train"], ["sweep"]):
         done = make(*target, f"PYTHON={python}")
-        assert done.returncode == 0 and f"{python} -m dilatedseg.cli " in done.stdout
+        assert done.returncode == 0 and f"{python} -m dilatedseg " in done.stdout
         assert "\tdilatedseg " not in done.stdout and "\n  dilatedseg " not in done.stdout
     done = make("train", "INIT=runs/x.ckpt")
     assert done.returncode == 2 and "INIT=runs/x.ckpt is where one stage starts" in done.stderr
