@@ -9,11 +9,17 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_cli, shapes_args, untrained_checkpoint
-from fixtures_datasets import make_camvid_segnet, make_voc, tiny_args
+from fixtures_datasets import (
+    make_camvid_segnet,
+    make_cityscapes,
+    make_kitti_semantics,
+    make_voc,
+    tiny_args,
+)
 from PIL import Image
 
 from dilatedseg.cli import DilatedSegCLI
-from dilatedseg.data import DataError
+from dilatedseg.data import CityscapesDataModule, DataError, KITTIDataModule, VOCDataModule
 from dilatedseg.data.base import read_index_png
 
 
@@ -533,8 +539,11 @@ def test_init_from_that_is_not_a_checkpoint_is_named(voc, tmp_path, capsys, cont
 
 
 def test_evaluating_without_trained_weights_is_refused(voc, tmp_path, capsys):
-    for verb in ("validate", "test", "predict"):
-        err = fails(capsys, verb, *voc_fit(voc, tmp_path)[1:])
+    camvid = make_camvid_segnet(tmp_path / "camvid")  # (VOC's test split has no labels)
+    for verb, args in (("validate", voc_fit(voc, tmp_path)[1:]),
+                       ("test", tiny_args("camvid", camvid, tmp_path / "runs")),
+                       ("predict", voc_fit(voc, tmp_path)[1:])):
+        err = fails(capsys, verb, *args)
         assert f"{verb} needs trained weights: pass --ckpt_path=" in err
     assert not (tmp_path / "runs").exists()
 
@@ -675,3 +684,76 @@ def test_bad_label_the_sample_missed_stops_training_naming_it_and_the_fix(
     assert error.endswith("(the run stopped after it had started; once that is fixed, resume "
                           f"it with --ckpt_path={last})\n")
     assert torch.load(last, weights_only=True)["epoch"] == 0  # the first epoch's, kept
+
+
+def voc_test_release(root):
+    """Add VOC2012test.tar's files to a VOC root: test.txt and its JPEGs."""
+    voc = root / "VOCdevkit/VOC2012"
+    for name in ("2008_000006", "2008_000007"):
+        Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(voc / f"JPEGImages/{name}.jpg")
+    (voc / "ImageSets/Segmentation/test.txt").write_text("2008_000006\n2008_000007\n")
+
+
+def kitti_testing(root):
+    """Add the KITTI semantic benchmark's testing/image_2 (images, no labels)."""
+    (root / "testing/image_2").mkdir(parents=True)
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(root / "testing/image_2/000000_10.png")
+
+
+# dataset -> (its data module, its tree without the test split's images, the data options it
+# reads with, the test images' folder or list as the missing-data error names it, a function
+# adding them)
+UNLABELLED_TEST = {
+    "cityscapes": (CityscapesDataModule, lambda root: make_cityscapes(root, {"train": 2, "val": 1}),
+                   {}, "image folder {root}/leftImg8bit/test is missing",
+                   lambda root: make_cityscapes(root, {"test": 2})),
+    "voc": (VOCDataModule, lambda root: make_voc(root, voc_train=("a1", "a2"), voc_val=("b1",),
+                                                 sbd_train=(), sbd_val=()),
+            {"train_split": "train"},
+            "split list {root}/VOCdevkit/VOC2012/ImageSets/Segmentation/test.txt is missing "
+            "(the test release's, VOC2012test.tar, extracted into the root)", voc_test_release),
+    "kitti": (KITTIDataModule,
+              lambda root: shutil.rmtree(make_kitti_semantics(root, count=5) / "testing"),
+              {"layout": "semantics"}, "image folder {root}/testing/image_2 is missing",
+              kitti_testing),
+}
+
+
+@pytest.mark.parametrize("dataset", sorted(UNLABELLED_TEST))
+def test_split_without_public_labels_stops_test_whatever_files_are_there(
+        tmp_path, capsys, dataset):
+    """`dilatedseg test` on a split whose labels are not public (Cityscapes', VOC's, KITTI
+    semantics' test) stops first with the one error that says so and what to do instead,
+    whether the root, or the split's images, are there or not: Cityscapes without
+    leftImg8bit/test said that folder was missing, and once downloaded, that it had no labels.
+    `predict` of that split needs its images: without them, that is its error; with them, it
+    writes their predictions."""
+    datamodule, make_tree, options, missing, add_images = UNLABELLED_TEST[dataset]
+    root, runs = tmp_path / dataset, tmp_path / "runs"
+    classes = 21 if dataset == "voc" else 19
+    weights = untrained_checkpoint(tmp_path / "model.ckpt", classes, padding="valid")
+
+    def run(root, stage, *extra):
+        return tiny_args(dataset, root, runs, *(f"--data.init_args.{key}={value}"
+                                                for key, value in options.items()),
+                         f"--model.init_from={weights}", *extra)
+
+    stops = (f"error: {dataset}: split 'test' has no labels (they are not public), so there is "
+             "nothing to score: evaluate on 'val' with `dilatedseg validate`, or predict 'test' "
+             "for the evaluation server with `dilatedseg predict "
+             "--data.init_args.predict_split=test`")
+    assert fails(capsys, "test", *run(tmp_path / "nowhere", "test")).strip() == stops
+    make_tree(root)
+    assert fails(capsys, "test", *run(root, "test")).strip() == stops
+    err = fails(capsys, "predict", *run(root, "predict", "--data.init_args.predict_split=test"))
+    assert missing.format(root=root) in err and "has no labels" not in err
+    assert not runs.exists()
+
+    add_images(root)
+    assert fails(capsys, "test", *run(root, "test")).strip() == stops
+    assert not runs.exists()
+    run_cli("predict", *run(root, "predict", "--data.init_args.predict_split=test",
+                            f"--output={tmp_path / 'out'}"))
+    images = datamodule(root=str(root), **options).checked_pairs("test")
+    assert images and all(label is None for _, label in images)
+    assert len(list((tmp_path / "out/index").rglob("*.png"))) == len(images)

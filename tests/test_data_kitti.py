@@ -23,6 +23,8 @@ def test_ros_colour_labels_decode_to_camvid_classes(tmp_path):
     module = KITTIDataModule(root=str(root))
     assert module.classes == camvid.CLASSES and module.num_classes == 11
     assert len(module.checked_pairs("train")) == 4 and len(module.checked_pairs("val")) == 2
+    # Ros et al.'s test images (the paper's 46) are labelled: `dilatedseg test` scores them.
+    assert module.checked_pairs("test", labelled=True) == module.checked_pairs("val")
     image, label_path = module.checked_pairs("train")[0]
     colours = np.asarray(Image.open(label_path).convert("RGB"))
     label = module.read_label(label_path)
@@ -102,7 +104,9 @@ def test_semantics_layout_uses_cityscapes_train_ids(tmp_path):
     val = [image.name for image, _ in module.checked_pairs("val")]
     assert val == ["000004_10.png", "000009_10.png"]
     assert len(module.checked_pairs("train")) == 8
-    assert module.checked_pairs("test")[0][1] is None
+    assert module.checked_pairs("test")[0][1] is None  # testing/: no public labels
+    with pytest.raises(DataError, match="kitti: split 'test' has no labels"):
+        module.check_files("test")
     _, label_path = module.checked_pairs("train")[0]
     ids = np.asarray(Image.open(label_path))
     np.testing.assert_array_equal(module.read_label(label_path),

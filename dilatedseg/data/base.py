@@ -1,8 +1,9 @@
 """The shared base of every dataset: file pairs on disk -> checked, augmented batches.
 
 A dataset subclass is metadata (name, classes, palette, mean, expected tree, the command that
-prepares it) plus two small methods: ``pairs(split)`` lists (image, label) files and, where the
-labels need mapping, ``read_label(path)`` returns a uint8 index map (255 = ignore).
+prepares it, the splits without public labels) plus two small methods: ``pairs(split)`` lists
+(image, label) files and, where the labels need mapping, ``read_label(path)`` returns a uint8
+index map (255 = ignore).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from dilatedseg.data import transforms
 from dilatedseg.labels import IGNORE_INDEX
-
 
 
 class DataError(Exception):
@@ -317,6 +317,9 @@ class SegmentationDataModule(L.LightningDataModule):
     layouts: tuple[str, ...] = ()  # on-disk variants a dataset reads, the default first
     source = ""  # where to download it, shown when data is missing
     layout_name: str | None = None
+    # Splits whose labels are not public (an evaluation server scores them): ``test`` and
+    # ``validate`` stop on them before reading a file, ``predict`` reads their images.
+    unlabelled_splits: tuple[str, ...] = ()
     # How the command reading the data spells its root / layout options in messages: the
     # LightningCLI's, or "--" for `dilatedseg prepare` (--root, --layout).
     option_prefix = "--data.init_args."
@@ -403,7 +406,8 @@ class SegmentationDataModule(L.LightningDataModule):
         self.layout_name = layout
 
     def pairs(self, split: str) -> list[tuple[Path, Path | None]]:
-        """(image, label) paths of a split ("train", "val", "test")."""
+        """(image, label) paths of a split ("train", "val", "test"); label None throughout
+        for a split of ``unlabelled_splits``."""
         raise NotImplementedError
 
     def read_label(self, path: Path) -> np.ndarray:
@@ -438,7 +442,14 @@ class SegmentationDataModule(L.LightningDataModule):
         return names
 
     def checked_pairs(self, split: str, labelled: bool = False) -> list[tuple[Path, Path | None]]:
-        """``pairs(split)`` with every listed file present (and labels, if ``labelled``)."""
+        """``pairs(split)`` with every listed file present (and labels, if ``labelled``: a split
+        in ``unlabelled_splits`` stops first, whatever files are there)."""
+        if labelled and split in self.unlabelled_splits:
+            raise DataError(
+                f"{self.name}: split '{split}' has no labels (they are not public), so there is "
+                "nothing to score: evaluate on 'val' with `dilatedseg validate`, or predict "
+                f"'{split}' for the evaluation server with `dilatedseg predict "
+                f"--data.init_args.predict_split={split}`")
         if self.root.exists() and not self.root.is_dir():
             raise self.missing(f"dataset root {self.root} is a file, not the dataset's folder")
         if not self.root.is_dir():
@@ -449,11 +460,6 @@ class SegmentationDataModule(L.LightningDataModule):
             raise self.elsewhere(error, split) from None
         if not pairs:
             raise self.missing(f"no images found for split '{split}'")
-        if labelled and all(label is None for _, label in pairs):
-            raise DataError(
-                f"{self.name}: split '{split}' has no labels (they are not public), so there is "
-                "nothing to score: evaluate on 'val' with `dilatedseg validate`, or write "
-                f"predictions with `dilatedseg predict --data.init_args.predict_split={split}`")
         for image, label in pairs:
             if not image.is_file():
                 raise self.missing(f"image {image} (listed for split '{split}') is missing")

@@ -68,7 +68,7 @@ class CityscapesDataModule(SegmentationDataModule):
         root: the folder holding leftImg8bit/ and gtFine/.
         **kwargs: see :class:`SegmentationDataModule`.
 
-    The test split's labels are not public: ``pairs("test")`` has no labels; use
+    The test split's labels are not public: ``dilatedseg test`` stops; use
     ``dilatedseg predict`` with ``predict_split: test`` and upload the ``labelIds`` folder.
     """
 
@@ -77,6 +77,7 @@ class CityscapesDataModule(SegmentationDataModule):
     categories = CATEGORIES
     palette = PALETTE
     mean_rgb = MEAN_BGR[::-1]
+    unlabelled_splits = ("test",)
     source = ("https://www.cityscapes-dataset.com/downloads/ (free account): "
               "leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip, extracted into the root")
     layout = """\
@@ -107,11 +108,12 @@ class CityscapesDataModule(SegmentationDataModule):
                 f"`mv {move} {self.root}/`")
 
     def pairs(self, split: str) -> list[tuple[Path, Path | None]]:
-        if split != "test" and (problem := self.extracted_apart()):
+        unlabelled = split in self.unlabelled_splits
+        if not unlabelled and (problem := self.extracted_apart()):
             raise DataError(problem)
         pairs = []
         for image in self.images_in(self.root / "leftImg8bit" / split, "*/*_leftImg8bit.png"):
-            if split == "test":
+            if unlabelled:
                 pairs.append((image, None))
                 continue
             stem = image.name[: -len("_leftImg8bit.png")]

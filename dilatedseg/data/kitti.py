@@ -8,7 +8,8 @@
 * ``layout: semantics``: the later KITTI semantic benchmark (data_semantics/, 200 labelled
   training images) whose labels are Cityscapes label ids; they are mapped to the 19 Cityscapes
   train ids and classes. It has no official val split: every ``val_every``-th training image
-  (sorted by name) is held out for validation.
+  (sorted by name) is held out for validation. Its test labels are not public (testing/ holds
+  the images alone): ``dilatedseg test`` stops; predict them with ``predict_split: test``.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class KITTIDataModule(SegmentationDataModule):
         if layout == "semantics":  # Cityscapes classes; predictions written back as label ids
             self.classes, self.palette = cityscapes.CLASSES, cityscapes.PALETTE
             self.categories = cityscapes.CATEGORIES
+            self.unlabelled_splits = ("test",)
             self.train_ids = cityscapes.train_id_lookup()
             self.submission_ids = cityscapes.label_id_lookup()
         else:

@@ -33,16 +33,17 @@ class VOCDataModule(SegmentationDataModule):
         train_split: "train_aug" (VOC train + SBD minus VOC val, the paper's) or "train".
         **kwargs: see :class:`SegmentationDataModule`.
 
-    VOC's test labels are not public. With the test release (VOC2012test.tar, extracted into
-    the same root: its JPEGs and ``ImageSets/Segmentation/test.txt``) the ``test`` split is
-    those images, unlabelled: ``predict_split: test`` predicts them for the evaluation server
-    and ``dilatedseg test`` stops. Without it, ``test`` is the val split.
+    VOC's test labels are not public: ``dilatedseg test`` stops (``validate`` scores val, the
+    paper's Table 3). The ``test`` split is the test release's images (VOC2012test.tar,
+    extracted into the same root: its JPEGs and ``ImageSets/Segmentation/test.txt``), which
+    ``predict_split: test`` predicts for the evaluation server.
     """
 
     name = "voc"
     classes = CLASSES
     palette = PALETTE
     mean_rgb = MEAN_BGR[::-1]
+    unlabelled_splits = ("test",)
     source = ("http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar and "
               "SBD, http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/"
               "semantic_contours/benchmark.tgz, both extracted into the root")
@@ -66,10 +67,12 @@ class VOCDataModule(SegmentationDataModule):
 
     def pairs(self, split: str) -> list[tuple[Path, Path | None]]:
         voc = self.root / VOC_DIR
-        if split == "test" and (self.root / LISTS / "test.txt").is_file():  # VOC2012test.tar
-            names = self.listed_names(self.root / LISTS / "test.txt", "")
+        if split in self.unlabelled_splits:
+            names = self.listed_names(self.root / LISTS / f"{split}.txt",
+                                      " (the test release's, VOC2012test.tar, extracted into "
+                                      "the root)")
             return [(voc / "JPEGImages" / f"{name}.jpg", None) for name in names]
-        list_name = self.train_split if split == "train" else "val" if split == "test" else split
+        list_name = self.train_split if split == "train" else split
         hint = ""
         if list_name == "train_aug":
             hint = " (SBD's list, written by prepare)"
