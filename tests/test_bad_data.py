@@ -19,7 +19,7 @@ from fixtures_datasets import (
 from PIL import Image
 
 from dilatedseg.cli import DilatedSegCLI
-from dilatedseg.data import CityscapesDataModule, DataError, KITTIDataModule, VOCDataModule
+from dilatedseg.data import CityscapesDataModule, DataError, KITTIDataModule
 from dilatedseg.data.base import read_index_png
 
 
@@ -686,14 +686,6 @@ def test_bad_label_the_sample_missed_stops_training_naming_it_and_the_fix(
     assert torch.load(last, weights_only=True)["epoch"] == 0  # the first epoch's, kept
 
 
-def voc_test_release(root):
-    """Add VOC2012test.tar's files to a VOC root: test.txt and its JPEGs."""
-    voc = root / "VOCdevkit/VOC2012"
-    for name in ("2008_000006", "2008_000007"):
-        Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(voc / f"JPEGImages/{name}.jpg")
-    (voc / "ImageSets/Segmentation/test.txt").write_text("2008_000006\n2008_000007\n")
-
-
 def kitti_testing(root):
     """Add the KITTI semantic benchmark's testing/image_2 (images, no labels)."""
     (root / "testing/image_2").mkdir(parents=True)
@@ -707,11 +699,6 @@ UNLABELLED_TEST = {
     "cityscapes": (CityscapesDataModule, lambda root: make_cityscapes(root, {"train": 2, "val": 1}),
                    {}, "image folder {root}/leftImg8bit/test is missing",
                    lambda root: make_cityscapes(root, {"test": 2})),
-    "voc": (VOCDataModule, lambda root: make_voc(root, voc_train=("a1", "a2"), voc_val=("b1",),
-                                                 sbd_train=(), sbd_val=()),
-            {"train_split": "train"},
-            "split list {root}/VOCdevkit/VOC2012/ImageSets/Segmentation/test.txt is missing "
-            "(the test release's, VOC2012test.tar, extracted into the root)", voc_test_release),
     "kitti": (KITTIDataModule,
               lambda root: shutil.rmtree(make_kitti_semantics(root, count=5) / "testing"),
               {"layout": "semantics"}, "image folder {root}/testing/image_2 is missing",
@@ -722,16 +709,15 @@ UNLABELLED_TEST = {
 @pytest.mark.parametrize("dataset", sorted(UNLABELLED_TEST))
 def test_split_without_public_labels_stops_test_whatever_files_are_there(
         tmp_path, capsys, dataset):
-    """`dilatedseg test` on a split whose labels are not public (Cityscapes', VOC's, KITTI
-    semantics' test) stops first with the one error that says so and what to do instead,
-    whether the root, or the split's images, are there or not: Cityscapes without
-    leftImg8bit/test said that folder was missing, and once downloaded, that it had no labels.
-    `predict` of that split needs its images: without them, that is its error; with them, it
-    writes their predictions."""
+    """`dilatedseg test` on a split whose labels are not public (Cityscapes', KITTI semantics'
+    test; VOC's is val unless its test release is there: see tests/test_data_voc.py) stops
+    first with the one error that says so and what to do instead, whether the root, or the
+    split's images, are there or not: Cityscapes without leftImg8bit/test said that folder was
+    missing, and once downloaded, that it had no labels. `predict` of that split needs its
+    images: without them, that is its error; with them, it writes their predictions."""
     datamodule, make_tree, options, missing, add_images = UNLABELLED_TEST[dataset]
     root, runs = tmp_path / dataset, tmp_path / "runs"
-    classes = 21 if dataset == "voc" else 19
-    weights = untrained_checkpoint(tmp_path / "model.ckpt", classes, padding="valid")
+    weights = untrained_checkpoint(tmp_path / "model.ckpt", 19, padding="valid")
 
     def run(root, stage, *extra):
         return tiny_args(dataset, root, runs, *(f"--data.init_args.{key}={value}"

@@ -120,26 +120,20 @@ def test_unreadable_sbd_mat_is_one_clear_error(tmp_path, content, capsys):
     assert not list(root.rglob("*.partial.png"))
 
 
-def test_voc_test_split_is_the_test_release_never_val(tmp_path):
-    """`test` is the test release's unlabelled images (test.txt and its JPEGs), or missing;
-    it was the val split without the release, so `dilatedseg test` logged val's scores as
-    test/mIoU (the paper's Table 4 is the server's test score, Table 3 val's)."""
+def test_voc_test_split_is_the_test_release_when_there(tmp_path):
+    """Without the test release, `test` scores val; with it (test.txt and its JPEGs), `test` is
+    those unlabelled images: predict_split=test predicts them and `dilatedseg test` stops."""
     root = make_voc(tmp_path / "voc")
     module = VOCDataModule(root=str(root))
-    listing = root / "VOCdevkit/VOC2012/ImageSets/Segmentation/test.txt"
-    with pytest.raises(DataError, match=f"split list {listing} is missing \\(the test "
-                                        r"release's, VOC2012test.tar, extracted into the root"):
-        module.checked_pairs("test")
-    with pytest.raises(DataError, match="split 'test' has no labels"):
-        module.checked_pairs("test", labelled=True)
+    assert module.checked_pairs("test", labelled=True) == module.checked_pairs("val")
     voc = root / "VOCdevkit/VOC2012"
     for name in ("2009_000001", "2009_000002"):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(voc / f"JPEGImages/{name}.jpg")
-    listing.write_text("2009_000001\n2009_000002\n")
+    (voc / "ImageSets/Segmentation/test.txt").write_text("2009_000001\n2009_000002\n")
     assert module.checked_pairs("test") == [(voc / f"JPEGImages/2009_00000{i}.jpg", None)
                                             for i in (1, 2)]
     with pytest.raises(DataError, match="split 'test' has no labels"):
-        module.checked_pairs("test", labelled=True)  # scoring it: with or without the release
+        module.checked_pairs("test", labelled=True)
 
 
 def test_voc_train_split_without_sbd(voc_root):

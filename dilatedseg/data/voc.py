@@ -33,17 +33,16 @@ class VOCDataModule(SegmentationDataModule):
         train_split: "train_aug" (VOC train + SBD minus VOC val, the paper's) or "train".
         **kwargs: see :class:`SegmentationDataModule`.
 
-    VOC's test labels are not public: ``dilatedseg test`` stops (``validate`` scores val, the
-    paper's Table 3). The ``test`` split is the test release's images (VOC2012test.tar,
-    extracted into the same root: its JPEGs and ``ImageSets/Segmentation/test.txt``), which
-    ``predict_split: test`` predicts for the evaluation server.
+    VOC's test labels are not public. With the test release (VOC2012test.tar, extracted into
+    the same root: its JPEGs and ``ImageSets/Segmentation/test.txt``) the ``test`` split is
+    those images, unlabelled: ``predict_split: test`` predicts them for the evaluation server
+    and ``dilatedseg test`` stops. Without it, ``test`` is the val split.
     """
 
     name = "voc"
     classes = CLASSES
     palette = PALETTE
     mean_rgb = MEAN_BGR[::-1]
-    unlabelled_splits = ("test",)
     source = ("http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar and "
               "SBD, http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/"
               "semantic_contours/benchmark.tgz, both extracted into the root")
@@ -65,14 +64,17 @@ class VOCDataModule(SegmentationDataModule):
             raise ValueError(f"train_split must be 'train_aug' or 'train', got {train_split!r}")
         self.train_split = train_split
 
+    @property
+    def unlabelled_splits(self) -> tuple[str, ...]:
+        """``test`` when the test release is in the root (without it, ``test`` is val)."""
+        return ("test",) if (self.root / LISTS / "test.txt").is_file() else ()
+
     def pairs(self, split: str) -> list[tuple[Path, Path | None]]:
         voc = self.root / VOC_DIR
-        if split in self.unlabelled_splits:
-            names = self.listed_names(self.root / LISTS / f"{split}.txt",
-                                      " (the test release's, VOC2012test.tar, extracted into "
-                                      "the root)")
+        if split in self.unlabelled_splits:  # VOC2012test.tar's images
+            names = self.listed_names(self.root / LISTS / f"{split}.txt", "")
             return [(voc / "JPEGImages" / f"{name}.jpg", None) for name in names]
-        list_name = self.train_split if split == "train" else split
+        list_name = self.train_split if split == "train" else "val" if split == "test" else split
         hint = ""
         if list_name == "train_aug":
             hint = " (SBD's list, written by prepare)"
