@@ -48,6 +48,7 @@ from dilatedseg.cli_parser import (
 from dilatedseg.data import SegmentationDataModule
 from dilatedseg.data.base import DataError
 from dilatedseg.inference import check_deploy_tiles
+from dilatedseg.job_restarts import JobRestarts
 from dilatedseg.loggers import configure_logger, wandb_server_error
 from dilatedseg.models.caffemodel import check_caffe_input
 from dilatedseg.models.frontend import check_context_margin
@@ -69,6 +70,7 @@ from dilatedseg.runs import (
     resume_advice,
     run_interrupted,
     run_started,
+    watch_requeue,
 )
 from dilatedseg.summary import RunSummary
 from dilatedseg.wandb_images import WandbImages
@@ -286,8 +288,6 @@ class DilatedSegCLI(LightningCLI):
         if self.subcommand == "fit" and is_global_rank_zero():
             lock_run_dir(run_dir)  # one training at a time in a run directory
         if self.subcommand == "fit":
-            from dilatedseg.runs import watch_requeue
-
             watch_requeue()  # (what resume_advice says when the job stops)
         resume = restart_checkpoint(run_dir) if self.subcommand == "fit" else None
         given = config.get("ckpt_path")  # (the job's command: where its first start began)
@@ -359,7 +359,7 @@ class DilatedSegCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
-        trainer.callbacks.append(RunSummary())
+        trainer.callbacks.extend([RunSummary(), JobRestarts()])
         if self.subcommand != "fit":
             # An evaluation saves no checkpoint: Lightning's advice to add the callbacks that
             # wrote the --ckpt_path file, and its note that their dirpath changed, do not apply.
