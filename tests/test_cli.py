@@ -731,6 +731,27 @@ def test_a_config_in_neither_place_is_one_error_naming_both(tmp_path, monkeypatc
         f"directory ({REPO})\n")
 
 
+def test_a_missing_config_under_an_install_without_conf_names_no_checkout(tmp_path,
+                                                                          monkeypatch, capsys):
+    """pip install . puts dilatedseg/ in site-packages, which has no conf/: the error named
+    site-packages as "the package checkout", where no config could ever be."""
+    import dilatedseg.cli
+
+    site_packages = tmp_path / "site-packages"
+    (site_packages / "dilatedseg").mkdir(parents=True)
+    monkeypatch.setattr(dilatedseg.cli, "PACKAGE_ROOT", site_packages)
+    monkeypatch.setattr(dilatedseg.cli, "PACKAGE_CONF", site_packages / "conf")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", "--config", "conf/shapes.yaml")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: File does not exist: --config conf/shapes.yaml is not in the working "
+        f"directory ({tmp_path}); dilatedseg is installed without its checkout "
+        f"({site_packages} has no conf/): run in the checkout, pass the file's path, or "
+        "install the checkout with pip install -e\n(the options: dilatedseg fit --help)\n")
+
+
 def test_read_ints_as_ints_still_finds_jsonargparses_types():
     """read_ints_as_ints edits jsonargparse's private ActionTypeHint._typehint (there is no
     public way to change an added argument's type): renamed, it would silently do nothing and
