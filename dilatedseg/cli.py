@@ -104,7 +104,7 @@ def checkout_configs(argv: list[str]) -> list[str]:
     located, notes = list(argv), []
     for index, path in config_arguments(argv):
         found = PACKAGE_ROOT / path
-        if (Path(path).is_absolute() or Path(path).is_file() or is_config_text(path)
+        if (is_config_text(path) or Path(path).is_absolute() or Path(path).is_file()
                 or not found.is_file()):
             continue
         notes.append(f"--config {path}: not in the working directory; reading the package "
@@ -117,7 +117,8 @@ def checkout_configs(argv: list[str]) -> list[str]:
 
 def is_config_text(value: str) -> bool:
     """Whether jsonargparse reads a --config value as the config itself (YAML that is no
-    string, e.g. ``{model: {lr: 0.1}}``) rather than as a file name."""
+    string, e.g. ``{model: {lr: 0.1}}``) rather than as a file name (which it must be asked
+    first: a long one makes Path.is_file raise 'File name too long')."""
     try:
         return not isinstance(yaml.safe_load(value), str)
     except yaml.YAMLError:

@@ -709,9 +709,13 @@ def test_relative_configs_the_working_directory_lacks_are_the_checkouts(tmp_path
         (REPO / "conf/shapes.yaml").read_text() + "runs_dir: mine\n")
     config, err = fit_config("--config", "conf/shapes.yaml")
     assert config["runs_dir"] == "mine" and "conf/shapes.yaml" not in err
-    # A config given as YAML text stays that.
+    # A config given as YAML text stays that, also a long one (it stopped with OSError: File
+    # name too long, asked first whether it is a file).
     config, err = fit_config("--config", "conf/shapes.yaml", "--config", "{runs_dir: inline}")
     assert config["runs_dir"] == "inline" and err == ""
+    long = "x" * 300  # (one path component over the 255 characters a name may have)
+    config, err = fit_config("--config", "conf/shapes.yaml", "--config", f"{{runs_dir: {long}}}")
+    assert config["runs_dir"] == long and err == ""
 
 
 def test_a_config_in_neither_place_is_one_error_naming_both(tmp_path, monkeypatch, capsys):
