@@ -125,6 +125,21 @@ def is_config_text(value: str) -> bool:
         return True  # (jsonargparse says what is wrong with it)
 
 
+def config_model(value: str) -> dict:
+    """The model section of a --config value: the file's, or the YAML given inline; empty
+    for a file that is not there or YAML that does not parse (the parser names either)."""
+    try:
+        if is_config_text(value):
+            config = yaml.safe_load(value)
+        elif Path(value).is_file():
+            config = yaml.safe_load(Path(value).read_text())
+        else:
+            return {}
+    except yaml.YAMLError:
+        return {}
+    return (config.get("model") or {}) if isinstance(config, dict) else {}
+
+
 def stage_configs(conf: Path, dataset: str, stage: str) -> list[str]:
     """The --config arguments of one stage, as `make train STAGE=<stage> DATASET=<dataset>`
     composes them: <conf>/<dataset>.yaml, <conf>/stage/<stage>.yaml, then the dataset's own
@@ -450,12 +465,10 @@ def typed_model_options(command_line: list[str]) -> list[str]:
 
 def typed_options(command_line: list[str]) -> set[str]:
     """The evaluation options the user set, none / null included: as a whole
-    ``--model.<key>`` option or in a ``--config`` file named on the command line."""
+    ``--model.<key>`` option or in a ``--config`` (a file, or YAML inline) on the command line."""
     typed = {name for name in model_options(command_line) if name in EVALUATION_OPTIONS}
-    for _, path in config_arguments(command_line):
-        if Path(path).is_file():
-            model = (yaml.safe_load(Path(path).read_text()) or {}).get("model") or {}
-            typed |= {key for key in EVALUATION_OPTIONS if key in model}
+    for _, value in config_arguments(command_line):
+        typed |= {key for key in EVALUATION_OPTIONS if key in config_model(value)}
     return typed
 
 

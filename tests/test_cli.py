@@ -639,8 +639,8 @@ def test_typed_model_options_name_each_model_key_typed(tmp_path):
 
 def test_typed_options_are_evaluation_options_typed_whole_or_in_a_config(tmp_path):
     """The evaluation options the user set (none / null included): --model.<key>[=value] for
-    the whole option, or a --config / --config= / -c file's model section; a nested option
-    (--model.crf_options.x) does not set the whole of crf_options."""
+    the whole option, or the model section of a --config / --config= / -c file or inline YAML;
+    a nested option (--model.crf_options.x) does not set the whole of crf_options."""
     from dilatedseg.cli import typed_options
 
     (tmp_path / "tiles.yaml").write_text("model:\n  tile_size: null\n  lr: 0.1\n")
@@ -654,6 +654,10 @@ def test_typed_options_are_evaluation_options_typed_whole_or_in_a_config(tmp_pat
         "tile_size", "tile_whole_network"}
     assert typed_options(["validate", "-c", str(tmp_path / "tiles.yaml")]) == {"tile_size"}
     assert typed_options(["validate", "--config", str(tmp_path / "missing.yaml")]) == set()
+    # YAML given inline (was left out: only files were read); one that does not parse is the
+    # parser's to name.
+    assert typed_options(["validate", "--config", "{model: {crf: none}}",
+                          "--config", "{model: [}"]) == {"crf"}
 
 
 def entry_points() -> list[list[str]]:
