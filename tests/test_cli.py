@@ -722,19 +722,22 @@ def test_relative_configs_the_working_directory_lacks_are_the_checkouts(tmp_path
     assert config["runs_dir"] == long and err == ""
 
 
-def test_a_config_in_neither_place_is_one_error_naming_both(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
+def missing_config_error(capsys) -> str:
+    """What `dilatedseg fit --config conf/shapess.yaml` (a file nowhere) says; it exits 2."""
     with pytest.raises(SystemExit) as exit_info:
         run_cli("fit", "--config", "conf/shapess.yaml")
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == (
+    return capsys.readouterr().err
+
+
+def test_a_config_in_neither_place_is_one_error_naming_both(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert missing_config_error(capsys) == (
         f"error: File does not exist: --config conf/shapess.yaml is not in the working "
         f"directory ({tmp_path}) nor in the package checkout ({REPO})\n"
         "(the options: dilatedseg fit --help)\n")
     monkeypatch.chdir(REPO)  # one place
-    with pytest.raises(SystemExit):
-        run_cli("fit", "--config", "conf/shapess.yaml")
-    assert capsys.readouterr().err.startswith(
+    assert missing_config_error(capsys).startswith(
         f"error: File does not exist: --config conf/shapess.yaml is not in the working "
         f"directory ({REPO})\n")
 
@@ -750,11 +753,8 @@ def test_a_missing_config_under_an_install_without_conf_names_no_checkout(tmp_pa
     monkeypatch.setattr(dilatedseg.cli, "PACKAGE_ROOT", site_packages)
     monkeypatch.setattr(dilatedseg.cli, "PACKAGE_CONF", site_packages / "conf")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli("fit", "--config", "conf/shapes.yaml")
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err == (
-        f"error: File does not exist: --config conf/shapes.yaml is not in the working "
+    assert missing_config_error(capsys) == (
+        f"error: File does not exist: --config conf/shapess.yaml is not in the working "
         f"directory ({tmp_path}); dilatedseg is installed without its checkout "
         f"({site_packages} has no conf/): run in the checkout, pass the file's path, or "
         "install the checkout with pip install -e\n(the options: dilatedseg fit --help)\n")
