@@ -48,6 +48,7 @@ from dilatedseg.cli_parser import (
 from dilatedseg.data import SegmentationDataModule
 from dilatedseg.data.base import DataError
 from dilatedseg.inference import check_deploy_tiles
+from dilatedseg.job_restarts import JobRestarts
 from dilatedseg.loggers import configure_logger, wandb_server_error
 from dilatedseg.models.caffemodel import check_caffe_input
 from dilatedseg.models.frontend import check_context_margin
@@ -69,6 +70,7 @@ from dilatedseg.runs import (
     resume_advice,
     run_interrupted,
     run_started,
+    watch_requeue,
 )
 from dilatedseg.summary import RunSummary
 from dilatedseg.wandb_images import WandbImages
@@ -102,7 +104,7 @@ def checkout_configs(argv: list[str]) -> list[str]:
     located, notes = list(argv), []
     for index, path in config_arguments(argv):
         found = PACKAGE_ROOT / path
-        if (Path(path).is_absolute() or Path(path).is_file() or is_config_text(path)
+        if (is_config_text(path) or Path(path).is_absolute() or Path(path).is_file()
                 or not found.is_file()):
             continue
         notes.append(f"--config {path}: not in the working directory; reading the package "
@@ -115,11 +117,27 @@ def checkout_configs(argv: list[str]) -> list[str]:
 
 def is_config_text(value: str) -> bool:
     """Whether jsonargparse reads a --config value as the config itself (YAML that is no
-    string, e.g. ``{model: {lr: 0.1}}``) rather than as a file name."""
+    string, e.g. ``{model: {lr: 0.1}}``) rather than as a file name (which it must be asked
+    first: a long one makes Path.is_file raise 'File name too long')."""
     try:
         return not isinstance(yaml.safe_load(value), str)
     except yaml.YAMLError:
         return True  # (jsonargparse says what is wrong with it)
+
+
+def config_model(value: str) -> dict:
+    """The model section of a --config value: the file's, or the YAML given inline; empty
+    for a file that is not there or YAML that does not parse (the parser names either)."""
+    try:
+        if is_config_text(value):
+            config = yaml.safe_load(value)
+        elif Path(value).is_file():
+            config = yaml.safe_load(Path(value).read_text())
+        else:
+            return {}
+    except yaml.YAMLError:
+        return {}
+    return (config.get("model") or {}) if isinstance(config, dict) else {}
 
 
 def stage_configs(conf: Path, dataset: str, stage: str) -> list[str]:
@@ -286,8 +304,6 @@ class DilatedSegCLI(LightningCLI):
         if self.subcommand == "fit" and is_global_rank_zero():
             lock_run_dir(run_dir)  # one training at a time in a run directory
         if self.subcommand == "fit":
-            from dilatedseg.runs import watch_requeue
-
             watch_requeue()  # (what resume_advice says when the job stops)
         resume = restart_checkpoint(run_dir) if self.subcommand == "fit" else None
         given = config.get("ckpt_path")  # (the job's command: where its first start began)
@@ -359,7 +375,7 @@ class DilatedSegCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
-        trainer.callbacks.append(RunSummary())
+        trainer.callbacks.extend([RunSummary(), JobRestarts()])
         if self.subcommand != "fit":
             # An evaluation saves no checkpoint: Lightning's advice to add the callbacks that
             # wrote the --ckpt_path file, and its note that their dirpath changed, do not apply.
@@ -449,12 +465,10 @@ def typed_model_options(command_line: list[str]) -> list[str]:
 
 def typed_options(command_line: list[str]) -> set[str]:
     """The evaluation options the user set, none / null included: as a whole
-    ``--model.<key>`` option or in a ``--config`` file named on the command line."""
+    ``--model.<key>`` option or in a ``--config`` (a file, or YAML inline) on the command line."""
     typed = {name for name in model_options(command_line) if name in EVALUATION_OPTIONS}
-    for _, path in config_arguments(command_line):
-        if Path(path).is_file():
-            model = (yaml.safe_load(Path(path).read_text()) or {}).get("model") or {}
-            typed |= {key for key in EVALUATION_OPTIONS if key in model}
+    for _, value in config_arguments(command_line):
+        typed |= {key for key in EVALUATION_OPTIONS if key in config_model(value)}
     return typed
 
 

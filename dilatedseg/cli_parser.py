@@ -60,13 +60,19 @@ def missing_config_problem(message: str) -> str | None:
     missing = re.match(r"""Parser key "config": File does not exist: '([^']+)'""", message)
     if missing is None or not Path(missing.group(1)).is_relative_to(Path.cwd()):
         return None
-    from dilatedseg.cli import PACKAGE_ROOT
+    from dilatedseg.cli import PACKAGE_CONF, PACKAGE_ROOT
 
     path = Path(missing.group(1)).relative_to(Path.cwd())
     if (PACKAGE_ROOT / path).is_file():  # (given as an absolute path: not looked for there)
         return None
-    checkout = "" if Path.cwd().resolve() == PACKAGE_ROOT else (
-        f" nor in the package checkout ({PACKAGE_ROOT})")
+    if Path.cwd().resolve() == PACKAGE_ROOT:
+        checkout = ""
+    elif PACKAGE_CONF.is_dir():
+        checkout = f" nor in the package checkout ({PACKAGE_ROOT})"
+    else:  # a non-editable install: no checkout beside the package to read conf/ from
+        checkout = (f"; dilatedseg is installed without its checkout ({PACKAGE_ROOT} has no "
+                    "conf/): run in the checkout, pass the file's path, or install the "
+                    "checkout with pip install -e")
     return (f"File does not exist: --config {path} is not in the working directory "
             f"({Path.cwd()}){checkout}")
 

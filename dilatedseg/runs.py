@@ -172,31 +172,26 @@ def newest_restart_point(run_dir: Path) -> Path | None:
     return max(found, key=lambda path: path.stat().st_mtime, default=None)
 
 
-def discard_superseded_hpc_checkpoints(run_dir: Path, last_at_start: float | None
-                                       ) -> list[Path]:
-    """Delete Lightning's ``hpc_ckpt_<n>.ckpt`` (a whole checkpoint per requeue) that are older
-    than ``checkpoints/last.ckpt``, once this fit has saved that (its time is no longer
-    ``last_at_start``, the one it had when the fit started; None: there was none): a restart
-    goes on from the newest of them (:func:`newest_restart_point`), so the newest is never
-    deleted, and every process of the fit read its own restart checkpoint before it trained.
-    For global rank 0 to call once a checkpoint is complete. The deleted files."""
-    last = last_checkpoint(run_dir)
-    if last is None or last.stat().st_mtime == last_at_start:
+def superseded_hpc_checkpoints(run_dir: Path, resumed_from: str | None) -> list[Path]:
+    """The hpc checkpoints (``hpc_ckpt_<n>.ckpt``, a whole checkpoint per requeue) that a fit
+    of ``run_dir`` resumed from ``resumed_from`` goes on past: all of them when that is the
+    run's newest restart point (:func:`newest_restart_point`, as a restarted job resumes),
+    none otherwise (a fit resumed by hand from an older checkpoint: a newer hpc checkpoint
+    holds training that fit would repeat). Read at the fit's start, so no hpc checkpoint
+    saved later (a requeue during the fit) is among them, whatever the nodes' clocks say."""
+    newest = newest_restart_point(run_dir)
+    if not resumed_from or newest is None or Path(resumed_from).resolve() != newest.resolve():
         return []
-    superseded = sorted(path for path in run_dir.glob("hpc_ckpt_*.ckpt")
-                        if path.stat().st_mtime < last.stat().st_mtime)
-    for path in superseded:
-        path.unlink(missing_ok=True)
-    if superseded:
-        print(f"deleted {', '.join(path.name for path in superseded)} from {run_dir}: "
-              f"{last} is newer", file=sys.stderr)
-    return superseded
+    return sorted(run_dir.glob("hpc_ckpt_*.ckpt"))
 
 
-def last_checkpoint_time(run_dir: Path) -> float | None:
-    """When ``checkpoints/last.ckpt`` was written; None when there is none."""
-    last = last_checkpoint(run_dir)
-    return None if last is None else last.stat().st_mtime
+def file_version(path: Path | None) -> tuple[int, int, int] | None:
+    """What tells one save of ``path`` from the next (Lightning saves a checkpoint to a
+    temporary file renamed over it: a new inode); None when there is no file."""
+    if path is None or not path.is_file():
+        return None
+    status = path.stat()
+    return status.st_ino, status.st_mtime_ns, status.st_size
 
 
 def attempt_dir(run_dir: Path) -> Path:

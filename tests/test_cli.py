@@ -639,8 +639,8 @@ def test_typed_model_options_name_each_model_key_typed(tmp_path):
 
 def test_typed_options_are_evaluation_options_typed_whole_or_in_a_config(tmp_path):
     """The evaluation options the user set (none / null included): --model.<key>[=value] for
-    the whole option, or a --config / --config= / -c file's model section; a nested option
-    (--model.crf_options.x) does not set the whole of crf_options."""
+    the whole option, or the model section of a --config / --config= / -c file or inline YAML;
+    a nested option (--model.crf_options.x) does not set the whole of crf_options."""
     from dilatedseg.cli import typed_options
 
     (tmp_path / "tiles.yaml").write_text("model:\n  tile_size: null\n  lr: 0.1\n")
@@ -654,6 +654,10 @@ def test_typed_options_are_evaluation_options_typed_whole_or_in_a_config(tmp_pat
         "tile_size", "tile_whole_network"}
     assert typed_options(["validate", "-c", str(tmp_path / "tiles.yaml")]) == {"tile_size"}
     assert typed_options(["validate", "--config", str(tmp_path / "missing.yaml")]) == set()
+    # YAML given inline (was left out: only files were read); one that does not parse is the
+    # parser's to name.
+    assert typed_options(["validate", "--config", "{model: {crf: none}}",
+                          "--config", "{model: [}"]) == {"crf"}
 
 
 def entry_points() -> list[list[str]]:
@@ -709,26 +713,51 @@ def test_relative_configs_the_working_directory_lacks_are_the_checkouts(tmp_path
         (REPO / "conf/shapes.yaml").read_text() + "runs_dir: mine\n")
     config, err = fit_config("--config", "conf/shapes.yaml")
     assert config["runs_dir"] == "mine" and "conf/shapes.yaml" not in err
-    # A config given as YAML text stays that.
+    # A config given as YAML text stays that, also a long one (it stopped with OSError: File
+    # name too long, asked first whether it is a file).
     config, err = fit_config("--config", "conf/shapes.yaml", "--config", "{runs_dir: inline}")
     assert config["runs_dir"] == "inline" and err == ""
+    long = "x" * 300  # (one path component over the 255 characters a name may have)
+    config, err = fit_config("--config", "conf/shapes.yaml", "--config", f"{{runs_dir: {long}}}")
+    assert config["runs_dir"] == long and err == ""
+
+
+def missing_config_error(capsys) -> str:
+    """What `dilatedseg fit --config conf/shapess.yaml` (a file nowhere) says; it exits 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", "--config", "conf/shapess.yaml")
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
 
 
 def test_a_config_in_neither_place_is_one_error_naming_both(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli("fit", "--config", "conf/shapess.yaml")
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err == (
+    assert missing_config_error(capsys) == (
         f"error: File does not exist: --config conf/shapess.yaml is not in the working "
         f"directory ({tmp_path}) nor in the package checkout ({REPO})\n"
         "(the options: dilatedseg fit --help)\n")
     monkeypatch.chdir(REPO)  # one place
-    with pytest.raises(SystemExit):
-        run_cli("fit", "--config", "conf/shapess.yaml")
-    assert capsys.readouterr().err.startswith(
+    assert missing_config_error(capsys).startswith(
         f"error: File does not exist: --config conf/shapess.yaml is not in the working "
         f"directory ({REPO})\n")
+
+
+def test_a_missing_config_under_an_install_without_conf_names_no_checkout(tmp_path,
+                                                                          monkeypatch, capsys):
+    """pip install . puts dilatedseg/ in site-packages, which has no conf/: the error named
+    site-packages as "the package checkout", where no config could ever be."""
+    import dilatedseg.cli
+
+    site_packages = tmp_path / "site-packages"
+    (site_packages / "dilatedseg").mkdir(parents=True)
+    monkeypatch.setattr(dilatedseg.cli, "PACKAGE_ROOT", site_packages)
+    monkeypatch.setattr(dilatedseg.cli, "PACKAGE_CONF", site_packages / "conf")
+    monkeypatch.chdir(tmp_path)
+    assert missing_config_error(capsys) == (
+        f"error: File does not exist: --config conf/shapess.yaml is not in the working "
+        f"directory ({tmp_path}); dilatedseg is installed without its checkout "
+        f"({site_packages} has no conf/): run in the checkout, pass the file's path, or "
+        "install the checkout with pip install -e\n(the options: dilatedseg fit --help)\n")
 
 
 def test_read_ints_as_ints_still_finds_jsonargparses_types():

@@ -172,7 +172,7 @@ def test_a_restarted_job_continues_each_of_its_runs_of_one_command(tmp_path, mon
         if not (run_dir / "config.yaml").is_file():
             (run_dir / "config.yaml").write_text("{}")
             (run_dir / "command.txt").write_text(command)
-        mark_job_start(run_dir)  # (RunSummary.setup)
+        mark_job_start(run_dir)  # (JobRestarts.setup)
         return run_dir
 
     first, second = start_run(), start_run()

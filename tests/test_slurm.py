@@ -25,11 +25,11 @@ from dilatedseg.runs import (
     REQUEUE_LOGGER,
     RUN_DIR_ENV,
     best_checkpoint,
-    discard_superseded_hpc_checkpoints,
     forget_earlier_runs,
     newest_restart_point,
     restart_checkpoint,
     resume_advice,
+    superseded_hpc_checkpoints,
     watch_requeue,
 )
 
@@ -342,25 +342,51 @@ def test_a_job_that_lightning_requeued_says_it_resumes_by_itself(tmp_path, monke
     assert resume_advice("fit", True).startswith("if SLURM requeues the job")
 
 
-def test_superseded_hpc_checkpoints_are_deleted_never_the_newest_restart_point(tmp_path):
-    """One whole checkpoint per requeue used to pile up in the run directory."""
+def test_superseded_hpc_checkpoints_are_those_a_fit_resumed_past(tmp_path):
+    """One whole checkpoint per requeue used to pile up in the run directory. Only those a fit
+    resuming from the newest restart point goes past are superseded: by mtime against the
+    new last.ckpt, a fit resumed by hand from an older last.ckpt deleted a newer hpc
+    checkpoint (training it would repeat), and one from a node whose clock ran ahead stayed,
+    for the next restart to resume from, older than the last.ckpt that fit saved."""
     last = tmp_path / "checkpoints" / "last.ckpt"
     last.parent.mkdir()
     hpc = [tmp_path / f"hpc_ckpt_{n}.ckpt" for n in (1, 2, 3)]
     for age, path in enumerate([hpc[0], hpc[1], last, hpc[2]]):
         path.write_bytes(b"")
         os.utime(path, (1000 + age, 1000 + age))  # hpc_1 < hpc_2 < last.ckpt < hpc_3
-    # The fit has not saved its last.ckpt yet: the processes may still read any of them.
-    assert discard_superseded_hpc_checkpoints(tmp_path, 1002) == []
-    assert discard_superseded_hpc_checkpoints(tmp_path / "no run", None) == []
-    os.utime(last, (1005, 1005))  # saved by the fit: newer than all
-    assert discard_superseded_hpc_checkpoints(tmp_path, 1002) == hpc
-    assert sorted(p.name for p in tmp_path.rglob("*.ckpt")) == ["last.ckpt"]
-    hpc[0].write_bytes(b"")  # saved after last.ckpt (the next requeue's): the newest stays
-    os.utime(hpc[0], (1010, 1010))
-    assert discard_superseded_hpc_checkpoints(tmp_path, None) == []
-    assert newest_restart_point(tmp_path) == hpc[0]
-    assert last.is_file()
+    assert superseded_hpc_checkpoints(tmp_path, str(hpc[2])) == hpc  # the newest: resumed
+    assert superseded_hpc_checkpoints(tmp_path, str(last)) == []  # by hand, hpc_3 is newer
+    assert superseded_hpc_checkpoints(tmp_path, None) == []  # not resumed
+    assert superseded_hpc_checkpoints(tmp_path / "no run", None) == []
+    os.utime(hpc[2], (10**10, 10**10))  # its node's clock was ahead
+    assert superseded_hpc_checkpoints(tmp_path, str(hpc[2])) == hpc
+    for path in hpc:
+        path.unlink()
+    assert superseded_hpc_checkpoints(tmp_path, str(last)) == []
+
+
+def test_a_fit_resumed_by_hand_keeps_a_newer_hpc_checkpoint(tiny_shapes, tmp_path, monkeypatch,
+                                                            launcher_env):
+    """`--ckpt_path=last.ckpt` (the advice to resume by hand) in a run whose requeue saved a
+    newer hpc checkpoint: that checkpoint used to be deleted once the fit saved last.ckpt.
+    A requeued job resuming from it deletes it, also when its mtime is ahead of the new
+    last.ckpt's (another node's clock). One task, in this process."""
+    monkeypatch.chdir(tmp_path)
+    args = shapes_args(tiny_shapes, tmp_path / "runs", "--trainer.accelerator=cpu",
+                       "--trainer.devices=1")
+    run_cli("fit", *args, "--trainer.max_epochs=1")
+    run_dir = tmp_path / "runs" / STAGE_DIR / "version_0"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    hpc = run_dir / "hpc_ckpt_1.ckpt"
+    shutil.copy(last, hpc)  # (stands for a later epoch's: newer)
+    os.utime(last, (1000, 1000))
+    run_cli("fit", *args, "--trainer.max_epochs=3", f"--ckpt_path={last}")
+    assert hpc.is_file() and last.stat().st_mtime > hpc.stat().st_mtime
+    os.utime(hpc, (10**10, 10**10))
+    launcher_env(SLURM_JOB_ID=JOB_ID, SLURM_JOB_NAME="train", SLURM_NTASKS="1",
+                 SLURM_RESTART_COUNT="1")
+    run_cli("fit", *args, "--trainer.max_epochs=4", f"--ckpt_path={last}")
+    assert not hpc.exists() and newest_restart_point(run_dir) == last
 
 
 def test_summary_history_survives_a_kill_between_checkpoint_and_summary(tiny_shapes, tmp_path,
