@@ -78,11 +78,14 @@ def missing_config_problem(message: str) -> str | None:
 
 
 def data_class_problem(message: str) -> tuple[str, str] | None:
-    """``--data=voc``: a dataset's name where the data module's class goes (jsonargparse lists
-    each type --data could have); the class to pass, or the list of them. None otherwise."""
+    """``--data=voc`` or ``--data.help voc``: a dataset's name where the data module's class
+    goes (jsonargparse lists each type --data could have); the class to pass, or the list of
+    them. None otherwise."""
     given = re.search(r"Expected a dot import path string: (\S+)", message)
-    if not message.startswith('Parser key "data":') or given is None:
+    option = re.match(r'(?:Parser key "data"|--data\.help):', message)
+    if option is None or given is None:
         return None
+    option = "--data=" if option.group().startswith("Parser") else "--data.help "
     from dilatedseg import data
 
     classes = {datamodule.name: datamodule.__name__ for datamodule in (
@@ -90,9 +93,10 @@ def data_class_problem(message: str) -> tuple[str, str] | None:
         data.CityscapesDataModule)}
     value = given.group(1)
     name = value.lower().removesuffix("datamodule")
-    fix = (f"--data={classes[name]}, or the dataset's recipe: --config conf/{name}.yaml"
-           if name in classes else "one of " + ", ".join(classes.values()))
-    return f"--data={value} is not a data module class: pass {fix}", "--help"
+    recipe = f", or the dataset's recipe: --config conf/{name}.yaml" if option == "--data=" else ""
+    fix = (f"{option}{classes[name]}{recipe}" if name in classes
+           else "one of " + ", ".join(classes.values()))
+    return f"{option}{value} is not a data module class: pass {fix}", "--help"
 
 
 def subclass_problem(message: str) -> tuple[str, str] | None:

@@ -17,6 +17,9 @@ PREVIOUS_STAGES = {
     "joint": ("context", "frontend"),
     "crf": ("joint", "context"),
 }
+# The datasets whose paper pipeline has no context stage (REFERENCE §3; the Makefile's
+# STAGES_<dataset>): their joint stage trains the context module with the front-end, from it.
+NO_CONTEXT_STAGE = frozenset({"camvid", "kitti"})
 RUN_DIR_ENV = "DILATEDSEG_RUN_DIR"
 # Beside config.yaml: the command line of the run (a requeued job finds its run by it).
 COMMAND_FILE = "command.txt"
@@ -478,11 +481,12 @@ def find_previous_checkpoint(runs_dir: str, dataset: str, stage: str) -> Path:
             if checkpoint is not None:
                 return checkpoint
     where = ", ".join(f"{runs_dir}/{dataset}/{s}/" for s in previous)
-    train = f"make train STAGE={previous[0]} DATASET={dataset}"
+    first = next(s for s in previous if not (s == "context" and dataset in NO_CONTEXT_STAGE))
+    train = f"make train STAGE={first} DATASET={dataset}"
     if Path(runs_dir) != Path("runs"):  # make train alone writes under runs/, not found here
         train += (f' ARGS="..." with the --config / --runs_dir options that put this run '
                   f"under {runs_dir}/")
     raise RunError(
-        f"stage '{stage}' starts from a trained '{previous[0]}' stage, but no checkpoint was "
+        f"stage '{stage}' starts from a trained '{first}' stage, but no checkpoint was "
         f"found under {where}.\nTrain it first: {train}"
         f"\nor name the weights yourself: --model.init_from=PATH (make train ... INIT=PATH)")

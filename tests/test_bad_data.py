@@ -394,6 +394,17 @@ def test_dataset_name_given_for_the_data_class(voc, tmp_path, capsys, value, fix
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("value,fix", [
+    ("voc", "pass --data.help VOCDataModule\n"),
+    ("pascal", "pass one of ShapesDataModule, VOCDataModule, CamVidDataModule, KITTIDataModule"),
+])
+def test_dataset_name_given_for_the_data_class_help(capsys, value, fix):
+    """`--data.help voc` was jsonargparse's bare "Expected a dot import path string: voc"."""
+    err = fails(capsys, "fit", "--data.help", value)
+    assert err.startswith(f"error: --data.help {value} is not a data module class: {fix}")
+    assert len(err.splitlines()) == 2
+
+
 def test_context_margin_that_does_not_fit_the_front_end(voc, tmp_path, capsys):
     """The VGG-16 recipe's margin (186) with the tiny front-end (23): named, with the fix,
     before training."""

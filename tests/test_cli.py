@@ -129,6 +129,21 @@ def test_init_from_auto_without_a_previous_run_says_where_to_train_it(tmp_path):
     assert f"--runs_dir options that put this run under {tmp_path / 'debug'}/" in str(debug.value)
 
 
+@pytest.mark.parametrize("dataset,first", [("camvid", "frontend"), ("kitti", "frontend"),
+                                           ("cityscapes", "context"), ("voc", "context")])
+def test_joint_without_a_previous_run_names_the_datasets_stage_before_it(dataset, first,
+                                                                         tmp_path, monkeypatch):
+    """CamVid and KITTI have no context stage (their joint stage starts from the front-end):
+    the advice trains their front-end, not a context stage the paper's pipeline lacks."""
+    from dilatedseg.runs import RunError, find_previous_checkpoint
+
+    monkeypatch.chdir(tmp_path)  # (no runs/ of the checkout's own)
+    with pytest.raises(RunError) as error:
+        find_previous_checkpoint("runs", dataset, "joint")
+    assert f"starts from a trained '{first}' stage" in str(error.value)
+    assert f"Train it first: make train STAGE={first} DATASET={dataset}\n" in str(error.value)
+
+
 @pytest.mark.parametrize("accelerator,cuda,native_bf16,expected", [
     ("auto", True, True, "bf16-mixed"),   # an Ampere / Hopper GPU
     ("gpu", True, False, "32-true"),      # a V100 / T4: bf16 only emulated, slow
