@@ -343,8 +343,9 @@ class DilatedSegCLI(LightningCLI):
                 raise RunError(str(error)) from None
         elif self.subcommand != "fit":  # nothing trained to evaluate: random class scores
             raise RunError(
-                f"{self.subcommand} needs trained weights: pass --ckpt_path=runs/<dataset>/"
-                "<stage>/<version>/checkpoints/best-....ckpt (or --model.init_from=PATH)")
+                f"{self.subcommand} needs trained weights: pass --ckpt_path=best (the best "
+                "checkpoint of this dataset and stage's latest run), --ckpt_path=runs/<dataset>/"
+                "<stage>/<version>/checkpoints/best-....ckpt, or --model.init_from=PATH")
 
     def check_data(self, config) -> SegmentationDataModule:
         """Missing or malformed data (files, label values, batches) fails here, before the

@@ -550,12 +550,12 @@ def test_init_from_that_is_not_a_checkpoint_is_named(voc, tmp_path, capsys, cont
 
 
 def test_evaluating_without_trained_weights_is_refused(voc, tmp_path, capsys):
-    camvid = make_camvid_segnet(tmp_path / "camvid")  # (VOC's test split has no labels)
+    camvid = make_camvid_segnet(tmp_path / "camvid")
     for verb, args in (("validate", voc_fit(voc, tmp_path)[1:]),
                        ("test", tiny_args("camvid", camvid, tmp_path / "runs")),
                        ("predict", voc_fit(voc, tmp_path)[1:])):
         err = fails(capsys, verb, *args)
-        assert f"{verb} needs trained weights: pass --ckpt_path=" in err
+        assert f"{verb} needs trained weights: pass --ckpt_path=best (the best " in err
     assert not (tmp_path / "runs").exists()
 
 
