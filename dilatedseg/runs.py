@@ -243,18 +243,17 @@ def mark_interrupted(interrupted: bool) -> None:
 
 
 def resume_advice(subcommand: str, stopped_by_signal: bool = False) -> str:
-    """For a fit that stopped before its end: how to go on (its last.ckpt, or start again).
-    Stopped by a signal in a job that its launcher may start again (see :func:`restarters`),
-    that start resumes by itself: the advice says so, and from which checkpoint."""
+    """For a fit that stopped before its end: how to go on (its newest restart point, see
+    :func:`newest_restart_point`, or start again). Stopped by a signal in a job that its
+    launcher may start again (see :func:`restarters`), that start resumes by itself: the
+    advice says so, and from which checkpoint."""
     if subcommand != "fit":
         return ""
-    run_dir = Path(os.environ.get(RUN_DIR_ENV, "."))
-    last = last_checkpoint(run_dir)
-    by_hand = f"resume it with --ckpt_path={last}" if last else \
+    newest = newest_restart_point(Path(os.environ.get(RUN_DIR_ENV, ".")))
+    by_hand = f"resume it with --ckpt_path={newest}" if newest else \
         "it saved no checkpoint yet: start it again"
     if not stopped_by_signal:
         return by_hand
-    newest = newest_restart_point(run_dir)
     itself = f"it resumes from {newest} by itself" if newest else "it starts again by itself"
     if _requeued:
         return f"SLURM requeued the job: {itself}"

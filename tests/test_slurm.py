@@ -154,8 +154,8 @@ def test_a_requeued_slurm_job_continues_its_run(tiny_shapes, tmp_path):
     assert ("error: interrupted by SIGTERM; SLURM requeued the job: it resumes from "
             f"{hpc_path} by itself\n") in outputs[0], outputs[0][-3000:]
     assert ("error: interrupted by SIGTERM; if SLURM requeues the job, it resumes from "
-            f"{hpc_path} by itself; otherwise resume it with --ckpt_path="
-            f"{run_dir / 'checkpoints/last.ckpt'}\n") in outputs[1], outputs[1][-3000:]
+            f"{hpc_path} by itself; otherwise resume it with --ckpt_path={hpc_path}\n"
+            ) in outputs[1], outputs[1][-3000:]
     hpc = torch.load(hpc_path, map_location="cpu", weights_only=True)
     assert hpc["epoch"] < EPOCHS - 1 and hpc["global_step"] >= 2
     check_requeued_job_continues(tmp_path, tiny_shapes, run_dir / "hpc_ckpt_1.ckpt",
@@ -307,8 +307,10 @@ def test_the_advice_of_a_stopped_run_says_whether_its_job_resumes_it(tmp_path, m
     hpc = tmp_path / "hpc_ckpt_1.ckpt"  # newer than last.ckpt: the requeued job takes it
     hpc.write_bytes(b"")
     os.utime(last, (1000, 1000))
+    by_hand = f"resume it with --ckpt_path={hpc}"  # (it named last.ckpt, losing hpc's epochs)
     assert resume_advice("fit", True) == (
         f"if SLURM requeues the job, it resumes from {hpc} by itself; otherwise {by_hand}")
+    assert resume_advice("fit") == by_hand
     launcher_env(SLURM_JOB_NAME="bash")  # an interactive allocation: nothing requeues it
     assert resume_advice("fit", True) == by_hand
     launcher_env(TORCHELASTIC_RUN_ID="x", TORCHELASTIC_MAX_RESTARTS="3",
