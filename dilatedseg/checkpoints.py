@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from dilatedseg.runs import RunError
+from dilatedseg.runs import RunError, checkpoint_run_dir
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -94,10 +94,9 @@ def check_resume_stage(ckpt_path: str, hparams: dict, stage: str) -> None:
 def check_resume_dir(ckpt_path: str, dataset: str, stage: str) -> None:
     """Resuming continues in the checkpoint's run directory: it must be a run of this dataset
     and stage, or the run would write into (and mix up) another one."""
-    checkpoint = Path(ckpt_path)
-    if checkpoint.parent.name != "checkpoints":
+    run_dir = checkpoint_run_dir(ckpt_path)
+    if run_dir is None:
         return  # not in a run directory: the resumed run gets a new one
-    run_dir = checkpoint.parent.parent
     if (run_dir.parent.parent.name, run_dir.parent.name) != (dataset, stage):
         raise RunError(
             f"{ckpt_path} belongs to the run {run_dir}, not to a {dataset} / {stage} run; "

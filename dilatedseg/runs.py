@@ -73,17 +73,17 @@ def resolve_run_dir(runs_dir: str, dataset: str, stage: str, subcommand: str,
                     ckpt_path: str | None = None, command: str = "") -> Path:
     """The directory of this run, the same one on every DDP process.
 
-    Resuming (`fit --ckpt_path runs/.../checkpoints/last.ckpt`) continues in that run's
-    directory. Otherwise a new version_N; processes started by torchrun or a SLURM batch job,
-    which cannot share a counter (or are requeued), use their job id (see :func:`job_run_dir`;
-    ``command``: this run's command line); DDP children inherit rank 0's choice via the
-    environment.
+    Resuming (`fit --ckpt_path runs/.../checkpoints/last.ckpt`, or a run's hpc checkpoint)
+    continues in that run's directory (:func:`checkpoint_run_dir`). Otherwise a new version_N;
+    processes started by torchrun or a SLURM batch job, which cannot share a counter (or are
+    requeued), use their job id (see :func:`job_run_dir`; ``command``: this run's command
+    line); DDP children inherit rank 0's choice via the environment.
     """
     if is_child_process() and os.environ.get(RUN_DIR_ENV):
         return Path(os.environ[RUN_DIR_ENV])
     parent = Path(runs_dir) / dataset / stage
-    if subcommand == "fit" and ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
-        run_dir = Path(ckpt_path).parent.parent
+    if subcommand == "fit" and ckpt_path and (resumed := checkpoint_run_dir(ckpt_path)):
+        run_dir = resumed
     elif torchrun_job():
         run_dir = job_run_dir(
             parent, f"{job_prefix(subcommand)}torchrun-{os.environ['TORCHELASTIC_RUN_ID']}",
@@ -114,6 +114,18 @@ def resolve_run_dir(runs_dir: str, dataset: str, stage: str, subcommand: str,
         _created_run_dirs.extend(made)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir
+
+
+def checkpoint_run_dir(ckpt_path: str | Path) -> Path | None:
+    """The run directory a checkpoint belongs to: ``<run>/checkpoints/<name>.ckpt``, or an
+    hpc checkpoint that Lightning saved on SLURM's requeue signal, ``<run>/hpc_ckpt_<n>.ckpt``
+    beside the run's config.yaml; None for a checkpoint outside a run."""
+    checkpoint = Path(ckpt_path)
+    if checkpoint.parent.name == "checkpoints":
+        return checkpoint.parent.parent
+    if checkpoint.match("hpc_ckpt_*.ckpt") and (checkpoint.parent / "config.yaml").is_file():
+        return checkpoint.parent
+    return None
 
 
 def job_run_dir(parent: Path, name: str, command: str) -> Path:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -21,12 +22,17 @@ import yaml
 from conftest import run_cli, shapes_args
 from test_ddp import free_port, fresh_env
 
+from dilatedseg.checkpoints import check_resume_dir
+from dilatedseg.job_restarts import JobRestarts
 from dilatedseg.runs import (
     REQUEUE_LOGGER,
     RUN_DIR_ENV,
+    RunError,
     best_checkpoint,
+    checkpoint_run_dir,
     forget_earlier_runs,
     newest_restart_point,
+    resolve_run_dir,
     restart_checkpoint,
     resume_advice,
     superseded_hpc_checkpoints,
@@ -389,6 +395,64 @@ def test_a_fit_resumed_by_hand_keeps_a_newer_hpc_checkpoint(tiny_shapes, tmp_pat
                  SLURM_RESTART_COUNT="1")
     run_cli("fit", *args, "--trainer.max_epochs=4", f"--ckpt_path={last}")
     assert not hpc.exists() and newest_restart_point(run_dir) == last
+
+
+def test_an_hpc_checkpoint_belongs_to_its_run(tmp_path, monkeypatch, launcher_env):
+    """`--ckpt_path=<run>/hpc_ckpt_<n>.ckpt` (resuming by hand after a requeue that failed)
+    used to start a new run directory, splitting the run."""
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)  # (resolve_run_dir sets it)
+    stage = tmp_path / "runs" / STAGE_DIR
+    run_dir, other = stage / "version_0", tmp_path / "runs/shapes/context/version_0"
+    for directory in (run_dir, other):
+        (directory / "checkpoints").mkdir(parents=True)
+        (directory / "config.yaml").write_text("")
+    last, hpc = run_dir / "checkpoints/last.ckpt", run_dir / "hpc_ckpt_1.ckpt"
+    for path in (last, hpc, other / "hpc_ckpt_1.ckpt"):
+        path.write_bytes(b"")
+    assert checkpoint_run_dir(last) == checkpoint_run_dir(str(hpc)) == run_dir
+    assert checkpoint_run_dir(tmp_path / "hpc_ckpt_1.ckpt") is None  # not in a run
+    assert checkpoint_run_dir(run_dir / "other.ckpt") is None
+    resolve = partial(resolve_run_dir, str(tmp_path / "runs"), "shapes", "frontend")
+    assert resolve("fit", str(hpc)) == run_dir
+    assert resolve("validate", str(hpc)) == stage / "validate_0"  # evaluating: its own
+    forget_earlier_runs()
+    with pytest.raises(RunError, match="not to a shapes / frontend run"):
+        check_resume_dir(str(other / "hpc_ckpt_1.ckpt"), "shapes", "frontend")
+
+
+def test_a_run_resumed_by_hand_from_its_hpc_checkpoint_goes_on_in_its_directory(
+        tiny_shapes, tmp_path, monkeypatch, launcher_env):
+    """The requeue saved hpc_ckpt_1 (epoch 1's end) after last.ckpt (epoch 0's) and the job
+    was not requeued: resumed by hand from it, the run goes on in its own directory (its
+    summary, checkpoints, lock), trains only what is left, and deletes hpc_ckpt_1 only once
+    it has saved a newer last.ckpt. One task, in this process."""
+    monkeypatch.chdir(tmp_path)
+    args = shapes_args(tiny_shapes, tmp_path / "runs", "--trainer.accelerator=cpu",
+                       "--trainer.devices=1")
+    run_cli("fit", *args, "--trainer.max_epochs=1")
+    run_dir = tmp_path / "runs" / STAGE_DIR / "version_0"
+    last, hpc = run_dir / "checkpoints/last.ckpt", run_dir / "hpc_ckpt_1.ckpt"
+    shutil.copy(last, tmp_path / "epoch0.ckpt")
+    run_cli("fit", *args, "--trainer.max_epochs=2", f"--ckpt_path={last}")
+    last.rename(hpc)
+    shutil.copy(tmp_path / "epoch0.ckpt", last)
+    os.utime(last, (1000, 1000))
+    kept_at_start = []
+    discard = JobRestarts.on_train_epoch_start
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        discard(self, trainer, pl_module)
+        kept_at_start.append(hpc.is_file())
+
+    monkeypatch.setattr(JobRestarts, "on_train_epoch_start", on_train_epoch_start)
+    run_cli("fit", *args, "--trainer.max_epochs=3", f"--ckpt_path={hpc}")
+    assert [p.name for p in run_dir.parent.iterdir()] == ["version_0"]
+    assert torch.load(last, weights_only=True)["global_step"] == 12  # only epoch 2 trained
+    rows = (run_dir / "resume_1/metrics.csv").read_text().splitlines()
+    assert {row.split(",")[rows[0].split(",").index("epoch")] for row in rows[1:]} == {"2"}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [row["epoch"] for row in summary["history"]] == [0, 1, 2]
+    assert kept_at_start == [True] and not hpc.exists()  # deleted once last.ckpt was newer
 
 
 def test_summary_history_survives_a_kill_between_checkpoint_and_summary(tiny_shapes, tmp_path,
