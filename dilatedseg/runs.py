@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 STAGE_ORDER = ("frontend", "context", "joint", "crf")
@@ -455,20 +456,24 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def latest_checkpoint(runs_dir: str, dataset: str, stage: str, which: str) -> Path | None:
-    """The ``which`` ("best" or "last") checkpoint of the latest run of a stage that has one:
-    the newest such file (a directory's own time also changes when a resume fails to start)."""
-    pick = best_checkpoint if which == "best" else last_checkpoint
+def latest_checkpoint(runs_dir: str, dataset: str, stage: str,
+                      pick: Callable[[Path], Path | None]) -> Path | None:
+    """The checkpoint that ``pick`` finds in a run directory (best_checkpoint, say) of the
+    latest run of a stage that has one: the newest such file (a directory's own time also
+    changes when a resume fails to start)."""
     found = [path for path in map(pick, (Path(runs_dir) / dataset / stage).glob("*/")) if path]
     return max(found, key=lambda path: path.stat().st_mtime, default=None)
 
 
 def resolve_checkpoint_alias(ckpt_path: str, runs_dir: str, dataset: str, stage: str) -> str:
-    """``--ckpt_path=best`` / ``last``: that checkpoint of the latest run of this dataset and
-    stage (Lightning's own aliases only work inside one process); a path stays as it is."""
+    """``--ckpt_path=best`` / ``last``: the best checkpoint, or the newest restart point (its
+    last.ckpt, or a newer hpc checkpoint: see :func:`newest_restart_point`), of the latest run
+    of this dataset and stage (Lightning's own aliases only work inside one process); a path
+    stays as it is."""
     if ckpt_path not in ("best", "last"):
         return ckpt_path
-    found = latest_checkpoint(runs_dir, dataset, stage, ckpt_path)
+    found = latest_checkpoint(runs_dir, dataset, stage,
+                              best_checkpoint if ckpt_path == "best" else newest_restart_point)
     if found is None:
         raise RunError(f"--ckpt_path={ckpt_path}: no run under {runs_dir}/{dataset}/{stage}/ has "
                        f"a {ckpt_path} checkpoint; train the stage first, or pass the path")
@@ -482,8 +487,8 @@ def find_previous_checkpoint(runs_dir: str, dataset: str, stage: str) -> Path:
     if not previous:
         raise RunError(f"stage '{stage}' has no previous stage; set --model.init_from=null")
     for candidate in previous:
-        for which in ("best", "last"):
-            checkpoint = latest_checkpoint(runs_dir, dataset, candidate, which)
+        for pick in (best_checkpoint, last_checkpoint):
+            checkpoint = latest_checkpoint(runs_dir, dataset, candidate, pick)
             if checkpoint is not None and run_in_progress(checkpoint.parent.parent):
                 raise RunError(
                     f"init_from: auto found {checkpoint}, but its '{candidate}' run is still "

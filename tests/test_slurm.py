@@ -32,6 +32,7 @@ from dilatedseg.runs import (
     checkpoint_run_dir,
     forget_earlier_runs,
     newest_restart_point,
+    resolve_checkpoint_alias,
     resolve_run_dir,
     restart_checkpoint,
     resume_advice,
@@ -418,6 +419,22 @@ def test_an_hpc_checkpoint_belongs_to_its_run(tmp_path, monkeypatch, launcher_en
     forget_earlier_runs()
     with pytest.raises(RunError, match="not to a shapes / frontend run"):
         check_resume_dir(str(other / "hpc_ckpt_1.ckpt"), "shapes", "frontend")
+
+
+def test_ckpt_path_last_takes_a_newer_hpc_checkpoint(tmp_path):
+    """--ckpt_path=last (the latest state of the latest run) took its last.ckpt over a newer
+    hpc checkpoint, repeating the training since."""
+    run_dir = tmp_path / "shapes/frontend/version_0"
+    last, hpc = run_dir / "checkpoints/last.ckpt", run_dir / "hpc_ckpt_1.ckpt"
+    last.parent.mkdir(parents=True)
+    for moment, path in enumerate([last, hpc]):
+        path.write_bytes(b"")
+        os.utime(path, (1000 + moment, 1000 + moment))
+    alias = partial(resolve_checkpoint_alias, runs_dir=str(tmp_path), dataset="shapes",
+                    stage="frontend")
+    assert alias("last") == str(hpc)
+    os.utime(last, (2000, 2000))
+    assert alias("last") == str(last)
 
 
 def test_a_run_resumed_by_hand_from_its_hpc_checkpoint_goes_on_in_its_directory(
