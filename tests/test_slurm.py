@@ -146,12 +146,15 @@ def test_a_requeued_slurm_job_continues_its_run(tiny_shapes, tmp_path):
         for task in tasks:
             task.send_signal(signal.SIGUSR1)
         outputs = finish(tasks, stopped=True, timeout=KILL_WAIT)
-        hung = any("\n(killed after " in out for out in outputs)
-        if (log.is_file() and not hung) or attempt == 3:
+        raced = any("\n(killed after " in out or "Connection closed by peer" in out
+                    for out in outputs)
+        if (log.is_file() and not raced) or attempt == 3:
             break
         # Lightning's SIGUSR1 handler saves with a barrier, which can clash with a collective
         # another rank is in (seen here about once in eight runs): no requeue, or a rank hangs
-        # until SLURM's KillWait SIGKILL (its last words unsaid). Start again.
+        # until SLURM's KillWait SIGKILL; or rank 0 ends on its SIGTERM while rank 1 is still
+        # in a collective, which fails before rank 1's own SIGTERM is handled (about one in
+        # ten). Either way a rank's last words are unsaid. Start again.
         shutil.rmtree(tmp_path / "runs")
         log.unlink(missing_ok=True)
     assert log.read_text() == f"requeue {JOB_ID}\n", outputs[0][-3000:]  # rank 0, once
