@@ -151,12 +151,17 @@ def job_run_dir(parent: Path, name: str, command: str) -> Path:
 
 def job_restarted() -> bool:
     """Whether this is a requeued SLURM job or a torchrun restart (not the job's first start)."""
-    return any(int(os.environ.get(name, "0") or 0) > 0 for name in RESTART_COUNTS)
+    return any(env_count(name) > 0 for name in RESTART_COUNTS)
+
+
+def env_count(name: str) -> int:
+    """A launcher's count in the environment (restarts so far, restarts allowed); 0 unset."""
+    return int(os.environ.get(name) or 0)
 
 
 def job_start() -> str:
     """Which start of its job this process belongs to: SLURM's and torchrun's restart counts."""
-    return " ".join(f"{name}={os.environ.get(name) or 0}" for name in RESTART_COUNTS) + "\n"
+    return " ".join(f"{name}={env_count(name)}" for name in RESTART_COUNTS) + "\n"
 
 
 def torchrun_job() -> bool:
@@ -283,8 +288,7 @@ def restarters() -> list[str]:
     found = []
     if slurm_batch_job():
         found.append("SLURM requeues the job")
-    left = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) - int(
-        os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    left = env_count("TORCHELASTIC_MAX_RESTARTS") - env_count("TORCHELASTIC_RESTART_COUNT")
     if torchrun_job() and left > 0:
         found.append(f"torchrun restarts it ({left} restart{'s' if left > 1 else ''} left)")
     return found
